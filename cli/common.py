@@ -1,0 +1,47 @@
+"""Shared CLI plumbing: error reporting, model options, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from coder_index.errors import CoderIndexError
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the library's user-facing errors into one clear line and exit code 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (CoderIndexError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def model_options(fn: Callable) -> Callable:
+    fn = click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")(fn)
+    fn = click.option("--pretrained", default=None, metavar="TAG|FILE",
+                      help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint "
+                           "file. 'random' builds an untrained model (benchmarks only).")(fn)
+    return fn
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,219 @@
+"""`coder-index`: build text indexes, classify image folders with CODER, explain predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from coder_index import __version__
+
+from .common import friendly_errors, model_options, print_json, setup_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="coder-index")
+@click.option("-v", "--verbose", is_flag=True, help="Log what is loaded and decided.")
+def cli(verbose: bool) -> None:
+    """Training-free CLIP classification with cross-modal neighbour representations (CODER).
+
+    \b
+    Typical session:
+      coder-index build my-index --classes classes.txt --descriptors descriptors.json \\
+          --model ViT-B-32 --pretrained openai
+      coder-index classify photos/ --index my-index --out predictions.csv
+      coder-index explain photos/cat.jpg --index my-index -k 10
+      coder-index info my-index
+    """
+    setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", "classes_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Class names, one per line, in label order.")
+@click.option("--dataset", default=None,
+              help="Use this dataset's prompt templates (e.g. imagenet, oxford_pets, eurosat, dtd, food101).")
+@click.option("--descriptors", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON {class: [descriptor, ...]} stored as attribute texts '{class} which has {descriptor}'. "
+                   "Repeatable.")
+@click.option("--model", default=None, help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME "
+                                            "[default: ViT-B-32, or the index's model when adding to one].")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly_errors
+def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: tuple[str, ...],
+          model: str | None, pretrained: str | None, device: str | None, as_json: bool) -> None:
+    """Create INDEX_DIR (or add to it) from a class list and attribute files.
+
+    Name texts come from the dataset's templates; descriptor files add attribute texts. Running
+    build again with more files adds only what is new.
+
+    \b
+    Examples:
+      coder-index build pets-index --classes oxford-pet.txt --dataset oxford_pets \\
+          --descriptors descriptors_pets.json --model ViT-B-32 --pretrained openai
+      coder-index build in1k --classes ImageNet.txt --descriptors descriptors_imagenet.json \\
+          --model ViT-L-14 --pretrained /models/vit-l-14.bin
+      coder-index build tiny --classes classes.txt --model local-dir:/models/my-clip
+    """
+    from coder_index.build import build_index
+
+    report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset,
+                         descriptors=list(descriptors), device=device, progress=True)
+    if as_json:
+        print_json(report.__dict__)
+        return
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    added = ", ".join(f"{v} {k}" for k, v in report.added.items())
+    click.echo(f"{index_dir}: {report.classes} classes; added {added} texts; "
+               f"{report.duplicates} already present")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The text index to classify against.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Predictions file: .csv or .jsonl. Rerunning with the same file resumes.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Classes per row.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Decoding processes (0 = decode in the main process).")
+@click.option("--model", default=None,
+              help="Refuse to run unless the index was built with this model (default: the index's model).")
+@model_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int,
+             model: str | None, pretrained: str | None, device: str | None, quiet: bool) -> None:
+    """Classify every image under FOLDER (recursively) with CODER zero-shot.
+
+    Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
+    probability, method, then the next top-k classes). Files that cannot be decoded are listed with the reason in
+    OUT.errors.csv. Interrupted runs resume: rerun the same command.
+
+    \b
+    Examples:
+      coder-index classify photos/ --index pets-index --out preds.csv
+      coder-index classify /data/images --index in1k --out preds.jsonl --top-k 10 --batch-size 256 --workers 8
+    """
+    from coder_index.index.text_index import TextIndex
+    from coder_index.pipeline.classify import classify_folder
+
+    index = TextIndex.open(index_dir, device=device)
+    _check_requested_model(index, model, pretrained, device)
+    summary = classify_folder(index, folder, out, top_k_n=top_k, batch_size=batch_size, workers=workers,
+                              progress=not quiet)
+    msg = (f"classified {summary.classified} images in {summary.seconds:.1f}s "
+           f"({summary.images_per_second:.1f} img/s) -> {summary.out}")
+    if summary.already_done:
+        msg += f"; {summary.already_done} done in earlier runs"
+    msg += f"; {summary.errors} unreadable file(s)"
+    if summary.errors:
+        msg += f" listed in {summary.errors_file}"
+    if summary.other_files:
+        msg += f"; {summary.other_files} non-image file(s) ignored"
+    click.echo(msg, err=True)
+
+
+def _check_requested_model(index, model: str | None, pretrained: str | None, device: str | None) -> None:
+    """--model/--pretrained name the model the caller expects; a different one is refused.
+
+    A model that can be loaded locally (local-dir:, or a checkpoint file) is compared by its weights,
+    so a moved model directory is still accepted; a different hub name is refused without a download.
+    """
+    from coder_index.encoder import ClipEncoder
+    from coder_index.errors import ModelMismatchError
+
+    fp = index.fingerprint
+    if model is None and pretrained is None:
+        return
+    if (model or fp.model) == fp.model and (pretrained is None or pretrained == fp.pretrained):
+        return
+    local = (model or "").startswith("local-dir:") or (pretrained is not None and Path(pretrained).is_file())
+    if not local:
+        asked = f"{model or fp.model}" + (f" (pretrained={pretrained})" if pretrained else "")
+        raise ModelMismatchError(
+            f"This index was built with CLIP model {fp.describe()}, not {asked}. Embeddings of different "
+            f"models are not comparable: omit --model to use the index's model, or build a new index "
+            f"with --model {model or fp.model}.")
+    encoder = ClipEncoder(model or fp.model, pretrained, device=device)
+    index.check_model(encoder.fingerprint)  # same weights under another name or path is fine
+    index._encoder = encoder
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Nearest texts to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--device", default=None, help="cuda, mps or cpu.")
+@friendly_errors
+def explain(images: tuple[str, ...], index_dir: str, k: int, as_json: bool, device: str | None) -> None:
+    """Why an image gets its class: class scores and the k nearest texts.
+
+    \b
+    Examples:
+      coder-index explain cat.jpg --index pets-index
+      coder-index explain a.jpg b.png --index in1k -k 20 --json > why.json
+    """
+    from coder_index.index.text_index import TextIndex
+    from coder_index.pipeline.decode import ImageDecodeError
+
+    index = TextIndex.open(index_dir, device=device)
+    try:
+        results = index.explain(list(images), k=k)
+    except ImageDecodeError as exc:
+        raise click.ClickException(f"cannot read image: {exc}") from exc
+    for path, r in zip(images, results, strict=True):
+        r["path"] = path
+    if as_json:
+        print_json(results)
+        return
+    for r in results:
+        click.echo(f"{r['path']}: {r['prediction']}")
+        click.echo("  classes:")
+        for c in r["classes"]:
+            click.echo(f"    {c['score']:8.4f}  {c['class']}")
+        click.echo("  nearest texts (cosine, kind, class):")
+        for t in r["nearest_texts"]:
+            click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['class']}: {t['text']}")
+        click.echo(f"  best texts of {r['prediction']}:")
+        for t in r["class_texts"]:
+            click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def info(index_dir: str, as_json: bool) -> None:
+    """Show an index's manifest, model and counts of classes and texts per kind.
+
+    \b
+    Examples:
+      coder-index info pets-index
+      coder-index info pets-index --json | jq .counts
+    """
+    from coder_index.index.text_index import TextIndex
+
+    data = TextIndex.open(index_dir).info()
+    if as_json:
+        print_json(data)
+        return
+    m = data["manifest"]
+    model = m["model"]
+    click.echo(f"index:       {data['path']} (format {m['format_version']}, generation {data['generation']})")
+    click.echo(f"model:       {model['model']}" + (f"  pretrained={model['pretrained']}" if model["pretrained"] else ""))
+    click.echo(f"weights:     sha256 {model['weights_sha256']}")
+    click.echo(f"dim:         {m['dim']}")
+    click.echo(f"created:     {m.get('created_at')}   updated: {m.get('updated_at', '-')}")
+    click.echo(f"classes:     {data['counts']['classes']}")
+    for kind, n in data["counts"]["texts"].items():
+        click.echo(f"texts {kind + ':':<11}{n}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,18 @@
+"""coder-index: training-free CLIP classification through cross-modal neighbour representations.
+
+The numeric core (METHODS.md §7) is importable from here: ``coder_features``, ``heuristic_logits``.
+"""
+
+from .coder import CoderClassifier, coder_features, heuristic_logits
+from .encoder import ClipEncoder, ModelFingerprint
+from .errors import CoderIndexError, IndexFormatError, InputFormatError, ModelLoadError, ModelMismatchError
+from .index.text_index import TextIndex, TextItem
+from .predict import Predictions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipEncoder", "CoderClassifier", "CoderIndexError", "IndexFormatError", "InputFormatError",
+    "ModelFingerprint", "ModelLoadError", "ModelMismatchError", "Predictions", "TextIndex", "TextItem",
+    "coder_features", "heuristic_logits", "__version__",
+]

@@ -1,0 +1,58 @@
+"""Build (or extend) a text index from a class list, templates and attribute files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .encoder import ClipEncoder
+from .index.text_index import TextIndex
+from .sources import attribute_texts, load_templates, name_texts, read_class_list, read_descriptor_file
+
+
+@dataclass
+class BuildReport:
+    path: str
+    classes: int
+    added: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str | None = None,
+                pretrained: str | None = None, dataset: str | None = None,
+                descriptors: list[str | Path] | None = None, device: str | None = None,
+                encoder: ClipEncoder | None = None, progress: bool = False) -> BuildReport:
+    """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
+    of ``classes_file`` and attribute texts from each descriptor file."""
+    classes = read_class_list(classes_file)
+    templates = load_templates(dataset)
+    index_dir = Path(index_dir)
+    descriptor_data = [(Path(p), read_descriptor_file(p)) for p in descriptors or []]  # fail before work
+    if encoder is None:
+        if (index_dir / "manifest.json").exists() and model is None:
+            index = TextIndex.open(index_dir, device=device)
+            encoder = index.encoder
+        else:
+            encoder = ClipEncoder(model or "ViT-B-32", pretrained, device=device)
+    index = TextIndex.create(index_dir, encoder, exist_ok=True)
+    index.add_classes(classes)
+    report = BuildReport(str(index_dir), len(classes))
+
+    res = index.add_texts(name_texts(classes, templates), progress=progress)
+    report.added["name"] = res.added
+    report.duplicates += res.duplicates
+    for path, data in descriptor_data:
+        imp = attribute_texts(data, classes, templates, source=f"descriptors:{path.name}")
+        if imp.unmatched_keys:
+            report.warnings.append(f"{path.name}: {len(imp.unmatched_keys)} key(s) match no class "
+                                   f"(first: {imp.unmatched_keys[:3]}); their descriptors were skipped")
+        if imp.classes_without:
+            report.warnings.append(f"{path.name}: no descriptors for {len(imp.classes_without)} class(es) "
+                                   f"(first: {imp.classes_without[:3]})")
+        res = index.add_texts(imp.items, progress=progress)
+        report.added["attribute"] = report.added.get("attribute", 0) + res.added
+        report.duplicates += res.duplicates
+    index.record_run("build", {"classes_file": str(classes_file), "dataset": templates.dataset,
+                               "descriptors": [str(p) for p, _ in descriptor_data], "added": report.added})
+    return report

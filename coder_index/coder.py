@@ -1,0 +1,171 @@
+"""CODER features and the stage-1 heuristic classifier (METHODS.md §1 and §3).
+
+Both are array code: one GEMM for the similarities and segment reductions (``np.*.reduceat``) for
+the per-class max / mean, so nothing loops in Python over images, texts or classes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from .validation import (
+    as_class_ids,
+    as_float_matrix,
+    as_kinds,
+    as_positive_int,
+    l2_normalize,
+)
+
+LOGIT_SCALE = 100.0  # CLIP's logit scale: the softmax gap of the rerank gate depends on it
+_NAME_KINDS = ("name", "synonym")
+# Bytes of float32 similarities one chunk may hold; keeps memory flat for any N x K.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def coder_features(image_emb: Any, text_emb: Any) -> np.ndarray:
+    """``[N, K]`` float32 cosine similarities of every image to every text (Eq. 3-6).
+
+    Inputs need not be normalised. The product is accumulated in float32 even when the
+    embeddings came from an fp16 encoder.
+    """
+    x = l2_normalize(as_float_matrix(image_emb, "image_emb"), "image_emb")
+    w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"image_emb has width {x.shape[1]} but text_emb has width {w.shape[1]}; "
+                         "both must come from the same CLIP model")
+    return x @ w.T
+
+
+@dataclass(frozen=True, eq=False)
+class TextLayout:
+    """Where each class's texts sit, precomputed once per text set.
+
+    Texts are split in two groups, each ordered by class: name/synonym texts (reduced with max)
+    and attribute/analogous texts (reduced with a sum, then averaged with the max). ``order`` is
+    the permutation of the text columns into [name/synonym..., attribute/analogous...].
+    """
+
+    n_classes: int
+    order: np.ndarray          # [K] text index per sorted column
+    n_name: int                # number of name/synonym columns (first in ``order``)
+    name_starts: np.ndarray    # [C] start column of each class's name/synonym run
+    extra_classes: np.ndarray  # classes that have attribute/analogous texts
+    extra_starts: np.ndarray   # start column of each of those runs, relative to n_name
+    extra_counts: np.ndarray   # [C] number of attribute/analogous texts per class
+
+    @classmethod
+    def build(cls, text_class: Any, text_kind: Any, n_classes: int) -> TextLayout:
+        n_classes = as_positive_int(n_classes, "n_classes")
+        kinds = as_kinds(text_kind, "text_kind", len(text_kind))
+        classes = as_class_ids(text_class, "text_class", len(kinds), n_classes)
+        if len(kinds) == 0:
+            raise ValueError("text_kind is empty; the text set needs at least one name text per class")
+        is_name = np.isin(kinds, _NAME_KINDS)
+        name_idx = np.flatnonzero(is_name)
+        extra_idx = np.flatnonzero(~is_name)
+        name_idx = name_idx[np.argsort(classes[name_idx], kind="stable")]
+        extra_idx = extra_idx[np.argsort(classes[extra_idx], kind="stable")]
+
+        name_counts = np.bincount(classes[name_idx], minlength=n_classes)
+        missing = np.flatnonzero(name_counts == 0)
+        if missing.size:
+            raise ValueError(
+                f"{missing.size} class(es) have no 'name' or 'synonym' text (first ids: "
+                f"{missing[:10].tolist()}); check text_class / text_kind, every class needs a name text")
+        extra_counts = np.bincount(classes[extra_idx], minlength=n_classes)
+        name_starts = np.concatenate([[0], np.cumsum(name_counts)[:-1]])
+        extra_classes = np.flatnonzero(extra_counts)
+        extra_starts = np.concatenate([[0], np.cumsum(extra_counts[extra_classes])[:-1]]).astype(np.int64)
+        return cls(n_classes, np.concatenate([name_idx, extra_idx]), len(name_idx),
+                   name_starts.astype(np.int64), extra_classes, extra_starts, extra_counts)
+
+    @property
+    def is_sorted(self) -> bool:
+        return bool(np.array_equal(self.order, np.arange(len(self.order))))
+
+    @cached_property
+    def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class id of every sorted column, as index tensors for torch's segment reductions."""
+        classes = np.arange(self.n_classes)
+        name_counts = np.diff(np.append(self.name_starts, self.n_name))
+        name_cls = torch.from_numpy(np.repeat(classes, name_counts))
+        extra_cls = torch.from_numpy(np.repeat(classes, self.extra_counts))
+        denom = torch.from_numpy((self.extra_counts + 1).astype(np.float32))[:, None]
+        return name_cls, extra_cls, denom
+
+    def logits_from_sorted_transposed(self, sims_t: np.ndarray) -> np.ndarray:
+        """Stage-1 logits ``[N, C]`` from similarities laid out as ``[K_sorted, N]``.
+
+        In this layout every segment reduction adds or compares whole contiguous rows of N values;
+        torch's index_add_/index_reduce_ do that multi-threaded, several times faster than
+        ``np.add.reduceat`` (measured in benchmarks/bench_core.py).
+        """
+        name_cls, extra_cls, denom = self._segments
+        s = torch.from_numpy(sims_t)
+        n = s.shape[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # index_reduce_ is marked beta
+            total = torch.full((self.n_classes, n), -torch.inf).index_reduce_(
+                0, name_cls, s[: self.n_name], "amax", include_self=True)
+        if self.extra_classes.size:
+            total.index_add_(0, extra_cls, s[self.n_name:])
+        total.mul_(LOGIT_SCALE / denom)
+        return total.T.contiguous().numpy()
+
+
+def heuristic_logits(coder: Any, text_class: Any, text_kind: Any, n_classes: int) -> np.ndarray:
+    """Stage-1 zero-shot logits (Eq. 7-8): ``[N, C]`` float32.
+
+    ``o_j = 100 * mean(s[attribute] ⊕ s[analogous] ⊕ [max(s[name] ⊕ s[synonym])])`` over class j's
+    texts; a class with no attribute/analogous texts scores ``100 * max(name ⊕ synonym)``.
+    """
+    sims = as_float_matrix(coder, "coder")
+    if len(text_class) != sims.shape[1]:
+        raise ValueError(f"text_class has {len(text_class)} entries but coder has {sims.shape[1]} columns")
+    if len(text_kind) != sims.shape[1]:
+        raise ValueError(f"text_kind has {len(text_kind)} entries but coder has {sims.shape[1]} columns")
+    layout = TextLayout.build(text_class, text_kind, n_classes)
+    sims_t = sims.T if layout.is_sorted else sims[:, layout.order].T
+    return layout.logits_from_sorted_transposed(np.ascontiguousarray(sims_t))
+
+
+class CoderClassifier:
+    """Fused CODER + heuristic logits over a fixed text set, chunked so memory stays bounded.
+
+    Text embeddings are normalised and permuted into the layout's order once; each call is then
+    one GEMM per chunk plus two segment reductions, and no ``[N, K]`` array outlives a chunk.
+    """
+
+    def __init__(self, text_emb: Any, text_class: Any, text_kind: Any, n_classes: int,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb")
+        if len(text_class) != w.shape[0] or len(text_kind) != w.shape[0]:
+            raise ValueError(f"text_emb has {w.shape[0]} rows but text_class has {len(text_class)} and "
+                             f"text_kind {len(text_kind)} entries; they must align")
+        self.layout = TextLayout.build(text_class, text_kind, n_classes)
+        self.text_emb = w if self.layout.is_sorted else np.ascontiguousarray(w[self.layout.order])
+        # Chunks of at most 4096 images keep the [K, n] block and its transposes cache-friendly.
+        self.chunk_rows = int(min(4096, max(1, chunk_bytes // (4 * w.shape[0]))))
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_emb.shape[1])
+
+    def logits(self, image_emb: Any, *, normalized: bool = False) -> np.ndarray:
+        x = as_float_matrix(image_emb, "image_emb")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"image_emb has width {x.shape[1]} but the texts have width {self.dim}; "
+                             "both must come from the same CLIP model")
+        if not normalized:
+            x = l2_normalize(x, "image_emb")
+        out = np.empty((x.shape[0], self.layout.n_classes), dtype=np.float32)
+        for start in range(0, x.shape[0], self.chunk_rows):
+            chunk = x[start:start + self.chunk_rows]
+            out[start:start + len(chunk)] = self.layout.logits_from_sorted_transposed(self.text_emb @ chunk.T)
+        return out

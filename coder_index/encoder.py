@@ -1,0 +1,254 @@
+"""CLIP image and text encoders on top of open_clip, with a stable model fingerprint.
+
+Text encoding exploits that CLIP's text tower is causal and read at the end-of-text token: tokens
+after it cannot change the embedding, so texts are sorted by token length and each batch is cut
+to its longest real length instead of always running the full 77-token context.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "random"  # explicit opt-in to an untrained model (benchmarks, tests)
+_OFFLINE_HELP = (
+    "If this machine cannot reach the model hub, download the checkpoint elsewhere and pass its file "
+    "as --pretrained /path/to/open_clip_pytorch_model.bin (Python: pretrained='/path/...'), or use "
+    "--model local-dir:/path/to/dir with open_clip_config.json and open_clip_pytorch_model.bin "
+    "(the layout of open_clip repositories on the Hugging Face hub)."
+)
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Identifies the exact weights behind embeddings; recorded in every index."""
+
+    model: str
+    pretrained: str | None
+    weights_sha256: str
+    embed_dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
+        return cls(d["model"], d.get("pretrained"), d["weights_sha256"], int(d["embed_dim"]))
+
+    def describe(self) -> str:
+        tag = f", pretrained={self.pretrained}" if self.pretrained else ""
+        return f"{self.model}{tag} (weights sha256 {self.weights_sha256[:12]}…)"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless the caller names one."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, dtypes, shapes and bytes, in a fixed order.
+
+    Hashing the loaded state dict (rather than a file) gives one fingerprint for the same weights
+    whether they came from a tag, a .bin, a .safetensors or an hf-hub repository.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _resolve_pretrained(model: str, pretrained: str | None) -> str | None:
+    import open_clip
+
+    if model.startswith(("local-dir:", "hf-hub:")):
+        return None  # these schemas carry their own weights; open_clip ignores `pretrained`
+    if model.replace("/", "-") not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=5)
+        raise ModelLoadError(
+            f"Unknown open_clip model '{model}'. Close names: {close or 'none'}. "
+            "Use a name from open_clip.list_models(), or local-dir:PATH / hf-hub:ORG/NAME.")
+    if pretrained is None:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if not tags:
+            raise ModelLoadError(f"open_clip has no pretrained weights for '{model}'; pass --pretrained FILE")
+        pretrained = "openai" if "openai" in tags else tags[0]
+        log.info("no pretrained tag given for %s; using '%s'", model, pretrained)
+    if pretrained == RANDOM_WEIGHTS:
+        return pretrained
+    known = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in known and not Path(pretrained).is_file():
+        raise ModelLoadError(
+            f"'{pretrained}' is neither a pretrained tag of {model} (known: {known}) nor an existing "
+            f"checkpoint file. {_OFFLINE_HELP}")
+    return pretrained
+
+
+def _check_local_dir(model: str) -> None:
+    if not model.startswith("local-dir:"):
+        return
+    path = Path(model[len("local-dir:"):])
+    if not (path / "open_clip_config.json").is_file():
+        raise ModelLoadError(f"{path} has no open_clip_config.json; a local-dir: model needs the config "
+                             "and a weights file (open_clip_pytorch_model.bin or open_clip_model.safetensors)")
+    weights = [p for p in path.iterdir() if p.suffix in (".bin", ".pth", ".safetensors")]
+    if not weights:
+        # open_clip would silently build a random model here; embeddings would be meaningless.
+        raise ModelLoadError(f"{path} holds no weights file (.bin, .pth or .safetensors); "
+                             "copy open_clip_pytorch_model.bin next to open_clip_config.json")
+
+
+class ClipEncoder:
+    """Any open_clip model: ``ClipEncoder('ViT-B-32', 'openai')``, a checkpoint file as
+    ``pretrained``, ``'local-dir:PATH'`` or ``'hf-hub:ORG/NAME'``.
+
+    Device is picked automatically (cuda, mps, cpu); on CUDA the towers run in fp16. Embeddings
+    are returned as L2-normalised float32 numpy arrays.
+    """
+
+    def __init__(self, model: str, pretrained: str | None = None, device: str | None = None,
+                 *, cache_dir: str | None = None) -> None:
+        import open_clip
+
+        self.model_name = model
+        self.pretrained = _resolve_pretrained(model, pretrained)
+        _check_local_dir(model)
+        self.device = pick_device(device)
+        try:
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=None if self.pretrained == RANDOM_WEIGHTS else self.pretrained,
+                device="cpu", cache_dir=cache_dir, weights_only=True)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # open_clip raises bare RuntimeErrors for download failures
+            raise ModelLoadError(f"Could not load CLIP model {model} (pretrained={self.pretrained}): "
+                                 f"{exc}. {_OFFLINE_HELP}") from exc
+        net.eval()
+        embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
+        self.fingerprint = ModelFingerprint(model, self.pretrained, weights_checksum(net), embed_dim)
+        self.half = self.device.type == "cuda"
+        self.model = net.to(self.device).half() if self.half else net.to(self.device)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model)
+        self._fast_text = _supports_truncated_text(self.model)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.fingerprint.embed_dim
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.model.visual, "image_size", 224)
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any] | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Embeddings ``[N, D]`` of PIL images (preprocessed here) or an already preprocessed tensor."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"images tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
+            batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        else:
+            images = list(images)
+            batches = (torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+                       for i in range(0, len(images), batch_size))
+        out = [self.encode_image_batch(b) for b in batches]
+        if not out:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def encode_image_batch(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(self.device, non_blocking=True)
+        feats = self.model.encode_image(batch.half() if self.half else batch)
+        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embeddings ``[N, D]`` of texts, in input order."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        if any(not isinstance(t, str) for t in texts):
+            raise ValueError("encode_texts takes a list of str")
+        tokens = self.tokenize(texts)
+        if not self._fast_text:
+            feats = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
+                     for i in range(0, len(texts), batch_size)]
+            return F.normalize(torch.cat(feats).float(), dim=-1).cpu().numpy()
+        lengths = _real_lengths(self.model, tokens)
+        order = torch.argsort(lengths, stable=True)
+        out = torch.empty((len(texts), self.embed_dim), dtype=torch.float32)
+        for i in range(0, len(texts), batch_size):
+            idx = order[i:i + batch_size]
+            cut = int(lengths[idx].max())
+            feats = _encode_text_truncated(self.model, tokens[idx, :cut].to(self.device))
+            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+        return out.numpy()
+
+
+def _probe_embed_dim(net: torch.nn.Module) -> int:
+    proj = getattr(net, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.out_features
+    if proj is not None:
+        return int(proj.shape[-1])
+    raise ModelLoadError("cannot determine the embedding width of this model")
+
+
+def _supports_truncated_text(model: torch.nn.Module) -> bool:
+    """True for CLIP text towers where cutting the context is exact: causal attention, read at EOT."""
+    import open_clip
+
+    return (isinstance(model, open_clip.CLIP)
+            and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
+
+
+def _real_lengths(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Number of tokens up to and including the token the embedding is read at."""
+    if model.text_pool_type == "argmax":
+        pos = tokens.argmax(dim=-1)
+    else:
+        pos = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    return pos + 1
+
+
+def _encode_text_truncated(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` over a context of ``tokens.shape[1]`` positions."""
+    from open_clip.transformer import text_global_pool
+
+    n = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:n].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection

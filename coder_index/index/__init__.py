@@ -1,0 +1,1 @@
+"""Persistent stores: the text index directory (FAISS + SQLite + manifest)."""

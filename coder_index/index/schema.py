@@ -1,0 +1,72 @@
+"""SQLite schema of an index directory's meta.sqlite (SQLAlchemy Core).
+
+FAISS vector ids are the ``texts.id`` row ids, so one integer joins a search hit to its text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+
+metadata = MetaData()
+
+classes = Table(
+    "classes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # the label index, 0-based
+    Column("name", Text, nullable=False, unique=True),
+)
+
+texts = Table(
+    "texts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # == FAISS id in texts.faiss
+    Column("class_id", Integer, ForeignKey("classes.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("template", Text, nullable=True),
+    Column("source", Text, nullable=True),
+    UniqueConstraint("class_id", "kind", "text", name="uq_text_per_class_kind"),
+    Index("ix_texts_kind", "kind"),
+)
+
+# Key/value state; holds the FAISS generation that the committed rows belong to.
+state = Table(
+    "state", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("started_at", Text, nullable=False),
+    Column("command", Text, nullable=False),
+    Column("detail", Text, nullable=True),  # JSON; never holds secrets
+)
+
+
+def make_engine(path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", future=True)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook signature
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk before FAISS files are renamed
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine

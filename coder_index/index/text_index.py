@@ -1,0 +1,454 @@
+"""``TextIndex``: one directory holding a vocabulary's texts, their CLIP embeddings and metadata.
+
+    INDEX_DIR/
+      manifest.json   format version, CLIP model fingerprint, dim, counts (written last: its
+                      presence marks a complete index)
+      texts.faiss     IndexIDMap2(IndexFlatIP): general texts, ids = meta.sqlite texts.id
+      meta.sqlite     classes, texts, state (FAISS generation), runs
+
+Consistency protocol for one write (``add_texts``), under an exclusive lock:
+
+1. write the new FAISS index to ``texts.faiss.g<G+1>`` and fsync it;
+2. insert the rows and set ``state.generation = G+1`` in one SQLite transaction;
+3. rename ``texts.faiss.g<G+1>`` over ``texts.faiss``.
+
+A crash before 2 leaves a stale pending file that ``open`` deletes (previous state). A crash
+between 2 and 3 leaves a pending file whose generation is the committed one; ``open`` finishes the
+rename (new state). FAISS ids and SQLite rows therefore never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+from sqlalchemy import func, insert, select
+
+from ..errors import IndexFormatError, ModelMismatchError
+from ..validation import TEXT_KINDS
+from . import schema
+from .atomic import atomic_write_json, exclusive_lock, fsync_dir, write_faiss_durably
+
+if TYPE_CHECKING:
+    from ..encoder import ClipEncoder, ModelFingerprint
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TEXTS_FAISS = "texts.faiss"
+META_DB = "meta.sqlite"
+LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """One text to add: tied to a class by name; kind is name/attribute/analogous/synonym."""
+
+    class_name: str
+    kind: str
+    text: str
+    template: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    added: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """The general texts of an index in id order, with their normalised embeddings."""
+
+    ids: np.ndarray          # [K] int64, == FAISS ids
+    class_ids: np.ndarray    # [K] int64
+    kinds: np.ndarray        # [K] str
+    embeddings: np.ndarray   # [K, D] float32, L2-normalised
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _empty_faiss(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _pending_name(generation: int) -> str:
+    return f"{TEXTS_FAISS}.g{generation}"
+
+
+class TextIndex:
+    """Open with ``TextIndex.open(path)``, create with ``TextIndex.create(path, encoder)``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], encoder: ClipEncoder | None = None,
+                 device: str | None = None) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.engine = schema.make_engine(path / META_DB)
+        self._encoder = encoder
+        self._device = device
+        self._faiss: faiss.Index | None = None
+        self._cache: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, path: str | Path, encoder: ClipEncoder, *, exist_ok: bool = False) -> TextIndex:
+        """A new, empty index for ``encoder``'s model. With ``exist_ok`` an existing index of the same
+        model is opened instead (another model is refused)."""
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            if not exist_ok:
+                raise IndexFormatError(f"{path} already holds an index; open it, or choose another directory")
+            return cls.open(path, encoder=encoder)
+        if path.exists() and not path.is_dir():
+            raise IndexFormatError(f"{path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        leftovers = [p.name for p in path.iterdir() if p.name not in (LOCK, META_DB, TEXTS_FAISS)
+                     and not p.name.startswith((META_DB, TEXTS_FAISS))]
+        if leftovers:
+            raise IndexFormatError(f"{path} is not empty ({leftovers[:5]}); use an empty or new directory")
+        fp = encoder.fingerprint
+        with exclusive_lock(path / LOCK):
+            for stale in path.glob(f"{META_DB}*"):  # an earlier create that died before its manifest
+                stale.unlink()
+            engine = schema.make_engine(path / META_DB)
+            schema.metadata.create_all(engine)
+            with engine.begin() as conn:
+                conn.execute(insert(schema.state), [{"key": "generation", "value": "0"},
+                                                    {"key": "dim", "value": str(fp.embed_dim)}])
+            engine.dispose()
+            write_faiss_durably(_empty_faiss(fp.embed_dim), path / TEXTS_FAISS)
+            manifest = {
+                "format": "coder-index/text-index",
+                "format_version": FORMAT_VERSION,
+                "created_at": _now(),
+                "model": fp.to_dict(),
+                "dim": fp.embed_dim,
+                "metric": "inner_product (cosine on L2-normalised vectors)",
+                "files": {"texts": TEXTS_FAISS, "metadata": META_DB},
+                "counts": {"classes": 0, "texts": {}},
+            }
+            atomic_write_json(path / MANIFEST, manifest)
+        return cls(path, manifest, encoder)
+
+    @classmethod
+    def open(cls, path: str | Path, *, encoder: ClipEncoder | None = None,
+             device: str | None = None) -> TextIndex:
+        """Open an existing index. If ``encoder`` is given it must be the index's model; otherwise the
+        index's own model is loaded on first use."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise IndexFormatError(f"{path} is not a coder-index index (no {MANIFEST}); "
+                                   "create one with `coder-index build`")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexFormatError(f"{manifest_path} is not valid JSON ({exc}); the index is damaged") from exc
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFormatError(f"{path} has index format version {version}; this coder-index reads "
+                                   f"version {FORMAT_VERSION}. Rebuild the index with this version.")
+        index = cls(path, manifest, None, device)
+        index._recover()
+        if encoder is not None:
+            index.check_model(encoder.fingerprint)
+            index._encoder = encoder
+        return index
+
+    def _recover(self) -> None:
+        """Roll an interrupted write forward or back (see the module docstring)."""
+        committed = self.generation
+        pending = sorted(self.path.glob(f"{TEXTS_FAISS}.g*"))
+        if not pending:
+            return
+        with exclusive_lock(self.path / LOCK):
+            committed = self.generation
+            for p in self.path.glob(f"{TEXTS_FAISS}.g*"):
+                if p.name == _pending_name(committed) and not p.name.endswith(".tmp"):
+                    os.replace(p, self.path / TEXTS_FAISS)
+                else:
+                    p.unlink()
+            fsync_dir(self.path)
+
+    # ----------------------------------------------------------------- model
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        from ..encoder import ModelFingerprint
+
+        return ModelFingerprint.from_dict(self.manifest["model"])
+
+    def check_model(self, fp: ModelFingerprint) -> None:
+        mine = self.fingerprint
+        if fp.weights_sha256 != mine.weights_sha256 or fp.embed_dim != mine.embed_dim:
+            raise ModelMismatchError(
+                f"This index was built with CLIP model {mine.describe()}, but the model in use is "
+                f"{fp.describe()}. Embeddings of different models are not comparable: use "
+                f"--model {mine.model}" + (f" --pretrained {mine.pretrained}" if mine.pretrained else "")
+                + ", or build a new index for this model.")
+
+    @property
+    def encoder(self) -> ClipEncoder:
+        if self._encoder is None:
+            from ..encoder import ClipEncoder
+
+            fp = self.fingerprint
+            enc = ClipEncoder(fp.model, fp.pretrained, device=self._device)
+            self.check_model(enc.fingerprint)
+            self._encoder = enc
+        return self._encoder
+
+    # ----------------------------------------------------------------- state
+    @property
+    def generation(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(schema.state.c.value).where(schema.state.c.key == "generation")).scalar()
+        if value is None:
+            raise IndexFormatError(f"{self.path / META_DB} has no generation record; the index is damaged")
+        return int(value)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def class_names(self) -> list[str]:
+        if "classes" not in self._cache:
+            with self.engine.connect() as conn:
+                rows = conn.execute(select(schema.classes.c.name).order_by(schema.classes.c.id)).all()
+            self._cache["classes"] = [r[0] for r in rows]
+        return self._cache["classes"]
+
+    def _faiss_index(self) -> faiss.Index:
+        if self._faiss is None:
+            index = faiss.read_index(str(self.path / TEXTS_FAISS))
+            with self.engine.connect() as conn:
+                n_rows = conn.execute(select(func.count()).select_from(schema.texts)).scalar()
+            if index.ntotal != n_rows:
+                raise IndexFormatError(
+                    f"{self.path}: {TEXTS_FAISS} holds {index.ntotal} vectors but {META_DB} {n_rows} texts; "
+                    "the files were changed outside coder-index. Rebuild the index.")
+            self._faiss = index
+        return self._faiss
+
+    def counts(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            n_classes = conn.execute(select(func.count()).select_from(schema.classes)).scalar()
+            per_kind = dict(conn.execute(select(schema.texts.c.kind, func.count()).group_by(schema.texts.c.kind)).all())
+        return {"classes": int(n_classes), "texts": {k: int(per_kind.get(k, 0)) for k in TEXT_KINDS}}
+
+    def info(self) -> dict[str, Any]:
+        return {"path": str(self.path), "manifest": self.manifest, "generation": self.generation,
+                "counts": self.counts()}
+
+    # ----------------------------------------------------------------- writes
+    def add_classes(self, names: Sequence[str]) -> list[int]:
+        """Register classes in label order; existing names keep their ids. Returns the ids."""
+        clean = [str(n).strip() for n in names]
+        if any(not n for n in clean):
+            raise ValueError("class names must be non-empty")
+        with exclusive_lock(self.path / LOCK), self.engine.begin() as conn:
+            existing = dict(conn.execute(select(schema.classes.c.name, schema.classes.c.id)).all())
+            next_id = max(existing.values(), default=-1) + 1
+            new_rows = []
+            for name in dict.fromkeys(clean):
+                if name not in existing:
+                    existing[name] = next_id
+                    new_rows.append({"id": next_id, "name": name})
+                    next_id += 1
+            if new_rows:
+                conn.execute(insert(schema.classes), new_rows)
+        self._cache.clear()
+        self._write_manifest_counts()
+        return [existing[n] for n in clean]
+
+    def add_texts(self, items: Iterable[TextItem], *, batch_size: int = 256,
+                  progress: bool = False) -> AddResult:
+        """Embed and store texts; (class, kind, text) already present are counted, not stored again.
+
+        The slow part (text encoding) runs before the lock; the write itself is atomic.
+        """
+        items = list(items)
+        class_ids = {n: i for i, n in enumerate(self.class_names())}
+        unknown_kinds = sorted({it.kind for it in items} - set(TEXT_KINDS))
+        if unknown_kinds:
+            raise ValueError(f"unknown text kind(s) {unknown_kinds}; allowed: {list(TEXT_KINDS)}")
+        missing = sorted({it.class_name for it in items} - class_ids.keys())
+        if missing:
+            raise ValueError(f"{len(missing)} text(s) name classes that are not in the index "
+                             f"(first: {missing[:5]}); add them with add_classes() first")
+        unique: dict[tuple[int, str, str], TextItem] = {}
+        for it in items:
+            text = " ".join(it.text.split())
+            if text:
+                unique.setdefault((class_ids[it.class_name], it.kind, text), it)
+        new_keys = self._absent(list(unique))
+        if not new_keys:
+            return AddResult(0, len(items))
+        distinct_texts = list(dict.fromkeys(k[2] for k in new_keys))
+        emb = self.encoder.encode_texts(distinct_texts, batch_size=batch_size) if not progress else \
+            self._encode_with_progress(distinct_texts, batch_size)
+        row_of = {t: i for i, t in enumerate(distinct_texts)}
+
+        with exclusive_lock(self.path / LOCK):
+            new_keys = self._absent(new_keys)  # another writer may have added some meanwhile
+            if not new_keys:
+                return AddResult(0, len(items))
+            self._faiss = None
+            index = self._faiss_index()
+            generation = self.generation
+            with self.engine.connect() as conn:
+                next_id = int(conn.execute(select(func.max(schema.texts.c.id))).scalar() or 0) + 1
+            ids = np.arange(next_id, next_id + len(new_keys), dtype=np.int64)
+            vectors = emb[[row_of[k[2]] for k in new_keys]]
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            rows = [{"id": int(i), "class_id": k[0], "kind": k[1], "text": k[2],
+                     "template": unique[k].template, "source": unique[k].source}
+                    for i, k in zip(ids, new_keys, strict=True)]
+            try:
+                pending = self.path / _pending_name(generation + 1)
+                self._write_pending_faiss(index, pending)
+                self._commit_rows(rows, generation + 1)
+                self._promote_pending_faiss(pending)
+            except BaseException:
+                self._faiss = None  # the in-memory index may be ahead of disk; reload on next use
+                raise
+        self._cache.clear()
+        self._write_manifest_counts()
+        return AddResult(len(new_keys), len(items) - len(new_keys))
+
+    def _encode_with_progress(self, texts: list[str], batch_size: int) -> np.ndarray:
+        from tqdm import tqdm
+
+        chunk = batch_size * 8
+        parts = []
+        with tqdm(total=len(texts), unit="text", desc="encoding texts") as bar:
+            for i in range(0, len(texts), chunk):
+                parts.append(self.encoder.encode_texts(texts[i:i + chunk], batch_size=batch_size))
+                bar.update(len(parts[-1]))
+        return np.concatenate(parts)
+
+    def _absent(self, keys: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+        if not keys:
+            return []
+        cls_ids = sorted({k[0] for k in keys})
+        present: set[tuple[int, str, str]] = set()
+        t = schema.texts
+        with self.engine.connect() as conn:
+            for i in range(0, len(cls_ids), 500):
+                q = select(t.c.class_id, t.c.kind, t.c.text).where(t.c.class_id.in_(cls_ids[i:i + 500]))
+                present.update(tuple(r) for r in conn.execute(q))
+        return [k for k in keys if k not in present]
+
+    # The three steps of a write are separate methods so that crash tests can kill the process
+    # between any two of them.
+    @staticmethod
+    def _write_pending_faiss(index: faiss.Index, pending: Path) -> None:
+        write_faiss_durably(index, pending)
+
+    def _commit_rows(self, rows: list[dict[str, Any]], generation: int) -> None:
+        with self.engine.begin() as conn:
+            for i in range(0, len(rows), 5000):
+                conn.execute(insert(schema.texts), rows[i:i + 5000])
+            conn.execute(schema.state.update().where(schema.state.c.key == "generation")
+                         .values(value=str(generation)))
+
+    def _promote_pending_faiss(self, pending: Path) -> None:
+        os.replace(pending, self.path / TEXTS_FAISS)
+        fsync_dir(self.path)
+
+    def _write_manifest_counts(self) -> None:
+        """Counts in the manifest are informational (SQLite is authoritative); best effort."""
+        manifest = dict(self.manifest)
+        manifest["counts"] = self.counts()
+        manifest["updated_at"] = _now()
+        atomic_write_json(self.path / MANIFEST, manifest)
+        self.manifest = manifest
+
+    def record_run(self, command: str, detail: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(schema.runs).values(started_at=_now(), command=command,
+                                                    detail=json.dumps(detail, ensure_ascii=False)))
+
+    # ----------------------------------------------------------------- reads
+    def text_table(self, kinds: Sequence[str] = TEXT_KINDS) -> TextTable:
+        """Texts of the given kinds, in id order, with embeddings read back from FAISS."""
+        key = f"table:{','.join(kinds)}"
+        if key in self._cache:
+            return self._cache[key]
+        index = self._faiss_index()
+        t = schema.texts
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind).where(t.c.kind.in_(list(kinds)))
+                                .order_by(t.c.id)).all()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        all_ids = faiss.vector_to_array(index.id_map)
+        flat = faiss.downcast_index(index.index)
+        vectors = faiss.vector_to_array(flat.codes).view(np.float32).reshape(-1, self.dim)
+        # ids are assigned in increasing order, so positions come from a binary search.
+        pos = np.searchsorted(all_ids, ids) if np.all(all_ids[:-1] < all_ids[1:]) else \
+            np.argsort(all_ids)[np.searchsorted(np.sort(all_ids), ids)]
+        table = TextTable(ids, np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)),
+                          np.array([r[2] for r in rows], dtype=str), np.ascontiguousarray(vectors[pos]))
+        self._cache[key] = table
+        return table
+
+    def texts_by_id(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        ids = [int(i) for i in ids]
+        t, c = schema.texts, schema.classes
+        out: dict[int, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 900):
+                q = (select(t.c.id, t.c.text, t.c.kind, t.c.template, t.c.source, c.c.name, c.c.id)
+                     .join(c, c.c.id == t.c.class_id).where(t.c.id.in_(ids[i:i + 900])))
+                for r in conn.execute(q):
+                    out[r[0]] = {"id": r[0], "text": r[1], "kind": r[2], "template": r[3], "source": r[4],
+                                 "class": r[5], "class_id": r[6]}
+        return out
+
+    def search_texts(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS inner-product search: (cosines [N, k], text ids [N, k]); -1 ids pad short results."""
+        index = self._faiss_index()
+        return index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(k, max(index.ntotal, 1)))
+
+    # ----------------------------------------------------------------- prediction
+    def classifier(self):  # -> CoderClassifier (import kept local: predict imports this module)
+        """The CODER stage-1 classifier over the general texts, built once per open index."""
+        if "classifier" not in self._cache:
+            from ..predict import zero_shot_classifier
+
+            self._cache["classifier"] = zero_shot_classifier(self)
+        return self._cache["classifier"]
+
+    def classify(self, images: Any, *, batch_size: int = 64):  # -> Predictions
+        """CODER zero-shot predictions for paths, PIL images, a preprocessed tensor or embeddings."""
+        from ..predict import Predictions, embed_images
+
+        emb = embed_images(self, images, batch_size)
+        return Predictions(self.class_names(), self.classifier().logits(emb))
+
+    def nearest_texts(self, images: Any, k: int = 10) -> list[list[dict[str, Any]]]:
+        """The k texts nearest to each image: text, class, kind, cosine; best first."""
+        from ..predict import embed_images
+
+        emb = embed_images(self, images)
+        cos, ids = self.search_texts(emb, k)
+        meta = self.texts_by_id({int(i) for i in ids.ravel() if i >= 0})
+        return [[{"text": meta[int(i)]["text"], "class": meta[int(i)]["class"], "kind": meta[int(i)]["kind"],
+                  "cosine": float(c)} for c, i in zip(cr, ir, strict=True) if i >= 0]
+                for cr, ir in zip(cos, ids, strict=True)]
+
+    def explain(self, images: Any, k: int = 10) -> list[dict[str, Any]]:
+        from ..predict import embed_images, explain
+
+        return explain(self, embed_images(self, images), k)

@@ -1,0 +1,1 @@
+"""Folder classification: discover -> decode/preprocess in workers -> encode -> CODER -> write."""

@@ -1,0 +1,108 @@
+"""Zero-shot prediction and explanation on top of a ``TextIndex`` (METHODS.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .coder import CoderClassifier
+from .pipeline.decode import load_image
+
+if TYPE_CHECKING:
+    from .index.text_index import TextIndex
+
+GENERAL_KINDS = ("name", "attribute", "analogous", "synonym")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first (ties: lower index first)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(scores, idx, axis=1)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Stage-1 CODER logits for N images over the index's classes."""
+
+    class_names: list[str]
+    logits: np.ndarray  # [N, C]
+
+    @property
+    def probs(self) -> np.ndarray:
+        return softmax(self.logits.astype(np.float64)).astype(np.float32)
+
+    @property
+    def class_ids(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.class_names[i] for i in self.class_ids]
+
+    def top_k(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """(class ids [N, k], softmax probabilities [N, k]), best first."""
+        return top_k(self.probs, k)
+
+
+def zero_shot_classifier(index: TextIndex, kinds: Sequence[str] = GENERAL_KINDS) -> CoderClassifier:
+    table = index.text_table(tuple(kinds))
+    if len(table) == 0:
+        raise ValueError(f"the index at {index.path} holds no texts of kinds {list(kinds)}; "
+                         "build it with `coder-index build`")
+    return CoderClassifier(table.embeddings, table.class_ids, table.kinds, len(index.class_names()))
+
+
+def embed_images(index: TextIndex, images: Any, batch_size: int = 64) -> np.ndarray:
+    """Accept paths, PIL images, a preprocessed tensor, or precomputed embeddings [N, D]."""
+    if hasattr(images, "ndim") and images.ndim == 2:
+        return np.asarray(images, dtype=np.float32)
+    if isinstance(images, (str, Path)):
+        images = [images]
+    if not hasattr(images, "ndim"):
+        images = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+    return index.encoder.encode_images(images, batch_size=batch_size)
+
+
+def explain(index: TextIndex, image_emb: np.ndarray, k: int = 10, n_classes: int = 5) -> list[dict[str, Any]]:
+    """Per image: top classes with scores, the k nearest texts overall, and the best texts of the
+    predicted class, each text with its class, kind and cosine, sorted by score."""
+    preds = Predictions(index.class_names(), index.classifier().logits(image_emb))
+    cls_idx, cls_prob = preds.top_k(n_classes)
+    cos, ids = index.search_texts(image_emb, k)
+    table = index.text_table()
+    sims = image_emb @ table.embeddings.T  # only the explained images: small N
+    meta = index.texts_by_id({int(i) for i in ids.ravel() if i >= 0})
+    out = []
+    for n in range(len(image_emb)):
+        best = int(cls_idx[n, 0])
+        own = np.flatnonzero(table.class_ids == best)
+        own = own[np.argsort(-sims[n, own], kind="stable")[:k]]
+        own_meta = index.texts_by_id(table.ids[own])
+        out.append({
+            "prediction": preds.class_names[best],
+            "classes": [{"class": preds.class_names[c], "score": float(p), "logit": float(preds.logits[n, c])}
+                        for c, p in zip(cls_idx[n], cls_prob[n], strict=True)],
+            "nearest_texts": [_hit(meta[int(i)], float(c)) for c, i in zip(cos[n], ids[n], strict=True) if i >= 0],
+            "class_texts": [_hit(own_meta[int(table.ids[j])], float(sims[n, j])) for j in own],
+        })
+    return out
+
+
+def _hit(row: dict[str, Any], cosine: float) -> dict[str, Any]:
+    return {"text": row["text"], "class": row["class"], "kind": row["kind"], "cosine": round(cosine, 6)}
