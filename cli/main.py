@@ -206,7 +206,8 @@ def info(index_dir: str, as_json: bool) -> None:
     m = data["manifest"]
     model = m["model"]
     click.echo(f"index:       {data['path']} (format {m['format_version']}, generation {data['generation']})")
-    click.echo(f"model:       {model['model']}" + (f"  pretrained={model['pretrained']}" if model["pretrained"] else ""))
+    tag = f"  pretrained={model['pretrained']}" if model["pretrained"] else ""
+    click.echo(f"model:       {model['model']}{tag}")
     click.echo(f"weights:     sha256 {model['weights_sha256']}")
     click.echo(f"dim:         {m['dim']}")
     click.echo(f"created:     {m.get('created_at')}   updated: {m.get('updated_at', '-')}")

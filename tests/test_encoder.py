@@ -1,0 +1,98 @@
+"""ClipEncoder: equality with open_clip, fingerprints, and the errors users meet offline."""
+
+import json
+import time
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import shared_path
+from PIL import Image
+from tiny_model import TINY_CONFIG
+
+from coder_index import ClipEncoder, ModelLoadError
+
+
+def descriptor_sentences(n: int) -> list[str]:
+    data = json.loads(shared_path("data", "descriptors", "descriptors_imagenet.json").read_text())
+    return [f"{c} which has {d}" for c, ds in data.items() for d in ds][:n]
+
+
+def reference_text_embeddings(enc: ClipEncoder, texts: list[str]) -> np.ndarray:
+    with torch.no_grad():
+        ref = enc.model.encode_text(enc.tokenize(texts))
+    return torch.nn.functional.normalize(ref, dim=-1).numpy()
+
+
+def test_text_encoding_matches_open_clip_tiny(encoder):
+    texts = descriptor_sentences(300) + ["x", "", "a photo of a cat."]
+    fast = encoder.encode_texts(texts, batch_size=32)
+    np.testing.assert_allclose(fast, reference_text_embeddings(encoder, texts), atol=1e-4)
+    assert encoder._fast_text  # the truncated path was the one under test
+
+
+def test_text_encoding_matches_open_clip_vit_b32_text_tower():
+    enc = ClipEncoder("ViT-B-32", "random", device="cpu")
+    with torch.no_grad():  # spread the random token embeddings so texts are far apart
+        enc.model.token_embedding.weight.normal_(0, 1.0)
+    texts = descriptor_sentences(96)
+    fast = enc.encode_texts(texts, batch_size=32)
+    ref = reference_text_embeddings(enc, texts)
+    assert (fast @ fast.T).min() < 0.99  # embeddings differ far beyond the 1e-4 tolerance below
+    np.testing.assert_allclose(fast, ref, atol=1e-4)
+
+
+def test_image_encoding_matches_open_clip(encoder):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)) for i in range(5)]
+    ours = encoder.encode_images(images, batch_size=2)
+    with torch.no_grad():
+        ref = encoder.model.encode_image(torch.stack([encoder.preprocess(im) for im in images]))
+    np.testing.assert_allclose(ours, torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-5)
+    assert ours.shape == (5, encoder.embed_dim)
+
+
+def test_fingerprint_is_stable_and_tracks_weights(tiny_model, other_tiny_model, encoder):
+    again = ClipEncoder(tiny_model, device="cpu")
+    other = ClipEncoder(other_tiny_model, device="cpu")
+    assert again.fingerprint == encoder.fingerprint
+    assert other.fingerprint.weights_sha256 != encoder.fingerprint.weights_sha256
+    assert len(encoder.fingerprint.weights_sha256) == 64
+
+
+def test_checkpoint_file_as_pretrained(tmp_path, tiny_model, encoder):
+    # A built-in model name (registered like open_clip's own configs) with a local checkpoint file.
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "coder-tiny-test.json").write_text(json.dumps(TINY_CONFIG["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    weights = tiny_model[len("local-dir:"):] + "/open_clip_pytorch_model.bin"
+    enc = ClipEncoder("coder-tiny-test", pretrained=weights, device="cpu")
+    assert enc.fingerprint.weights_sha256 == encoder.fingerprint.weights_sha256
+    assert enc.fingerprint.pretrained == weights
+
+
+def test_local_dir_without_weights_is_refused(tmp_path):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(ModelLoadError, match="no weights file"):
+        ClipEncoder(f"local-dir:{tmp_path}")
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(ModelLoadError, match="ViT-B-32"):
+        ClipEncoder("ViT-B-33", "openai")
+
+
+def test_unreachable_weights_explain_local_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(ModelLoadError) as err:
+        ClipEncoder("ViT-B-32", "openai", device="cpu")
+    msg = str(err.value)
+    assert "--pretrained /path/to/" in msg and "local-dir:" in msg
+    assert time.time() - t0 < 120
+
+
+def test_unknown_pretrained_tag_or_missing_file():
+    with pytest.raises(ModelLoadError, match="neither a pretrained tag"):
+        ClipEncoder("ViT-B-32", "/no/such/file.bin")
