@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import shared_path
-from images import BAD, GOOD, make_messy_folder
 
 from coder_index_cli.main import cli
+
+from conftest import shared_path
+from images import BAD, GOOD, make_messy_folder
 
 
 def run(*args: str, ok: bool = True):

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-from images import BAD, GOOD, make_messy_folder
 from PIL import Image
 
 from coder_index.pipeline.decode import ImageDecodeError, load_image, to_rgb
 from coder_index.pipeline.discover import discover_images
+
+from images import BAD, GOOD, make_messy_folder
 
 
 @pytest.fixture(scope="module")

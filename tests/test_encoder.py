@@ -7,11 +7,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import shared_path
 from PIL import Image
-from tiny_model import TINY_CONFIG
 
 from coder_index import ClipEncoder, ModelLoadError
+
+from conftest import shared_path
+from tiny_model import TINY_CONFIG
 
 
 def descriptor_sentences(n: int) -> list[str]:

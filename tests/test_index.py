@@ -5,10 +5,11 @@ import json
 import faiss
 import numpy as np
 import pytest
-from conftest import PET_CLASSES
 
 from coder_index import ClipEncoder, IndexFormatError, ModelMismatchError, TextIndex, TextItem
 from coder_index.sources import InputFormatError, read_class_list, read_descriptor_file
+
+from conftest import PET_CLASSES
 
 
 def test_round_trip_counts_and_manifest(built_index, encoder):

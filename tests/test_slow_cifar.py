@@ -5,9 +5,10 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import shared_path
 
 from coder_index_cli.main import cli
+
+from conftest import shared_path
 
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
