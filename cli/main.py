@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from coder_index import __version__
 
 from .common import friendly_errors, model_options, print_json, setup_logging
+from .textgen_commands import llm_options, make_generator, parse_kinds, register, report_generation
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,17 +39,25 @@ def cli(verbose: bool) -> None:
 @click.option("--descriptors", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON {class: [descriptor, ...]} stored as attribute texts '{class} which has {descriptor}'. "
                    "Repeatable.")
+@click.option("--knowledge", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Knowledge file from `coder-index generate` (or descriptor / CuPL JSON): all its kinds go "
+                   "into the index. Repeatable.")
+@click.option("--generate", "generate_kinds", default=None, metavar="KINDS",
+              help="Generate these kinds on the fly (e.g. attribute,analogous,synonym) with the LLM options below.")
+@llm_options
 @click.option("--model", default=None, help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME "
                                             "[default: ViT-B-32, or the index's model when adding to one].")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly_errors
 def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: tuple[str, ...],
-          model: str | None, pretrained: str | None, device: str | None, as_json: bool) -> None:
+          knowledge: tuple[str, ...], generate_kinds: str | None, model: str | None, pretrained: str | None,
+          device: str | None, as_json: bool, dry_run: bool, **llm: Any) -> None:
     """Create INDEX_DIR (or add to it) from a class list and attribute files.
 
-    Name texts come from the dataset's templates; descriptor files add attribute texts. Running
-    build again with more files adds only what is new.
+    Name texts come from the dataset's templates; descriptor files add attribute texts; knowledge
+    files (from `coder-index generate`) add attribute, analogous and synonym texts; --generate makes
+    them on the fly. Running build again with more files adds only what is new.
 
     \b
     Examples:
@@ -56,11 +66,30 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
       coder-index build in1k --classes ImageNet.txt --descriptors descriptors_imagenet.json \\
           --model ViT-L-14 --pretrained /models/vit-l-14.bin
       coder-index build tiny --classes classes.txt --model local-dir:/models/my-clip
+      coder-index build in1k --classes ImageNet.txt --knowledge imagenet-knowledge.json
+      coder-index build in1k --classes ImageNet.txt --generate attribute,analogous,synonym --llm none
     """
     from coder_index.build import build_index
+    from coder_index.textgen.knowledge import load_knowledge
+
+    loaded = [load_knowledge(p) for p in knowledge]
+    generate = None
+    if generate_kinds:
+        kinds = parse_kinds(generate_kinds)
+
+        def generate(encoder, classes):  # noqa: ANN001, ANN202 - callback of build_index
+            gen = make_generator(encoder, **llm)
+            if dry_run:
+                d = gen.dry_run(classes, kinds)
+                raise click.ClickException(f"dry run: would send {d.prompts} prompt(s) ({d.cached} cached); "
+                                           "nothing was built")
+            k, stats = gen.generate(classes, kinds, progress=True)
+            report_generation(stats)
+            return k
 
     report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset,
-                         descriptors=list(descriptors), device=device, progress=True)
+                         descriptors=list(descriptors), device=device, knowledge=loaded, generate=generate,
+                         progress=True)
     if as_json:
         print_json(report.__dict__)
         return
@@ -215,6 +244,8 @@ def info(index_dir: str, as_json: bool) -> None:
     for kind, n in data["counts"]["texts"].items():
         click.echo(f"texts {kind + ':':<11}{n}")
 
+
+register(cli)
 
 if __name__ == "__main__":
     cli()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .encoder import ClipEncoder
 from .index.text_index import TextIndex
 from .sources import attribute_texts, load_templates, name_texts, read_class_list, read_descriptor_file
+
+if TYPE_CHECKING:
+    from .textgen.knowledge import Knowledge
 
 
 @dataclass
@@ -22,9 +27,12 @@ class BuildReport:
 def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str | None = None,
                 pretrained: str | None = None, dataset: str | None = None,
                 descriptors: list[str | Path] | None = None, device: str | None = None,
-                encoder: ClipEncoder | None = None, progress: bool = False) -> BuildReport:
+                encoder: ClipEncoder | None = None, knowledge: list[Knowledge] | None = None,
+                generate: Callable[[ClipEncoder, list[str]], Knowledge] | None = None,
+                progress: bool = False) -> BuildReport:
     """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
-    of ``classes_file`` and attribute texts from each descriptor file."""
+    of ``classes_file``, attribute texts from each descriptor file, and all general kinds of each
+    knowledge file. ``generate(encoder, classes)`` produces more knowledge on the fly."""
     classes = read_class_list(classes_file)
     templates = load_templates(dataset)
     index_dir = Path(index_dir)
@@ -53,6 +61,16 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
         res = index.add_texts(imp.items, progress=progress)
         report.added["attribute"] = report.added.get("attribute", 0) + res.added
         report.duplicates += res.duplicates
+    all_knowledge = list(knowledge or [])
+    if generate is not None:
+        all_knowledge.append(generate(encoder, classes))
+    for k in all_knowledge:
+        items = k.text_items(classes, templates)
+        for kind in ("attribute", "analogous", "synonym"):
+            res = index.add_texts([it for it in items if it.kind == kind], progress=progress)
+            report.added[kind] = report.added.get(kind, 0) + res.added
+            report.duplicates += res.duplicates
     index.record_run("build", {"classes_file": str(classes_file), "dataset": templates.dataset,
-                               "descriptors": [str(p) for p, _ in descriptor_data], "added": report.added})
+                               "descriptors": [str(p) for p, _ in descriptor_data],
+                               "knowledge": [k.provenance for k in all_knowledge], "added": report.added})
     return report

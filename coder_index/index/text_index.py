@@ -279,6 +279,8 @@ class TextIndex:
         The slow part (text encoding) runs before the lock; the write itself is atomic.
         """
         items = list(items)
+        if not items:
+            return AddResult(0, 0)
         class_ids = {n: i for i, n in enumerate(self.class_names())}
         unknown_kinds = sorted({it.kind for it in items} - set(TEXT_KINDS))
         if unknown_kinds:

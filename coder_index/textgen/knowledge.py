@@ -1,0 +1,131 @@
+"""Knowledge files: everything the generator produced for one vocabulary, as portable JSON.
+
+    {"format": "coder-index/knowledge", "version": 1,
+     "classes": {name: {"attribute": [phrase, ...],        # -> "{c} which has {phrase}"
+                        "attribute_text": [sentence, ...],  # stored verbatim (WordNet, CuPL)
+                        "analogous": [name, ...], "synonym": [name, ...],
+                        "source": {kind: "llm:<model>" | "wordnet" | "import:<file>"}}},
+     "pairs": {a: {b: [feature of a that tells it from b, ...]}},
+     "provenance": {...}}
+
+Import also reads the published descriptor format ``{class: [descriptor, ...]}`` and CuPL-style
+``{class: [full sentence, ...]}``. Pickle is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputFormatError
+from ..index.atomic import atomic_write_json
+from ..index.text_index import TextItem
+from ..sources import DatasetTemplates, fill, match_classes, read_json_refusing_pickle
+
+FORMAT = "coder-index/knowledge"
+KINDS = ("attribute", "attribute_text", "analogous", "synonym")
+
+
+@dataclass
+class Knowledge:
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pairs: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, cls: str, kind: str, items: list[str], source: str) -> None:
+        entry = self.classes.setdefault(cls, {"source": {}})
+        entry[kind] = list(items)
+        entry.setdefault("source", {})[kind] = source
+
+    def get(self, cls: str, kind: str) -> list[str]:
+        return list(self.classes.get(cls, {}).get(kind, []))
+
+    def set_pair(self, a: str, b: str, features: list[str]) -> None:
+        self.pairs.setdefault(a, {})[b] = list(features)
+
+    def pair(self, a: str, b: str) -> list[str] | None:
+        return self.pairs.get(a, {}).get(b)
+
+    def merge(self, other: Knowledge) -> None:
+        for cls, entry in other.classes.items():
+            for kind in KINDS:
+                if kind in entry:
+                    self.set(cls, kind, self.get(cls, kind) + [x for x in entry[kind] if x not in self.get(cls, kind)],
+                             entry.get("source", {}).get(kind, "import"))
+        for a, row in other.pairs.items():
+            for b, feats in row.items():
+                self.set_pair(a, b, feats)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": 1, "classes": self.classes, "pairs": self.pairs,
+                "provenance": self.provenance}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(Path(path), self.to_json())
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(len(e.get(k, [])) for e in self.classes.values()) for k in KINDS} | {
+            "pairs": sum(len(r) for r in self.pairs.values())}
+
+    def text_items(self, classes: list[str], templates: DatasetTemplates) -> list[TextItem]:
+        """Index texts for ``classes`` (keys matched loosely): attributes, analogous and synonyms
+        through the dataset's templates. Pair texts are not general texts and are not included."""
+        mapping, _ = match_classes(list(self.classes), classes)
+        items: list[TextItem] = []
+        for key, entry in self.classes.items():
+            c = mapping.get(key)
+            if c is None:
+                continue
+            src = entry.get("source", {})
+            items += [TextItem(c, "attribute", fill(templates.attribute, c, a), templates.attribute,
+                               src.get("attribute", "knowledge")) for a in entry.get("attribute", [])]
+            items += [TextItem(c, "attribute", s, None, src.get("attribute_text", "knowledge"))
+                      for s in entry.get("attribute_text", [])]
+            items += [TextItem(c, "analogous", fill(templates.analogous, c, a), templates.analogous,
+                               src.get("analogous", "knowledge")) for a in entry.get("analogous", [])]
+            items += [TextItem(c, "synonym", fill(t, s), t, src.get("synonym", "knowledge"))
+                      for s in entry.get("synonym", []) for t in templates.name]
+        return items
+
+
+def _looks_like_sentences(data: dict[str, list[str]]) -> bool:
+    """CuPL prompts are full sentences that name their class; VCD descriptors are short phrases."""
+    total = named = 0
+    for cls, items in data.items():
+        for s in items:
+            total += 1
+            named += cls.lower() in s.lower()
+    return total > 0 and named / total > 0.5
+
+
+def load_knowledge(path: str | Path, fmt: str = "auto") -> Knowledge:
+    """Read a knowledge file, a descriptor file or a CuPL prompt file (``fmt``: auto, knowledge,
+    descriptors, cupl)."""
+    path = Path(path)
+    data = read_json_refusing_pickle(path)
+    if not isinstance(data, dict):
+        raise InputFormatError(f"{path}: expected a JSON object")
+    if fmt == "knowledge" or (fmt == "auto" and data.get("format") == FORMAT):
+        if data.get("format") != FORMAT or not isinstance(data.get("classes"), dict):
+            raise InputFormatError(f"{path} is not a coder-index knowledge file (format {data.get('format')!r})")
+        k = Knowledge({str(c): dict(e) for c, e in data["classes"].items()}, data.get("pairs") or {},
+                      data.get("provenance") or {})
+        for c, e in k.classes.items():
+            for kind in KINDS:
+                if kind in e and not (isinstance(e[kind], list) and all(isinstance(x, str) for x in e[kind])):
+                    raise InputFormatError(f"{path}: classes.{c}.{kind} must be a list of strings")
+        return k
+    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values()):
+        raise InputFormatError(f"{path}: expected a knowledge file or {{class: [text, ...]}}")
+    if fmt == "auto":
+        fmt = "cupl" if _looks_like_sentences(data) else "descriptors"
+    kind = {"cupl": "attribute_text", "descriptors": "attribute"}.get(fmt)
+    if kind is None:
+        raise InputFormatError(f"unknown knowledge format {fmt!r}; use auto, knowledge, descriptors or cupl")
+    k = Knowledge(provenance={"imported_from": path.name, "format": fmt,
+                              "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    for cls, items in data.items():
+        k.set(cls, kind, [" ".join(x.split()) for x in items if x.strip()], f"import:{path.name}")
+    return k
