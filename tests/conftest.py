@@ -2,12 +2,17 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the model hub
+# Caches and WordNet data of the tests live in a temporary folder, never in the user's home.
+_SCRATCH = tempfile.mkdtemp(prefix="coder-index-tests-")
+os.environ["CODER_INDEX_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
+os.environ["NLTK_DATA"] = os.path.join(_SCRATCH, "nltk_data")
 
 from tiny_model import write_tiny_model  # noqa: E402
 
@@ -57,3 +62,21 @@ def built_index(tmp_path, encoder, classes_file):
     from coder_index import TextIndex
 
     return TextIndex.open(tmp_path / "idx", encoder=encoder)
+
+
+@pytest.fixture(scope="session")
+def wordnet_reader():
+    """WordNet 3.0 from Debian's wordnet-base (installed by .ci/run), set up for NLTK in a temp dir."""
+    from coder_index.textgen.wordnet import SYSTEM_WORDNET, load_wordnet, setup_wordnet
+
+    if not (SYSTEM_WORDNET / "data.noun").is_file():
+        pytest.fail("WordNet is not installed: apt-get install wordnet-base wordnet-sense-index (.ci/run does)")
+    setup_wordnet(SYSTEM_WORDNET, os.environ["NLTK_DATA"])
+    return load_wordnet(os.environ["NLTK_DATA"])
+
+
+@pytest.fixture(scope="session")
+def wordnet_texts(encoder, wordnet_reader):
+    from coder_index.textgen.wordnet import WordNetTexts
+
+    return WordNetTexts(encoder, wordnet_reader)

@@ -153,7 +153,7 @@ class LLMClient:
 
     def __init__(self, config: LLMConfig, cache: LLMCache | None = None) -> None:
         self.config = config
-        self.cache = cache or LLMCache()
+        self.cache = cache if cache is not None else LLMCache()  # an empty cache is falsy (__len__)
         self.usage = LLMUsage()
         self._key = os.environ.get(config.api_key_env, "")
         self._client: Any = None

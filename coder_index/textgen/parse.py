@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import re
 
-_MARKER = re.compile(r"^\s*(?:[-*•·‣▪◦+–—]|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)](?=\s))\s*")
+# A bullet symbol needs a space after it, so "**bold**" is not a bullet.
+_MARKER = re.compile(r"^\s*(?:[-*•·‣▪◦+–—](?=\s)|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)](?=\s))\s*")
 _REFUSAL = re.compile(
     r"^\s*(?:i'?m sorry|i am sorry|sorry[,.!]|i can(?:no|')t|i cannot|i'?m unable|i am unable|"
     r"as an ai|i won'?t|i will not)", re.IGNORECASE)
@@ -77,7 +78,7 @@ def parse_list(answer: str | None, *, names: bool = False) -> list[str]:
         if len(items) == 1 and "," in items[0]:
             items = [_clean_item(x) for x in re.split(r",|\band\b", items[0])]
         items = [it for it in items if 0 < len(it.split()) <= 6]
-    return dedupe([it for it in items if it.lower() not in _NONE])
+    return dedupe([it for it in items if it.lower() not in _NONE and any(ch.isalpha() for ch in it)])
 
 
 def parse_pair(answer: str | None, a: str, b: str) -> tuple[list[str], list[str]]:
@@ -99,19 +100,22 @@ def parse_pair(answer: str | None, a: str, b: str) -> tuple[list[str], list[str]
         body = line[m.end():] if m else line
         header = re.sub(r"[*_#`]", "", body).strip()
         low = header.lower()
-        matched = None
+        matched, rest = None, ""
         for name, side in names:
-            if re.match(rf"^(?:features of |an? |the )?{re.escape(name)}s?\b", low):
-                matched = side
+            prefix = rf"^(?:features of )?(?:an? |the )?{re.escape(name)}s?"
+            if re.match(prefix + r"\s*(?:features?|traits?)?\s*:", low):  # "cat:" / "cat features: ..."
+                matched, rest = side, header.split(":", 1)[1]
                 break
-        if matched and (":" in header or len(header.split()) <= len(a.split()) + len(b.split()) + 2):
+            if not m and re.match(prefix + r"\b", low) and len(low.split()) <= len(name.split()) + 2:
+                matched = side  # an unmarked short heading such as "**Cat**" or "The cat"
+                break
+        if matched:
             current = matched
-            rest = header.split(":", 1)[1] if ":" in header else ""
             if _clean_item(rest):
                 sides[current].append(_clean_item(rest))
             continue
         if current and (m or not line.endswith(":")):
             item = _clean_item(body)
-            if item:
+            if item and any(ch.isalpha() for ch in item):
                 sides[current].append(item)
     return dedupe(sides["a"]), dedupe(sides["b"])
