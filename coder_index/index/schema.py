@@ -58,14 +58,17 @@ runs = Table(
 )
 
 
-def make_engine(path: Path) -> Engine:
+def make_engine(path: Path, synchronous: str = "FULL") -> Engine:
+    """SQLite engine with WAL. FULL fsyncs every commit (index metadata: a commit must be on disk
+    before FAISS files are renamed); NORMAL suits caches, where losing the last answers to a power
+    cut only costs a repeated request."""
     engine = create_engine(f"sqlite:///{path}", future=True)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook signature
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk before FAISS files are renamed
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

@@ -222,7 +222,9 @@ class AutoTextGenerator:
         kept: list[str] = []
         seen: list[str] = []
         for round_no in range(self.max_rounds + 1):
-            fresh = filt.keep(c, candidates, kept)
+            # CLIP encoding in a worker thread (torch releases the GIL), so the event loop keeps
+            # serving the other requests in flight meanwhile.
+            fresh = await asyncio.to_thread(filt.keep, c, candidates, kept)
             stats.analogous_dropped += len([x for x in candidates if x not in fresh])
             seen += [x for x in candidates if x.lower() not in {s.lower() for s in seen}]
             kept += fresh[: wanted - len(kept)]

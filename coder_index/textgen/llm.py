@@ -71,7 +71,7 @@ class LLMCache:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(self.path)
+        self.engine = make_engine(self.path, synchronous="NORMAL")
         _meta.create_all(self.engine)
 
     @staticmethod
