@@ -253,3 +253,24 @@ def test_missing_key_is_a_clear_error(encoder, monkeypatch, tmp_path):
     with pytest.raises(LLMError, match="OPENAI_API_KEY"):
         gen.generate(["cat"], ["attribute"])
     assert np.isfinite(encoder.encode_texts(["ok"])).all()
+
+
+def test_build_generates_on_the_fly(server, tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    from coder_index import TextIndex
+    from coder_index_cli.main import cli
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    args = ["build", str(tmp_path / "idx"), "--classes", str(classes), "--model", tiny_model,
+            "--generate", "attribute", "--base-url", server.base_url, "--llm-model", "fake",
+            "--cache", str(tmp_path / "c.sqlite")]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    index = TextIndex.open(tmp_path / "idx")
+    assert index.counts()["texts"]["attribute"] == 6 and server.requests == 2
+    with index.engine.connect() as conn:
+        texts = {r[0] for r in conn.exec_driver_sql("select text from texts where kind = 'attribute'")}
+    assert "cat which has cat shape" in texts
+    assert CliRunner().invoke(cli, args).exit_code == 0 and server.requests == 2  # cached, idempotent
