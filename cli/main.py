@@ -10,7 +10,14 @@ import click
 from coder_index import __version__
 
 from .common import friendly_errors, model_options, print_json, setup_logging
-from .textgen_commands import llm_options, make_generator, parse_kinds, register, report_generation
+from .textgen_commands import (
+    llm_client_options,
+    llm_options,
+    make_generator,
+    parse_kinds,
+    register,
+    report_generation,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -113,10 +120,18 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
 @click.option("--model", default=None,
               help="Refuse to run unless the index was built with this model (default: the index's model).")
 @model_options
+@click.option("--rerank", is_flag=True, help="Stage 2 (CODER*): rerank each image's top-5 with one-to-one pair "
+                                              "texts, generating missing pairs with the LLM options below.")
+@click.option("--gap-threshold", default=None, type=click.FloatRange(0, 1),
+              help="Rerank only images whose softmax top-1 minus top-2 is below this (default: all).")
+@click.option("--rerank-chunk", default=2048, show_default=True, type=click.IntRange(1),
+              help="Images per rerank step (their missing pairs are generated together).")
+@llm_client_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int,
-             model: str | None, pretrained: str | None, device: str | None, quiet: bool) -> None:
+             model: str | None, pretrained: str | None, device: str | None, rerank: bool,
+             gap_threshold: float | None, rerank_chunk: int, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
@@ -127,14 +142,25 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     Examples:
       coder-index classify photos/ --index pets-index --out preds.csv
       coder-index classify /data/images --index in1k --out preds.jsonl --top-k 10 --batch-size 256 --workers 8
+      coder-index classify photos/ --index pets-index --out preds.csv --rerank --llm-model gpt-4o-mini
+      coder-index classify photos/ --index pets-index --out preds.csv --rerank --gap-threshold 0.3 \
+          --base-url http://localhost:8000/v1 --llm-model Qwen2.5-7B-Instruct --max-requests 2000
     """
     from coder_index.index.text_index import TextIndex
+    from coder_index.pair_stage import PairReranker
     from coder_index.pipeline.classify import classify_folder
 
     index = TextIndex.open(index_dir, device=device)
     _check_requested_model(index, model, pretrained, device)
+    reranker = None
+    if rerank:
+        reranker = _make_reranker(index, llm, gap_threshold, progress=not quiet)
     summary = classify_folder(index, folder, out, top_k_n=top_k, batch_size=batch_size, workers=workers,
-                              progress=not quiet)
+                              progress=not quiet, reranker=reranker, rerank_chunk=rerank_chunk)
+    if isinstance(reranker, PairReranker):
+        click.echo(reranker.summary(), err=True)
+        if reranker.generator is not None and reranker.generator.llm.usage.requests:
+            click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
     msg = (f"classified {summary.classified} images in {summary.seconds:.1f}s "
            f"({summary.images_per_second:.1f} img/s) -> {summary.out}")
     if summary.already_done:
@@ -145,6 +171,24 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     if summary.other_files:
         msg += f"; {summary.other_files} non-image file(s) ignored"
     click.echo(msg, err=True)
+
+
+def _make_reranker(index, llm: dict[str, Any], gap_threshold: float | None, progress: bool):
+    """A PairReranker, or None (stage 1 only) when there is no LLM and no stored pair text."""
+    from coder_index.pair_stage import PairReranker
+
+    generator = None
+    if llm["llm_kind"] == "none":
+        if index.counts()["pair_texts"] == 0:
+            click.echo("rerank unavailable: it needs one-to-one pair texts, the index has none and --llm none "
+                       "allows no generation; classifying with stage 1 (CODER) only. Import pair texts with "
+                       "`build --knowledge` or use an LLM.", err=True)
+            return None
+        click.echo("--llm none: reranking with the pair texts already in the index; missing pairs count as ties",
+                   err=True)
+    else:
+        generator = make_generator(index.encoder, **llm)
+    return PairReranker(index, generator, gap_threshold=gap_threshold, progress=progress)
 
 
 def _check_requested_model(index, model: str | None, pretrained: str | None, device: str | None) -> None:
@@ -243,6 +287,7 @@ def info(index_dir: str, as_json: bool) -> None:
     click.echo(f"classes:     {data['counts']['classes']}")
     for kind, n in data["counts"]["texts"].items():
         click.echo(f"texts {kind + ':':<11}{n}")
+    click.echo(f"pair texts:  {data['counts']['pair_texts']}")
 
 
 register(cli)

@@ -14,11 +14,11 @@ from .common import friendly_errors, model_options
 KIND_CHOICES = ("attribute", "analogous", "synonym")
 
 
-def llm_options(fn: Callable) -> Callable:
-    """Options of the Auto Text Generator, shared by `generate` and `build --generate`."""
+def llm_client_options(fn: Callable) -> Callable:
+    """Options that reach an LLM endpoint (shared by generate, build, classify and eval)."""
     opts = [
         click.option("--llm", "llm_kind", type=click.Choice(["openai", "none"]), default="openai", show_default=True,
-                     help="openai: any OpenAI-compatible endpoint; none: offline WordNet generator."),
+                     help="openai: any OpenAI-compatible endpoint; none: no LLM (offline WordNet generator)."),
         click.option("--base-url", default=None, help="Endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama, "
                                                      "llama.cpp). Default: OpenAI."),
         click.option("--llm-model", default="gpt-4o-mini", show_default=True, help="Model name at the endpoint."),
@@ -29,21 +29,30 @@ def llm_options(fn: Callable) -> Callable:
         click.option("--max-requests", default=None, type=click.IntRange(0),
                      help="Request budget (retries included); the run stops cleanly before exceeding it."),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature."),
-        click.option("--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True),
-        click.option("--analogous-threshold", default=0.9, show_default=True, type=float,
-                     help="Drop analogous names whose CLIP similarity to another class exceeds this."),
         click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
                      help="LLM answer cache (SQLite) [default: ~/.cache/coder-index/llm-cache.sqlite]."),
-        click.option("--dry-run", is_flag=True, help="Print how many prompts would be sent, send none."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
+def llm_options(fn: Callable) -> Callable:
+    """Options of the Auto Text Generator, shared by `generate` and `build --generate`."""
+    opts = [
+        click.option("--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True),
+        click.option("--analogous-threshold", default=0.9, show_default=True, type=float,
+                     help="Drop analogous names whose CLIP similarity to another class exceeds this."),
+        click.option("--dry-run", is_flag=True, help="Print how many prompts would be sent, send none."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return llm_client_options(fn)
+
+
 def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model: str, api_key_env: str,
-                   concurrency: int, max_requests: int | None, temperature: float, synonyms_from: str,
-                   analogous_threshold: float, cache_path: str | None) -> Any:
+                   concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
+                   synonyms_from: str = "wordnet", analogous_threshold: float = 0.9) -> Any:
     from coder_index.textgen.generator import AutoTextGenerator
     from coder_index.textgen.llm import LLMCache, LLMClient, LLMConfig
 

@@ -8,11 +8,12 @@ from .encoder import ClipEncoder, ModelFingerprint
 from .errors import CoderIndexError, IndexFormatError, InputFormatError, ModelLoadError, ModelMismatchError
 from .index.text_index import TextIndex, TextItem
 from .predict import Predictions
+from .rerank import rerank
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipEncoder", "CoderClassifier", "CoderIndexError", "IndexFormatError", "InputFormatError",
     "ModelFingerprint", "ModelLoadError", "ModelMismatchError", "Predictions", "TextIndex", "TextItem",
-    "coder_features", "heuristic_logits", "__version__",
+    "coder_features", "heuristic_logits", "rerank", "__version__",
 ]

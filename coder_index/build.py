@@ -70,6 +70,10 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
             res = index.add_texts([it for it in items if it.kind == kind], progress=progress)
             report.added[kind] = report.added.get(kind, 0) + res.added
             report.duplicates += res.duplicates
+        pairs = k.pair_features(classes)
+        if pairs:
+            source = "llm:" + str((k.provenance.get("llm") or {}).get("model", "knowledge"))
+            report.added["pair"] = report.added.get("pair", 0) + index.add_pair_texts(pairs, source=source)
     index.record_run("build", {"classes_file": str(classes_file), "dataset": templates.dataset,
                                "descriptors": [str(p) for p, _ in descriptor_data],
                                "knowledge": [k.provenance for k in all_knowledge], "added": report.added})

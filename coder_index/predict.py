@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from .coder import CoderClassifier
 from .pipeline.decode import load_image
@@ -26,13 +27,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest scores per row, best first (ties: lower index first)."""
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
-        np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    idx = np.take_along_axis(part, order, axis=1)
+    """Indices and values of the k largest scores per row, best first; ties: lower index first.
+
+    torch.topk does the selection (multi-threaded, far faster than argpartition on large arrays);
+    candidates are then ordered by (value desc, index asc). Rows where a tie straddles the k-th
+    place are redone exactly, so the result never depends on torch's tie order.
+    """
+    n, c = scores.shape
+    k = min(k, c)
+    extra = min(k + 1, c)
+    vals, idx = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), extra, dim=1, sorted=True)
+    vals, idx = vals.numpy(), idx.numpy()
+    order = np.lexsort((idx, -vals), axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)[:, :k]
+    if extra > k:
+        boundary = np.flatnonzero(vals[:, k - 1] == vals[:, k])  # a tie at the cut: choose exactly
+        for r in boundary:  # rare (exact float ties); per-row exact fallback
+            idx[r] = np.lexsort((np.arange(c), -scores[r]))[:k]
     return idx, np.take_along_axis(scores, idx, axis=1)
 
 

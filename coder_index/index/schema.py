@@ -42,7 +42,20 @@ texts = Table(
     Index("ix_texts_kind", "kind"),
 )
 
-# Key/value state; holds the FAISS generation that the committed rows belong to.
+# One-to-one texts of ordered class pairs (a described as different from b), grown on demand.
+pair_texts = Table(
+    "pair_texts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # == FAISS id in pairs.faiss
+    Column("class_a", Integer, ForeignKey("classes.id"), nullable=False),
+    Column("class_b", Integer, ForeignKey("classes.id"), nullable=False),
+    Column("feature", Text, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("source", Text, nullable=True),
+    UniqueConstraint("class_a", "class_b", "text", name="uq_pair_text"),
+    Index("ix_pair_texts_pair", "class_a", "class_b"),
+)
+
+# Key/value state; holds the FAISS generation each vector file's committed rows belong to.
 state = Table(
     "state", metadata,
     Column("key", String(64), primary_key=True),

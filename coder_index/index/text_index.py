@@ -4,13 +4,15 @@
       manifest.json   format version, CLIP model fingerprint, dim, counts (written last: its
                       presence marks a complete index)
       texts.faiss     IndexIDMap2(IndexFlatIP): general texts, ids = meta.sqlite texts.id
-      meta.sqlite     classes, texts, state (FAISS generation), runs
+      pairs.faiss     the same for one-to-one pair texts, ids = meta.sqlite pair_texts.id
+      meta.sqlite     classes, texts, pair_texts, state (FAISS generations), runs
 
-Consistency protocol for one write (``add_texts``), under an exclusive lock:
+Consistency protocol for one write (``add_texts``, ``add_pair_texts``) to a vector file F, under
+an exclusive lock:
 
-1. write the new FAISS index to ``texts.faiss.g<G+1>`` and fsync it;
-2. insert the rows and set ``state.generation = G+1`` in one SQLite transaction;
-3. rename ``texts.faiss.g<G+1>`` over ``texts.faiss``.
+1. write the new FAISS index to ``F.g<G+1>`` and fsync it;
+2. insert the rows and set F's generation to G+1 in the state table, in one SQLite transaction;
+3. rename ``F.g<G+1>`` over ``F``.
 
 A crash before 2 leaves a stale pending file that ``open`` deletes (previous state). A crash
 between 2 and 3 leaves a pending file whose generation is the committed one; ``open`` finishes the
@@ -42,8 +44,24 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TEXTS_FAISS = "texts.faiss"
+PAIRS_FAISS = "pairs.faiss"
 META_DB = "meta.sqlite"
 LOCK = ".lock"
+PAIR_TEMPLATE = "Because of {feature}, {a} is different from {b}"
+
+
+@dataclass(frozen=True)
+class VectorFile:
+    """A FAISS file of the index with its SQLite table and generation counter."""
+
+    file: str
+    state_key: str
+    table: Any
+
+
+TEXT_VECTORS = VectorFile(TEXTS_FAISS, "generation", schema.texts)
+PAIR_VECTORS = VectorFile(PAIRS_FAISS, "pairs_generation", schema.pair_texts)
+VECTOR_FILES = (TEXT_VECTORS, PAIR_VECTORS)
 
 
 @dataclass(frozen=True)
@@ -84,8 +102,8 @@ def _empty_faiss(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def _pending_name(generation: int) -> str:
-    return f"{TEXTS_FAISS}.g{generation}"
+def _pending_name(vf: VectorFile, generation: int) -> str:
+    return f"{vf.file}.g{generation}"
 
 
 class TextIndex:
@@ -98,7 +116,7 @@ class TextIndex:
         self.engine = schema.make_engine(path / META_DB)
         self._encoder = encoder
         self._device = device
-        self._faiss: faiss.Index | None = None
+        self._faiss: dict[str, faiss.Index] = {}
         self._cache: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- lifecycle
@@ -114,8 +132,8 @@ class TextIndex:
         if path.exists() and not path.is_dir():
             raise IndexFormatError(f"{path} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
-        leftovers = [p.name for p in path.iterdir() if p.name not in (LOCK, META_DB, TEXTS_FAISS)
-                     and not p.name.startswith((META_DB, TEXTS_FAISS))]
+        leftovers = [p.name for p in path.iterdir() if p.name != LOCK
+                     and not p.name.startswith((META_DB, TEXTS_FAISS, PAIRS_FAISS))]
         if leftovers:
             raise IndexFormatError(f"{path} is not empty ({leftovers[:5]}); use an empty or new directory")
         fp = encoder.fingerprint
@@ -126,9 +144,11 @@ class TextIndex:
             schema.metadata.create_all(engine)
             with engine.begin() as conn:
                 conn.execute(insert(schema.state), [{"key": "generation", "value": "0"},
+                                                    {"key": "pairs_generation", "value": "0"},
                                                     {"key": "dim", "value": str(fp.embed_dim)}])
             engine.dispose()
-            write_faiss_durably(_empty_faiss(fp.embed_dim), path / TEXTS_FAISS)
+            for vf in VECTOR_FILES:
+                write_faiss_durably(_empty_faiss(fp.embed_dim), path / vf.file)
             manifest = {
                 "format": "coder-index/text-index",
                 "format_version": FORMAT_VERSION,
@@ -136,7 +156,7 @@ class TextIndex:
                 "model": fp.to_dict(),
                 "dim": fp.embed_dim,
                 "metric": "inner_product (cosine on L2-normalised vectors)",
-                "files": {"texts": TEXTS_FAISS, "metadata": META_DB},
+                "files": {"texts": TEXTS_FAISS, "pairs": PAIRS_FAISS, "metadata": META_DB},
                 "counts": {"classes": 0, "texts": {}},
             }
             atomic_write_json(path / MANIFEST, manifest)
@@ -169,17 +189,16 @@ class TextIndex:
 
     def _recover(self) -> None:
         """Roll an interrupted write forward or back (see the module docstring)."""
-        committed = self.generation
-        pending = sorted(self.path.glob(f"{TEXTS_FAISS}.g*"))
-        if not pending:
+        if not any(self.path.glob("*.faiss.g*")):
             return
         with exclusive_lock(self.path / LOCK):
-            committed = self.generation
-            for p in self.path.glob(f"{TEXTS_FAISS}.g*"):
-                if p.name == _pending_name(committed) and not p.name.endswith(".tmp"):
-                    os.replace(p, self.path / TEXTS_FAISS)
-                else:
-                    p.unlink()
+            for vf in VECTOR_FILES:
+                committed = self._generation(vf)
+                for p in self.path.glob(f"{vf.file}.g*"):
+                    if p.name == _pending_name(vf, committed):
+                        os.replace(p, self.path / vf.file)
+                    else:
+                        p.unlink()
             fsync_dir(self.path)
 
     # ----------------------------------------------------------------- model
@@ -210,13 +229,16 @@ class TextIndex:
         return self._encoder
 
     # ----------------------------------------------------------------- state
+    def _generation(self, vf: VectorFile) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(schema.state.c.value).where(schema.state.c.key == vf.state_key)).scalar()
+        if value is None:
+            raise IndexFormatError(f"{self.path / META_DB} has no {vf.state_key} record; the index is damaged")
+        return int(value)
+
     @property
     def generation(self) -> int:
-        with self.engine.connect() as conn:
-            value = conn.execute(select(schema.state.c.value).where(schema.state.c.key == "generation")).scalar()
-        if value is None:
-            raise IndexFormatError(f"{self.path / META_DB} has no generation record; the index is damaged")
-        return int(value)
+        return self._generation(TEXT_VECTORS)
 
     @property
     def dim(self) -> int:
@@ -229,23 +251,25 @@ class TextIndex:
             self._cache["classes"] = [r[0] for r in rows]
         return self._cache["classes"]
 
-    def _faiss_index(self) -> faiss.Index:
-        if self._faiss is None:
-            index = faiss.read_index(str(self.path / TEXTS_FAISS))
+    def _faiss_index(self, vf: VectorFile = TEXT_VECTORS) -> faiss.Index:
+        if vf.file not in self._faiss:
+            index = faiss.read_index(str(self.path / vf.file))
             with self.engine.connect() as conn:
-                n_rows = conn.execute(select(func.count()).select_from(schema.texts)).scalar()
+                n_rows = conn.execute(select(func.count()).select_from(vf.table)).scalar()
             if index.ntotal != n_rows:
                 raise IndexFormatError(
-                    f"{self.path}: {TEXTS_FAISS} holds {index.ntotal} vectors but {META_DB} {n_rows} texts; "
+                    f"{self.path}: {vf.file} holds {index.ntotal} vectors but {META_DB} {n_rows} rows; "
                     "the files were changed outside coder-index. Rebuild the index.")
-            self._faiss = index
-        return self._faiss
+            self._faiss[vf.file] = index
+        return self._faiss[vf.file]
 
     def counts(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
             n_classes = conn.execute(select(func.count()).select_from(schema.classes)).scalar()
             per_kind = dict(conn.execute(select(schema.texts.c.kind, func.count()).group_by(schema.texts.c.kind)).all())
-        return {"classes": int(n_classes), "texts": {k: int(per_kind.get(k, 0)) for k in TEXT_KINDS}}
+            n_pairs = conn.execute(select(func.count()).select_from(schema.pair_texts)).scalar()
+        return {"classes": int(n_classes), "texts": {k: int(per_kind.get(k, 0)) for k in TEXT_KINDS},
+                "pair_texts": int(n_pairs)}
 
     def info(self) -> dict[str, Any]:
         return {"path": str(self.path), "manifest": self.manifest, "generation": self.generation,
@@ -306,28 +330,32 @@ class TextIndex:
             new_keys = self._absent(new_keys)  # another writer may have added some meanwhile
             if not new_keys:
                 return AddResult(0, len(items))
-            self._faiss = None
-            index = self._faiss_index()
-            generation = self.generation
-            with self.engine.connect() as conn:
-                next_id = int(conn.execute(select(func.max(schema.texts.c.id))).scalar() or 0) + 1
-            ids = np.arange(next_id, next_id + len(new_keys), dtype=np.int64)
             vectors = emb[[row_of[k[2]] for k in new_keys]]
-            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
-            rows = [{"id": int(i), "class_id": k[0], "kind": k[1], "text": k[2],
-                     "template": unique[k].template, "source": unique[k].source}
-                    for i, k in zip(ids, new_keys, strict=True)]
-            try:
-                pending = self.path / _pending_name(generation + 1)
-                self._write_pending_faiss(index, pending)
-                self._commit_rows(rows, generation + 1)
-                self._promote_pending_faiss(pending)
-            except BaseException:
-                self._faiss = None  # the in-memory index may be ahead of disk; reload on next use
-                raise
+            rows = [{"class_id": k[0], "kind": k[1], "text": k[2], "template": unique[k].template,
+                     "source": unique[k].source} for k in new_keys]
+            self._atomic_add(TEXT_VECTORS, rows, vectors)
         self._cache.clear()
         self._write_manifest_counts()
         return AddResult(len(new_keys), len(items) - len(new_keys))
+
+    def _atomic_add(self, vf: VectorFile, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+        """Append rows + vectors to ``vf`` with the crash-safe protocol. Caller holds the lock."""
+        self._faiss.pop(vf.file, None)
+        index = self._faiss_index(vf)
+        generation = self._generation(vf)
+        with self.engine.connect() as conn:
+            next_id = int(conn.execute(select(func.max(vf.table.c.id))).scalar() or 0) + 1
+        ids = np.arange(next_id, next_id + len(rows), dtype=np.int64)
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        rows = [{"id": int(i), **r} for i, r in zip(ids, rows, strict=True)]
+        try:
+            pending = self.path / _pending_name(vf, generation + 1)
+            self._write_pending_faiss(index, pending)
+            self._commit_rows(vf, rows, generation + 1)
+            self._promote_pending_faiss(vf, pending)
+        except BaseException:
+            self._faiss.pop(vf.file, None)  # the in-memory index may be ahead of disk; reload on next use
+            raise
 
     def _encode_with_progress(self, texts: list[str], batch_size: int) -> np.ndarray:
         from tqdm import tqdm
@@ -358,15 +386,17 @@ class TextIndex:
     def _write_pending_faiss(index: faiss.Index, pending: Path) -> None:
         write_faiss_durably(index, pending)
 
-    def _commit_rows(self, rows: list[dict[str, Any]], generation: int) -> None:
+    def _commit_rows(self, vf: VectorFile, rows: list[dict[str, Any]], generation: int) -> None:
         with self.engine.begin() as conn:
             for i in range(0, len(rows), 5000):
-                conn.execute(insert(schema.texts), rows[i:i + 5000])
-            conn.execute(schema.state.update().where(schema.state.c.key == "generation")
-                         .values(value=str(generation)))
+                conn.execute(insert(vf.table), rows[i:i + 5000])
+            updated = conn.execute(schema.state.update().where(schema.state.c.key == vf.state_key)
+                                   .values(value=str(generation))).rowcount
+            if not updated:
+                conn.execute(insert(schema.state).values(key=vf.state_key, value=str(generation)))
 
-    def _promote_pending_faiss(self, pending: Path) -> None:
-        os.replace(pending, self.path / TEXTS_FAISS)
+    def _promote_pending_faiss(self, vf: VectorFile, pending: Path) -> None:
+        os.replace(pending, self.path / vf.file)
         fsync_dir(self.path)
 
     def _write_manifest_counts(self) -> None:
@@ -454,3 +484,20 @@ class TextIndex:
         from ..predict import embed_images, explain
 
         return explain(self, embed_images(self, images), k)
+
+    # ----------------------------------------------------------------- pair texts (rerank)
+    def add_pair_texts(self, features: dict[tuple[str, str], list[str]], source: str = "llm") -> int:
+        """Store one-to-one features per ordered pair of class names as pair texts."""
+        from .pairs import add_pair_texts
+
+        return add_pair_texts(self, features, source)
+
+    def pairs_with_texts(self, pairs: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+        from .pairs import pairs_with_texts
+
+        return pairs_with_texts(self, pairs)
+
+    def pair_embeddings(self, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        from .pairs import pair_embeddings
+
+        return pair_embeddings(self, pairs)

@@ -40,9 +40,15 @@ class ClassifySummary:
 
 def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, top_k_n: int = 5,
                     batch_size: int = 64, workers: int = 2, progress: bool = True,
-                    on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
+                    on_batch: Callable[[int], None] | None = None,
+                    reranker: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    rerank_chunk: int = 2048) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` to ``out`` (.csv or .jsonl) and one
-    row per undecodable file to ``<out stem>.errors.csv``. Rows already there are kept and skipped."""
+    row per undecodable file to ``<out stem>.errors.csv``. Rows already there are kept and skipped.
+
+    With ``reranker`` (stage 2, e.g. a PairReranker), images are reranked in chunks of
+    ``rerank_chunk`` so that pair texts missing for a whole chunk are generated concurrently.
+    """
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
     if batch_size < 1:
@@ -59,26 +65,44 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, to
     encoder = index.encoder
     classifier = index.classifier()
     names = index.class_names()
+    method = "coder*" if reranker is not None else "coder"
     n_ok = n_err = 0
+    buffered: list[tuple[list[str], np.ndarray]] = []
+
+    def flush() -> int:
+        if not buffered:
+            return 0
+        paths = [p for ps, _ in buffered for p in ps]
+        emb = np.concatenate([e for _, e in buffered])
+        buffered.clear()
+        logits = classifier.logits(emb, normalized=True)
+        probs = softmax(logits.astype(np.float64))
+        ids, _ = top_k(probs, max(top_k_n, 5 if reranker else 1))
+        final = reranker(emb, logits) if reranker is not None else ids[:, 0]
+        rows = []
+        for n, p in enumerate(paths):
+            order = [int(final[n])] + [int(c) for c in ids[n] if c != final[n]]
+            tops = [{"label": names[c], "score": float(probs[n, c])} for c in order[:top_k_n]]
+            rows.append({"path": prefix + p, "label": tops[0]["label"], "score": tops[0]["score"],
+                         "method": method, "top_k": tops})
+        results.write(rows)
+        return len(rows)
+
+    chunk = rerank_chunk if reranker is not None else 1
     bar = tqdm(total=len(todo), unit="img", desc="classifying", disable=not progress, smoothing=0.1)
     try:
         for batch in iterate_batches(found.root, todo, encoder.preprocess, batch_size=batch_size,
                                      workers=workers):
-            rows = []
             if batch.pixels is not None:
-                emb = encoder.encode_image_batch(batch.pixels)
-                probs = softmax(classifier.logits(emb, normalized=True).astype(np.float64))
-                ids, scores = top_k(probs, top_k_n)
-                rows = [{"path": prefix + p, "label": names[i[0]], "score": float(s[0]), "method": "coder",
-                         "top_k": [{"label": names[c], "score": float(v)} for c, v in zip(i, s, strict=True)]}
-                        for p, i, s in zip(batch.paths, ids, scores, strict=True)]
-            results.write(rows)
+                buffered.append((batch.paths, encoder.encode_image_batch(batch.pixels)))
+            if sum(len(ps) for ps, _ in buffered) >= chunk:
+                n_ok += flush()
             errors.write([(prefix + p, reason) for p, reason in batch.errors])
-            n_ok += len(rows)
             n_err += len(batch.errors)
-            bar.update(len(rows) + len(batch.errors))
+            bar.update((len(batch.paths) if batch.pixels is not None else 0) + len(batch.errors))
             if on_batch is not None:
                 on_batch(n_ok + n_err)
+        n_ok += flush()
     finally:
         bar.close()
         results.close()

@@ -69,6 +69,13 @@ class Knowledge:
         return {k: sum(len(e.get(k, [])) for e in self.classes.values()) for k in KINDS} | {
             "pairs": sum(len(r) for r in self.pairs.values())}
 
+    def pair_features(self, classes: list[str]) -> dict[tuple[str, str], list[str]]:
+        """Pair features with both class names matched to the vocabulary (others are skipped)."""
+        names = list({*self.pairs, *(b for row in self.pairs.values() for b in row)})
+        mapping, _ = match_classes(names, classes)
+        return {(mapping[a], mapping[b]): feats for a, row in self.pairs.items() for b, feats in row.items()
+                if a in mapping and b in mapping and feats}
+
     def text_items(self, classes: list[str], templates: DatasetTemplates) -> list[TextItem]:
         """Index texts for ``classes`` (keys matched loosely): attributes, analogous and synonyms
         through the dataset's templates. Pair texts are not general texts and are not included."""

@@ -1,0 +1,111 @@
+"""One-to-one pair texts in an index: ``Because of {feature}, {a} is different from {b}``.
+
+They live apart from the general texts (pairs.faiss + the pair_texts table) because CODER uses only
+general texts; the rerank asks for the pairs that meet in some image's top-5, on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+from sqlalchemy import select, tuple_
+
+from . import schema
+from .atomic import exclusive_lock
+
+if TYPE_CHECKING:
+    from .text_index import TextIndex
+
+
+def pair_text(feature: str, a: str, b: str) -> str:
+    from .text_index import PAIR_TEMPLATE
+
+    return PAIR_TEMPLATE.replace("{feature}", feature).replace("{a}", a).replace("{b}", b)
+
+
+def pairs_with_texts(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Which of the ordered class-id pairs already have at least one text."""
+    wanted = list(dict.fromkeys((int(a), int(b)) for a, b in pairs))
+    t = schema.pair_texts
+    have: set[tuple[int, int]] = set()
+    with index.engine.connect() as conn:
+        for i in range(0, len(wanted), 400):
+            q = select(t.c.class_a, t.c.class_b).distinct().where(
+                tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
+            have.update((r[0], r[1]) for r in conn.execute(q))
+    return have
+
+
+def add_pair_texts(index: TextIndex, features: Mapping[tuple[str, str], list[str]], source: str,
+                   batch_size: int = 256) -> int:
+    """Embed and store features per ordered pair of class names; returns how many texts were new."""
+    from .text_index import PAIR_VECTORS
+
+    ids = {n: i for i, n in enumerate(index.class_names())}
+    unknown = sorted({n for p in features for n in p} - ids.keys())
+    if unknown:
+        raise ValueError(f"pair texts name classes that are not in the index: {unknown[:5]}")
+    rows = []
+    for (a, b), feats in features.items():
+        for f in dict.fromkeys(" ".join(x.split()) for x in feats):
+            if f and a != b:
+                rows.append({"class_a": ids[a], "class_b": ids[b], "feature": f, "text": pair_text(f, a, b),
+                             "source": source})
+    if not rows:
+        return 0
+    t = schema.pair_texts
+
+    def absent(rows: list[dict]) -> list[dict]:
+        keys = list({(r["class_a"], r["class_b"]) for r in rows})
+        present = set()
+        with index.engine.connect() as conn:
+            for i in range(0, len(keys), 400):
+                q = select(t.c.class_a, t.c.class_b, t.c.text).where(
+                    tuple_(t.c.class_a, t.c.class_b).in_(keys[i:i + 400]))
+                present.update(tuple(r) for r in conn.execute(q))
+        return [r for r in rows if (r["class_a"], r["class_b"], r["text"]) not in present]
+
+    rows = absent(rows)
+    if not rows:
+        return 0
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    emb = index.encoder.encode_texts(texts, batch_size=batch_size)
+    at = {s: i for i, s in enumerate(texts)}
+    with exclusive_lock(index.path / ".lock"):
+        rows = absent(rows)
+        if rows:
+            index._atomic_add(PAIR_VECTORS, rows, emb[[at[r["text"]] for r in rows]])
+    index._cache.pop("pair_vectors", None)
+    return len(rows)
+
+
+def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+    """``{(a, b): [K_ab, D]}`` for the requested ordered pairs that have texts (rerank's input)."""
+    from .text_index import PAIR_VECTORS
+
+    wanted = list(dict.fromkeys((int(a), int(b)) for a, b in pairs))
+    t = schema.pair_texts
+    rows = []
+    with index.engine.connect() as conn:
+        for i in range(0, len(wanted), 400):
+            q = select(t.c.id, t.c.class_a, t.c.class_b).where(tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
+            rows += conn.execute(q).all()
+    if not rows:
+        return {}
+    fi = index._faiss_index(PAIR_VECTORS)
+    all_ids = faiss.vector_to_array(fi.id_map)
+    vectors = faiss.vector_to_array(faiss.downcast_index(fi.index).codes).view(np.float32).reshape(-1, index.dim)
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    order = np.argsort(all_ids)
+    pos = order[np.searchsorted(all_ids, ids, sorter=order)]
+    keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)
+    grouping = np.lexsort((keys[:, 1], keys[:, 0]))
+    keys, pos = keys[grouping], pos[grouping]
+    bounds = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+    out = {}
+    for seg_keys, seg_pos in zip(np.split(keys, bounds), np.split(pos, bounds), strict=True):
+        out[(int(seg_keys[0, 0]), int(seg_keys[0, 1]))] = vectors[seg_pos]
+    return out

@@ -1,0 +1,130 @@
+"""Stage 2 of zero-shot CODER ("CODER*"): one-to-one rerank of each image's top classes
+(METHODS.md §4, Eq. 9-15).
+
+    score(a vs b) = mean(x^ · T(a,b)) - mean(x^ · T(b,a))          (0 if either side has no texts)
+    final       = argmax_{c in top} sum_{j in top, j != c} score(c vs j)   (ties: stage-1 order)
+
+Because ``mean(x^ · T) = x^ · mean(T)``, each ordered pair collapses to one difference vector
+``d(a,b) = mean(T^(a,b)) - mean(T^(b,a))`` with ``d(b,a) = -d(a,b)`` exactly, so the rerank of N
+images is a gather of N x top x top difference vectors and one batched dot product, chunked over
+images. The released code loops per image and per pair in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .predict import softmax, top_k
+from .validation import as_float_matrix, l2_normalize, to_numpy
+
+
+class PairTable:
+    """Difference vectors of the unordered pairs that have texts in both directions.
+
+    Built with array operations over all texts at once (one concatenation, one normalisation, one
+    segment mean), not per pair.
+    """
+
+    def __init__(self, pair_texts: Mapping[tuple[int, int], Any], dim: int, n_classes: int) -> None:
+        self.n_classes = n_classes
+        keys_a, keys_b, arrays = [], [], []
+        for key, emb in pair_texts.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise ValueError(f"pair_texts keys must be (a, b) class-id tuples, got {key!r}")
+            arr = to_numpy(emb)
+            if arr.size == 0:
+                continue  # no texts for this direction: the pair contributes 0
+            arr = arr.reshape(-1, arr.shape[-1]) if arr.ndim != 2 else arr
+            if arr.shape[1] != dim:
+                raise ValueError(f"pair_texts[{key!r}] has width {arr.shape[1]}, image_emb has {dim}")
+            keys_a.append(key[0])
+            keys_b.append(key[1])
+            arrays.append(arr)
+        a = np.asarray(keys_a, dtype=np.int64)
+        b = np.asarray(keys_b, dtype=np.int64)
+        bad = (a < 0) | (a >= n_classes) | (b < 0) | (b >= n_classes) | (a == b)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"pair_texts key {(int(a[i]), int(b[i]))} must name two different classes "
+                             f"in [0, {n_classes})")
+        if not arrays:
+            self.keys = np.zeros(0, np.int64)
+            self.diff = np.zeros((0, dim), np.float32)
+            return
+        counts = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
+        texts = l2_normalize(as_float_matrix(np.concatenate(arrays), "pair_texts"), "pair_texts")
+        # segment means with torch's index_add_ (multi-threaded; numpy's reduceat is ~20x slower here)
+        segment = torch.from_numpy(np.repeat(np.arange(len(arrays)), counts))
+        sums = torch.zeros((len(arrays), dim), dtype=torch.float32).index_add_(0, segment, torch.from_numpy(texts))
+        means = sums.numpy() / counts[:, None].astype(np.float32)
+        # keep unordered pairs {a, b} that have both directions: d = mean(T(lo,hi)) - mean(T(hi,lo))
+        ordered = a * n_classes + b
+        reverse = b * n_classes + a
+        sorter = np.argsort(ordered)
+        pos = np.clip(np.searchsorted(ordered, reverse, sorter=sorter), 0, len(ordered) - 1)
+        partner = sorter[pos]
+        has_both = ordered[partner] == reverse
+        keep = has_both & (a < b)
+        self.keys = ordered[keep]
+        self.diff = (means[keep] - means[partner[keep]]).astype(np.float32)
+        order = np.argsort(self.keys)
+        self.keys, self.diff = self.keys[order], np.ascontiguousarray(self.diff[order])
+
+    def lookup(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row in ``diff`` for each (a, b), its sign (+1 if a < b, -1 otherwise) and validity."""
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        key = lo.astype(np.int64) * self.n_classes + hi
+        if len(self.keys) == 0:
+            return np.zeros_like(key), np.zeros(key.shape, np.float32), np.zeros(key.shape, bool)
+        pos = np.clip(np.searchsorted(self.keys, key), 0, len(self.keys) - 1)
+        valid = (self.keys[pos] == key) & (a != b)
+        sign = np.where(a < b, 1.0, -1.0).astype(np.float32)
+        return pos, sign, valid
+
+
+def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any], top: int = 5,
+           gap_threshold: float | None = None, *, chunk: int = 1024) -> np.ndarray:
+    """Final class id per image after the one-to-one rerank of its ``top`` stage-1 classes.
+
+    ``pair_texts[(a, b)]`` are ``[K_ab, D]`` embeddings of texts describing class a as different from
+    class b. With ``gap_threshold`` only images whose softmax top-1 minus top-2 probability is below
+    it are reranked (the released code's gate); by default every image is.
+    """
+    x = l2_normalize(as_float_matrix(image_emb, "image_emb"), "image_emb")
+    o = as_float_matrix(logits, "logits")
+    if o.shape[0] != x.shape[0]:
+        raise ValueError(f"logits has {o.shape[0]} rows but image_emb has {x.shape[0]}")
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    if gap_threshold is not None and not np.isfinite(gap_threshold):
+        raise ValueError("gap_threshold must be a finite number or None")
+    n, c = o.shape
+    table = PairTable(pair_texts, x.shape[1], c)
+    idx, _ = top_k(o, min(top, c))  # stage-1 order, best first
+    final = idx[:, 0].copy()
+    todo = np.arange(n)
+    if gap_threshold is not None and c > 1:
+        p = softmax(o.astype(np.float64))
+        best2 = np.sort(p, axis=1)[:, -2:]
+        todo = np.flatnonzero(best2[:, 1] - best2[:, 0] < gap_threshold)
+    t = idx.shape[1]
+    if t < 2 or len(table.keys) == 0 or todo.size == 0:
+        return final
+    ii, jj = np.triu_indices(t, k=1)  # the t(t-1)/2 unordered pairs of top positions, i < j
+    for start in range(0, todo.size, chunk):
+        rows = todo[start:start + chunk]
+        cand = idx[rows]                                  # [n, t]
+        pos, sign, valid = table.lookup(cand[:, ii], cand[:, jj])
+        # s = score(c_i vs c_j); score(c_j vs c_i) = -s exactly
+        s = np.einsum("nd,npd->np", x[rows], table.diff[pos]) * sign
+        s[~valid] = 0.0
+        pair_scores = np.zeros((len(rows), t, t), np.float64)
+        pair_scores[:, ii, jj] = s
+        pair_scores[:, jj, ii] = -s
+        totals = pair_scores.sum(axis=2)
+        final[rows] = cand[np.arange(len(rows)), totals.argmax(axis=1)]  # first max = stage-1 order
+    return final

@@ -1,0 +1,106 @@
+"""rerank against a straightforward per-image implementation of METHODS.md §4."""
+
+import numpy as np
+import pytest
+
+from coder_index import rerank
+
+
+def reference_rerank(x, logits, pair_texts, top=5, gap_threshold=None):
+    """One image and one pair at a time, as the released code does (sum instead of mean)."""
+    out = []
+    for n in range(len(x)):
+        xn = x[n] / np.linalg.norm(x[n])
+        order = sorted(range(logits.shape[1]), key=lambda c: (-logits[n, c], c))[:top]
+        if gap_threshold is not None:
+            z = np.exp(logits[n] - logits[n].max())
+            p = np.sort(z / z.sum())
+            if p[-1] - p[-2] >= gap_threshold:
+                out.append(order[0])
+                continue
+        best, best_total = order[0], None
+        for a in order:
+            total = 0.0
+            for b in order:
+                if a == b:
+                    continue
+                tab, tba = pair_texts.get((a, b)), pair_texts.get((b, a))
+                if tab is None or tba is None or len(tab) == 0 or len(tba) == 0:
+                    continue
+                tab = tab / np.linalg.norm(tab, axis=1, keepdims=True)
+                tba = tba / np.linalg.norm(tba, axis=1, keepdims=True)
+                total += np.mean(tab @ xn) - np.mean(tba @ xn)
+            if best_total is None or total > best_total + 1e-9:
+                best, best_total = a, total
+        out.append(best)
+    return np.array(out)
+
+
+def random_case(seed, n=300, c=12, d=16, missing=0.3, k_max=4):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    logits = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+    pair_texts = {}
+    for a in range(c):
+        for b in range(c):
+            if a != b and rng.random() > missing:
+                pair_texts[(a, b)] = rng.standard_normal((rng.integers(1, k_max + 1), d)).astype(np.float32)
+    return x, logits, pair_texts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_reference_with_missing_pairs(seed):
+    x, logits, pairs = random_case(seed)
+    np.testing.assert_array_equal(rerank(x, logits, pairs), reference_rerank(x, logits, pairs))
+
+
+@pytest.mark.parametrize("gap", [0.05, 0.3, 0.6])
+def test_gate_equals_reference(gap):
+    x, logits, pairs = random_case(7)
+    got = rerank(x, logits, pairs, gap_threshold=gap)
+    np.testing.assert_array_equal(got, reference_rerank(x, logits, pairs, gap_threshold=gap))
+    # the gate really gates: some images keep stage 1 although the ungated rerank moves them
+    ungated = rerank(x, logits, pairs)
+    assert (got != ungated).any() or gap > 0.5
+
+
+def test_small_top_and_chunking():
+    x, logits, pairs = random_case(3, n=101)
+    np.testing.assert_array_equal(rerank(x, logits, pairs, top=3, chunk=7), reference_rerank(x, logits, pairs, top=3))
+
+
+def test_no_texts_keeps_stage_one_and_ties_keep_stage_one_order():
+    x, logits, _ = random_case(4, n=50)
+    np.testing.assert_array_equal(rerank(x, logits, {}), logits.argmax(1))
+    # one-sided pairs contribute 0, as if missing
+    one_sided = {(a, b): np.ones((1, 16), np.float32) for a in range(12) for b in range(12) if a < b}
+    np.testing.assert_array_equal(rerank(x, logits, one_sided), logits.argmax(1))
+    # identical texts both ways: every score is exactly 0, a tie everywhere
+    same = {(a, b): np.ones((2, 16), np.float32) for a in range(12) for b in range(12) if a != b}
+    np.testing.assert_array_equal(rerank(x, logits, same), logits.argmax(1))
+
+
+def test_hand_computed_case():
+    # 3 classes, stage 1 prefers 0; texts say 1 beats 0 and 1 beats 2 for this image
+    x = np.array([[1.0, 0.0]])
+    logits = np.array([[3.0, 2.0, 1.0]])
+    e, f = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    pairs = {(1, 0): e, (0, 1): f, (1, 2): e, (2, 1): f, (0, 2): e, (2, 0): f}
+    # totals: class 0: (0-1) + (1-0) = 0; class 1: 1 + 1 = 2; class 2: -1 + -1 = -2
+    assert rerank(x, logits, pairs, top=3).tolist() == [1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(logits=np.zeros((2, 3))), "rows"),
+    (dict(top=0), "top"),
+    (dict(pair_texts={(0, 0): np.ones((1, 2))}), "two different classes"),
+    (dict(pair_texts={(0, 9): np.ones((1, 2))}), "two different classes"),
+    (dict(pair_texts={(0, 1): np.ones((1, 3))}), "width"),
+    (dict(pair_texts={(0, 1): np.array([[np.nan, 1.0]])}), "NaN"),
+    (dict(gap_threshold=float("nan")), "gap_threshold"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(image_emb=np.ones((1, 2)), logits=np.array([[1.0, 2.0, 3.0]]), pair_texts={})
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        rerank(**args)
