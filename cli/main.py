@@ -10,6 +10,7 @@ import click
 from coder_index import __version__
 
 from .common import friendly_errors, model_options, print_json, setup_logging
+from .eval_command import register as register_eval
 from .textgen_commands import (
     llm_client_options,
     llm_options,
@@ -291,6 +292,7 @@ def info(index_dir: str, as_json: bool) -> None:
 
 
 register(cli)
+register_eval(cli)
 
 if __name__ == "__main__":
     cli()

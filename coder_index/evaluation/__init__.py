@@ -1,0 +1,1 @@
+"""Evaluation harness: labelled data -> per-method accuracy, confusions, rerank effect, t-SNE."""

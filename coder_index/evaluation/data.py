@@ -1,0 +1,84 @@
+"""Labelled data for `eval`: a folder with one subfolder per class, or a CSV of path,label."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFormatError
+from ..pipeline.discover import discover_images
+from ..sources import match_classes
+
+
+@dataclass
+class LabelledSet:
+    paths: list[Path]
+    labels: np.ndarray          # [N] class ids of the index
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_mapping(path: str | Path) -> dict[str, str]:
+    """``{folder or label: index class}`` from JSON or a two-column CSV."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise InputFormatError(f"{path}: expected a JSON object {{label: class}}")
+        return {str(k): str(v) for k, v in data.items()}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and [c.lower() for c in rows[0][:2]] in (["label", "class"], ["folder", "class"]):
+        rows = rows[1:]
+    return {r[0]: r[1] for r in rows if len(r) >= 2}
+
+
+def _resolve(labels: list[str], class_names: list[str], mapping: dict[str, str] | None,
+             what: str) -> dict[str, int]:
+    ids = {c: i for i, c in enumerate(class_names)}
+    mapped = {lab: mapping[lab] for lab in labels if mapping and lab in mapping}
+    bad = sorted({c for c in mapped.values() if c not in ids})
+    if bad:
+        raise InputFormatError(f"the mapping names classes that are not in the index: {bad[:5]}")
+    rest = [lab for lab in labels if lab not in mapped]
+    loose, unmatched = match_classes(rest, class_names)
+    if unmatched:
+        raise InputFormatError(
+            f"{len(unmatched)} {what} match no class of the index (first: {sorted(unmatched)[:5]}); pass "
+            "--mapping FILE (CSV label,class or JSON {label: class}) to name their classes")
+    return {lab: ids[c] for lab, c in {**mapped, **loose}.items()}
+
+
+def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path | None = None) -> LabelledSet:
+    data = Path(data)
+    table = read_mapping(mapping) if mapping else None
+    if data.is_dir():
+        folders = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise InputFormatError(f"{data} has no class subfolders; eval wants DATA/<class>/<image> or a CSV")
+        ids = _resolve(folders, class_names, table, "folder(s)")
+        paths, labels = [], []
+        for folder in folders:
+            found = discover_images(data / folder)
+            paths += [data / folder / p for p in found.images]
+            labels += [ids[folder]] * len(found.images)
+    elif data.suffix.lower() == ".csv":
+        with open(data, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise InputFormatError(f"{data}: a labels CSV needs the columns path,label")
+            rows = list(reader)
+        ids = _resolve(sorted({r["label"] for r in rows}), class_names, table, "label(s)")
+        paths = [(data.parent / r["path"]) for r in rows]
+        labels = [ids[r["label"]] for r in rows]
+    else:
+        raise InputFormatError(f"{data}: pass a folder with one subfolder per class, or a CSV of path,label")
+    if not paths:
+        raise InputFormatError(f"{data} holds no images")
+    return LabelledSet(paths, np.asarray(labels, dtype=np.int64), class_names)

@@ -1,0 +1,130 @@
+"""`coder-index eval`: encode once (cached), run every method on the same embeddings, report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..coder import coder_features
+from ..pipeline.loader import iterate_batches
+from .data import LabelledSet
+from .embcache import EmbeddingCache
+from .methods import ALL_METHODS, RERANK_METHODS, stage1_classifier
+from .report import accuracy, most_confused, per_class_accuracy, rerank_effect, tsne_figure, write_reports
+
+if TYPE_CHECKING:
+    from ..index.text_index import TextIndex
+
+
+def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
+                   workers: int = 2, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Embeddings of the decodable images (cache first), a keep-mask over ``data``, and stats."""
+    t0 = time.perf_counter()
+    hit, emb = cache.lookup(data.paths)
+    keep = np.ones(len(data), bool)
+    misses = np.flatnonzero(~hit)
+    errors: list[tuple[str, str]] = []
+    if misses.size:
+        encoder = index.encoder
+        where: dict[str, list[int]] = {}  # resolved file -> rows of data (a CSV may list a file twice)
+        for i in misses:
+            where.setdefault(str(data.paths[i].resolve()), []).append(int(i))
+        done_paths, done_vecs = [], []
+        with tqdm(total=len(where), unit="img", desc="encoding", disable=not progress) as bar:
+            for batch in iterate_batches(Path("/"), list(where), encoder.preprocess, batch_size=batch_size,
+                                         workers=workers):
+                if batch.pixels is not None:
+                    vecs = encoder.encode_image_batch(batch.pixels)
+                    for p, v in zip(batch.paths, vecs, strict=True):
+                        emb[where[p]] = v
+                        done_paths.append(Path(p))
+                        done_vecs.append(v)
+                for p, reason in batch.errors:
+                    keep[where[p]] = False
+                    errors.append((p, reason))
+                bar.update(len(batch.paths) + len(batch.errors))
+        if done_paths:
+            cache.store(done_paths, np.stack(done_vecs))
+    stats = {"encode_seconds": time.perf_counter() - t0, "embeddings_from_cache": int(hit.sum()),
+             "encoded": int((~hit).sum() - (~keep).sum()), "skipped": int((~keep).sum()), "errors": errors[:50]}
+    return emb[keep], keep, stats
+
+
+def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, methods: Sequence[str] = ALL_METHODS,
+             reranker_factory: Callable[[float | None], Any] | None = None, gap_threshold: float = 0.3,
+             cache_path: str | Path | None = None, batch_size: int = 64, workers: int = 2,
+             tsne_samples: int = 1000, data_name: str = "", progress: bool = False) -> dict[str, Any]:
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    fp = index.fingerprint
+    cache = EmbeddingCache(cache_path, fp.weights_sha256, fp.embed_dim)
+    x, keep, enc = embed_labelled(index, data, cache, batch_size=batch_size, workers=workers, progress=progress)
+    labels = data.labels[keep]
+    names = data.class_names
+    report: dict[str, Any] = {"data": data_name, "index": str(index.path), "model": fp.describe(),
+                              "images": int(len(x)), "classes": names, **{k: v for k, v in enc.items()},
+                              "methods": [], "per_class": {}, "confused": {}, "rerank": {}, "notes": []}
+    stage1_logits: np.ndarray | None = None
+    for method in [m for m in methods if m not in RERANK_METHODS]:
+        classifier = stage1_classifier(index, method)  # text tables load outside the timing
+        t0 = time.perf_counter()
+        logits = classifier(x)
+        seconds = time.perf_counter() - t0
+        preds = logits.argmax(axis=1)
+        _record(report, method, logits, preds, labels, names, seconds)
+        if method == "coder":
+            stage1_logits = logits
+    wanted_rerank = [m for m in methods if m in RERANK_METHODS]
+    if wanted_rerank:
+        if stage1_logits is None:
+            classifier = stage1_classifier(index, "coder")
+            t0 = time.perf_counter()
+            stage1_logits = classifier(x)
+            base_seconds = time.perf_counter() - t0
+        else:
+            base_seconds = next(m["seconds"] for m in report["methods"] if m["name"] == "coder")
+        stage1 = stage1_logits.argmax(axis=1)
+        for method in wanted_rerank:
+            gap = gap_threshold if method == "coder*-gated" else None
+            reranker = reranker_factory(gap) if reranker_factory else None
+            if reranker is None:
+                report["notes"].append(f"{method}: not evaluated, no pair texts and no LLM (--llm none)")
+                continue
+            t0 = time.perf_counter()
+            preds = reranker(x, stage1_logits)
+            seconds = base_seconds + time.perf_counter() - t0
+            _record(report, method if gap is None else f"{method} (gap<{gap})", stage1_logits, preds, labels,
+                    names, seconds)
+            report["rerank"][report["methods"][-1]["name"]] = rerank_effect(stage1, preds, labels)
+            report["notes"].append(f"{report['methods'][-1]['name']}: {reranker.summary()}")
+    out_dir = Path(out_dir)
+    if tsne_samples and len(x) >= 10:
+        rng = np.random.default_rng(0)
+        sample = rng.choice(len(x), min(tsne_samples, len(x)), replace=False)
+        table = index.text_table()
+        tsne_figure(x[sample], coder_features(x[sample], table.embeddings), labels[sample], names,
+                    _ensure(out_dir) / "tsne.png")
+        report["tsne"] = str(out_dir / "tsne.png")
+    write_reports(report, out_dir)
+    return report
+
+
+def _ensure(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _record(report: dict[str, Any], name: str, logits: np.ndarray, preds: np.ndarray, labels: np.ndarray,
+            names: list[str], seconds: float) -> None:
+    top1, top5 = accuracy(logits, preds, labels)
+    report["methods"].append({"name": name, "top1": round(top1, 6), "top5": round(top5, 6),
+                              "seconds": round(seconds, 4),
+                              "images_per_s": round(len(labels) / seconds, 1) if seconds > 0 else float("inf")})
+    report["per_class"][name] = per_class_accuracy(preds, labels, names)
+    report["confused"][name] = most_confused(preds, labels, names)

@@ -1,0 +1,149 @@
+"""`coder-index eval`: report numbers against a direct computation, mapping, CSV, embedding cache."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coder_index import TextIndex, coder_features, heuristic_logits, rerank
+from coder_index.pair_stage import top_pairs
+from coder_index.pipeline.decode import load_image
+from coder_index_cli.main import cli
+from llm_server import FakeLLMServer
+
+CLASSES = ["Abyssinian", "Bengal", "beagle", "pug", "samoyed"]
+FOLDERS = {"Abyssinian": "abyssinian", "Bengal": "bengal-cats", "beagle": "Beagle", "pug": "pug", "samoyed": "samoyed"}
+
+
+def make_labelled(root, seed=0, per_class=4):
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    for i, folder in enumerate(FOLDERS.values()):
+        (root / folder).mkdir(parents=True)
+        for j in range(per_class):
+            base = np.array([40 * i, 255 - 40 * i, 120], dtype=np.int16)
+            arr = np.clip(base + rng.integers(-60, 60, (36, 36, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / folder / f"{j}.png")
+    (root / "pug" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return root
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    k = {"format": "coder-index/knowledge", "version": 1, "pairs": {}, "provenance": {},
+         "classes": {c: {"attribute": [f"{c} feature {i}" for i in range(3)], "analogous": [f"{c} cousin"],
+                         "synonym": [f"{c} alias"]} for c in CLASSES}}
+    (tmp_path / "k.json").write_text(json.dumps(k))
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--model", tiny_model,
+                                   "--knowledge", str(tmp_path / "k.json")])
+    assert res.exit_code == 0, res.output
+    mapping = tmp_path / "mapping.csv"
+    mapping.write_text("folder,class\nbengal-cats,Bengal\n")
+    with FakeLLMServer() as server:
+        yield tmp_path, make_labelled(tmp_path / "data"), mapping, server
+
+
+def run_eval(tmp_path, data, mapping, server, out="rep", *extra):
+    args = ["eval", str(data), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / out), "--workers", "0",
+            "--base-url", server.base_url, "--llm-model", "fake", "--cache", str(tmp_path / "llm.sqlite"),
+            "--tsne-samples", "15", "-q", *extra]
+    if mapping:
+        args += ["--mapping", str(mapping)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp_path / out / "report.json").read_text())
+
+
+def direct(tmp_path, data):
+    index = TextIndex.open(tmp_path / "idx")
+    paths, labels = [], []
+    for c, folder in FOLDERS.items():
+        for f in sorted((data / folder).glob("*.png")):
+            paths.append(f)
+            labels.append(CLASSES.index(c))
+    x = index.encoder.encode_images([load_image(p) for p in paths])
+    return index, x, np.array(labels)
+
+
+def test_report_matches_direct_computation(env):
+    tmp_path, data, mapping, server = env
+    rep = run_eval(tmp_path, data, mapping, server)
+    index, x, y = direct(tmp_path, data)
+    assert rep["images"] == len(y) == 20 and rep["skipped"] == 1
+    got = {m["name"]: m for m in rep["methods"]}
+    assert set(got) == {"clip", "vcd", "coder", "P", "P+Att", "P+Att+Ana", "P+Att+Ana+Syn", "coder*",
+                        "coder*-gated (gap<0.3)"}
+
+    table = index.text_table()
+    s = coder_features(x, table.embeddings)
+    coder = heuristic_logits(s, table.class_ids, table.kinds, 5)
+    assert got["coder"]["top1"] == pytest.approx((coder.argmax(1) == y).mean())
+    top5 = np.argsort(-coder, 1)[:, :5]
+    assert got["coder"]["top5"] == pytest.approx((top5 == y[:, None]).any(1).mean())
+    names = table.kinds == "name"
+    p_only = heuristic_logits(s[:, names], table.class_ids[names], table.kinds[names], 5)
+    assert got["P"]["top1"] == pytest.approx((p_only.argmax(1) == y).mean())
+
+    # clip: prompt ensemble of each class's name texts
+    w = np.stack([table.embeddings[names & (table.class_ids == c)].mean(0) for c in range(5)])
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    assert got["clip"]["top1"] == pytest.approx(((x @ w.T).argmax(1) == y).mean())
+    # vcd: mean cosine to the class's attribute texts
+    att = table.kinds == "attribute"
+    vcd = np.stack([s[:, att & (table.class_ids == c)].mean(1) for c in range(5)], 1)
+    assert got["vcd"]["top1"] == pytest.approx((vcd.argmax(1) == y).mean())
+
+    # coder*: the rerank with the pair texts the run generated and stored
+    final = rerank(x, coder, index.pair_embeddings(top_pairs(coder)))
+    assert got["coder*"]["top1"] == pytest.approx((final == y).mean())
+    eff = rep["rerank"]["coder*"]
+    changed = final != coder.argmax(1)
+    assert eff["changed"] == changed.sum()
+    assert eff["fixed"] == (changed & (final == y)).sum() and eff["broke"] == (changed & (coder.argmax(1) == y)).sum()
+    per_class = rep["per_class"]["coder"]
+    assert per_class["pug"] == pytest.approx(((coder.argmax(1) == y) & (y == 3)).sum() / 4, abs=1e-4)
+    assert (tmp_path / "rep" / "tsne.png").stat().st_size > 10_000
+    assert "| coder |" in (tmp_path / "rep" / "report.md").read_text()
+    assert server.by_kind["one_to_one"] > 0
+
+
+def test_embedding_cache_reused_and_invalidated(env, other_tiny_model):
+    tmp_path, data, mapping, server = env
+    first = run_eval(tmp_path, data, mapping, server, "a", "--methods", "coder")
+    assert first["embeddings_from_cache"] == 0 and first["encoded"] == 20
+    second = run_eval(tmp_path, data, mapping, server, "b", "--methods", "clip,coder")
+    assert second["embeddings_from_cache"] == 20 and second["encoded"] == 0
+    assert second["methods"][1]["top1"] == first["methods"][0]["top1"]
+    target = data / "pug" / "0.png"
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))  # a touched file is re-encoded
+    third = run_eval(tmp_path, data, mapping, server, "c", "--methods", "coder")
+    assert third["embeddings_from_cache"] == 19 and third["encoded"] == 1
+    # another model never reads these embeddings
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx2"), "--classes", str(tmp_path / "classes.txt"),
+                                   "--model", other_tiny_model])
+    assert res.exit_code == 0
+    args = ["eval", str(data), "--index", str(tmp_path / "idx2"), "--out", str(tmp_path / "d"), "--methods", "coder",
+            "--mapping", str(mapping), "--workers", "0", "--tsne-samples", "0", "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["embeddings_from_cache"] == 0
+
+
+def test_csv_labels_and_unmatched_names(env):
+    tmp_path, data, mapping, server = env
+    csv_file = data / "labels.csv"
+    rows = ["path,label"] + [f"{folder}/{i}.png,{c}" for c, folder in FOLDERS.items() for i in range(4)]
+    csv_file.write_text("\n".join(rows) + "\n")
+    rep = run_eval(tmp_path, csv_file, None, server, "csv", "--methods", "coder")
+    with_folders = run_eval(tmp_path, data, mapping, server, "dir", "--methods", "coder")
+    assert rep["images"] == 20 and rep["methods"][0]["top1"] == with_folders["methods"][0]["top1"]
+    res = CliRunner().invoke(cli, ["eval", str(data), "--index", str(tmp_path / "idx"), "--out",
+                                   str(tmp_path / "x"), "-q"])
+    assert res.exit_code == 1 and "bengal-cats" in res.output and "--mapping" in res.output
