@@ -33,3 +33,27 @@ def test_classify_cifar10_test_folder(tmp_path, tiny_model):
     assert [r["path"] for r in rows] == sorted(expected)
     assert {r["label"] for r in rows} <= set(CIFAR)
     assert "0 unreadable file(s)" in res.output
+
+
+@pytest.mark.slow
+def test_eval_cifar10_test_folder(tmp_path, tiny_model, monkeypatch):
+    import json
+
+    monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
+    classes = tmp_path / "cifar10.txt"
+    classes.write_text("\n".join(CIFAR) + "\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--dataset", "cifar10",
+                              "--model", tiny_model])
+    assert res.exit_code == 0, res.output
+    args = ["eval", str(shared_path("data", "cifar10-test")), "--index", str(tmp_path / "idx"), "--llm", "none",
+            "--methods", "clip,coder,P", "--tsne-samples", "300", "-q"]
+    res = runner.invoke(cli, args + ["--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    first = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert first["images"] == 10_000 and first["skipped"] == 0 and first["embeddings_from_cache"] == 0
+    assert sum(first["per_class"]["coder"].values()) == pytest.approx(10 * first["methods"][1]["top1"], abs=1e-3)
+    res = runner.invoke(cli, args + ["--out", str(tmp_path / "b")])
+    second = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert second["embeddings_from_cache"] == 10_000
+    assert [m["top1"] for m in second["methods"]] == [m["top1"] for m in first["methods"]]
