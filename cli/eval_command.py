@@ -19,7 +19,8 @@ def register(cli: click.Group) -> None:
     @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
     @click.option("--methods", default=",".join(ALL_METHODS), show_default=True,
                   help="Comma-separated methods: clip, vcd, coder, the ablations P, P+Att, P+Att+Ana, "
-                       "P+Att+Ana+Syn, coder* (rerank) and coder*-gated.")
+                       "P+Att+Ana+Syn, coder* (rerank) and coder*-gated; with --adapter also tip-adapter and "
+                       "coder-adapter.")
     @click.option("--out", "out_dir", default="eval-report", show_default=True, type=click.Path(file_okay=False),
                   help="Folder for report.md, report.json and tsne.png.")
     @click.option("--mapping", type=click.Path(exists=True, dir_okay=False),
@@ -32,13 +33,15 @@ def register(cli: click.Group) -> None:
                   help="Image embedding cache [default: ~/.cache/coder-index/image-embeddings.sqlite].")
     @click.option("--tsne-samples", default=1000, show_default=True, type=click.IntRange(0),
                   help="Images in the t-SNE figure (0: no figure).")
+    @click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                  help="Few-shot: report clip, tip-adapter and coder-adapter rows for this adapter.")
     @click.option("--device", default=None, help="cuda, mps or cpu.")
     @llm_client_options
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None, gap_threshold: float,
                  batch_size: int, workers: int, embedding_cache: str | None, tsne_samples: int,
-                 device: str | None, quiet: bool, **llm: Any) -> None:
+                 adapter_dir: str | None, device: str | None, quiet: bool, **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
 
         DATA is a folder with one subfolder per class (names matched to the index's classes;
@@ -50,6 +53,7 @@ def register(cli: click.Group) -> None:
           coder-index eval cifar10-test/ --index cifar-index --out cifar-report
           coder-index eval labels.csv --index in1k --methods clip,coder,coder* --llm-model gpt-4o-mini
           coder-index eval data/ --index idx --mapping names.csv --llm none --tsne-samples 0
+          coder-index eval test/ --index pets-index --adapter pets-16shot
         """
         from coder_index.evaluation.data import load_labelled
         from coder_index.evaluation.run import evaluate
@@ -58,6 +62,13 @@ def register(cli: click.Group) -> None:
 
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         index = TextIndex.open(index_dir, device=device)
+        fewshot = None
+        if adapter_dir:
+            from coder_index.fewshot.model import FewShotModel
+
+            fewshot = FewShotModel(Path(adapter_dir), index)
+            if methods == ",".join(ALL_METHODS):  # the default: the paper's Figure 4 comparison
+                wanted = ["clip", "tip-adapter", "coder-adapter"]
         labelled = load_labelled(data, index.class_names(), mapping)
         generator = None
 
@@ -71,7 +82,8 @@ def register(cli: click.Group) -> None:
 
         report = evaluate(index, labelled, out_dir, methods=wanted, reranker_factory=reranker_factory,
                           gap_threshold=gap_threshold, cache_path=embedding_cache, batch_size=batch_size,
-                          workers=workers, tsne_samples=tsne_samples, data_name=str(data), progress=not quiet)
+                          workers=workers, tsne_samples=tsne_samples, data_name=str(data), progress=not quiet,
+                          fewshot=fewshot)
         from coder_index.evaluation.report import markdown
 
         click.echo(markdown(report))

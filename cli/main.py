@@ -11,6 +11,7 @@ from coder_index import __version__
 
 from .common import friendly_errors, model_options, print_json, setup_logging
 from .eval_command import register as register_eval
+from .fewshot_command import register as register_fewshot
 from .textgen_commands import (
     llm_client_options,
     llm_options,
@@ -127,12 +128,15 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
               help="Rerank only images whose softmax top-1 minus top-2 is below this (default: all).")
 @click.option("--rerank-chunk", default=2048, show_default=True, type=click.IntRange(1),
               help="Images per rerank step (their missing pairs are generated together).")
+@click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Few-shot: classify with this CODER-Adapter (from `coder-index fewshot fit`).")
 @llm_client_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int,
              model: str | None, pretrained: str | None, device: str | None, rerank: bool,
-             gap_threshold: float | None, rerank_chunk: int, quiet: bool, **llm: Any) -> None:
+             gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, quiet: bool,
+             **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
@@ -153,11 +157,19 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
 
     index = TextIndex.open(index_dir, device=device)
     _check_requested_model(index, model, pretrained, device)
-    reranker = None
+    reranker = scorer = method = None
+    if rerank and adapter_dir:
+        raise click.UsageError("--rerank and --adapter are separate methods; use one")
     if rerank:
         reranker = _make_reranker(index, llm, gap_threshold, progress=not quiet)
+    if adapter_dir:
+        from coder_index.fewshot.model import FewShotModel
+
+        model = FewShotModel(Path(adapter_dir), index)
+        scorer, method = model.logits, "coder-adapter"
     summary = classify_folder(index, folder, out, top_k_n=top_k, batch_size=batch_size, workers=workers,
-                              progress=not quiet, reranker=reranker, rerank_chunk=rerank_chunk)
+                              progress=not quiet, reranker=reranker, rerank_chunk=rerank_chunk, scorer=scorer,
+                              method=method)
     if isinstance(reranker, PairReranker):
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
@@ -293,6 +305,7 @@ def info(index_dir: str, as_json: bool) -> None:
 
 register(cli)
 register_eval(cli)
+register_fewshot(cli)
 
 if __name__ == "__main__":
     cli()

@@ -6,6 +6,7 @@ The numeric core (METHODS.md §7) is importable from here: ``coder_features``, `
 from .coder import CoderClassifier, coder_features, heuristic_logits
 from .encoder import ClipEncoder, ModelFingerprint
 from .errors import CoderIndexError, IndexFormatError, InputFormatError, ModelLoadError, ModelMismatchError
+from .fewshot.adapter import CoderAdapter, TipAdapter
 from .index.text_index import TextIndex, TextItem
 from .predict import Predictions
 from .rerank import rerank
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipEncoder", "CoderClassifier", "CoderIndexError", "IndexFormatError", "InputFormatError",
     "ModelFingerprint", "ModelLoadError", "ModelMismatchError", "Predictions", "TextIndex", "TextItem",
-    "coder_features", "heuristic_logits", "rerank", "__version__",
+    "CoderAdapter", "TipAdapter", "coder_features", "heuristic_logits", "rerank", "__version__",
 ]

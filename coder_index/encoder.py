@@ -136,9 +136,13 @@ class ClipEncoder:
         _check_local_dir(model)
         self.device = pick_device(device)
         try:
-            net, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=None if self.pretrained == RANDOM_WEIGHTS else self.pretrained,
-                device="cpu", cache_dir=cache_dir, weights_only=True)
+            # 'random' weights are seeded so that an index built with them can be reopened later;
+            # the caller's RNG state is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net, _, preprocess = open_clip.create_model_and_transforms(
+                    model, pretrained=None if self.pretrained == RANDOM_WEIGHTS else self.pretrained,
+                    device="cpu", cache_dir=cache_dir, weights_only=True)
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip raises bare RuntimeErrors for download failures

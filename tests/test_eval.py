@@ -12,6 +12,7 @@ from coder_index import TextIndex, coder_features, heuristic_logits, rerank
 from coder_index.pair_stage import top_pairs
 from coder_index.pipeline.decode import load_image
 from coder_index_cli.main import cli
+
 from llm_server import FakeLLMServer
 
 CLASSES = ["Abyssinian", "Bengal", "beagle", "pug", "samoyed"]

@@ -20,6 +20,8 @@ from .report import accuracy, most_confused, per_class_accuracy, rerank_effect, 
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
 
+FEWSHOT_METHODS = ("tip-adapter", "coder-adapter")
+
 
 def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
                    workers: int = 2, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -58,7 +60,12 @@ def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *
 def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, methods: Sequence[str] = ALL_METHODS,
              reranker_factory: Callable[[float | None], Any] | None = None, gap_threshold: float = 0.3,
              cache_path: str | Path | None = None, batch_size: int = 64, workers: int = 2,
-             tsne_samples: int = 1000, data_name: str = "", progress: bool = False) -> dict[str, Any]:
+             tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
+             fewshot: Any | None = None) -> dict[str, Any]:
+    few = [m for m in methods if m in FEWSHOT_METHODS]
+    if few and fewshot is None:
+        raise ValueError(f"{few} need a few-shot adapter (--adapter DIR)")
+    methods = [m for m in methods if m not in FEWSHOT_METHODS]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -80,6 +87,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
         _record(report, method, logits, preds, labels, names, seconds)
         if method == "coder":
             stage1_logits = logits
+    for method in few:
+        t0 = time.perf_counter()
+        logits = fewshot.logits(x, method)
+        _record(report, method, logits, logits.argmax(axis=1), labels, names, time.perf_counter() - t0)
     wanted_rerank = [m for m in methods if m in RERANK_METHODS]
     if wanted_rerank:
         if stage1_logits is None:

@@ -42,12 +42,14 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, to
                     batch_size: int = 64, workers: int = 2, progress: bool = True,
                     on_batch: Callable[[int], None] | None = None,
                     reranker: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    rerank_chunk: int = 2048) -> ClassifySummary:
+                    rerank_chunk: int = 2048, scorer: Callable[[np.ndarray], np.ndarray] | None = None,
+                    method: str | None = None) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` to ``out`` (.csv or .jsonl) and one
     row per undecodable file to ``<out stem>.errors.csv``. Rows already there are kept and skipped.
 
     With ``reranker`` (stage 2, e.g. a PairReranker), images are reranked in chunks of
     ``rerank_chunk`` so that pair texts missing for a whole chunk are generated concurrently.
+    ``scorer`` replaces the CODER stage-1 logits (e.g. a few-shot adapter), named ``method``.
     """
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
@@ -63,9 +65,9 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, to
     todo = [p for p in found.images if prefix + p not in done]
 
     encoder = index.encoder
-    classifier = index.classifier()
+    score = scorer if scorer is not None else (lambda x: index.classifier().logits(x, normalized=True))
     names = index.class_names()
-    method = "coder*" if reranker is not None else "coder"
+    method = method or ("coder*" if reranker is not None else "coder")
     n_ok = n_err = 0
     buffered: list[tuple[list[str], np.ndarray]] = []
 
@@ -75,7 +77,7 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, to
         paths = [p for ps, _ in buffered for p in ps]
         emb = np.concatenate([e for _, e in buffered])
         buffered.clear()
-        logits = classifier.logits(emb, normalized=True)
+        logits = score(emb)
         probs = softmax(logits.astype(np.float64))
         ids, _ = top_k(probs, max(top_k_n, 5 if reranker else 1))
         final = reranker(emb, logits) if reranker is not None else ids[:, 0]

@@ -1,0 +1,1 @@
+"""Few-shot CODER-Adapter (METHODS.md §5) and its Tip-Adapter baseline."""

@@ -1,0 +1,105 @@
+"""`fewshot fit`: sample the support set, embed it with augmentations, search the hyper-parameters
+of both adapters on validation data, save the adapter directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputFormatError
+from ..evaluation.data import LabelledSet
+from ..evaluation.embcache import EmbeddingCache
+from ..evaluation.run import embed_labelled
+from .adapter import CoderAdapter, TipAdapter, search_hyperparameters
+from .model import new_manifest, save_adapter
+from .support import augmented_embeddings, sample_shots
+
+if TYPE_CHECKING:
+    from ..index.text_index import TextIndex
+
+DEFAULT_KINDS = ["name", "attribute", "analogous"]  # the released code's few-shot text set
+
+
+@dataclass
+class FitConfig:
+    shots: int = 16
+    seed: int = 1
+    augment_epochs: int = 10
+    kinds: tuple[str, ...] = tuple(DEFAULT_KINDS)
+    allow_fewer: bool = False
+    val_per_class: int = 8
+    alpha: float = 1.0
+    beta: float = 1.0
+    T: float = 1.0  # noqa: N815 - the paper's symbol
+    batch_size: int = 32
+    workers: int = 2
+
+
+def validation_split(data: LabelledSet, rest: np.ndarray, per_class: int, seed: int) -> LabelledSet:
+    """Up to ``per_class`` non-support images per class, sampled with the seed."""
+    rng = np.random.default_rng(seed + 7919)
+    chosen = []
+    for c in range(len(data.class_names)):
+        idx = rest[data.labels[rest] == c]
+        chosen += idx[rng.permutation(len(idx))[:per_class]].tolist()
+    chosen = sorted(chosen)
+    return LabelledSet([data.paths[i] for i in chosen], data.labels[chosen], data.class_names)
+
+
+def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cfg: FitConfig,
+                val_data: LabelledSet | None = None, cache_path: str | Path | None = None,
+                progress: bool = False) -> dict[str, Any]:
+    support_idx, shot_no, rest = sample_shots(support_data, cfg.shots, cfg.seed, cfg.allow_fewer)
+    if val_data is None:
+        val_data = validation_split(support_data, rest, cfg.val_per_class, cfg.seed)
+        val_source = f"held out from the support folder ({cfg.val_per_class} per class at most)"
+    else:
+        val_source = "--val folder"
+    if len(val_data) == 0:
+        raise InputFormatError("no validation images: pass --val DIR, or have more images per class than --shots")
+
+    encoder = index.encoder
+    paths = [support_data.paths[i] for i in support_idx]
+    labels = support_data.labels[support_idx]
+    emb, errors = augmented_embeddings(encoder, paths, cfg.augment_epochs, cfg.seed, batch_size=cfg.batch_size,
+                                       workers=cfg.workers)
+    ok = ~np.isnan(emb).any(axis=1)
+    emb, labels, shot_no = emb[ok], labels[ok], shot_no[ok]
+    paths = [p for p, k in zip(paths, ok, strict=True) if k]
+
+    table = index.text_table(tuple(cfg.kinds))
+    if len(table) == 0:
+        raise InputFormatError(f"the index holds no texts of kinds {list(cfg.kinds)}")
+    support_coder = emb @ table.embeddings.T
+
+    fp = index.fingerprint
+    cache = EmbeddingCache(cache_path, fp.weights_sha256, fp.embed_dim)
+    val_x, keep, _ = embed_labelled(index, val_data, cache, batch_size=cfg.batch_size, workers=cfg.workers,
+                                    progress=progress)
+    val_y = val_data.labels[keep]
+    from ..evaluation.methods import clip_classifier
+
+    val_zs = clip_classifier(index)(val_x)
+    n_classes = len(index.class_names())
+    coder = CoderAdapter(cfg.alpha, cfg.beta, cfg.T).fit(support_coder, labels, n_classes)
+    coder_search = search_hyperparameters(coder, val_x @ table.embeddings.T, val_y, val_zs)
+    tip = TipAdapter(cfg.alpha, cfg.beta, cfg.T).fit(emb, labels, n_classes)
+    tip_search = search_hyperparameters(tip, val_x, val_y, val_zs)
+
+    manifest = new_manifest(index, list(cfg.kinds), table.ids, shots=cfg.shots, seed=cfg.seed,
+                            augment_epochs=cfg.augment_epochs, support_images=int(len(paths)),
+                            validation={"source": val_source, "images": int(len(val_y))},
+                            adapters={"coder-adapter": _summary(coder_search), "tip-adapter": _summary(tip_search)},
+                            search={"coder-adapter": coder_search["rounds"], "tip-adapter": tip_search["rounds"]},
+                            skipped=errors)
+    rows = [{"path": str(p), "label": int(y), "shot": int(s), "augment_epochs": cfg.augment_epochs}
+            for p, y, s in zip(paths, labels, shot_no, strict=True)]
+    save_adapter(out, manifest, table.ids, support_coder, emb, rows)
+    return manifest
+
+
+def _summary(search: dict[str, Any]) -> dict[str, Any]:
+    return {k: search[k] for k in ("alpha", "beta", "T", "val_accuracy", "val_zero_shot_accuracy", "val_images")}

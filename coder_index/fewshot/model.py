@@ -1,0 +1,180 @@
+"""A persisted few-shot model: support CODERs in a FAISS index, their rows in SQLite.
+
+    ADAPTER_DIR/
+      manifest.json        index + model fingerprint, text ids checksum, shots, seed, epochs,
+                           chosen alpha/beta/T and validation accuracy per adapter
+      support.faiss        IndexIDMap2(IndexFlatIP) of L2-normalised support CODERs (ids = rows)
+      meta.sqlite          support(id, path, label, shot, augment_epochs)
+      text_ids.npy         the index text ids that are the CODER columns, in order
+      support_images.npy   L2-normalised support image embeddings (the Tip-Adapter keys)
+
+The affinity of a test image is a search of support.faiss: exact (every support entry) by default;
+with ``top_k`` only the k nearest entries contribute and the per-row min-max uses the smallest of
+those k affinities instead of the row minimum (an approximation; see the README for its cost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+import torch
+from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
+
+from ..errors import IndexFormatError, ModelMismatchError
+from ..index.schema import make_engine
+from ..validation import l2_normalize
+from .adapter import CoderAdapter, TipAdapter
+
+if TYPE_CHECKING:
+    from ..index.text_index import TextIndex
+
+FORMAT = "coder-index/adapter"
+_meta = MetaData()
+support_rows = Table(
+    "support", _meta,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("path", Text, nullable=False),
+    Column("label", Integer, nullable=False),
+    Column("shot", Integer, nullable=False),
+    Column("augment_epochs", Integer, nullable=False),
+)
+
+
+def text_ids_checksum(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def save_adapter(out: str | Path, manifest: dict[str, Any], text_ids: np.ndarray, support_coder: np.ndarray,
+                 support_images: np.ndarray, rows: list[dict[str, Any]]) -> Path:
+    """Write the adapter directory aside and rename it into place: never half-written."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise IndexFormatError(f"{out} exists and is not empty; choose a new --out for the adapter")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(support_coder.shape[1]))
+        index.add_with_ids(l2_normalize(support_coder, "support_coder"), np.arange(len(rows), dtype=np.int64))
+        faiss.write_index(index, str(tmp / "support.faiss"))
+        np.save(tmp / "text_ids.npy", np.asarray(text_ids, dtype=np.int64))
+        np.save(tmp / "support_images.npy", np.asarray(support_images, dtype=np.float32))
+        engine = make_engine(tmp / "meta.sqlite")
+        _meta.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(insert(support_rows), [{"id": i, **r} for i, r in enumerate(rows)])
+        engine.dispose()
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class FewShotModel:
+    """CODER-Adapter and Tip-Adapter over an index, loaded from an adapter directory."""
+
+    def __init__(self, path: Path, index: TextIndex, top_k: int | None = None) -> None:
+        self.path = path
+        self.index = index
+        try:
+            self.manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise IndexFormatError(f"{path} is not an adapter (no manifest.json); create one with "
+                                   "`coder-index fewshot fit`") from None
+        if self.manifest.get("format") != FORMAT:
+            raise IndexFormatError(f"{path} is not a coder-index adapter")
+        self._check_index()
+        self.support = faiss.read_index(str(path / "support.faiss"))
+        self.support_images = np.load(path / "support_images.npy", allow_pickle=False)
+        engine = make_engine(path / "meta.sqlite")
+        with engine.connect() as conn:
+            self.labels = np.array([r[0] for r in conn.execute(select(support_rows.c.label).order_by(
+                support_rows.c.id))], dtype=np.int64)
+        engine.dispose()
+        self.n_classes = len(index.class_names())
+        self.top_k = top_k
+        table = index.text_table(tuple(self.manifest["kinds"]))
+        pos = np.searchsorted(table.ids, self.text_ids)
+        self.text_emb = table.embeddings[pos]
+
+    def _check_index(self) -> None:
+        m = self.manifest
+        fp = self.index.fingerprint
+        if m["model"]["weights_sha256"] != fp.weights_sha256:
+            raise ModelMismatchError(f"adapter {self.path} was built with model {m['model']['model']} "
+                                     f"(sha256 {m['model']['weights_sha256'][:12]}…), the index uses "
+                                     f"{fp.describe()}; fit a new adapter for this index")
+        if m["classes"] != self.index.class_names():
+            raise ModelMismatchError(f"adapter {self.path} was fitted on other classes than {self.index.path} holds")
+        self.text_ids = np.load(self.path / "text_ids.npy", allow_pickle=False)
+        table = self.index.text_table(tuple(m["kinds"]))
+        present = np.isin(self.text_ids, table.ids)
+        if not present.all() or text_ids_checksum(self.text_ids) != m["text_ids_sha256"]:
+            raise ModelMismatchError(f"adapter {self.path} uses {int((~present).sum())} text(s) that index "
+                                     f"{self.index.path} does not hold; it was fitted on another index")
+
+    # ------------------------------------------------------------------ prediction
+    def zero_shot(self, x: np.ndarray) -> np.ndarray:
+        from ..evaluation.methods import clip_classifier
+
+        if "zs" not in self.__dict__:
+            self.zs = clip_classifier(self.index)
+        return self.zs(x)
+
+    def coder(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.text_emb.T
+
+    def _cache_logits(self, sims: np.ndarray, ids: np.ndarray, beta: float, T: float, minmax: bool,  # noqa: N803
+                      n: int) -> np.ndarray:
+        a = sims
+        if minmax:
+            lo, hi = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
+            span = hi - lo
+            a = np.divide(a - lo, span, out=np.ones_like(a), where=span > 0)
+        weights = torch.from_numpy(np.exp(-beta * (1.0 - a / T)).astype(np.float32))
+        cls = torch.from_numpy(self.labels[ids])
+        out = torch.zeros((n, self.n_classes))
+        out.scatter_add_(1, cls, weights)
+        return out.numpy()
+
+    def logits(self, x: np.ndarray, method: str = "coder-adapter") -> np.ndarray:
+        """Few-shot logits [N, C] for L2-normalised image embeddings."""
+        zs = self.zero_shot(x)
+        if method == "coder-adapter":
+            h = self.manifest["adapters"]["coder-adapter"]
+            s = l2_normalize(self.coder(x), "test CODER")
+            k = self.support.ntotal if self.top_k is None else min(self.top_k, self.support.ntotal)
+            sims, ids = self.support.search(np.ascontiguousarray(s, dtype=np.float32), k)
+            return zs + h["alpha"] * self._cache_logits(sims, ids, h["beta"], h["T"], True, len(x))
+        if method == "tip-adapter":
+            h = self.manifest["adapters"]["tip-adapter"]
+            tip = TipAdapter(h["alpha"], h["beta"], h["T"]).fit(self.support_images, self.labels, self.n_classes)
+            return tip.logits(x, zs)
+        raise ValueError(f"unknown few-shot method {method!r}: coder-adapter or tip-adapter")
+
+    def coder_adapter(self) -> CoderAdapter:
+        """The numeric-core adapter with this model's keys and hyper-parameters."""
+        h = self.manifest["adapters"]["coder-adapter"]
+        keys = faiss.vector_to_array(faiss.downcast_index(self.support.index).codes).view(np.float32)
+        return CoderAdapter(h["alpha"], h["beta"], h["T"]).fit(keys.reshape(self.support.ntotal, -1), self.labels,
+                                                               self.n_classes)
+
+
+def new_manifest(index: TextIndex, kinds: list[str], text_ids: np.ndarray, **fields: Any) -> dict[str, Any]:
+    from .. import __version__
+
+    return {"format": FORMAT, "version": 1, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "generator": f"coder-index {__version__}", "index": str(index.path),
+            "model": index.fingerprint.to_dict(), "classes": index.class_names(), "kinds": kinds,
+            "n_texts": int(len(text_ids)), "text_ids_sha256": text_ids_checksum(text_ids), **fields}

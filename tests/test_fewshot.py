@@ -1,0 +1,172 @@
+"""Few-shot CODER-Adapter and Tip-Adapter: formulas, search, persistence, the whole flow."""
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coder_index import CoderAdapter, TextIndex, TipAdapter
+from coder_index.fewshot.adapter import grid_accuracy, search_hyperparameters
+from coder_index.fewshot.model import FewShotModel
+from coder_index_cli.main import cli
+
+
+def direct_coder_adapter(support, labels, n_classes, test, zs, alpha, beta, T):  # noqa: N803
+    s_keys = support / np.linalg.norm(support, axis=1, keepdims=True)
+    s = test / np.linalg.norm(test, axis=1, keepdims=True)
+    a = s @ s_keys.T
+    out = np.zeros_like(zs)
+    for n in range(len(test)):
+        row = (a[n] - a[n].min()) / (a[n].max() - a[n].min()) / T
+        weights = np.exp(-beta * (1 - row))
+        for m, y in enumerate(labels):
+            out[n, y] += weights[m]
+    return zs + alpha * out
+
+
+def test_coder_adapter_formula():
+    rng = np.random.default_rng(0)
+    support, test = rng.random((30, 12)), rng.random((7, 12))
+    labels, zs = rng.integers(0, 4, 30), rng.standard_normal((7, 4))
+    got = CoderAdapter(2.5, 5.0, T=0.7).fit(support, labels, 4).logits(test, zs)
+    np.testing.assert_allclose(got, direct_coder_adapter(support, labels, 4, test, zs, 2.5, 5.0, 0.7), rtol=1e-4)
+
+
+def test_tip_adapter_formula_has_no_minmax():
+    rng = np.random.default_rng(1)
+    keys, x = rng.standard_normal((20, 8)), rng.standard_normal((5, 8))
+    labels, zs = rng.integers(0, 3, 20), rng.standard_normal((5, 3))
+    k = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    a = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ k.T
+    expected = zs + 1.5 * np.exp(-3.0 * (1 - a)) @ np.eye(3)[labels]
+    np.testing.assert_allclose(TipAdapter(1.5, 3.0).fit(keys, labels, 3).logits(x, zs), expected, rtol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="not fitted"):
+        CoderAdapter(1, 1).logits(np.ones((1, 2)), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="beta"):
+        CoderAdapter(1, 0)
+    ad = CoderAdapter(1, 1).fit(np.eye(3), [0, 1, 1], 2)
+    with pytest.raises(ValueError, match="columns"):
+        ad.logits(np.ones((1, 4)), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="zs_logits"):
+        ad.logits(np.ones((1, 3)), np.ones((1, 3)))
+
+
+def test_grid_equals_nested_loops():
+    rng = np.random.default_rng(2)
+    ad = CoderAdapter(1, 1).fit(rng.random((40, 10)), rng.integers(0, 5, 40), 5)
+    val, y, zs = rng.random((25, 10)), rng.integers(0, 5, 25), rng.standard_normal((25, 5)) * 3
+    betas, alphas = np.linspace(0.1, 50, 9), np.linspace(0.1, 10, 7)
+    fast = grid_accuracy(ad.affinity(val), ad.values_, zs, y, betas, alphas, max_elements=500)
+    loops = np.array([[((zs + a * np.exp(-b * (1 - ad.affinity(val))) @ ad.values_).argmax(1) == y).mean()
+                       for a in alphas] for b in betas])
+    np.testing.assert_allclose(fast, loops)
+    result = search_hyperparameters(ad, val, y, zs)
+    assert result["val_accuracy"] >= loops.max() - 1e-9
+    assert (ad.alpha, ad.beta) == (result["alpha"], result["beta"])
+
+
+def test_search_takes_only_validation_data():
+    params = list(inspect.signature(search_hyperparameters).parameters)
+    assert params[:4] == ["adapter", "val_features", "val_labels", "val_zs_logits"]
+    assert not any("test" in p for p in params)
+
+
+@pytest.fixture
+def fewshot_env(tmp_path, tiny_model):
+    from PIL import Image
+
+    classes = ["red", "green", "blue"]
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(tmp_path / "classes.txt"),
+                                   "--model", tiny_model])
+    assert res.exit_code == 0, res.output
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 4)):
+        for i, c in enumerate(classes):
+            (tmp_path / split / c).mkdir(parents=True)
+            for j in range(n):
+                base = np.zeros(3)
+                base[i] = 200
+                arr = np.clip(base + rng.integers(0, 80, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / c / f"{j}.png")
+    return tmp_path
+
+
+def fit(env, out, *extra):
+    args = ["fewshot", "fit", str(env / "train"), "--index", str(env / "idx"), "--shots", "4", "--out",
+            str(env / out), "--augment-epochs", "2", "--workers", "0", "--json", *extra]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_fit_never_reads_test_images(fewshot_env, monkeypatch):
+    from coder_index.fewshot import support
+    from coder_index.pipeline import loader
+
+    seen = []
+    for module in (support, loader):
+        real = module.load_image
+        monkeypatch.setattr(module, "load_image", lambda p, real=real: (seen.append(str(p)), real(p))[1])
+    manifest = fit(fewshot_env, "ad")
+    assert seen and not any("/test/" in p for p in seen)
+    assert manifest["validation"]["images"] == 3 * 6  # the 6 non-support images of each class
+
+
+def test_round_trip_determinism_and_prediction(fewshot_env):
+    m1 = fit(fewshot_env, "a1", "--seed", "3")
+    m2 = fit(fewshot_env, "a2", "--seed", "3")
+    fit(fewshot_env, "a3", "--seed", "4")
+    index = TextIndex.open(fewshot_env / "idx")
+    f1, f2, f3 = (FewShotModel(fewshot_env / a, index) for a in ("a1", "a2", "a3"))
+    assert m1["adapters"] == m2["adapters"] and m1["shots"] == 4 and m1["seed"] == 3
+    np.testing.assert_array_equal(f1.labels, f2.labels)
+    np.testing.assert_allclose(f1.support_images, f2.support_images, atol=1e-6)
+    assert not np.allclose(f1.support_images, f3.support_images)
+
+    from coder_index.pipeline.decode import load_image
+
+    x = index.encoder.encode_images([load_image(p) for p in sorted((fewshot_env / "test").rglob("*.png"))])
+    h = m1["adapters"]["coder-adapter"]
+    zs = f1.zero_shot(x)
+    expected = f1.coder_adapter().logits(x @ f1.text_emb.T, zs)
+    assert (h["alpha"], h["beta"]) == (f1.coder_adapter().alpha, f1.coder_adapter().beta)
+    np.testing.assert_allclose(f1.logits(x), expected, rtol=1e-4, atol=1e-4)
+    exact_via_topk = FewShotModel(fewshot_env / "a1", index, top_k=f1.support.ntotal).logits(x)
+    np.testing.assert_allclose(exact_via_topk, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fewer_images_than_shots(fewshot_env):
+    args = ["fewshot", "fit", str(fewshot_env / "train"), "--index", str(fewshot_env / "idx"), "--shots", "12",
+            "--out", str(fewshot_env / "x"), "--augment-epochs", "0", "--workers", "0"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "fewer than 12 images" in res.output and "--allow-fewer" in res.output
+    res = CliRunner().invoke(cli, args + ["--allow-fewer", "--val", str(fewshot_env / "test")])
+    assert res.exit_code == 0, res.output
+
+
+def test_classify_and_eval_with_adapter(fewshot_env, other_tiny_model):
+    fit(fewshot_env, "ad")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["classify", str(fewshot_env / "test"), "--index", str(fewshot_env / "idx"), "--out",
+                              str(fewshot_env / "p.csv"), "--adapter", str(fewshot_env / "ad"), "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    rows = (fewshot_env / "p.csv").read_text().splitlines()
+    assert len(rows) == 13 and all(",coder-adapter" in r for r in rows[1:])
+    res = runner.invoke(cli, ["eval", str(fewshot_env / "test"), "--index", str(fewshot_env / "idx"), "--adapter",
+                              str(fewshot_env / "ad"), "--out", str(fewshot_env / "rep"), "--tsne-samples", "0",
+                              "--workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((fewshot_env / "rep" / "report.json").read_text())
+    assert [m["name"] for m in rep["methods"]] == ["clip", "tip-adapter", "coder-adapter"]
+    # an adapter refuses an index built with another model
+    runner.invoke(cli, ["build", str(fewshot_env / "idx2"), "--classes", str(fewshot_env / "classes.txt"),
+                        "--model", other_tiny_model])
+    res = runner.invoke(cli, ["classify", str(fewshot_env / "test"), "--index", str(fewshot_env / "idx2"), "--out",
+                              str(fewshot_env / "q.csv"), "--adapter", str(fewshot_env / "ad")])
+    assert res.exit_code == 1 and "fit a new adapter" in res.output
