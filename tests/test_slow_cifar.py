@@ -57,3 +57,29 @@ def test_eval_cifar10_test_folder(tmp_path, tiny_model, monkeypatch):
     second = json.loads((tmp_path / "b" / "report.json").read_text())
     assert second["embeddings_from_cache"] == 10_000
     assert [m["top1"] for m in second["methods"]] == [m["top1"] for m in first["methods"]]
+
+
+@pytest.mark.slow
+def test_fewshot_cifar10_16_shots(tmp_path, tiny_model, monkeypatch):
+    import json
+
+    monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
+    classes = tmp_path / "cifar10.txt"
+    classes.write_text("\n".join(CIFAR) + "\n")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--dataset", "cifar10",
+                               "--model", tiny_model]).exit_code == 0
+    folder = shared_path("data", "cifar10-test")
+    res = runner.invoke(cli, ["fewshot", "fit", str(folder), "--index", str(tmp_path / "idx"), "--shots", "16",
+                              "--out", str(tmp_path / "ad"), "--augment-epochs", "2", "--val-per-class", "50",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads(res.stdout)
+    assert manifest["support_images"] == 160 and manifest["validation"]["images"] == 500
+    for h in manifest["adapters"].values():
+        assert h["val_accuracy"] >= h["val_zero_shot_accuracy"]  # the search can always pick a tiny alpha
+    res = runner.invoke(cli, ["eval", str(folder), "--index", str(tmp_path / "idx"), "--adapter",
+                              str(tmp_path / "ad"), "--out", str(tmp_path / "rep"), "--tsne-samples", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["images"] == 10_000 and [m["name"] for m in rep["methods"]] == ["clip", "tip-adapter", "coder-adapter"]
