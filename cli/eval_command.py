@@ -35,13 +35,17 @@ def register(cli: click.Group) -> None:
                   help="Images in the t-SNE figure (0: no figure).")
     @click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
                   help="Few-shot: report clip, tip-adapter and coder-adapter rows for this adapter.")
+    @click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                  help="X-MoRe: report clip, xmore, coder and coder+xmore rows with this image-text corpus.")
+    @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1))
     @click.option("--device", default=None, help="cuda, mps or cpu.")
     @llm_client_options
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None, gap_threshold: float,
                  batch_size: int, workers: int, embedding_cache: str | None, tsne_samples: int,
-                 adapter_dir: str | None, device: str | None, quiet: bool, **llm: Any) -> None:
+                 adapter_dir: str | None, corpus_dir: str | None, retrieve_k: int, device: str | None,
+                 quiet: bool, **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
 
         DATA is a folder with one subfolder per class (names matched to the index's classes;
@@ -54,6 +58,7 @@ def register(cli: click.Group) -> None:
           coder-index eval labels.csv --index in1k --methods clip,coder,coder* --llm-model gpt-4o-mini
           coder-index eval data/ --index idx --mapping names.csv --llm none --tsne-samples 0
           coder-index eval test/ --index pets-index --adapter pets-16shot
+          coder-index eval test/ --index pets-index --corpus my-corpus        # clip, xmore, coder, coder+xmore
         """
         from coder_index.evaluation.data import load_labelled
         from coder_index.evaluation.run import evaluate
@@ -69,6 +74,14 @@ def register(cli: click.Group) -> None:
             fewshot = FewShotModel(Path(adapter_dir), index)
             if methods == ",".join(ALL_METHODS):  # the default: the paper's Figure 4 comparison
                 wanted = ["clip", "tip-adapter", "coder-adapter"]
+        xmore = None
+        if corpus_dir:
+            from coder_index.xmore.corpus import Corpus
+            from coder_index.xmore.predict import XMore
+
+            xmore = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k)
+            if methods == ",".join(ALL_METHODS):
+                wanted = ["clip", "xmore", "coder", "coder+xmore"]
         labelled = load_labelled(data, index.class_names(), mapping)
         generator = None
 
@@ -83,7 +96,7 @@ def register(cli: click.Group) -> None:
         report = evaluate(index, labelled, out_dir, methods=wanted, reranker_factory=reranker_factory,
                           gap_threshold=gap_threshold, cache_path=embedding_cache, batch_size=batch_size,
                           workers=workers, tsne_samples=tsne_samples, data_name=str(data), progress=not quiet,
-                          fewshot=fewshot)
+                          fewshot=fewshot, xmore=xmore)
         from coder_index.evaluation.report import markdown
 
         click.echo(markdown(report))

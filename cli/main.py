@@ -10,6 +10,7 @@ import click
 from coder_index import __version__
 
 from .common import friendly_errors, model_options, print_json, setup_logging
+from .corpus_command import register as register_corpus
 from .eval_command import register as register_eval
 from .fewshot_command import register as register_fewshot
 from .textgen_commands import (
@@ -130,13 +131,19 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
               help="Images per rerank step (their missing pairs are generated together).")
 @click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Few-shot: classify with this CODER-Adapter (from `coder-index fewshot fit`).")
+@click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="X-MoRe: an image-text corpus (from `coder-index corpus build`) for --method xmore/coder+xmore.")
+@click.option("--method", "zs_method", type=click.Choice(["coder", "xmore", "coder+xmore"]), default="coder",
+              show_default=True, help="Zero-shot method; xmore and coder+xmore need --corpus.")
+@click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
+              help="Corpus images retrieved per image for X-MoRe.")
 @llm_client_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int,
              model: str | None, pretrained: str | None, device: str | None, rerank: bool,
-             gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, quiet: bool,
-             **llm: Any) -> None:
+             gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
+             zs_method: str, retrieve_k: int, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
@@ -158,8 +165,20 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     index = TextIndex.open(index_dir, device=device)
     _check_requested_model(index, model, pretrained, device)
     reranker = scorer = method = None
-    if rerank and adapter_dir:
-        raise click.UsageError("--rerank and --adapter are separate methods; use one")
+    if sum([rerank, bool(adapter_dir), zs_method != "coder"]) > 1:
+        raise click.UsageError("--rerank, --adapter and --method xmore/coder+xmore are separate methods; use one")
+    if zs_method != "coder":
+        if not corpus_dir:
+            raise click.UsageError(f"--method {zs_method} needs --corpus CORPUS_DIR")
+        from coder_index.xmore.classify import classify_folder_xmore
+        from coder_index.xmore.corpus import Corpus
+        from coder_index.xmore.predict import XMore
+
+        xm = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k)
+        summary = classify_folder_xmore(index, xm, folder, out, method=zs_method, top_k_n=top_k,
+                                        batch_size=batch_size, workers=workers, progress=not quiet)
+        _print_summary(summary)
+        return
     if rerank:
         reranker = _make_reranker(index, llm, gap_threshold, progress=not quiet)
     if adapter_dir:
@@ -174,6 +193,10 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
             click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
     msg = (f"classified {summary.classified} images in {summary.seconds:.1f}s "
            f"({summary.images_per_second:.1f} img/s) -> {summary.out}")
     if summary.already_done:
@@ -306,6 +329,7 @@ def info(index_dir: str, as_json: bool) -> None:
 register(cli)
 register_eval(cli)
 register_fewshot(cli)
+register_corpus(cli)
 
 if __name__ == "__main__":
     cli()

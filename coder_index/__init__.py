@@ -10,11 +10,12 @@ from .fewshot.adapter import CoderAdapter, TipAdapter
 from .index.text_index import TextIndex, TextItem
 from .predict import Predictions
 from .rerank import rerank
+from .xmore.ensemble import xmore_ensemble
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipEncoder", "CoderClassifier", "CoderIndexError", "IndexFormatError", "InputFormatError",
     "ModelFingerprint", "ModelLoadError", "ModelMismatchError", "Predictions", "TextIndex", "TextItem",
-    "CoderAdapter", "TipAdapter", "coder_features", "heuristic_logits", "rerank", "__version__",
+    "CoderAdapter", "TipAdapter", "coder_features", "heuristic_logits", "rerank", "xmore_ensemble", "__version__",
 ]

@@ -37,14 +37,19 @@ def _class_means(emb: np.ndarray, class_ids: np.ndarray, n_classes: int) -> tupl
     return sums.numpy() / np.maximum(counts, 1)[:, None], counts
 
 
-def clip_classifier(index: TextIndex) -> Callable[[np.ndarray], np.ndarray]:
-    """Plain CLIP zero-shot with a prompt ensemble: ``100 * x^ @ W_cls^T`` (METHODS.md §5)."""
+def class_prompt_embeddings(index: TextIndex) -> np.ndarray:
+    """One text embedding per class: the normalised mean of its normalised name texts."""
     table = index.text_table(("name",))
     n = len(index.class_names())
     means, counts = _class_means(table.embeddings, table.class_ids, n)
     if (counts == 0).any():
         raise ValueError(f"{int((counts == 0).sum())} class(es) have no name text; rebuild the index")
-    w = l2_normalize(means.astype(np.float32), "class prompt embeddings")
+    return l2_normalize(means.astype(np.float32), "class prompt embeddings")
+
+
+def clip_classifier(index: TextIndex) -> Callable[[np.ndarray], np.ndarray]:
+    """Plain CLIP zero-shot with a prompt ensemble: ``100 * x^ @ W_cls^T`` (METHODS.md §5)."""
+    w = class_prompt_embeddings(index)
     return lambda x: LOGIT_SCALE * (x @ w.T)
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..index.text_index import TextIndex
 
 FEWSHOT_METHODS = ("tip-adapter", "coder-adapter")
+XMORE_METHODS = ("xmore", "coder+xmore")
 
 
 def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
@@ -61,11 +62,14 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
              reranker_factory: Callable[[float | None], Any] | None = None, gap_threshold: float = 0.3,
              cache_path: str | Path | None = None, batch_size: int = 64, workers: int = 2,
              tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
-             fewshot: Any | None = None) -> dict[str, Any]:
+             fewshot: Any | None = None, xmore: Any | None = None) -> dict[str, Any]:
     few = [m for m in methods if m in FEWSHOT_METHODS]
     if few and fewshot is None:
         raise ValueError(f"{few} need a few-shot adapter (--adapter DIR)")
-    methods = [m for m in methods if m not in FEWSHOT_METHODS]
+    retrieval = [m for m in methods if m in XMORE_METHODS]
+    if retrieval and xmore is None:
+        raise ValueError(f"{retrieval} need an image-text corpus (--corpus DIR)")
+    methods = [m for m in methods if m not in FEWSHOT_METHODS + XMORE_METHODS]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -87,6 +91,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
         _record(report, method, logits, preds, labels, names, seconds)
         if method == "coder":
             stage1_logits = logits
+    for method in retrieval:  # normalisers over the evaluated set: order-independent
+        t0 = time.perf_counter()
+        probs = xmore.predict(x, method)
+        _record(report, method, probs, probs.argmax(axis=1), labels, names, time.perf_counter() - t0)
     for method in few:
         t0 = time.perf_counter()
         logits = fewshot.logits(x, method)

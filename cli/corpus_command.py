@@ -1,0 +1,121 @@
+"""`coder-index corpus build|info|search`: the external image-text corpus of X-MoRe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import friendly_errors, model_options, print_json
+
+
+def register(cli: click.Group) -> None:
+    @cli.group()
+    def corpus() -> None:
+        """An image-text corpus for retrieval-augmented zero-shot (X-MoRe)."""
+
+    @corpus.command("build")
+    @click.argument("corpus_dir", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--images", type=click.Path(exists=True, file_okay=False),
+                  help="Folder of images with captions (a --captions CSV, or img2dataset sidecar .txt files).")
+    @click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="CSV path,caption for --images.")
+    @click.option("--embeddings", type=click.Path(exists=True, file_okay=False),
+                  help="Precomputed embeddings: img_emb/img_emb_*.npy + metadata/metadata_*.parquet (caption column).")
+    @click.option("--index-factory", default="Flat", show_default=True,
+                  help="FAISS factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (trained on a sample).")
+    @click.option("--train-size", default=100_000, show_default=True, type=click.IntRange(1),
+                  help="Rows sampled to train IVF/PQ indexes.")
+    @click.option("--model", default=None, help="CLIP model of the embeddings (default: ViT-B-32, or --index's).")
+    @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                  help="Use this text index's CLIP model.")
+    @model_options
+    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+    @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+    @friendly_errors
+    def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
+              train_size: int, model: str | None, index_dir: str | None, pretrained: str | None, device: str | None,
+              batch_size: int, workers: int) -> None:
+        """Create CORPUS_DIR from a captioned image folder or from LAION-layout embeddings.
+
+        Captions are encoded once, here, as "a photo of a {caption}". Every input is validated
+        first, and the corpus is built aside: a failed ingest leaves nothing behind.
+
+        \b
+        Examples:
+          coder-index corpus build my-corpus --images photos/ --captions captions.csv --index pets-index
+          coder-index corpus build laion-sub --embeddings laion/ --index-factory IVF4096,PQ64 \\
+              --model ViT-B-32 --pretrained openai
+        """
+        from coder_index.encoder import ClipEncoder
+        from coder_index.index.text_index import TextIndex
+        from coder_index.xmore.ingest import ingest_folder, ingest_laion
+
+        if bool(images) == bool(embeddings):
+            raise click.UsageError("give exactly one of --images DIR or --embeddings DIR")
+        encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
+            ClipEncoder(model or "ViT-B-32", pretrained, device=device)
+        if images:
+            m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
+                              workers=workers, progress=True)
+        else:
+            m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
+                             progress=True)
+        for path, reason in m.get("skipped", []):
+            click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"{corpus_dir}: {m['rows']} rows ({m['factory']}) in {m['ingest_seconds']:.1f}s"
+                   + (f"; {len(m['skipped'])} unreadable image(s) skipped" if m.get("skipped") else ""))
+
+    @corpus.command("info")
+    @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+    @click.option("--json", "as_json", is_flag=True)
+    @friendly_errors
+    def info(corpus_dir: str, as_json: bool) -> None:
+        """Show a corpus's manifest.
+
+        \b
+        Examples:
+          coder-index corpus info my-corpus
+        """
+        from coder_index.xmore.corpus import Corpus
+
+        c = Corpus(corpus_dir)
+        if as_json:
+            print_json(c.manifest)
+            return
+        m = c.manifest
+        click.echo(f"corpus: {corpus_dir}\nrows:   {m['rows']}\nindex:  {m['factory']}\nmodel:  {m['model']['model']}"
+                   f" (sha256 {m['model']['weights_sha256'][:12]}…)\nsource: {m['sources']}")
+
+    @corpus.command("search")
+    @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+    @click.argument("image", type=click.Path(exists=True, dir_okay=False))
+    @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1))
+    @click.option("--model", default=None, help="Default: the corpus's model.")
+    @model_options
+    @click.option("--json", "as_json", is_flag=True)
+    @friendly_errors
+    def search(corpus_dir: str, image: str, k: int, model: str | None, pretrained: str | None, device: str | None,
+               as_json: bool) -> None:
+        """The captions of the corpus images nearest to IMAGE.
+
+        \b
+        Examples:
+          coder-index corpus search my-corpus cat.jpg -k 5
+        """
+        from coder_index.encoder import ClipEncoder
+        from coder_index.pipeline.decode import load_image
+        from coder_index.xmore.corpus import Corpus
+
+        c = Corpus(corpus_dir)
+        mm = c.manifest["model"]
+        enc = ClipEncoder(model or mm["model"], pretrained or mm.get("pretrained"), device=device)
+        c.check_model(enc.fingerprint)
+        sims, ids = c.search(enc.encode_images([load_image(image)]), k)
+        rows = c.rows(ids[0].tolist())
+        hits = [{"cosine": float(s), "caption": rows[int(i)][0], "source": rows[int(i)][1]}
+                for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
+        if as_json:
+            print_json(hits)
+            return
+        for h in hits:
+            click.echo(f"{h['cosine']:8.4f}  {h['caption']}  [{h['source']}]")

@@ -1,0 +1,261 @@
+"""A local image-text corpus for X-MoRe retrieval.
+
+    CORPUS_DIR/
+      manifest.json   format, CLIP model fingerprint, dim, FAISS factory string, rows, sources
+      corpus.faiss    corpus image embeddings (inner product; FAISS labels = row numbers)
+      captions.npy    [rows, D] float32 L2-normalised embeddings of "a photo of a {caption}",
+                      row-aligned, encoded once at ingest and memory-mapped at query time
+      meta.sqlite     rows(id = row number, caption, source)
+
+A corpus is built aside and renamed into place, after every input was validated: a failed ingest
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
+
+from ..errors import IndexFormatError, InputFormatError, ModelMismatchError
+from ..index.schema import make_engine
+
+if TYPE_CHECKING:
+    from ..encoder import ClipEncoder, ModelFingerprint
+
+FORMAT = "coder-index/corpus"
+CAPTION_TEMPLATE = "a photo of a {caption}"
+_meta = MetaData()
+corpus_rows = Table(
+    "rows", _meta,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("caption", Text, nullable=False),
+    Column("source", Text, nullable=True),
+)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+@dataclass
+class Chunk:
+    image_emb: np.ndarray     # [n, D], any scale
+    captions: list[str]
+    sources: list[str]
+
+
+# ---------------------------------------------------------------------------------- sources
+def laion_shards(root: Path) -> list[tuple[Path, Path]]:
+    """(img_emb_N.npy, metadata_N.parquet) pairs of a clip-retrieval / LAION embedding folder."""
+    emb_dir, meta_dir = root / "img_emb", root / "metadata"
+    if not emb_dir.is_dir() or not meta_dir.is_dir():
+        raise InputFormatError(f"{root} must hold img_emb/img_emb_*.npy and metadata/metadata_*.parquet "
+                               "(the layout clip-retrieval and LAION publish)")
+    num = re.compile(r"_(\d+)\.(npy|parquet)$")
+    embs = {int(m.group(1)): p for p in emb_dir.glob("img_emb_*.npy") if (m := num.search(p.name))}
+    metas = {int(m.group(1)): p for p in meta_dir.glob("metadata_*.parquet") if (m := num.search(p.name))}
+    if not embs:
+        raise InputFormatError(f"{emb_dir} has no img_emb_*.npy shards")
+    unpaired = sorted(set(embs) ^ set(metas))
+    if unpaired:
+        raise InputFormatError(f"shards without their pair (img_emb or metadata missing): {unpaired[:5]}")
+    return [(embs[k], metas[k]) for k in sorted(embs)]
+
+
+def validate_laion(shards: list[tuple[Path, Path]], dim: int) -> int:
+    """Check every shard before anything is written; returns the total row count."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for emb_path, meta_path in shards:
+        arr = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+        if arr.ndim != 2 or arr.shape[1] != dim:
+            raise InputFormatError(f"{emb_path.name}: embeddings of shape {arr.shape}, expected [rows, {dim}] "
+                                   "for this CLIP model")
+        meta = pq.ParquetFile(meta_path)
+        if "caption" not in meta.schema_arrow.names:
+            raise InputFormatError(f"{meta_path.name} has no 'caption' column (columns: {meta.schema_arrow.names})")
+        if meta.metadata.num_rows != arr.shape[0]:
+            raise InputFormatError(f"{meta_path.name} has {meta.metadata.num_rows} rows but {emb_path.name} "
+                                   f"{arr.shape[0]}: the shards are not row-aligned")
+        captions = pq.read_table(meta_path, columns=["caption"]).column("caption")
+        if captions.null_count:
+            first = int(np.flatnonzero(captions.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputFormatError(f"{meta_path.name}: {captions.null_count} row(s) without a caption "
+                                   f"(first: row {first}); fix or drop them before ingesting")
+        total += arr.shape[0]
+    return total
+
+
+def laion_chunks(shards: list[tuple[Path, Path]], chunk: int) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq
+
+    for emb_path, meta_path in shards:
+        arr = np.load(emb_path, mmap_mode="r", allow_pickle=False)  # streamed, never fully in RAM
+        captions = pq.read_table(meta_path, columns=["caption"]).column("caption").to_pylist()
+        for s in range(0, arr.shape[0], chunk):
+            yield Chunk(np.asarray(arr[s:s + chunk]), captions[s:s + chunk],
+                        [f"{emb_path.name}:{i}" for i in range(s, min(s + chunk, arr.shape[0]))])
+
+
+def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str, str]]:
+    """(relative image path, caption) from a captions CSV, or from img2dataset's sidecar .txt files."""
+    import csv
+
+    from ..pipeline.discover import discover_images
+
+    found = discover_images(images)
+    if captions_file is not None:
+        with open(captions_file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+                raise InputFormatError(f"{captions_file}: a captions CSV needs the columns path,caption")
+            pairs = [(r["path"], r["caption"]) for r in reader]
+        missing = [p for p, _ in pairs if not (images / p).is_file()]
+        if missing:
+            raise InputFormatError(f"{len(missing)} captioned file(s) do not exist under {images} "
+                                   f"(first: {missing[:3]})")
+        return [(p, c) for p, c in pairs if c and c.strip()]
+    pairs = []
+    for rel in found.images:
+        side = (images / rel).with_suffix(".txt")
+        if side.is_file():
+            cap = side.read_text(encoding="utf-8", errors="replace").strip()
+            if cap:
+                pairs.append((rel, cap))
+    if not pairs:
+        raise InputFormatError(f"{images} has no captions: pass --captions FILE (path,caption) or keep "
+                               "img2dataset's sidecar .txt files next to the images")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------- building
+def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
+    if not index.is_trained:
+        index.train(_normalize(sample))
+
+
+def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int, *,
+                 factory: str = "Flat", train_sample: np.ndarray | None = None, sources: dict[str, Any],
+                 progress: bool = False, caption_batch: int = 256) -> dict[str, Any]:
+    """Stream chunks into a new corpus directory (built aside, renamed into place)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise IndexFormatError(f"{out} exists and is not empty; choose a new corpus directory")
+    dim = encoder.embed_dim
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InputFormatError(f"invalid --index-factory {factory!r}: {exc}") from None
+    if not index.is_trained and train_sample is None:
+        raise InputFormatError(f"factory {factory!r} needs training data")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    t0 = time.perf_counter()
+    try:
+        if train_sample is not None:
+            _train_sample(index, train_sample)
+        captions_arr = np.lib.format.open_memmap(tmp / "captions.npy", mode="w+", dtype=np.float32,
+                                                 shape=(total, dim))
+        engine = make_engine(tmp / "meta.sqlite", synchronous="OFF")  # the whole dir is discarded on failure
+        _meta.create_all(engine)
+        row = 0
+        with tqdm(total=total, unit="row", desc="ingesting", disable=not progress) as bar, engine.begin() as conn:
+            for ch in chunks:
+                n = len(ch.captions)
+                index.add(_normalize(ch.image_emb))
+                texts = [CAPTION_TEMPLATE.replace("{caption}", c.strip()) for c in ch.captions]
+                captions_arr[row:row + n] = encoder.encode_texts(texts, batch_size=caption_batch)
+                conn.execute(insert(corpus_rows), [{"id": row + i, "caption": c, "source": s}
+                                                   for i, (c, s) in enumerate(zip(ch.captions, ch.sources,
+                                                                                  strict=True))])
+                row += n
+                bar.update(n)
+        captions_arr.flush()
+        del captions_arr
+        if row != total:  # e.g. undecodable images in a folder corpus: keep the aligned prefix
+            arr = np.load(tmp / "captions.npy", mmap_mode="r")
+            np.save(tmp / "captions.trim.npy", np.asarray(arr[:row]))
+            del arr
+            os.replace(tmp / "captions.trim.npy", tmp / "captions.npy")
+        engine.dispose()
+        faiss.write_index(index, str(tmp / "corpus.faiss"))
+        manifest = {"format": FORMAT, "version": 1, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "model": encoder.fingerprint.to_dict(), "dim": dim, "factory": factory, "rows": row,
+                    "caption_template": CAPTION_TEMPLATE, "sources": sources,
+                    "ingest_seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ---------------------------------------------------------------------------------- querying
+class Corpus:
+    def __init__(self, path: str | Path, fingerprint: ModelFingerprint | None = None) -> None:
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise IndexFormatError(f"{self.path} is not a corpus (no manifest.json); build one with "
+                                   "`coder-index corpus build`") from None
+        if self.manifest.get("format") != FORMAT:
+            raise IndexFormatError(f"{self.path} is not a coder-index corpus")
+        if fingerprint is not None:
+            self.check_model(fingerprint)
+        self.index = faiss.read_index(str(self.path / "corpus.faiss"))
+        self.captions = np.load(self.path / "captions.npy", mmap_mode="r", allow_pickle=False)
+        self.engine = make_engine(self.path / "meta.sqlite")
+        if self.index.ntotal != self.captions.shape[0]:
+            raise IndexFormatError(f"{self.path}: corpus.faiss and captions.npy disagree; rebuild the corpus")
+
+    def check_model(self, fp: ModelFingerprint) -> None:
+        mine = self.manifest["model"]
+        if mine["weights_sha256"] != fp.weights_sha256:
+            raise ModelMismatchError(f"corpus {self.path} holds embeddings of CLIP model {mine['model']} "
+                                     f"(sha256 {mine['weights_sha256'][:12]}…), not of {fp.describe()}; "
+                                     "build a corpus with this model")
+
+    def set_nprobe(self, nprobe: int) -> None:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = nprobe
+
+    def search(self, image_emb: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines [N, k], row ids [N, k]) of the nearest corpus images."""
+        return self.index.search(_normalize(image_emb), min(k, self.index.ntotal))
+
+    def caption_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """[N, k, D] prompted-caption embeddings of the retrieved rows (-1 ids, if any, give zeros)."""
+        safe = np.where(ids < 0, 0, ids)
+        order = np.argsort(safe, axis=None)  # sorted reads are kinder to a memory-mapped file
+        flat = np.empty((safe.size, self.captions.shape[1]), np.float32)
+        flat[order] = self.captions[safe.ravel()[order]]
+        flat[(ids < 0).ravel()] = 0
+        return flat.reshape(*ids.shape, -1)
+
+    def rows(self, ids: list[int]) -> dict[int, tuple[str, str]]:
+        with self.engine.connect() as conn:
+            q = select(corpus_rows.c.id, corpus_rows.c.caption, corpus_rows.c.source).where(
+                corpus_rows.c.id.in_([int(i) for i in ids]))
+            return {r[0]: (r[1], r[2]) for r in conn.execute(q)}
