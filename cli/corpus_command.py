@@ -25,6 +25,9 @@ def register(cli: click.Group) -> None:
                   help="FAISS factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (trained on a sample).")
     @click.option("--train-size", default=100_000, show_default=True, type=click.IntRange(1),
                   help="Rows sampled to train IVF/PQ indexes.")
+    @click.option("--use-text-embeddings", is_flag=True,
+                  help="Take the precomputed text_emb/text_emb_*.npy shards as caption embeddings instead of "
+                       "encoding 'a photo of a {caption}' (raw captions: an approximation, far faster).")
     @click.option("--model", default=None, help="CLIP model of the embeddings (default: ViT-B-32, or --index's).")
     @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
                   help="Use this text index's CLIP model.")
@@ -33,8 +36,8 @@ def register(cli: click.Group) -> None:
     @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
     @friendly_errors
     def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
-              train_size: int, model: str | None, index_dir: str | None, pretrained: str | None, device: str | None,
-              batch_size: int, workers: int) -> None:
+              train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
+              pretrained: str | None, device: str | None, batch_size: int, workers: int) -> None:
         """Create CORPUS_DIR from a captioned image folder or from LAION-layout embeddings.
 
         Captions are encoded once, here, as "a photo of a {caption}". Every input is validated
@@ -59,7 +62,7 @@ def register(cli: click.Group) -> None:
                               workers=workers, progress=True)
         else:
             m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
-                             progress=True)
+                             progress=True, use_text_embeddings=use_text_embeddings)
         for path, reason in m.get("skipped", []):
             click.echo(f"skipped {path}: {reason}", err=True)
         click.echo(f"{corpus_dir}: {m['rows']} rows ({m['factory']}) in {m['ingest_seconds']:.1f}s"

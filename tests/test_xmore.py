@@ -218,3 +218,22 @@ def test_eval_and_search_with_corpus(xenv, other_tiny_model):
     res = runner.invoke(cli, ["classify", str(folder), "--index", str(tmp_path / "idx2"), "--out",
                               str(tmp_path / "q.csv"), "--corpus", str(tmp_path / "corpus"), "--method", "xmore"])
     assert res.exit_code == 1 and "build a corpus with this model" in res.output
+
+
+def test_precomputed_text_embeddings(tmp_path, encoder):
+    write_laion(tmp_path / "laion", [10, 12], encoder.embed_dim)
+    (tmp_path / "laion" / "text_emb").mkdir()
+    rng = np.random.default_rng(9)
+    texts = []
+    for s, n in enumerate([10, 12]):
+        t = rng.standard_normal((n, encoder.embed_dim)).astype(np.float32)
+        np.save(tmp_path / "laion" / "text_emb" / f"text_emb_{s}.npy", t)
+        texts.append(t)
+    m = ingest_laion(tmp_path / "c", encoder, tmp_path / "laion", use_text_embeddings=True)
+    assert "precomputed" in m["caption_template"]
+    t = np.concatenate(texts)
+    np.testing.assert_allclose(Corpus(tmp_path / "c").captions, t / np.linalg.norm(t, axis=1, keepdims=True),
+                               atol=1e-6)
+    np.save(tmp_path / "laion" / "text_emb" / "text_emb_1.npy", texts[1][:5])
+    with pytest.raises(InputFormatError, match="not row-aligned"):
+        ingest_laion(tmp_path / "c2", encoder, tmp_path / "laion", use_text_embeddings=True)

@@ -56,6 +56,7 @@ class Chunk:
     image_emb: np.ndarray     # [n, D], any scale
     captions: list[str]
     sources: list[str]
+    caption_emb: np.ndarray | None = None  # precomputed caption embeddings, if used
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -101,15 +102,33 @@ def validate_laion(shards: list[tuple[Path, Path]], dim: int) -> int:
     return total
 
 
-def laion_chunks(shards: list[tuple[Path, Path]], chunk: int) -> Iterator[Chunk]:
+def text_shard(emb_path: Path) -> Path:
+    """text_emb/text_emb_N.npy beside img_emb/img_emb_N.npy."""
+    return emb_path.parent.parent / "text_emb" / emb_path.name.replace("img_emb", "text_emb")
+
+
+def validate_text_shards(shards: list[tuple[Path, Path]], dim: int) -> None:
+    for emb_path, _ in shards:
+        t = text_shard(emb_path)
+        if not t.is_file():
+            raise InputFormatError(f"--use-text-embeddings: {t} is missing")
+        img = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+        txt = np.load(t, mmap_mode="r", allow_pickle=False)
+        if txt.shape != img.shape or txt.shape[1] != dim:
+            raise InputFormatError(f"{t.name} has shape {txt.shape}, {emb_path.name} {img.shape}: not row-aligned")
+
+
+def laion_chunks(shards: list[tuple[Path, Path]], chunk: int, use_text_embeddings: bool = False) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     for emb_path, meta_path in shards:
         arr = np.load(emb_path, mmap_mode="r", allow_pickle=False)  # streamed, never fully in RAM
+        txt = np.load(text_shard(emb_path), mmap_mode="r", allow_pickle=False) if use_text_embeddings else None
         captions = pq.read_table(meta_path, columns=["caption"]).column("caption").to_pylist()
         for s in range(0, arr.shape[0], chunk):
             yield Chunk(np.asarray(arr[s:s + chunk]), captions[s:s + chunk],
-                        [f"{emb_path.name}:{i}" for i in range(s, min(s + chunk, arr.shape[0]))])
+                        [f"{emb_path.name}:{i}" for i in range(s, min(s + chunk, arr.shape[0]))],
+                        _normalize(np.asarray(txt[s:s + chunk])) if txt is not None else None)
 
 
 def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str, str]]:
@@ -151,7 +170,8 @@ def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
 
 def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int, *,
                  factory: str = "Flat", train_sample: np.ndarray | None = None, sources: dict[str, Any],
-                 progress: bool = False, caption_batch: int = 256) -> dict[str, Any]:
+                 progress: bool = False, caption_batch: int = 256,
+                 caption_template: str = CAPTION_TEMPLATE) -> dict[str, Any]:
     """Stream chunks into a new corpus directory (built aside, renamed into place)."""
     from tqdm import tqdm
 
@@ -180,8 +200,11 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
             for ch in chunks:
                 n = len(ch.captions)
                 index.add(_normalize(ch.image_emb))
-                texts = [CAPTION_TEMPLATE.replace("{caption}", c.strip()) for c in ch.captions]
-                captions_arr[row:row + n] = encoder.encode_texts(texts, batch_size=caption_batch)
+                if ch.caption_emb is not None:
+                    captions_arr[row:row + n] = ch.caption_emb
+                else:
+                    texts = [CAPTION_TEMPLATE.replace("{caption}", c.strip()) for c in ch.captions]
+                    captions_arr[row:row + n] = encoder.encode_texts(texts, batch_size=caption_batch)
                 conn.execute(insert(corpus_rows), [{"id": row + i, "caption": c, "source": s}
                                                    for i, (c, s) in enumerate(zip(ch.captions, ch.sources,
                                                                                   strict=True))])
@@ -198,7 +221,7 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
         faiss.write_index(index, str(tmp / "corpus.faiss"))
         manifest = {"format": FORMAT, "version": 1, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "model": encoder.fingerprint.to_dict(), "dim": dim, "factory": factory, "rows": row,
-                    "caption_template": CAPTION_TEMPLATE, "sources": sources,
+                    "caption_template": caption_template, "sources": sources,
                     "ingest_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         if out.exists():

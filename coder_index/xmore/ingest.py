@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..pipeline.loader import iterate_batches
-from .corpus import Chunk, build_corpus, folder_captions, laion_chunks, laion_shards, validate_laion
+from .corpus import (
+    Chunk,
+    build_corpus,
+    folder_captions,
+    laion_chunks,
+    laion_shards,
+    validate_laion,
+    validate_text_shards,
+)
 
 if TYPE_CHECKING:
     from ..encoder import ClipEncoder
@@ -43,10 +51,14 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
 
 
 def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, factory: str = "Flat",
-                 train_size: int = 100_000, chunk: int = 65_536, seed: int = 0, progress: bool = False
-                 ) -> dict[str, Any]:
+                 train_size: int = 100_000, chunk: int = 65_536, seed: int = 0, progress: bool = False,
+                 use_text_embeddings: bool = False) -> dict[str, Any]:
+    """``use_text_embeddings`` takes LAION's text_emb shards (raw captions, no "a photo of a" prompt:
+    an approximation of X-MoRe's prompted captions) instead of encoding every caption here."""
     shards = laion_shards(Path(root))
     total = validate_laion(shards, encoder.embed_dim)  # everything checked before anything is written
+    if use_text_embeddings:
+        validate_text_shards(shards, encoder.embed_dim)
     train = None
     if factory != "Flat":
         rng = np.random.default_rng(seed)
@@ -59,5 +71,7 @@ def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, fac
             start += arr.shape[0]
         train = np.concatenate(parts)
     sources = {"embeddings": str(root), "shards": len(shards), "train_rows": 0 if train is None else len(train)}
-    return build_corpus(out, encoder, laion_chunks(shards, chunk), total, factory=factory, train_sample=train,
-                        sources=sources, progress=progress)
+    return build_corpus(out, encoder, laion_chunks(shards, chunk, use_text_embeddings), total, factory=factory,
+                        train_sample=train, sources=sources, progress=progress,
+                        caption_template="{caption} (precomputed text_emb)" if use_text_embeddings else
+                        "a photo of a {caption}")
