@@ -11,7 +11,7 @@ from coder_index import __version__
 
 from .common import friendly_errors, model_options, print_json, setup_logging
 from .corpus_command import register as register_corpus
-from .eval_command import register as register_eval
+from .eval_command import register as register_eval_command
 from .fewshot_command import register as register_fewshot
 from .textgen_commands import (
     llm_client_options,
@@ -327,7 +327,7 @@ def info(index_dir: str, as_json: bool) -> None:
 
 
 register(cli)
-register_eval(cli)
+register_eval_command(cli)
 register_fewshot(cli)
 register_corpus(cli)
 

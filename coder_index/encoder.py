@@ -148,7 +148,7 @@ class ClipEncoder:
         except Exception as exc:  # open_clip raises bare RuntimeErrors for download failures
             raise ModelLoadError(f"Could not load CLIP model {model} (pretrained={self.pretrained}): "
                                  f"{exc}. {_OFFLINE_HELP}") from exc
-        net.eval()
+        net.train(False)  # inference mode for dropout/batch-norm layers
         embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
         self.fingerprint = ModelFingerprint(model, self.pretrained, weights_checksum(net), embed_dim)
         self.half = self.device.type == "cuda"
