@@ -37,6 +37,8 @@ from ..errors import IndexFormatError, ModelMismatchError
 from ..validation import TEXT_KINDS
 from . import schema
 from .atomic import atomic_write_json, exclusive_lock, fsync_dir, write_faiss_durably
+from .queries import IndexQueries
+from .records import AddResult, TextItem, TextTable
 
 if TYPE_CHECKING:
     from ..encoder import ClipEncoder, ModelFingerprint
@@ -64,36 +66,6 @@ PAIR_VECTORS = VectorFile(PAIRS_FAISS, "pairs_generation", schema.pair_texts)
 VECTOR_FILES = (TEXT_VECTORS, PAIR_VECTORS)
 
 
-@dataclass(frozen=True)
-class TextItem:
-    """One text to add: tied to a class by name; kind is name/attribute/analogous/synonym."""
-
-    class_name: str
-    kind: str
-    text: str
-    template: str | None = None
-    source: str | None = None
-
-
-@dataclass(frozen=True)
-class AddResult:
-    added: int
-    duplicates: int
-
-
-@dataclass(frozen=True)
-class TextTable:
-    """The general texts of an index in id order, with their normalised embeddings."""
-
-    ids: np.ndarray          # [K] int64, == FAISS ids
-    class_ids: np.ndarray    # [K] int64
-    kinds: np.ndarray        # [K] str
-    embeddings: np.ndarray   # [K, D] float32, L2-normalised
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -106,7 +78,7 @@ def _pending_name(vf: VectorFile, generation: int) -> str:
     return f"{vf.file}.g{generation}"
 
 
-class TextIndex:
+class TextIndex(IndexQueries):
     """Open with ``TextIndex.open(path)``, create with ``TextIndex.create(path, encoder)``."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], encoder: ClipEncoder | None = None,
@@ -452,52 +424,3 @@ class TextIndex:
         """FAISS inner-product search: (cosines [N, k], text ids [N, k]); -1 ids pad short results."""
         index = self._faiss_index()
         return index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(k, max(index.ntotal, 1)))
-
-    # ----------------------------------------------------------------- prediction
-    def classifier(self):  # -> CoderClassifier (import kept local: predict imports this module)
-        """The CODER stage-1 classifier over the general texts, built once per open index."""
-        if "classifier" not in self._cache:
-            from ..predict import zero_shot_classifier
-
-            self._cache["classifier"] = zero_shot_classifier(self)
-        return self._cache["classifier"]
-
-    def classify(self, images: Any, *, batch_size: int = 64):  # -> Predictions
-        """CODER zero-shot predictions for paths, PIL images, a preprocessed tensor or embeddings."""
-        from ..predict import Predictions, embed_images
-
-        emb = embed_images(self, images, batch_size)
-        return Predictions(self.class_names(), self.classifier().logits(emb))
-
-    def nearest_texts(self, images: Any, k: int = 10) -> list[list[dict[str, Any]]]:
-        """The k texts nearest to each image: text, class, kind, cosine; best first."""
-        from ..predict import embed_images
-
-        emb = embed_images(self, images)
-        cos, ids = self.search_texts(emb, k)
-        meta = self.texts_by_id({int(i) for i in ids.ravel() if i >= 0})
-        return [[{"text": meta[int(i)]["text"], "class": meta[int(i)]["class"], "kind": meta[int(i)]["kind"],
-                  "cosine": float(c)} for c, i in zip(cr, ir, strict=True) if i >= 0]
-                for cr, ir in zip(cos, ids, strict=True)]
-
-    def explain(self, images: Any, k: int = 10) -> list[dict[str, Any]]:
-        from ..predict import embed_images, explain
-
-        return explain(self, embed_images(self, images), k)
-
-    # ----------------------------------------------------------------- pair texts (rerank)
-    def add_pair_texts(self, features: dict[tuple[str, str], list[str]], source: str = "llm") -> int:
-        """Store one-to-one features per ordered pair of class names as pair texts."""
-        from .pairs import add_pair_texts
-
-        return add_pair_texts(self, features, source)
-
-    def pairs_with_texts(self, pairs: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
-        from .pairs import pairs_with_texts
-
-        return pairs_with_texts(self, pairs)
-
-    def pair_embeddings(self, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-        from .pairs import pair_embeddings
-
-        return pair_embeddings(self, pairs)
