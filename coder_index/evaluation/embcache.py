@@ -3,12 +3,12 @@ methods or texts never re-encodes images. A changed file or another model is a c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, Text, insert, select, tuple_
 
+from ..index.atomic import cache_dir
 from ..index.schema import make_engine
 
 _meta = MetaData()
@@ -23,9 +23,7 @@ image_embeddings = Table(
 
 
 def default_embedding_cache() -> Path:
-    base = os.environ.get("CODER_INDEX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coder-index")
-    return Path(base) / "image-embeddings.sqlite"
+    return cache_dir() / "image-embeddings.sqlite"
 
 
 class EmbeddingCache:

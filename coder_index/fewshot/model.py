@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +27,7 @@ import torch
 from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
 
 from ..errors import IndexFormatError, ModelMismatchError
+from ..index.atomic import staged_directory
 from ..index.schema import make_engine
 from ..validation import l2_normalize
 from .adapter import CoderAdapter, TipAdapter
@@ -59,8 +57,7 @@ def save_adapter(out: str | Path, manifest: dict[str, Any], text_ids: np.ndarray
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise IndexFormatError(f"{out} exists and is not empty; choose a new --out for the adapter")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_directory(out) as tmp:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(support_coder.shape[1]))
         index.add_with_ids(l2_normalize(support_coder, "support_coder"), np.arange(len(rows), dtype=np.int64))
         faiss.write_index(index, str(tmp / "support.faiss"))
@@ -72,12 +69,6 @@ def save_adapter(out: str | Path, manifest: dict[str, Any], text_ids: np.ndarray
             conn.execute(insert(support_rows), [{"id": i, **r} for i, r in enumerate(rows)])
         engine.dispose()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -61,3 +61,33 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """Build a new directory aside and rename it into place on success; on any failure nothing is
+    left behind. ``out`` must not exist or be empty."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cache_dir() -> Path:
+    """$CODER_INDEX_CACHE_DIR, else $XDG_CACHE_HOME/coder-index, else ~/.cache/coder-index."""
+    base = os.environ.get("CODER_INDEX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coder-index")
+    return Path(base)

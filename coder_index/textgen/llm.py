@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, select
 
 from ..errors import CoderIndexError
+from ..index.atomic import cache_dir
 from ..index.schema import make_engine
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ class BudgetExhausted(CoderIndexError):
 
 
 def default_cache_path() -> Path:
-    base = os.environ.get("CODER_INDEX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coder-index")
-    return Path(base) / "llm-cache.sqlite"
+    return cache_dir() / "llm-cache.sqlite"
 
 
 def redact_url(url: str | None) -> str | None:

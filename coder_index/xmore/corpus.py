@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import numpy as np
 from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
 
 from ..errors import IndexFormatError, InputFormatError, ModelMismatchError
+from ..index.atomic import staged_directory
 from ..index.schema import make_engine
 
 if TYPE_CHECKING:
@@ -185,10 +184,8 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
         raise InputFormatError(f"invalid --index-factory {factory!r}: {exc}") from None
     if not index.is_trained and train_sample is None:
         raise InputFormatError(f"factory {factory!r} needs training data")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     t0 = time.perf_counter()
-    try:
+    with staged_directory(out) as tmp:
         if train_sample is not None:
             _train_sample(index, train_sample)
         captions_arr = np.lib.format.open_memmap(tmp / "captions.npy", mode="w+", dtype=np.float32,
@@ -224,12 +221,6 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                     "caption_template": caption_template, "sources": sources,
                     "ingest_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
