@@ -24,9 +24,9 @@ def make_case(n_val=1000, classes=100, shots=16, k=2000, seed=0):
     rng = np.random.default_rng(seed)
     protos = rng.standard_normal((classes, k)).astype(np.float32)
     y_sup = np.repeat(np.arange(classes), shots)
-    sup = protos[y_sup] + 2.0 * rng.standard_normal((len(y_sup), k)).astype(np.float32)
+    sup = protos[y_sup] + 7.0 * rng.standard_normal((len(y_sup), k)).astype(np.float32)
     y_val = rng.integers(0, classes, n_val)
-    val = protos[y_val] + 2.0 * rng.standard_normal((n_val, k)).astype(np.float32)
+    val = protos[y_val] + 7.0 * rng.standard_normal((n_val, k)).astype(np.float32)
     zs = (rng.standard_normal((n_val, classes)) * 2).astype(np.float32)
     zs[np.arange(n_val), y_val] += 1.5
     return sup, y_sup, val, y_val, zs, classes
