@@ -73,6 +73,22 @@ def main() -> None:
               "vectorised_best": {"beta": fast["beta"], "alpha": fast["alpha"], "acc": fast["val_accuracy"]},
               "loops_best": {"beta": slow[0], "alpha": slow[1], "acc": slow[2]},
               "same_choice": bool(np.isclose(fast["beta"], slow[0]) and np.isclose(fast["alpha"], slow[1]))}
+    # top-k affinity (a search of the support index) vs exact, at the searched alpha/beta
+    import faiss
+
+    from coder_index.fewshot.adapter import neighbour_cache_logits
+    from coder_index.validation import l2_normalize
+
+    keys = l2_normalize(sup, "support")
+    index = faiss.IndexFlatIP(keys.shape[1])
+    index.add(keys)
+    q = l2_normalize(val, "val")
+    exact = ad.logits(val, zs)
+    result["topk_accuracy"] = {"exact": round(float((exact.argmax(1) == y_val).mean()), 4)}
+    for k in (400, 100, 25):
+        sims, ids = index.search(q, k)
+        approx = zs + fast["alpha"] * neighbour_cache_logits(sims, ids, y_sup, c, fast["beta"], ad.T)
+        result["topk_accuracy"][f"k={k}"] = round(float((approx.argmax(1) == y_val).mean()), 4)
     print(json.dumps(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

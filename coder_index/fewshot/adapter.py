@@ -78,6 +78,23 @@ class TipAdapter(CacheAdapter):
     minmax = False
 
 
+def neighbour_cache_logits(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, n_classes: int, beta: float,
+                           T: float = 1.0, minmax: bool = True) -> np.ndarray:  # noqa: N803
+    """``A @ L`` from a search of the support keys: ``sims``/``ids`` [N, k] of the k nearest keys.
+
+    With k = all keys this equals the exact adapter. With fewer, only the k nearest keys contribute
+    and the min-max runs over those k affinities (the row minimum is not known): the
+    approximation of large support sets, whose accuracy cost benchmarks/bench_fewshot.py measures.
+    """
+    a = np.asarray(sims, dtype=np.float32)
+    if minmax:
+        a = minmax_rows(a)
+    weights = torch.from_numpy(np.exp(-beta * (1.0 - a / T)).astype(np.float32))
+    out = torch.zeros((a.shape[0], n_classes))
+    out.scatter_add_(1, torch.from_numpy(np.asarray(labels, dtype=np.int64)[ids]), weights)
+    return out.numpy()
+
+
 def default_grid(beta_steps: int = 40, alpha_steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """beta in [0.1, 200], alpha in [0.1, 20] (METHODS.md §5)."""
     return np.linspace(0.1, 200.0, beta_steps), np.linspace(0.1, 20.0, alpha_steps)

@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import torch
 from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
 
 from ..errors import IndexFormatError, ModelMismatchError
 from ..index.atomic import staged_directory
 from ..index.schema import make_engine
 from ..validation import l2_normalize
-from .adapter import CoderAdapter, TipAdapter
+from .adapter import CoderAdapter, TipAdapter, neighbour_cache_logits
 
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
@@ -126,19 +125,6 @@ class FewShotModel:
     def coder(self, x: np.ndarray) -> np.ndarray:
         return x @ self.text_emb.T
 
-    def _cache_logits(self, sims: np.ndarray, ids: np.ndarray, beta: float, T: float, minmax: bool,  # noqa: N803
-                      n: int) -> np.ndarray:
-        a = sims
-        if minmax:
-            lo, hi = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
-            span = hi - lo
-            a = np.divide(a - lo, span, out=np.ones_like(a), where=span > 0)
-        weights = torch.from_numpy(np.exp(-beta * (1.0 - a / T)).astype(np.float32))
-        cls = torch.from_numpy(self.labels[ids])
-        out = torch.zeros((n, self.n_classes))
-        out.scatter_add_(1, cls, weights)
-        return out.numpy()
-
     def logits(self, x: np.ndarray, method: str = "coder-adapter") -> np.ndarray:
         """Few-shot logits [N, C] for L2-normalised image embeddings."""
         zs = self.zero_shot(x)
@@ -147,7 +133,7 @@ class FewShotModel:
             s = l2_normalize(self.coder(x), "test CODER")
             k = self.support.ntotal if self.top_k is None else min(self.top_k, self.support.ntotal)
             sims, ids = self.support.search(np.ascontiguousarray(s, dtype=np.float32), k)
-            return zs + h["alpha"] * self._cache_logits(sims, ids, h["beta"], h["T"], True, len(x))
+            return zs + h["alpha"] * neighbour_cache_logits(sims, ids, self.labels, self.n_classes, h["beta"], h["T"])
         if method == "tip-adapter":
             h = self.manifest["adapters"]["tip-adapter"]
             tip = TipAdapter(h["alpha"], h["beta"], h["T"]).fit(self.support_images, self.labels, self.n_classes)
