@@ -79,15 +79,22 @@ class TipAdapter(CacheAdapter):
 
 
 def neighbour_cache_logits(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, n_classes: int, beta: float,
-                           T: float = 1.0, minmax: bool = True) -> np.ndarray:  # noqa: N803
+                           T: float = 1.0, minmax: bool = True,  # noqa: N803
+                           row_min: np.ndarray | None = None) -> np.ndarray:
     """``A @ L`` from a search of the support keys: ``sims``/``ids`` [N, k] of the k nearest keys.
 
-    With k = all keys this equals the exact adapter. With fewer, only the k nearest keys contribute
-    and the min-max runs over those k affinities (the row minimum is not known): the
-    approximation of large support sets, whose accuracy cost benchmarks/bench_fewshot.py measures.
+    With k = all keys this equals the exact adapter. With fewer, only the k nearest keys contribute:
+    the approximation for large support sets. Pass the true ``row_min`` (one more search, with the
+    negated query, finds the farthest key) so that the min-max is exact and only the smallest terms
+    are dropped; without it the min-max runs over the k affinities. benchmarks/bench_fewshot.py
+    measures the accuracy cost of both.
     """
     a = np.asarray(sims, dtype=np.float32)
-    if minmax:
+    if minmax and row_min is not None:
+        lo = np.asarray(row_min, dtype=np.float32).reshape(-1, 1)
+        span = a.max(axis=1, keepdims=True) - lo
+        a = np.divide(a - lo, span, out=np.ones_like(a), where=span > 0)
+    elif minmax:
         a = minmax_rows(a)
     weights = torch.from_numpy(np.exp(-beta * (1.0 - a / T)).astype(np.float32))
     out = torch.zeros((a.shape[0], n_classes))
