@@ -97,3 +97,16 @@ def test_unreachable_weights_explain_local_alternatives(monkeypatch):
 def test_unknown_pretrained_tag_or_missing_file():
     with pytest.raises(ModelLoadError, match="neither a pretrained tag"):
         ClipEncoder("ViT-B-32", "/no/such/file.bin")
+
+
+def test_random_weights_are_reproducible_across_loads(tmp_path):
+    # An index built with --pretrained random must reopen in another process: same seeded weights.
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "coder-tiny-random.json").write_text(json.dumps(TINY_CONFIG["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    torch.manual_seed(123)
+    a = ClipEncoder("coder-tiny-random", "random", device="cpu").fingerprint
+    state = torch.random.get_rng_state()
+    b = ClipEncoder("coder-tiny-random", "random", device="cpu").fingerprint
+    assert a == b
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
