@@ -61,6 +61,7 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
         llm = LLMClient(LLMConfig(model=llm_model, base_url=base_url, api_key_env=api_key_env,
                                   concurrency=concurrency, max_requests=max_requests, temperature=temperature),
                         LLMCache(cache_path))
+        llm.check_credentials()  # a missing key is reported before any image or text is processed
     return AutoTextGenerator(encoder, llm, synonym_source=synonyms_from, analogous_threshold=analogous_threshold)
 
 

@@ -13,15 +13,20 @@ from conftest import shared_path
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def build_cifar_index(tmp_path, tiny_model):
+    classes = tmp_path / "cifar10.txt"
+    classes.write_text("\n".join(CIFAR) + "\n")
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--dataset", "cifar10",
+                                   "--model", tiny_model])
+    assert res.exit_code == 0, res.output
+    return tmp_path / "idx"
+
+
 @pytest.mark.slow
 def test_classify_cifar10_test_folder(tmp_path, tiny_model):
     folder = shared_path("data", "cifar10-test")
-    classes = tmp_path / "cifar10.txt"
-    classes.write_text("\n".join(CIFAR) + "\n")
+    build_cifar_index(tmp_path, tiny_model)
     runner = CliRunner()
-    res = runner.invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--dataset", "cifar10",
-                              "--model", tiny_model])
-    assert res.exit_code == 0, res.output
     out = tmp_path / "cifar.csv"
     res = runner.invoke(cli, ["classify", str(folder), "--index", str(tmp_path / "idx"), "--out", str(out),
                               "--batch-size", "256", "--workers", "2", "-q"])
@@ -40,12 +45,8 @@ def test_eval_cifar10_test_folder(tmp_path, tiny_model, monkeypatch):
     import json
 
     monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
-    classes = tmp_path / "cifar10.txt"
-    classes.write_text("\n".join(CIFAR) + "\n")
+    build_cifar_index(tmp_path, tiny_model)
     runner = CliRunner()
-    res = runner.invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--dataset", "cifar10",
-                              "--model", tiny_model])
-    assert res.exit_code == 0, res.output
     args = ["eval", str(shared_path("data", "cifar10-test")), "--index", str(tmp_path / "idx"), "--llm", "none",
             "--methods", "clip,coder,P", "--tsne-samples", "300", "-q"]
     res = runner.invoke(cli, args + ["--out", str(tmp_path / "a")])
@@ -64,11 +65,8 @@ def test_fewshot_cifar10_16_shots(tmp_path, tiny_model, monkeypatch):
     import json
 
     monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
-    classes = tmp_path / "cifar10.txt"
-    classes.write_text("\n".join(CIFAR) + "\n")
+    build_cifar_index(tmp_path, tiny_model)
     runner = CliRunner()
-    assert runner.invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--dataset", "cifar10",
-                               "--model", tiny_model]).exit_code == 0
     folder = shared_path("data", "cifar10-test")
     res = runner.invoke(cli, ["fewshot", "fit", str(folder), "--index", str(tmp_path / "idx"), "--shots", "16",
                               "--out", str(tmp_path / "ad"), "--augment-epochs", "2", "--val-per-class", "50",

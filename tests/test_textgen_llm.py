@@ -274,3 +274,20 @@ def test_build_generates_on_the_fly(server, tmp_path, tiny_model):
         texts = {r[0] for r in conn.exec_driver_sql("select text from texts where kind = 'attribute'")}
     assert "cat which has cat shape" in texts
     assert CliRunner().invoke(cli, args).exit_code == 0 and server.requests == 2  # cached, idempotent
+
+
+def test_rerank_without_key_fails_before_any_work(tmp_path, tiny_model, monkeypatch):
+    from click.testing import CliRunner
+
+    from coder_index_cli.main import cli
+
+    monkeypatch.delenv("OPENAI_API_KEY")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    assert CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes), "--model",
+                                    tiny_model]).exit_code == 0
+    (tmp_path / "imgs").mkdir()
+    res = CliRunner().invoke(cli, ["classify", str(tmp_path / "imgs"), "--index", str(tmp_path / "idx"), "--out",
+                                   str(tmp_path / "p.csv"), "--rerank"])
+    assert res.exit_code == 1 and "OPENAI_API_KEY" in res.output
+    assert not (tmp_path / "p.csv").exists()

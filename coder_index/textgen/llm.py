@@ -174,6 +174,10 @@ class LLMClient:
         raise LLMError(f"no API key: set the environment variable {self.config.api_key_env} "
                        "(or name another variable with --api-key-env), or pass --base-url for a local server")
 
+    def check_credentials(self) -> None:
+        """Raise LLMError now if no key is available (instead of at the first request)."""
+        self._api_key()
+
     def _ensure_client(self) -> Any:
         if self._client is None:
             from openai import AsyncOpenAI
