@@ -95,11 +95,13 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
             rows += conn.execute(q).all()
     if not rows:
         return {}
-    fi = index._faiss_index(PAIR_VECTORS)
-    all_ids = faiss.vector_to_array(fi.id_map)
-    vectors = faiss.vector_to_array(faiss.downcast_index(fi.index).codes).view(np.float32).reshape(-1, index.dim)
+    if "pair_vectors" not in index._cache:  # read once per open index; add_pair_texts invalidates it
+        fi = index._faiss_index(PAIR_VECTORS)
+        all_ids = faiss.vector_to_array(fi.id_map)
+        vecs = faiss.vector_to_array(faiss.downcast_index(fi.index).codes).view(np.float32).reshape(-1, index.dim)
+        index._cache["pair_vectors"] = (all_ids, np.argsort(all_ids), vecs)
+    all_ids, order, vectors = index._cache["pair_vectors"]
     ids = np.array([r[0] for r in rows], dtype=np.int64)
-    order = np.argsort(all_ids)
     pos = order[np.searchsorted(all_ids, ids, sorter=order)]
     keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)
     grouping = np.lexsort((keys[:, 1], keys[:, 0]))
