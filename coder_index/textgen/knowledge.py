@@ -48,16 +48,6 @@ class Knowledge:
     def pair(self, a: str, b: str) -> list[str] | None:
         return self.pairs.get(a, {}).get(b)
 
-    def merge(self, other: Knowledge) -> None:
-        for cls, entry in other.classes.items():
-            for kind in KINDS:
-                if kind in entry:
-                    self.set(cls, kind, self.get(cls, kind) + [x for x in entry[kind] if x not in self.get(cls, kind)],
-                             entry.get("source", {}).get(kind, "import"))
-        for a, row in other.pairs.items():
-            for b, feats in row.items():
-                self.set_pair(a, b, feats)
-
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": 1, "classes": self.classes, "pairs": self.pairs,
                 "provenance": self.provenance}
