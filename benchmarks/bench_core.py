@@ -74,7 +74,7 @@ def bench_classify(encoder, shared: Path, n: int, workers: int) -> dict:
     from coder_index import TextIndex
     from coder_index.pipeline.classify import classify_folder
     from coder_index.pipeline.decode import load_image
-    from coder_index.sources import load_templates, name_texts
+    from coder_index.presets import TextRecipe
 
     cifar = shared / "data" / "cifar10-test"
     classes = sorted(p.name for p in cifar.iterdir())
@@ -89,7 +89,7 @@ def bench_classify(encoder, shared: Path, n: int, workers: int) -> dict:
             files.append(folder / c / f.name)
     index = TextIndex.create(tmp / "idx", encoder)
     index.add_classes(classes)
-    index.add_texts(name_texts(classes, load_templates("cifar10")))
+    index.add_texts(TextRecipe.make(dataset="cifar10").name_texts(classes))
 
     t0 = time.perf_counter()
     summary = classify_folder(index, folder, tmp / "out.csv", batch_size=64, workers=workers, progress=False)

@@ -38,6 +38,38 @@ def model_options(fn: Callable) -> Callable:
     return fn
 
 
+class GapThreshold(click.ParamType):
+    """A number in [0, 1], or 'preset' for the released code's per-dataset threshold."""
+
+    name = "G|preset"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "preset":
+            return "preset"
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number in [0, 1] nor 'preset'", param, ctx)
+        if not 0 <= v <= 1:
+            self.fail(f"{v} is not in [0, 1]", param, ctx)
+        return v
+
+
+GAP_THRESHOLD = GapThreshold()
+
+
+def resolve_gap_threshold(value: float | str | None, index: Any) -> float | None:
+    """'preset' -> the released threshold of the index's dataset (ImageNet 0.1, DTD 0.6, ...)."""
+    if value != "preset":
+        return value
+    from coder_index.presets import gap_threshold_preset
+
+    recipe = index.recipe
+    return gap_threshold_preset(recipe.released or recipe.dataset)
+
+
 def print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 

@@ -7,12 +7,13 @@ from typing import Any
 
 import click
 
-from .common import friendly_errors
+from .common import GAP_THRESHOLD, friendly_errors, resolve_gap_threshold
 from .textgen_commands import llm_client_options, make_generator
 
 
 def register(cli: click.Group) -> None:
     from coder_index.evaluation.methods import ALL_METHODS
+    from coder_index.zeroshot import PROMPT_CHOICES
 
     @cli.command("eval")
     @click.argument("data", type=click.Path(exists=True, path_type=Path))
@@ -25,8 +26,15 @@ def register(cli: click.Group) -> None:
                   help="Folder for report.md, report.json and tsne.png.")
     @click.option("--mapping", type=click.Path(exists=True, dir_okay=False),
                   help="CSV label,class or JSON {label: class} when folder/label names differ from the classes.")
-    @click.option("--gap-threshold", default=0.3, show_default=True, type=click.FloatRange(0, 1),
-                  help="Gate of coder*-gated: rerank only images whose softmax top-1 minus top-2 is below this.")
+    @click.option("--gap-threshold", default="0.3", show_default=True, type=GAP_THRESHOLD,
+                  help="Gate of coder*-gated: rerank only images whose softmax top-1 minus top-2 is below this; "
+                       "'preset' takes the released code's threshold for the index's dataset.")
+    @click.option("--prompts", type=click.Choice(PROMPT_CHOICES), default="auto", show_default=True,
+                  help="Prompts of the clip row (and of the few-shot/X-MoRe zero-shot weights): auto = CLIP's "
+                       "published list for the index's dataset (the released few-shot list for a cvpr24 few-shot "
+                       "index); clip; names = the index's name texts; cvpr24 = the released few-shot list.")
+    @click.option("--report-format", "report_formats", multiple=True, type=click.Choice(["clip_benchmark"]),
+                  help="Also write CLIP_benchmark's result JSON (metrics.acc1, acc5, mean_per_class_recall).")
     @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
     @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
     @click.option("--embedding-cache", type=click.Path(dir_okay=False),
@@ -45,7 +53,7 @@ def register(cli: click.Group) -> None:
     def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None, gap_threshold: float,
                  batch_size: int, workers: int, embedding_cache: str | None, tsne_samples: int,
                  adapter_dir: str | None, corpus_dir: str | None, retrieve_k: int, device: str | None,
-                 quiet: bool, **llm: Any) -> None:
+                 quiet: bool, prompts: str, report_formats: tuple[str, ...], **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
 
         DATA is a folder with one subfolder per class (names matched to the index's classes;
@@ -59,6 +67,7 @@ def register(cli: click.Group) -> None:
           coder-index eval data/ --index idx --mapping names.csv --llm none --tsne-samples 0
           coder-index eval test/ --index pets-index --adapter pets-16shot
           coder-index eval test/ --index pets-index --corpus my-corpus        # clip, xmore, coder, coder+xmore
+          coder-index eval test/ --index in1k-cvpr24 --gap-threshold preset --report-format clip_benchmark
         """
         from coder_index.evaluation.data import load_labelled
         from coder_index.evaluation.run import evaluate
@@ -67,6 +76,7 @@ def register(cli: click.Group) -> None:
 
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         index = TextIndex.open(index_dir, device=device)
+        gap_threshold = resolve_gap_threshold(gap_threshold, index)
         fewshot = None
         if adapter_dir:
             from coder_index.fewshot.model import FewShotModel
@@ -79,7 +89,7 @@ def register(cli: click.Group) -> None:
             from coder_index.xmore.corpus import Corpus
             from coder_index.xmore.predict import XMore
 
-            xmore = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k)
+            xmore = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k, prompts=prompts)
             if methods == ",".join(ALL_METHODS):
                 wanted = ["clip", "xmore", "coder", "coder+xmore"]
         labelled = load_labelled(data, index.class_names(), mapping)
@@ -96,7 +106,7 @@ def register(cli: click.Group) -> None:
         report = evaluate(index, labelled, out_dir, methods=wanted, reranker_factory=reranker_factory,
                           gap_threshold=gap_threshold, cache_path=embedding_cache, batch_size=batch_size,
                           workers=workers, tsne_samples=tsne_samples, data_name=str(data), progress=not quiet,
-                          fewshot=fewshot, xmore=xmore)
+                          fewshot=fewshot, xmore=xmore, prompts=prompts, report_formats=report_formats)
         from coder_index.evaluation.report import markdown
 
         click.echo(markdown(report))

@@ -24,8 +24,13 @@ def register(cli: click.Group) -> None:
                        "non-support images].")
     @click.option("--val-per-class", default=8, show_default=True, type=click.IntRange(1),
                   help="Held-out validation images per class when --val is not given.")
-    @click.option("--augment-epochs", default=10, show_default=True, type=click.IntRange(0),
-                  help="Augmented views averaged per support image (0: none).")
+    @click.option("--augment-epochs", default=None, type=click.IntRange(0),
+                  help="Augmented views averaged per support image (0: none) [default: the released config of the "
+                       "index's dataset: 20, Oxford Pets 10, ImageNet 1].")
+    @click.option("--search", type=click.Choice(["released", "fast"]), default="released", show_default=True,
+                  help="Hyper-parameter grid: the released 3 rounds of 500 beta x 50 alpha, or a coarser 100 x 20.")
+    @click.option("--prompts", type=click.Choice(["auto", "clip", "names", "cvpr24"]), default="auto",
+                  show_default=True, help="Prompts of the zero-shot logits o_zs (see `coder-index eval --help`).")
     @click.option("--seed", default=1, show_default=True, type=int, help="Seed of the shot sampling and augmentation.")
     @click.option("--kinds", default="name,attribute,analogous", show_default=True,
                   help="Text kinds of the CODER keys.")
@@ -38,14 +43,16 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print the adapter manifest as JSON.")
     @friendly_errors
     def fit(support_dir: Path, index_dir: str, shots: int, out: str, val_dir: str | None, val_per_class: int,
-            augment_epochs: int, seed: int, kinds: str, allow_fewer: bool, mapping: str | None, batch_size: int,
-            workers: int, device: str | None, as_json: bool) -> None:
+            augment_epochs: int | None, search: str, prompts: str, seed: int, kinds: str, allow_fewer: bool,
+            mapping: str | None, batch_size: int, workers: int, device: str | None, as_json: bool) -> None:
         """Fit a CODER-Adapter on SUPPORT_DIR (one subfolder per class) against an index.
 
-        Samples --shots images per class with --seed, averages their embeddings over
-        --augment-epochs random crops/flips, turns them into CODERs (the keys), and picks alpha and
-        beta on validation images only (never on test data). A Tip-Adapter with raw image keys is
-        fitted alongside as the baseline.
+        Samples --shots images per class with --seed, averages their raw embeddings over
+        --augment-epochs random crops/flips (then normalises, as the released code), turns them into
+        CODERs (the keys), and picks alpha and beta on validation images only (never on test data)
+        over the released grid. A Tip-Adapter with raw image keys is fitted alongside as the baseline.
+        The released configs' initial alpha/beta are evaluated and reported, but the searched values
+        are used (the released code reports the better of the two on the test set, which peeks at it).
 
         \b
         Examples:
@@ -63,16 +70,20 @@ def register(cli: click.Group) -> None:
         support = load_labelled(support_dir, names, mapping)
         val = load_labelled(val_dir, names, mapping) if val_dir else None
         kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
-        cfg = FitConfig(shots=shots, seed=seed, augment_epochs=augment_epochs, kinds=kind_list,
-                        allow_fewer=allow_fewer, val_per_class=val_per_class, batch_size=batch_size, workers=workers)
+        cfg = FitConfig(shots=shots, seed=seed, augment_epochs=augment_epochs, kinds=kind_list, allow_fewer=allow_fewer,
+                        val_per_class=val_per_class, search=search, prompts=prompts, batch_size=batch_size,
+                        workers=workers)
         manifest = fit_adapter(index, support, out, cfg, val, progress=True)
         if as_json:
             print_json(manifest)
             return
         for name, h in manifest["adapters"].items():
-            click.echo(f"{name}: alpha={h['alpha']:.3g} beta={h['beta']:.3g} T={h['T']:g}; validation accuracy "
+            init = h.get("init")
+            at_init = f"; at the released init alpha={init['alpha']:g} beta={init['beta']:g}: " \
+                f"{100 * init['val_accuracy']:.2f}%" if init else ""
+            click.echo(f"{name}: alpha={h['alpha']:.4g} beta={h['beta']:.4g} T={h['T']:g}; validation accuracy "
                        f"{100 * h['val_accuracy']:.2f}% (zero-shot {100 * h['val_zero_shot_accuracy']:.2f}%, "
-                       f"{h['val_images']} images)")
+                       f"{h['val_images']} images{at_init})")
         if manifest["skipped"]:
             click.echo(f"skipped {len(manifest['skipped'])} unreadable support image(s)", err=True)
         click.echo(f"wrote {out} ({manifest['support_images']} support images, {manifest['n_texts']} texts)")

@@ -9,7 +9,7 @@ import click
 
 from coder_index import __version__
 
-from .common import friendly_errors, model_options, print_json, setup_logging
+from .common import GAP_THRESHOLD, friendly_errors, model_options, print_json, resolve_gap_threshold, setup_logging
 from .corpus_command import register as register_corpus
 from .eval_command import register as register_eval_command
 from .fewshot_command import register as register_fewshot
@@ -45,7 +45,18 @@ def cli(verbose: bool) -> None:
 @click.option("--classes", "classes_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Class names, one per line, in label order.")
 @click.option("--dataset", default=None,
-              help="Use this dataset's prompt templates (e.g. imagenet, oxford_pets, eurosat, dtd, food101).")
+              help="Use this dataset's prompt templates (e.g. imagenet, oxford_pets, eurosat, dtd, food101, or a "
+                   "released key such as ImageNet, oxford-pet, DTD, CUB200).")
+@click.option("--preset", type=click.Choice(["default", "cvpr24"]), default=None,
+              help="Text recipe: coder-index's own templates (default), or exactly the texts of the authors' released "
+                   "CODER code (cvpr24; needs --dataset). An existing index keeps its own.")
+@click.option("--task", type=click.Choice(["zero-shot", "few-shot"]), default=None,
+              help="With --preset cvpr24: the released wording of attribute/analogous texts differs per task "
+                   "[default: zero-shot].")
+@click.option("--expert-knowledge", "expert_knowledge", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The authors' released expert_knowledge/ folder: imports attributes, analogous classes, synonyms "
+                   "and one-to-one features of --dataset (with --preset cvpr24). Its .pkl files are read without "
+                   "running any code.")
 @click.option("--descriptors", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON {class: [descriptor, ...]} stored as attribute texts '{class} which has {descriptor}'. "
                    "Repeatable.")
@@ -60,9 +71,10 @@ def cli(verbose: bool) -> None:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly_errors
-def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: tuple[str, ...],
-          knowledge: tuple[str, ...], generate_kinds: str | None, model: str | None, pretrained: str | None,
-          device: str | None, as_json: bool, dry_run: bool, **llm: Any) -> None:
+def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str | None, task: str | None,
+          expert_knowledge: str | None, descriptors: tuple[str, ...], knowledge: tuple[str, ...],
+          generate_kinds: str | None, model: str | None, pretrained: str | None, device: str | None, as_json: bool,
+          dry_run: bool, **llm: Any) -> None:
     """Create INDEX_DIR (or add to it) from a class list and attribute files.
 
     Name texts come from the dataset's templates; descriptor files add attribute texts; knowledge
@@ -78,6 +90,8 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
       coder-index build tiny --classes classes.txt --model local-dir:/models/my-clip
       coder-index build in1k --classes ImageNet.txt --knowledge imagenet-knowledge.json
       coder-index build in1k --classes ImageNet.txt --generate attribute,analogous,synonym --llm none
+      coder-index build in1k-cvpr24 --classes ImageNet.txt --dataset ImageNet --preset cvpr24 \\
+          --expert-knowledge expert_knowledge/ --model ViT-B-32 --pretrained openai
     """
     from coder_index.build import build_index
     from coder_index.textgen.knowledge import load_knowledge
@@ -97,16 +111,16 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
             report_generation(stats)
             return k
 
-    report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset,
-                         descriptors=list(descriptors), device=device, knowledge=loaded, generate=generate,
-                         progress=True)
+    report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset, preset=preset,
+                         task=task, descriptors=list(descriptors), device=device, knowledge=loaded,
+                         expert_knowledge=expert_knowledge, generate=generate, progress=True)
     if as_json:
         print_json(report.__dict__)
         return
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     added = ", ".join(f"{v} {k}" for k, v in report.added.items())
-    click.echo(f"{index_dir}: {report.classes} classes; added {added} texts; "
+    click.echo(f"{index_dir}: {report.classes} classes, {report.recipe}; added {added} texts; "
                f"{report.duplicates} already present")
 
 
@@ -125,8 +139,9 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, descriptors: 
 @model_options
 @click.option("--rerank", is_flag=True, help="Stage 2 (CODER*): rerank each image's top-5 with one-to-one pair "
                                               "texts, generating missing pairs with the LLM options below.")
-@click.option("--gap-threshold", default=None, type=click.FloatRange(0, 1),
-              help="Rerank only images whose softmax top-1 minus top-2 is below this (default: all).")
+@click.option("--gap-threshold", default=None, type=GAP_THRESHOLD,
+              help="Rerank only images whose softmax top-1 minus top-2 is below this (default: all); 'preset' takes "
+                   "the released code's threshold for the index's dataset.")
 @click.option("--rerank-chunk", default=2048, show_default=True, type=click.IntRange(1),
               help="Images per rerank step (their missing pairs are generated together).")
 @click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
@@ -164,6 +179,7 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
 
     index = TextIndex.open(index_dir, device=device)
     _check_requested_model(index, model, pretrained, device)
+    gap_threshold = resolve_gap_threshold(gap_threshold, index)
     reranker = scorer = method = None
     if sum([rerank, bool(adapter_dir), zs_method != "coder"]) > 1:
         raise click.UsageError("--rerank, --adapter and --method xmore/coder+xmore are separate methods; use one")

@@ -43,6 +43,11 @@ def llm_options(fn: Callable) -> Callable:
         click.option("--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True),
         click.option("--analogous-threshold", default=0.9, show_default=True, type=float,
                      help="Drop analogous names whose CLIP similarity to another class exceeds this."),
+        click.option("--filter-model", default=None, metavar="MODEL",
+                     help="CLIP model of the analogous filter [default: the target model]. The released code always "
+                          "uses ViT-L-14 (e.g. --filter-model ViT-L-14 --filter-pretrained openai)."),
+        click.option("--filter-pretrained", default=None, metavar="TAG|FILE",
+                     help="Pretrained tag or checkpoint of --filter-model."),
         click.option("--dry-run", is_flag=True, help="Print how many prompts would be sent, send none."),
     ]
     for opt in reversed(opts):
@@ -52,7 +57,8 @@ def llm_options(fn: Callable) -> Callable:
 
 def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model: str, api_key_env: str,
                    concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
-                   synonyms_from: str = "wordnet", analogous_threshold: float = 0.9) -> Any:
+                   synonyms_from: str = "wordnet", analogous_threshold: float = 0.9, filter_model: str | None = None,
+                   filter_pretrained: str | None = None) -> Any:
     from coder_index.textgen.generator import AutoTextGenerator
     from coder_index.textgen.llm import LLMCache, LLMClient, LLMConfig
 
@@ -62,7 +68,13 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
                                   concurrency=concurrency, max_requests=max_requests, temperature=temperature),
                         LLMCache(cache_path))
         llm.check_credentials()  # a missing key is reported before any image or text is processed
-    return AutoTextGenerator(encoder, llm, synonym_source=synonyms_from, analogous_threshold=analogous_threshold)
+    filter_encoder = None
+    if filter_model:
+        from coder_index.encoder import ClipEncoder
+
+        filter_encoder = ClipEncoder(filter_model, filter_pretrained, device=str(encoder.device))
+    return AutoTextGenerator(encoder, llm, synonym_source=synonyms_from, analogous_threshold=analogous_threshold,
+                             filter_encoder=filter_encoder)
 
 
 def parse_kinds(kinds: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Build (or extend) a text index from a class list, templates and attribute files."""
+"""Build (or extend) a text index from a class list, a text recipe and text sources."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .encoder import ClipEncoder
-from .index.text_index import TextIndex
-from .sources import attribute_texts, load_templates, name_texts, read_class_list, read_descriptor_file
+from .index.text_index import MANIFEST, TextIndex
+from .presets import TextRecipe
+from .sources import attribute_texts, read_class_list, read_descriptor_file
 
 if TYPE_CHECKING:
     from .textgen.knowledge import Knowledge
@@ -19,62 +20,90 @@ if TYPE_CHECKING:
 class BuildReport:
     path: str
     classes: int
+    recipe: str = ""
     added: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
+def resolve_recipe(index_dir: Path, preset: str | None, dataset: str | None, task: str | None) -> TextRecipe | None:
+    """The recipe asked for; None means 'the existing index's own' (or the default for a new one)."""
+    if preset is None and dataset is None and task is None:
+        return None
+    return TextRecipe.make(preset or "default", dataset, task or "zero-shot")
+
+
 def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str | None = None,
-                pretrained: str | None = None, dataset: str | None = None,
-                descriptors: list[str | Path] | None = None, device: str | None = None,
+                pretrained: str | None = None, dataset: str | None = None, preset: str | None = None,
+                task: str | None = None, descriptors: list[str | Path] | None = None, device: str | None = None,
                 encoder: ClipEncoder | None = None, knowledge: list[Knowledge] | None = None,
+                expert_knowledge: str | Path | None = None,
                 generate: Callable[[ClipEncoder, list[str]], Knowledge] | None = None,
                 progress: bool = False) -> BuildReport:
     """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
     of ``classes_file``, attribute texts from each descriptor file, and all general kinds of each
-    knowledge file. ``generate(encoder, classes)`` produces more knowledge on the fly."""
+    knowledge file. ``generate(encoder, classes)`` produces more knowledge on the fly.
+
+    ``preset`` ('default' or 'cvpr24'), ``dataset`` and ``task`` choose the text recipe; an existing
+    index keeps its own and refuses another. ``expert_knowledge`` is the released
+    ``expert_knowledge/`` folder (cvpr24 preset): attributes, analogous classes, synonyms and
+    one-to-one features of ``dataset``.
+    """
+    from .textgen.expert import load_expert_knowledge
+
     classes = read_class_list(classes_file)
-    templates = load_templates(dataset)
     index_dir = Path(index_dir)
+    recipe = resolve_recipe(index_dir, preset, dataset, task)
     descriptor_data = [(Path(p), read_descriptor_file(p)) for p in descriptors or []]  # fail before work
+    exists = (index_dir / MANIFEST).exists()
+    if exists and recipe is None:
+        recipe = TextIndex.open(index_dir).recipe
+    recipe = recipe or TextRecipe.make()
+    expert = None
+    if expert_knowledge is not None:
+        if not recipe.is_released:
+            raise ValueError("--expert-knowledge holds the released texts; use it with --preset cvpr24 --dataset NAME")
+        expert = load_expert_knowledge(expert_knowledge, recipe.knowledge_key, classes)
     if encoder is None:
-        if (index_dir / "manifest.json").exists() and model is None:
-            index = TextIndex.open(index_dir, device=device)
-            encoder = index.encoder
+        if exists and model is None:
+            encoder = TextIndex.open(index_dir, device=device).encoder
         else:
             encoder = ClipEncoder(model or "ViT-B-32", pretrained, device=device)
-    index = TextIndex.create(index_dir, encoder, exist_ok=True)
+    index = TextIndex.create(index_dir, encoder, exist_ok=True, recipe=recipe)
     index.add_classes(classes)
-    report = BuildReport(str(index_dir), len(classes))
+    report = BuildReport(str(index_dir), len(classes), recipe.describe())
 
-    res = index.add_texts(name_texts(classes, templates), progress=progress)
-    report.added["name"] = res.added
-    report.duplicates += res.duplicates
+    def add(items: list, kind: str) -> None:
+        res = index.add_texts(items, progress=progress, desc=f"encoding {kind} texts")
+        report.added[kind] = report.added.get(kind, 0) + res.added
+        report.duplicates += res.duplicates
+
+    add(recipe.name_texts(classes), "name")
     for path, data in descriptor_data:
-        imp = attribute_texts(data, classes, templates, source=f"descriptors:{path.name}")
+        imp = attribute_texts(data, classes, recipe, source=f"descriptors:{path.name}")
         if imp.unmatched_keys:
             report.warnings.append(f"{path.name}: {len(imp.unmatched_keys)} key(s) match no class "
                                    f"(first: {imp.unmatched_keys[:3]}); their descriptors were skipped")
         if imp.classes_without:
             report.warnings.append(f"{path.name}: no descriptors for {len(imp.classes_without)} class(es) "
                                    f"(first: {imp.classes_without[:3]})")
-        res = index.add_texts(imp.items, progress=progress)
-        report.added["attribute"] = report.added.get("attribute", 0) + res.added
-        report.duplicates += res.duplicates
-    all_knowledge = list(knowledge or [])
+        add(imp.items, "attribute")
+    sources: list[tuple[Knowledge, bool]] = [(k, False) for k in knowledge or []]
+    if expert is not None:
+        sources.append((expert[0], True))  # the released lookups are exact: no loose name matching
+        report.warnings += [f"expert knowledge: {m}" for m in expert[1]]
     if generate is not None:
-        all_knowledge.append(generate(encoder, classes))
-    for k in all_knowledge:
-        items = k.text_items(classes, templates)
+        sources.append((generate(encoder, classes), False))
+    for k, exact in sources:
+        items = k.text_items(classes, recipe, exact=exact)
         for kind in ("attribute", "analogous", "synonym"):
-            res = index.add_texts([it for it in items if it.kind == kind], progress=progress)
-            report.added[kind] = report.added.get(kind, 0) + res.added
-            report.duplicates += res.duplicates
-        pairs = k.pair_features(classes)
+            add([it for it in items if it.kind == kind], kind)
+        pairs = k.pair_features(classes, exact=exact)
         if pairs:
-            source = "llm:" + str((k.provenance.get("llm") or {}).get("model", "knowledge"))
+            source = "llm:" + str((k.provenance.get("llm") or {}).get("model", "knowledge")) if not exact else \
+                f"expert:{Path(str(expert_knowledge)).name}"
             report.added["pair"] = report.added.get("pair", 0) + index.add_pair_texts(pairs, source=source)
-    index.record_run("build", {"classes_file": str(classes_file), "dataset": templates.dataset,
+    index.record_run("build", {"classes_file": str(classes_file), "recipe": recipe.to_dict(),
                                "descriptors": [str(p) for p, _ in descriptor_data],
-                               "knowledge": [k.provenance for k in all_knowledge], "added": report.added})
+                               "knowledge": [k.provenance for k, _ in sources], "added": report.added})
     return report

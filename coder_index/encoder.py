@@ -183,10 +183,12 @@ class ClipEncoder:
         return np.concatenate(out)
 
     @torch.inference_mode()
-    def encode_image_batch(self, batch: torch.Tensor) -> np.ndarray:
+    def encode_image_batch(self, batch: torch.Tensor, *, normalize: bool = True) -> np.ndarray:
+        """Embeddings of a preprocessed batch; L2-normalised unless ``normalize=False`` (raw features,
+        e.g. to average augmented views before normalising, as the released few-shot code does)."""
         batch = batch.to(self.device, non_blocking=True)
-        feats = self.model.encode_image(batch.half() if self.half else batch)
-        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+        feats = self.model.encode_image(batch.half() if self.half else batch).float()
+        return (F.normalize(feats, dim=-1) if normalize else feats).cpu().numpy()
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))

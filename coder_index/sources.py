@@ -1,67 +1,19 @@
-"""Where the texts of this issue come from: class names through templates, and published
-``{class: [descriptor, ...]}`` attribute files (e.g. Menon & Vondrick's VCD descriptors)."""
+"""Readers of user-supplied text sources: class lists and published ``{class: [descriptor, ...]}``
+attribute files (e.g. Menon & Vondrick's VCD descriptors). How they become texts is a
+``presets.TextRecipe``."""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import InputFormatError
-from .index.text_index import TextItem
+from .index.records import TextItem
+from .presets import TextRecipe, norm_key
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
-@dataclass(frozen=True)
-class DatasetTemplates:
-    dataset: str
-    name: tuple[str, ...]   # templates with {c}
-    attribute: str          # with {c} and {a}
-    analogous: str          # with {c} and {a}
-
-
-@cache
-def _templates_file() -> dict[str, Any]:
-    try:
-        text = resources.files("coder_index.data").joinpath("templates.json").read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError):  # running from a source tree without install
-        text = (Path(__file__).resolve().parent.parent / "data" / "templates.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", name.lower())
-
-
-def dataset_names() -> list[str]:
-    return sorted(k for k in _templates_file() if not k.startswith("_"))
-
-
-def load_templates(dataset: str | None = None) -> DatasetTemplates:
-    """Templates of ``dataset`` (name or alias, case-insensitive); ``None`` gives the default set."""
-    data = _templates_file()
-    key = "default"
-    if dataset:
-        wanted = _norm(dataset)
-        matches = [k for k, v in data.items() if not k.startswith("_")
-                   and (_norm(k) == wanted or wanted in {_norm(a) for a in v.get("aliases", [])})]
-        if not matches:
-            raise InputFormatError(f"unknown dataset '{dataset}'; known: {', '.join(dataset_names())} "
-                                   "(or leave --dataset out for the default templates)")
-        key = matches[0]
-    entry = data[key]
-    return DatasetTemplates(key, tuple(entry["name"]), entry["attribute"], entry["analogous"])
-
-
-def fill(template: str, c: str, a: str | None = None) -> str:
-    """Substitute without str.format so braces inside class names or descriptors stay literal."""
-    out = template.replace("{c}", c)
-    return out.replace("{a}", a) if a is not None else out
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -87,11 +39,6 @@ def read_class_list(path: str | Path) -> list[str]:
     if not names:
         raise InputFormatError(f"{path} holds no class names (one per line expected)")
     return names
-
-
-def name_texts(classes: list[str], templates: DatasetTemplates) -> list[TextItem]:
-    return [TextItem(c, "name", fill(t, c), template=t, source="template")
-            for c in classes for t in templates.name]
 
 
 def read_json_refusing_pickle(path: str | Path) -> Any:
@@ -127,10 +74,10 @@ def match_classes(keys: list[str], classes: list[str]) -> tuple[dict[str, str], 
     exact = set(classes)
     loose = {}
     for c in classes:
-        loose.setdefault(_norm(c), c)
+        loose.setdefault(norm_key(c), c)
     mapping, unmatched = {}, []
     for k in keys:
-        target = k if k in exact else loose.get(_norm(k))
+        target = k if k in exact else loose.get(norm_key(k))
         if target is None:
             unmatched.append(k)
         else:
@@ -146,11 +93,10 @@ class DescriptorImport:
 
 
 def attribute_texts(descriptors: dict[str, list[str]], classes: list[str],
-                    templates: DatasetTemplates, source: str = "descriptor-file") -> DescriptorImport:
-    """``{class} which has {descriptor}`` (or the dataset's variant) for every matched class."""
+                    recipe: TextRecipe, source: str = "descriptor-file") -> DescriptorImport:
+    """``{class} which has {descriptor}`` (or the recipe's variant) for every matched class."""
     mapping, unmatched = match_classes(list(descriptors), classes)
-    items = [TextItem(mapping[k], "attribute", fill(templates.attribute, mapping[k], d.strip()),
-                      template=templates.attribute, source=source)
-             for k, descs in descriptors.items() if k in mapping for d in descs if d.strip()]
+    items = [it for k, descs in descriptors.items() if k in mapping
+             for it in recipe.attribute_texts(mapping[k], [d.strip() for d in descs if d.strip()], source)]
     covered = set(mapping.values())
     return DescriptorImport(items, unmatched, [c for c in classes if c not in covered])

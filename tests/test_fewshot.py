@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import CoderAdapter, TextIndex, TipAdapter
-from coder_index.fewshot.adapter import grid_accuracy, search_hyperparameters
+from coder_index.fewshot.adapter import SEARCHES, CacheLogits, SearchGrid, count_correct, search_hyperparameters
 from coder_index.fewshot.model import FewShotModel
 from coder_index_cli.main import cli
 
@@ -56,18 +56,86 @@ def test_bad_input():
         ad.logits(np.ones((1, 3)), np.ones((1, 3)))
 
 
-def test_grid_equals_nested_loops():
-    rng = np.random.default_rng(2)
-    ad = CoderAdapter(1, 1).fit(rng.random((40, 10)), rng.integers(0, 5, 40), 5)
-    val, y, zs = rng.random((25, 10)), rng.integers(0, 5, 25), rng.standard_normal((25, 5)) * 3
-    betas, alphas = np.linspace(0.1, 50, 9), np.linspace(0.1, 10, 7)
-    fast = grid_accuracy(ad.affinity(val), ad.values_, zs, y, betas, alphas, max_elements=500)
-    loops = np.array([[((zs + a * np.exp(-b * (1 - ad.affinity(val))) @ ad.values_).argmax(1) == y).mean()
-                       for a in alphas] for b in betas])
-    np.testing.assert_allclose(fast, loops)
-    result = search_hyperparameters(ad, val, y, zs)
-    assert result["val_accuracy"] >= loops.max() - 1e-9
+def released_loop(a, values, zs, y, grid):
+    """The released search written plainly: every (beta, alpha) of each round, strictly-greater keeps the
+    first best, each round restarts from 0 and narrows to [0.5x, 1.5x) of its best."""
+    blo, bhi = grid.beta_range
+    alo, ahi = grid.alpha_range
+    for _ in range(grid.rounds):
+        best, bb, ba = 0, 0.0, 0.0
+        for i in range(grid.beta_steps):
+            beta = i * (bhi - blo) / grid.beta_steps + blo
+            cache = np.exp(-beta * (1 - a)) @ values
+            for j in range(grid.alpha_steps):
+                alpha = j * (ahi - alo) / grid.alpha_steps + alo
+                acc = int(((zs + alpha * cache).argmax(1) == y).sum())
+                if acc > best:
+                    best, bb, ba = acc, beta, alpha
+        blo, bhi, alo, ahi = bb * 0.5, bb * 1.5, ba * 0.5, ba * 1.5
+    return bb, ba, best
+
+
+def _case(seed, n=60, classes=6, shots=4, k=24, noise=2.0):
+    rng = np.random.default_rng(seed)
+    protos = rng.standard_normal((classes, k))
+    labels = rng.permutation(np.repeat(np.arange(classes), shots))
+    support = protos[labels] + noise * rng.standard_normal((len(labels), k))
+    y = rng.integers(0, classes, n)
+    val = protos[y] + noise * rng.standard_normal((n, k))
+    zs = rng.standard_normal((n, classes)) * 2
+    zs[np.arange(n), y] += 1.0
+    return CoderAdapter(1, 1).fit(support, labels, classes), val, y, zs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_search_picks_what_the_released_loop_picks(seed):
+    ad, val, y, zs = _case(seed)
+    grid = SearchGrid(beta_steps=40, alpha_steps=12)
+    expected = released_loop(ad.affinity(val), ad.values_.astype(np.float64), zs, y, grid)
+    result = search_hyperparameters(ad, val, y, zs, search=grid)
+    assert (result["beta"], result["alpha"], round(result["val_accuracy"] * len(y))) == expected
     assert (ad.alpha, ad.beta) == (result["alpha"], result["beta"])
+
+
+def test_full_released_grid_and_ties_keep_the_first_point():
+    ad, val, y, zs = _case(7, n=30)
+    expected = released_loop(ad.affinity(val), ad.values_.astype(np.float64), zs, y, SEARCHES["released"])
+    assert search_hyperparameters(ad, val, y, zs)["beta"] == expected[0]
+    # every point is right on every image: each round keeps its first point, as the released loop does
+    easy = zs.copy()
+    easy[np.arange(len(y)), y] += 1000
+    expected = released_loop(ad.affinity(val), ad.values_.astype(np.float64), easy, y, SEARCHES["fast"])
+    got = search_hyperparameters(ad, val, y, easy, search="fast")
+    assert (got["beta"], got["alpha"]) == expected[:2] == (0.1 * 0.5 * 0.5, 0.1 * 0.5 * 0.5)
+
+
+def test_unequal_shots_and_exact_ties_between_classes():
+    """A class with fewer shots (the one-hot product path) and zero-shot logits with exact ties,
+    decided as argmax decides them (first index)."""
+    ad, val, y, zs = _case(3, shots=3)
+    rng = np.random.default_rng(0)
+    support = np.concatenate([ad.keys_, rng.standard_normal((1, ad.keys_.shape[1]))])
+    labels = np.concatenate([ad.values_.argmax(1), [2]])
+    ad = CoderAdapter(1, 1).fit(support, labels, 6)
+    zs = np.round(zs)  # many exact ties
+    grid = SearchGrid(beta_steps=30, alpha_steps=10)
+    expected = released_loop(ad.affinity(val), ad.values_.astype(np.float64), zs, y, grid)
+    got = search_hyperparameters(ad, val, y, zs, search=grid)
+    assert (got["beta"], got["alpha"], round(got["val_accuracy"] * len(y))) == expected
+
+
+def test_count_correct_equals_direct_evaluation_at_every_alpha():
+    import torch
+
+    ad, val, y, zs = _case(11, n=200)
+    cache = CacheLogits(ad.affinity(val), ad.values_.argmax(1), 6)
+    zs_t, y_t = torch.from_numpy(zs), torch.from_numpy(y)
+    alphas = np.concatenate([np.linspace(0.01, 30, 300), [0.0]])
+    for beta in (0.1, 3.0, 50.0, 199.9):
+        k = cache(beta)
+        got = count_correct(zs_t, zs_t.gather(1, y_t[:, None]) - zs_t, k, y_t, alphas)
+        direct = [int(((zs_t + a * k).argmax(1) == y_t).sum()) for a in alphas]
+        assert got.tolist() == direct
 
 
 def test_search_takes_only_validation_data():

@@ -8,7 +8,7 @@ import pytest
 from coder_index import TextIndex
 from coder_index.build import build_index
 from coder_index.errors import InputFormatError
-from coder_index.sources import load_templates
+from coder_index.presets import TextRecipe
 from coder_index.textgen.knowledge import Knowledge, load_knowledge
 
 from conftest import shared_path
@@ -56,7 +56,7 @@ def test_text_items_apply_dataset_templates():
     k.set("pug", "attribute_text", ["Pugs are small dogs."], "import:x")
     k.set("pug", "analogous", ["bulldog"], "llm:m")
     k.set("pug", "synonym", ["carlin"], "wordnet")
-    items = {(i.kind, i.text, i.source) for i in k.text_items(["pug"], load_templates("oxford_pets"))}
+    items = {(i.kind, i.text, i.source) for i in k.text_items(["pug"], TextRecipe.make(dataset="oxford_pets"))}
     assert items == {("attribute", "pug, a type of pet, which has a curly tail", "llm:m"),
                      ("attribute", "Pugs are small dogs.", "import:x"),
                      ("analogous", "a pug similar to bulldog", "llm:m"),
@@ -72,7 +72,7 @@ def test_build_with_knowledge_stores_every_kind_with_its_source(tmp_path, encode
     report = build_index(tmp_path / "idx", classes_file, encoder=encoder,
                          knowledge=[load_knowledge(tmp_path / "k.json")])
     assert report.added["attribute"] == 1 and report.added["analogous"] == 1
-    assert report.added["synonym"] == len(load_templates().name)
+    assert report.added["synonym"] == len(TextRecipe.make().name_templates)
     index = TextIndex.open(tmp_path / "idx", encoder=encoder)
     with index.engine.connect() as conn:
         rows = set(conn.exec_driver_sql("select kind, source from texts where kind != 'name'"))

@@ -1,6 +1,7 @@
 """The zero-shot methods `eval` compares, each a function of image embeddings -> logits [N, C].
 
-- clip: one prompt-ensembled text embedding per class (mean of its normalised name texts)
+- clip: one prompt-ensembled text embedding per class (``zeroshot.py``: CLIP's published prompts for
+  the index's dataset by default)
 - vcd: descriptor averaging (Menon & Vondrick): mean cosine to the class's attribute texts
 - coder and its text-kind ablations (paper Table 2): stage-1 heuristic logits over a kind subset
 """
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from ..coder import LOGIT_SCALE, CoderClassifier
-from ..validation import l2_normalize
+from ..zeroshot import zero_shot_weights
 
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
@@ -30,27 +31,10 @@ RERANK_METHODS = ("coder*", "coder*-gated")
 ALL_METHODS = STAGE1_METHODS + RERANK_METHODS
 
 
-def _class_means(emb: np.ndarray, class_ids: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    sums = torch.zeros((n_classes, emb.shape[1])).index_add_(0, torch.from_numpy(class_ids),
-                                                              torch.from_numpy(np.ascontiguousarray(emb)))
-    counts = np.bincount(class_ids, minlength=n_classes)
-    return sums.numpy() / np.maximum(counts, 1)[:, None], counts
-
-
-def class_prompt_embeddings(index: TextIndex) -> np.ndarray:
-    """One text embedding per class: the normalised mean of its normalised name texts."""
-    table = index.text_table(("name",))
-    n = len(index.class_names())
-    means, counts = _class_means(table.embeddings, table.class_ids, n)
-    if (counts == 0).any():
-        raise ValueError(f"{int((counts == 0).sum())} class(es) have no name text; rebuild the index")
-    return l2_normalize(means.astype(np.float32), "class prompt embeddings")
-
-
-def clip_classifier(index: TextIndex) -> Callable[[np.ndarray], np.ndarray]:
+def clip_classifier(index: TextIndex, prompts: str = "auto", progress: bool = False
+                    ) -> Callable[[np.ndarray], np.ndarray]:
     """Plain CLIP zero-shot with a prompt ensemble: ``100 * x^ @ W_cls^T`` (METHODS.md §5)."""
-    w = class_prompt_embeddings(index)
-    return lambda x: LOGIT_SCALE * (x @ w.T)
+    return zero_shot_weights(index, prompts, progress=progress).logits
 
 
 def vcd_classifier(index: TextIndex) -> Callable[[np.ndarray], np.ndarray]:
@@ -79,9 +63,10 @@ def coder_classifier(index: TextIndex, kinds: tuple[str, ...]) -> Callable[[np.n
     return lambda x: clf.logits(x, normalized=True)
 
 
-def stage1_classifier(index: TextIndex, method: str) -> Callable[[np.ndarray], np.ndarray]:
+def stage1_classifier(index: TextIndex, method: str, prompts: str = "auto",
+                      progress: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     if method == "clip":
-        return clip_classifier(index)
+        return clip_classifier(index, prompts, progress)
     if method == "vcd":
         return vcd_classifier(index)
     if method == "coder":

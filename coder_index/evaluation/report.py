@@ -13,7 +13,7 @@ from ..predict import top_k
 
 def accuracy(logits: np.ndarray | None, preds: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     top1 = float((preds == labels).mean())
-    if logits is None:
+    if logits is None or logits.shape[1] < 5:  # top-5 of fewer than 5 classes means nothing (CLIP_benchmark: NaN)
         return top1, float("nan")
     idx, _ = top_k(logits, 5)
     return top1, float((idx == labels[:, None]).any(axis=1).mean())
@@ -67,6 +67,25 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown(report))
+
+
+def write_clip_benchmark(report: dict[str, Any], out_dir: Path, fingerprint: Any) -> list[Path]:
+    """CLIP_benchmark's result JSON (``metrics.acc1``, ``acc5``, ``mean_per_class_recall``) so that its
+    aggregation scripts read coder-index results: ``clip_benchmark.json`` for the ``clip`` row, and
+    ``clip_benchmark_<method>.json`` (with an extra ``method`` key) for every other row."""
+    written = []
+    for m in report["methods"]:
+        dump = {"dataset": report["data"], "model": fingerprint.model, "pretrained": fingerprint.pretrained,
+                "task": "zeroshot_classification",
+                "metrics": {"acc1": m["top1"], "acc5": m["top5"], "mean_per_class_recall": m["mean_per_class_recall"]},
+                "language": "en"}
+        name = "clip_benchmark.json"
+        if m["name"] != "clip":
+            dump["method"] = m["name"]
+            name = "clip_benchmark_" + "".join(ch if ch.isalnum() or ch in "-+_" else "_" for ch in m["name"]) + ".json"
+        atomic_write_json(out_dir / name, dump)
+        written.append(out_dir / name)
+    return written
 
 
 def tsne_figure(raw: np.ndarray, coder: np.ndarray, labels: np.ndarray, names: list[str], path: Path,

@@ -12,10 +12,19 @@ from tqdm import tqdm
 
 from ..coder import coder_features
 from ..pipeline.loader import iterate_batches
+from ..zeroshot import zero_shot_weights
 from .data import LabelledSet
 from .embcache import EmbeddingCache
 from .methods import ALL_METHODS, RERANK_METHODS, stage1_classifier
-from .report import accuracy, most_confused, per_class_accuracy, rerank_effect, tsne_figure, write_reports
+from .report import (
+    accuracy,
+    most_confused,
+    per_class_accuracy,
+    rerank_effect,
+    tsne_figure,
+    write_clip_benchmark,
+    write_reports,
+)
 
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
@@ -62,7 +71,8 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
              reranker_factory: Callable[[float | None], Any] | None = None, gap_threshold: float = 0.3,
              cache_path: str | Path | None = None, batch_size: int = 64, workers: int = 2,
              tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
-             fewshot: Any | None = None, xmore: Any | None = None) -> dict[str, Any]:
+             fewshot: Any | None = None, xmore: Any | None = None, prompts: str = "auto",
+             report_formats: Sequence[str] = ()) -> dict[str, Any]:
     few = [m for m in methods if m in FEWSHOT_METHODS]
     if few and fewshot is None:
         raise ValueError(f"{few} need a few-shot adapter (--adapter DIR)")
@@ -82,8 +92,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
                               "images": int(len(x)), "classes": names, **{k: v for k, v in enc.items()},
                               "methods": [], "per_class": {}, "confused": {}, "rerank": {}, "notes": []}
     stage1_logits: np.ndarray | None = None
+    if "clip" in methods or few or retrieval:
+        report["prompts"] = zero_shot_weights(index, prompts, progress=progress).prompts
     for method in [m for m in methods if m not in RERANK_METHODS]:
-        classifier = stage1_classifier(index, method)  # text tables load outside the timing
+        classifier = stage1_classifier(index, method, prompts)  # text tables load outside the timing
         t0 = time.perf_counter()
         logits = classifier(x)
         seconds = time.perf_counter() - t0
@@ -131,6 +143,8 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
                     _ensure(out_dir) / "tsne.png")
         report["tsne"] = str(out_dir / "tsne.png")
     write_reports(report, out_dir)
+    if "clip_benchmark" in report_formats:
+        write_clip_benchmark(report, out_dir, index.fingerprint)
     return report
 
 
@@ -142,8 +156,10 @@ def _ensure(p: Path) -> Path:
 def _record(report: dict[str, Any], name: str, logits: np.ndarray, preds: np.ndarray, labels: np.ndarray,
             names: list[str], seconds: float) -> None:
     top1, top5 = accuracy(logits, preds, labels)
+    recall = per_class_accuracy(preds, labels, names)
     report["methods"].append({"name": name, "top1": round(top1, 6), "top5": round(top5, 6),
+                              "mean_per_class_recall": round(float(np.mean(list(recall.values()))), 6),
                               "seconds": round(seconds, 4),
                               "images_per_s": round(len(labels) / seconds, 1) if seconds > 0 else float("inf")})
-    report["per_class"][name] = per_class_accuracy(preds, labels, names)
+    report["per_class"][name] = recall
     report["confused"][name] = most_confused(preds, labels, names)

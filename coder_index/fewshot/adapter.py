@@ -9,6 +9,7 @@ The Tip-Adapter baseline uses raw image embeddings as keys and, as in Tip-Adapte
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -102,59 +103,164 @@ def neighbour_cache_logits(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray
     return out.numpy()
 
 
-def default_grid(beta_steps: int = 40, alpha_steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """beta in [0.1, 200], alpha in [0.1, 20] (METHODS.md §5)."""
-    return np.linspace(0.1, 200.0, beta_steps), np.linspace(0.1, 20.0, alpha_steps)
+@dataclass(frozen=True)
+class SearchGrid:
+    """The hyper-parameter grid: ``beta_steps`` x ``alpha_steps`` values on [lo, hi) (the released
+    loop's ``i * (hi - lo) / steps + lo``), then ``rounds - 1`` more grids on [0.5x, 1.5x) of the
+    previous round's best. Each round starts from accuracy 0 and keeps the first strictly better
+    point in loop order (beta outer, alpha inner); the result is the last round's best."""
+
+    beta_range: tuple[float, float] = (0.1, 200.0)
+    alpha_range: tuple[float, float] = (0.1, 20.0)
+    beta_steps: int = 500
+    alpha_steps: int = 50
+    rounds: int = 3
 
 
-def grid_accuracy(affinity: np.ndarray, values: np.ndarray, zs_logits: np.ndarray, labels: np.ndarray,
-                  betas: np.ndarray, alphas: np.ndarray, max_elements: int = 2**25) -> np.ndarray:
-    """Validation accuracy [len(betas), len(alphas)] from ONE affinity matrix.
+SEARCHES = {"released": SearchGrid(), "fast": SearchGrid(beta_steps=100, alpha_steps=20)}
 
-    For a chunk of betas, ``exp(-beta (1 - a)) @ L`` is one batched product; every alpha is then a
-    broadcast add and an argmax. No loop over images or grid points (only over beta chunks, to
-    bound memory).
+
+def grid_values(lo: float, hi: float, steps: int) -> np.ndarray:
+    """``[i * (hi - lo) / steps + lo for i in range(steps)]``, the same float64 operations in the same order."""
+    return (np.arange(steps, dtype=np.float64) * (hi - lo)) / steps + lo
+
+
+class CacheLogits:
+    """``exp(-beta * (1 - a)) @ L`` for one normalised affinity matrix ``a`` [N, M] and one-hot ``L``,
+    in float64 (float32 would run into denormals: exp(-200) is below float32's normal range, and
+    such arithmetic is an order of magnitude slower on CPUs).
+
+    With the same number of shots per class (the usual case) the product with ``L`` is a sum over
+    shots: the support columns are reordered shot-major once, and the per-class sums are S - 1
+    whole-array additions instead of an [N, M] x [M, C] product.
     """
-    a = torch.from_numpy(np.ascontiguousarray(affinity, dtype=np.float32))
-    vals = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    zs = torch.from_numpy(np.ascontiguousarray(zs_logits, dtype=np.float32))
+
+    def __init__(self, affinity: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+        d = torch.from_numpy(np.ascontiguousarray(affinity, dtype=np.float64)) - 1.0   # a - 1 <= 0
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(labels, minlength=n_classes)
+        self.n_classes = n_classes
+        self.shots = int(counts[0]) if counts.size and (counts == counts[0]).all() and counts[0] > 0 else 0
+        if self.shots:
+            # column s * C + c holds shot s of class c
+            order = np.argsort(labels, kind="stable").reshape(n_classes, self.shots).T.reshape(-1)
+            self.d = d[:, torch.from_numpy(order)].contiguous()
+        else:
+            self.d = d
+            self.onehot = torch.from_numpy(np.eye(n_classes, dtype=np.float64)[labels])
+        self._buf = torch.empty_like(self.d)
+
+    def __call__(self, beta: float) -> torch.Tensor:
+        torch.mul(self.d, float(beta), out=self._buf).exp_()       # exp(beta (a - 1)) = exp(-beta (1 - a))
+        if not self.shots:
+            return self._buf @ self.onehot
+        c = self.n_classes
+        out = self._buf[:, :c].clone()
+        for s in range(1, self.shots):   # over shots only (at most a few dozen), never over images or classes
+            out += self._buf[:, s * c:(s + 1) * c]
+        return out
+
+
+_U = float(np.finfo(np.float64).eps)  # unit roundoff x 2; the bands below are generous on purpose
+
+
+def count_correct(zs: torch.Tensor, dz: torch.Tensor, cache: torch.Tensor, y: torch.Tensor, alphas: np.ndarray
+                  ) -> np.ndarray:
+    """Number of rows with ``argmax(zs + alpha * cache) == y`` for every alpha at once.
+
+    For an image, its class y beats class c where ``dz_c + alpha * dk_c > 0`` (dz = zs_y - zs_c,
+    dk = cache_y - cache_c): a half-line in alpha. So the alphas where y wins form one interval
+    (lo, hi), found with O(C) work per image instead of O(C) per image *and* alpha. Where an alpha
+    lies within rounding distance of a bound (or two cache values are equal), the decision is taken
+    by evaluating ``zs + alpha * cache`` directly, so the counts equal the direct computation's,
+    ties (first index wins) included.
+    """
+    n, c = cache.shape
+    ky = cache.gather(1, y[:, None])
+    dk = ky - cache                                                    # [N, C]
+    own = torch.zeros((n, c), dtype=torch.bool)
+    own[torch.arange(n), y] = True
+    b = -dz / torch.where(dk == 0, torch.ones_like(dk), dk)            # alpha where y and c tie
+    absb = b.abs()
+    scale_z = zs.gather(1, y[:, None]).abs() + zs.abs()
+    eps = 16 * _U * ((scale_z + absb * (ky.abs() + cache.abs())) / dk.abs().clamp_min(1e-300) + absb)
+    pos, neg = dk > 0, dk < 0
+    ninf = torch.tensor(-np.inf, dtype=torch.float64)
+    pinf = torch.tensor(np.inf, dtype=torch.float64)
+    lo_plus = torch.where(pos, b + eps, ninf).amax(1)
+    lo_minus = torch.where(pos, b - eps, ninf).amax(1)
+    hi_minus = torch.where(neg, b - eps, pinf).amin(1)
+    hi_plus = torch.where(neg, b + eps, pinf).amin(1)
+    # equal cache values: the alpha term cancels; zs decides (ties go to the lower class index)
+    flat = (dk == 0) & ~own
+    amax = float(np.max(alphas)) if len(alphas) else 0.0
+    band = 8 * _U * (scale_z + 2 * amax * (ky.abs() + cache.abs()))
+    never = (flat & (dz < -band)).any(1)
+    unsure_always = (flat & (dz.abs() <= band)).any(1)
+
+    al = torch.from_numpy(np.asarray(alphas, dtype=np.float64))[:, None]       # [A, 1]
+    sure_right = (al > lo_plus) & (al < hi_minus) & ~never & ~unsure_always      # [A, N]
+    sure_wrong = (al < lo_minus) | (al > hi_plus) | never
+    counts = sure_right.sum(1).numpy().astype(np.int64)
+    unsure = ~(sure_right | sure_wrong)
+    if unsure.any():
+        ai, ni = torch.nonzero(unsure, as_tuple=True)
+        direct = (zs[ni] + al[ai] * cache[ni]).argmax(1) == y[ni]         # torch.argmax: first maximum
+        np.add.at(counts, ai.numpy(), direct.numpy().astype(np.int64))
+    return counts
+
+
+def grid_search(cache_logits: CacheLogits, zs_logits: np.ndarray, labels: np.ndarray, grid: SearchGrid
+                ) -> tuple[float, float, int, list[dict[str, Any]]]:
+    """(beta, alpha, correct count, per-round history) of ``grid``, as the released loop picks them."""
+    zs = torch.from_numpy(np.ascontiguousarray(zs_logits, dtype=np.float64))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    al = torch.from_numpy(np.asarray(alphas, dtype=np.float32))
-    n, m = a.shape
-    c = vals.shape[1]
-    step = max(1, max_elements // max(n * max(m, len(alphas) * c), 1))
-    out = np.empty((len(betas), len(alphas)))
-    one_minus = 1.0 - a
-    for start in range(0, len(betas), step):
-        b = torch.from_numpy(np.asarray(betas[start:start + step], dtype=np.float32))
-        cache = torch.exp(-b[:, None, None] * one_minus[None]) @ vals           # [B, N, C]
-        scores = zs[None, None] + al[None, :, None, None] * cache[:, None]      # [B, A, N, C]
-        out[start:start + len(b)] = (scores.argmax(-1) == y).float().mean(-1).numpy()
-    return out
+    dz = zs.gather(1, y[:, None]) - zs
+    b_lo, b_hi = grid.beta_range
+    a_lo, a_hi = grid.alpha_range
+    history = []
+    best_beta = best_alpha = 0.0
+    best = 0
+    for round_no in range(grid.rounds):
+        betas = grid_values(b_lo, b_hi, grid.beta_steps)
+        alphas = grid_values(a_lo, a_hi, grid.alpha_steps)
+        best, best_beta, best_alpha = 0, 0.0, 0.0   # the released loop restarts from accuracy 0 each round
+        for beta in betas:
+            counts = count_correct(zs, dz, cache_logits(beta), y, alphas)
+            j = int(np.argmax(counts))              # first alpha with the row's maximum
+            if counts[j] > best:                    # strictly better, as `if acc > best_acc`
+                best, best_beta, best_alpha = int(counts[j]), float(beta), float(alphas[j])
+        history.append({"round": round_no, "betas": [float(betas[0]), float(betas[-1]), len(betas)],
+                        "alphas": [float(alphas[0]), float(alphas[-1]), len(alphas)],
+                        "best": {"beta": best_beta, "alpha": best_alpha, "accuracy": best / len(y)}})
+        b_lo, b_hi = best_beta * 0.5, best_beta * 1.5
+        a_lo, a_hi = best_alpha * 0.5, best_alpha * 1.5
+    return best_beta, best_alpha, best, history
 
 
 def search_hyperparameters(adapter: CacheAdapter, val_features: Any, val_labels: Any, val_zs_logits: Any, *,
-                           beta_steps: int = 40, alpha_steps: int = 20, refine_steps: int = 10,
-                           refinements: int = 2) -> dict[str, Any]:
-    """Best (alpha, beta) on VALIDATION data: the grid, then ``refinements`` finer grids on
-    [0.5x, 1.5x] of the best. Takes only validation arrays: test data cannot reach it."""
+                           search: str | SearchGrid = "released", init: tuple[float, float] | None = None
+                           ) -> dict[str, Any]:
+    """Best (alpha, beta) on VALIDATION data over the released grid (``search='fast'``: a coarser
+    one). Takes only validation arrays: test data cannot reach it. ``init`` (alpha, beta) is
+    evaluated and reported too, but the searched values are the result: the released code reports
+    max(test accuracy at init, after search), which peeks at the test set."""
+    grid = SEARCHES[search] if isinstance(search, str) else search
     a = adapter.affinity(val_features)
     y = as_class_ids(val_labels, "val_labels", a.shape[0], adapter.values_.shape[1])
     zs = as_float_matrix(val_zs_logits, "val_zs_logits")
-    betas, alphas = default_grid(beta_steps, alpha_steps)
-    history = []
-    best = None
-    for round_no in range(refinements + 1):
-        acc = grid_accuracy(a, adapter.values_, zs, y, betas, alphas)
-        i, j = np.unravel_index(int(np.argmax(acc)), acc.shape)  # first best: smallest beta, then alpha
-        if best is None or acc[i, j] > best[2]:
-            best = (float(betas[i]), float(alphas[j]), float(acc[i, j]))
-        history.append({"round": round_no, "betas": [float(betas[0]), float(betas[-1]), len(betas)],
-                        "alphas": [float(alphas[0]), float(alphas[-1]), len(alphas)],
-                        "best": {"beta": float(betas[i]), "alpha": float(alphas[j]), "accuracy": float(acc[i, j])}})
-        betas = np.linspace(0.5 * best[0], 1.5 * best[0], refine_steps)
-        alphas = np.linspace(0.5 * best[1], 1.5 * best[1], refine_steps)
-    adapter.beta, adapter.alpha = best[0], best[1]
-    zs_acc = float((zs.argmax(1) == y).mean())
-    return {"beta": best[0], "alpha": best[1], "T": adapter.T, "val_accuracy": best[2],
-            "val_zero_shot_accuracy": zs_acc, "val_images": int(len(y)), "rounds": history}
+    cache = CacheLogits(a, adapter.values_.argmax(1), adapter.values_.shape[1])
+    beta, alpha, correct, history = grid_search(cache, zs, y, grid)
+    if correct == 0:
+        raise ValueError("no (alpha, beta) of the grid classifies any validation image correctly; the validation "
+                         "set or the labels are wrong")
+    adapter.beta, adapter.alpha = beta, alpha
+    out = {"beta": beta, "alpha": alpha, "T": adapter.T, "val_accuracy": correct / len(y),
+           "val_zero_shot_accuracy": float((zs.argmax(1) == y).mean()), "val_images": int(len(y)),
+           "search": search if isinstance(search, str) else asdict(grid), "rounds": history}
+    if init is not None:
+        zs_t = torch.from_numpy(np.asarray(zs, dtype=np.float64))
+        y_t = torch.from_numpy(y)
+        hit = count_correct(zs_t, zs_t.gather(1, y_t[:, None]) - zs_t, cache(init[1]), y_t, np.array([init[0]]))
+        out["init"] = {"alpha": float(init[0]), "beta": float(init[1]), "val_accuracy": int(hit[0]) / len(y)}
+    return out

@@ -13,6 +13,8 @@ from ..errors import InputFormatError
 from ..evaluation.data import LabelledSet
 from ..evaluation.embcache import EmbeddingCache
 from ..evaluation.run import embed_labelled
+from ..presets import few_shot_defaults
+from ..zeroshot import zero_shot_weights
 from .adapter import CoderAdapter, TipAdapter, search_hyperparameters
 from .model import new_manifest, save_adapter
 from .support import augmented_embeddings, sample_shots
@@ -27,13 +29,13 @@ DEFAULT_KINDS = ["name", "attribute", "analogous"]  # the released code's few-sh
 class FitConfig:
     shots: int = 16
     seed: int = 1
-    augment_epochs: int = 10
+    augment_epochs: int | None = None  # None: the released config of the index's dataset (20; pets 10; ImageNet 1)
     kinds: tuple[str, ...] = tuple(DEFAULT_KINDS)
     allow_fewer: bool = False
     val_per_class: int = 8
-    alpha: float = 1.0
-    beta: float = 1.0
     T: float = 1.0  # noqa: N815 - the paper's symbol
+    search: str = "released"   # the released 3 x (500 beta x 50 alpha) grid, or "fast"
+    prompts: str = "auto"      # zero-shot prompts of o_zs (zeroshot.PROMPT_CHOICES)
     batch_size: int = 32
     workers: int = 2
 
@@ -61,10 +63,13 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     if len(val_data) == 0:
         raise InputFormatError("no validation images: pass --val DIR, or have more images per class than --shots")
 
+    recipe = index.recipe
+    defaults = few_shot_defaults(recipe.released or recipe.dataset)
+    epochs = defaults["augment_epochs"] if cfg.augment_epochs is None else cfg.augment_epochs
     encoder = index.encoder
     paths = [support_data.paths[i] for i in support_idx]
     labels = support_data.labels[support_idx]
-    emb, errors = augmented_embeddings(encoder, paths, cfg.augment_epochs, cfg.seed, batch_size=cfg.batch_size,
+    emb, errors = augmented_embeddings(encoder, paths, epochs, cfg.seed, batch_size=cfg.batch_size,
                                        workers=cfg.workers)
     ok = ~np.isnan(emb).any(axis=1)
     emb, labels, shot_no = emb[ok], labels[ok], shot_no[ok]
@@ -80,26 +85,30 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     val_x, keep, _ = embed_labelled(index, val_data, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                                     progress=progress)
     val_y = val_data.labels[keep]
-    from ..evaluation.methods import clip_classifier
-
-    val_zs = clip_classifier(index)(val_x)
+    zs_weights = zero_shot_weights(index, cfg.prompts, progress=progress)
+    val_zs = zs_weights.logits(val_x)
     n_classes = len(index.class_names())
-    coder = CoderAdapter(cfg.alpha, cfg.beta, cfg.T).fit(support_coder, labels, n_classes)
-    coder_search = search_hyperparameters(coder, val_x @ table.embeddings.T, val_y, val_zs)
-    tip = TipAdapter(cfg.alpha, cfg.beta, cfg.T).fit(emb, labels, n_classes)
-    tip_search = search_hyperparameters(tip, val_x, val_y, val_zs)
+    init = (defaults["init_alpha"], defaults["init_beta"])  # the released configs' starting point, reported
+    coder = CoderAdapter(*init, cfg.T).fit(support_coder, labels, n_classes)
+    coder_search = search_hyperparameters(coder, val_x @ table.embeddings.T, val_y, val_zs, search=cfg.search,
+                                          init=init)
+    tip = TipAdapter(*init, cfg.T).fit(emb, labels, n_classes)
+    tip_search = search_hyperparameters(tip, val_x, val_y, val_zs, search=cfg.search, init=init)
 
     manifest = new_manifest(index, list(cfg.kinds), table.ids, shots=cfg.shots, seed=cfg.seed,
-                            augment_epochs=cfg.augment_epochs, support_images=int(len(paths)),
+                            augment_epochs=epochs, support_images=int(len(paths)),
                             validation={"source": val_source, "images": int(len(val_y))},
+                            zero_shot_prompts=zs_weights.prompts,
                             adapters={"coder-adapter": _summary(coder_search), "tip-adapter": _summary(tip_search)},
-                            search={"coder-adapter": coder_search["rounds"], "tip-adapter": tip_search["rounds"]},
+                            search={"grid": cfg.search, "coder-adapter": coder_search["rounds"],
+                                    "tip-adapter": tip_search["rounds"]},
                             skipped=errors)
-    rows = [{"path": str(p), "label": int(y), "shot": int(s), "augment_epochs": cfg.augment_epochs}
+    rows = [{"path": str(p), "label": int(y), "shot": int(s), "augment_epochs": epochs}
             for p, y, s in zip(paths, labels, shot_no, strict=True)]
-    save_adapter(out, manifest, table.ids, support_coder, emb, rows)
+    save_adapter(out, manifest, table.ids, support_coder, emb, rows, zs_weights.weights)
     return manifest
 
 
 def _summary(search: dict[str, Any]) -> dict[str, Any]:
-    return {k: search[k] for k in ("alpha", "beta", "T", "val_accuracy", "val_zero_shot_accuracy", "val_images")}
+    keys = ("alpha", "beta", "T", "val_accuracy", "val_zero_shot_accuracy", "val_images", "init")
+    return {k: search[k] for k in keys if k in search}

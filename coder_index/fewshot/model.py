@@ -7,6 +7,7 @@
       meta.sqlite          support(id, path, label, shot, augment_epochs)
       text_ids.npy         the index text ids that are the CODER columns, in order
       support_images.npy   L2-normalised support image embeddings (the Tip-Adapter keys)
+      zero_shot.npy        W_cls [C, D]: the prompt-ensembled class embeddings of o_zs
 
 The affinity of a test image is a search of support.faiss: exact (every support entry) by default;
 with ``top_k`` only the k nearest entries contribute (the row minimum for the min-max comes from a
@@ -51,7 +52,7 @@ def text_ids_checksum(ids: np.ndarray) -> str:
 
 
 def save_adapter(out: str | Path, manifest: dict[str, Any], text_ids: np.ndarray, support_coder: np.ndarray,
-                 support_images: np.ndarray, rows: list[dict[str, Any]]) -> Path:
+                 support_images: np.ndarray, rows: list[dict[str, Any]], zero_shot: np.ndarray) -> Path:
     """Write the adapter directory aside and rename it into place: never half-written."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -62,6 +63,7 @@ def save_adapter(out: str | Path, manifest: dict[str, Any], text_ids: np.ndarray
         faiss.write_index(index, str(tmp / "support.faiss"))
         np.save(tmp / "text_ids.npy", np.asarray(text_ids, dtype=np.int64))
         np.save(tmp / "support_images.npy", np.asarray(support_images, dtype=np.float32))
+        np.save(tmp / "zero_shot.npy", np.asarray(zero_shot, dtype=np.float32))
         engine = make_engine(tmp / "meta.sqlite")
         _meta.create_all(engine)
         with engine.begin() as conn:
@@ -87,6 +89,7 @@ class FewShotModel:
         self._check_index()
         self.support = faiss.read_index(str(path / "support.faiss"))
         self.support_images = np.load(path / "support_images.npy", allow_pickle=False)
+        self.zs_weights = np.load(path / "zero_shot.npy", allow_pickle=False)
         engine = make_engine(path / "meta.sqlite")
         with engine.connect() as conn:
             self.labels = np.array([r[0] for r in conn.execute(select(support_rows.c.label).order_by(
@@ -116,11 +119,10 @@ class FewShotModel:
 
     # ------------------------------------------------------------------ prediction
     def zero_shot(self, x: np.ndarray) -> np.ndarray:
-        from ..evaluation.methods import clip_classifier
+        """o_zs = 100 * x^ @ W_cls^T with the W_cls saved at fit time (same prompts as validation)."""
+        from ..coder import LOGIT_SCALE
 
-        if "zs" not in self.__dict__:
-            self.zs = clip_classifier(self.index)
-        return self.zs(x)
+        return LOGIT_SCALE * (np.asarray(x, dtype=np.float32) @ self.zs_weights.T)
 
     def coder(self, x: np.ndarray) -> np.ndarray:
         return x @ self.text_emb.T

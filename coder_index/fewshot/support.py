@@ -86,8 +86,9 @@ def _collate(items: list) -> list:
 
 def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, seed: int, *, batch_size: int = 32,
                          workers: int = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """[M, D] L2-normalised means over ``epochs`` augmented views (plain preprocessing if epochs == 0),
-    and (path, reason) for files that could not be decoded (their rows are NaN)."""
+    """[M, D] support embeddings: the mean of the raw (unnormalised) features of ``epochs`` augmented
+    views, then L2-normalised, as the released code builds its cache keys (plain preprocessing if
+    epochs == 0); and (path, reason) for files that could not be decoded (their rows are NaN)."""
     transform = encoder.preprocess if epochs == 0 else augmentation(encoder)
     n_views = max(epochs, 1)
     ds = _Augmented(paths, transform, n_views, seed)
@@ -100,6 +101,6 @@ def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, s
         if not ok:
             continue
         views = torch.cat([v for _, v in ok])                       # [B * E, 3, H, W]
-        emb = encoder.encode_image_batch(views).reshape(len(ok), n_views, -1).mean(axis=1)
+        emb = encoder.encode_image_batch(views, normalize=False).reshape(len(ok), n_views, -1).mean(axis=1)
         out[[i for i, _ in ok]] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     return out, errors

@@ -1,4 +1,6 @@
-"""One-to-one pair texts in an index: ``Because of {feature}, {a} is different from {b}``.
+"""One-to-one pair texts in an index: every pair template of the index's recipe (``Because of
+{feature}, {a} is different from {b}`` by default; 7 templates for most datasets under cvpr24) for
+every feature.
 
 They live apart from the general texts (pairs.faiss + the pair_texts table) because CODER uses only
 general texts; the rerank asks for the pairs that meet in some image's top-5, on demand.
@@ -18,12 +20,6 @@ from .atomic import exclusive_lock
 
 if TYPE_CHECKING:
     from .text_index import TextIndex
-
-
-def pair_text(feature: str, a: str, b: str) -> str:
-    from .text_index import PAIR_TEMPLATE
-
-    return PAIR_TEMPLATE.replace("{feature}", feature).replace("{a}", a).replace("{b}", b)
 
 
 def pairs_with_texts(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
@@ -48,12 +44,14 @@ def add_pair_texts(index: TextIndex, features: Mapping[tuple[str, str], list[str
     unknown = sorted({n for p in features for n in p} - ids.keys())
     if unknown:
         raise ValueError(f"pair texts name classes that are not in the index: {unknown[:5]}")
+    recipe = index.recipe
     rows = []
     for (a, b), feats in features.items():
-        for f in dict.fromkeys(" ".join(x.split()) for x in feats):
-            if f and a != b:
-                rows.append({"class_a": ids[a], "class_b": ids[b], "feature": f, "text": pair_text(f, a, b),
-                             "source": source})
+        if a == b:
+            continue
+        for feature, text, weight in recipe.pair_texts(a, b, feats):
+            rows.append({"class_a": ids[a], "class_b": ids[b], "feature": feature, "text": text,
+                         "source": source, "weight": weight})
     if not rows:
         return 0
     t = schema.pair_texts
@@ -91,7 +89,8 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
     rows = []
     with index.engine.connect() as conn:
         for i in range(0, len(wanted), 400):
-            q = select(t.c.id, t.c.class_a, t.c.class_b).where(tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
+            q = select(t.c.id, t.c.class_a, t.c.class_b, t.c.weight).where(
+                tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
             rows += conn.execute(q).all()
     if not rows:
         return {}
@@ -104,6 +103,9 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     pos = order[np.searchsorted(all_ids, ids, sorter=order)]
     keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)
+    weights = np.array([r[3] for r in rows], dtype=np.int64)
+    if (weights > 1).any():  # a repeated text counts as often in the rerank's mean (released behaviour)
+        pos, keys = np.repeat(pos, weights), np.repeat(keys, weights, axis=0)
     grouping = np.lexsort((keys[:, 1], keys[:, 0]))
     keys, pos = keys[grouping], pos[grouping]
     bounds = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1

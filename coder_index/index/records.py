@@ -16,6 +16,7 @@ class TextItem:
     text: str
     template: str | None = None
     source: str | None = None
+    weight: int = 1  # how many times the text counts in a class's mean (the released lists repeat some)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class TextTable:
     class_ids: np.ndarray    # [K] int64
     kinds: np.ndarray        # [K] str
     embeddings: np.ndarray   # [K, D] float32, L2-normalised
+
+    # A text of weight w appears w times (rows repeated), so every consumer averages as the released
+    # code does without knowing about weights; with all weights 1 nothing is repeated.
 
     def __len__(self) -> int:
         return len(self.ids)

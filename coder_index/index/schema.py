@@ -38,6 +38,8 @@ texts = Table(
     Column("text", Text, nullable=False),
     Column("template", Text, nullable=True),
     Column("source", Text, nullable=True),
+    # how many times the text counts in its class's mean (the released lists repeat some texts)
+    Column("weight", Integer, nullable=False, server_default="1"),
     UniqueConstraint("class_id", "kind", "text", name="uq_text_per_class_kind"),
     Index("ix_texts_kind", "kind"),
 )
@@ -51,6 +53,7 @@ pair_texts = Table(
     Column("feature", Text, nullable=False),
     Column("text", Text, nullable=False),
     Column("source", Text, nullable=True),
+    Column("weight", Integer, nullable=False, server_default="1"),
     UniqueConstraint("class_a", "class_b", "text", name="uq_pair_text"),
     Index("ix_pair_texts_pair", "class_a", "class_b"),
 )

@@ -42,14 +42,14 @@ from .records import AddResult, TextItem, TextTable
 
 if TYPE_CHECKING:
     from ..encoder import ClipEncoder, ModelFingerprint
+    from ..presets import TextRecipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text weights, the text recipe in the state table
 MANIFEST = "manifest.json"
 TEXTS_FAISS = "texts.faiss"
 PAIRS_FAISS = "pairs.faiss"
 META_DB = "meta.sqlite"
 LOCK = ".lock"
-PAIR_TEMPLATE = "Because of {feature}, {a} is different from {b}"
 
 
 @dataclass(frozen=True)
@@ -93,14 +93,21 @@ class TextIndex(IndexQueries):
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
-    def create(cls, path: str | Path, encoder: ClipEncoder, *, exist_ok: bool = False) -> TextIndex:
-        """A new, empty index for ``encoder``'s model. With ``exist_ok`` an existing index of the same
-        model is opened instead (another model is refused)."""
+    def create(cls, path: str | Path, encoder: ClipEncoder, *, exist_ok: bool = False,
+               recipe: TextRecipe | None = None) -> TextIndex:
+        """A new, empty index for ``encoder``'s model whose texts follow ``recipe`` (default preset
+        without a dataset if None). With ``exist_ok`` an existing index of the same model and recipe
+        is opened instead (another model or recipe is refused)."""
+        from ..presets import TextRecipe
+
         path = Path(path)
+        recipe = recipe or TextRecipe.make()
         if (path / MANIFEST).exists():
             if not exist_ok:
                 raise IndexFormatError(f"{path} already holds an index; open it, or choose another directory")
-            return cls.open(path, encoder=encoder)
+            index = cls.open(path, encoder=encoder)
+            index.check_recipe(recipe)
+            return index
         if path.exists() and not path.is_dir():
             raise IndexFormatError(f"{path} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
@@ -117,7 +124,8 @@ class TextIndex(IndexQueries):
             with engine.begin() as conn:
                 conn.execute(insert(schema.state), [{"key": "generation", "value": "0"},
                                                     {"key": "pairs_generation", "value": "0"},
-                                                    {"key": "dim", "value": str(fp.embed_dim)}])
+                                                    {"key": "dim", "value": str(fp.embed_dim)},
+                                                    {"key": "text_recipe", "value": json.dumps(recipe.to_dict())}])
             engine.dispose()
             for vf in VECTOR_FILES:
                 write_faiss_durably(_empty_faiss(fp.embed_dim), path / vf.file)
@@ -129,6 +137,7 @@ class TextIndex(IndexQueries):
                 "dim": fp.embed_dim,
                 "metric": "inner_product (cosine on L2-normalised vectors)",
                 "files": {"texts": TEXTS_FAISS, "pairs": PAIRS_FAISS, "metadata": META_DB},
+                "texts": recipe.to_dict(),
                 "counts": {"classes": 0, "texts": {}},
             }
             atomic_write_json(path / MANIFEST, manifest)
@@ -200,6 +209,28 @@ class TextIndex(IndexQueries):
             self._encoder = enc
         return self._encoder
 
+    # ----------------------------------------------------------------- texts recipe
+    @property
+    def recipe(self) -> TextRecipe:
+        """How this index turns words into texts (preset, dataset, task, templates)."""
+        from ..presets import TextRecipe
+
+        if "recipe" not in self._cache:
+            with self.engine.connect() as conn:
+                value = conn.execute(select(schema.state.c.value).where(schema.state.c.key == "text_recipe")).scalar()
+            if value is None:
+                raise IndexFormatError(f"{self.path / META_DB} has no text_recipe record; the index is damaged")
+            self._cache["recipe"] = TextRecipe.from_dict(json.loads(value))
+        return self._cache["recipe"]
+
+    def check_recipe(self, recipe: TextRecipe) -> None:
+        mine = self.recipe
+        if mine != recipe:
+            raise IndexFormatError(
+                f"{self.path} holds texts of {mine.describe()}; this build asks for {recipe.describe()}. Texts of "
+                "two recipes do not mix in one index: leave --preset/--dataset/--task out to add to it as it is, "
+                "or build into a new directory.")
+
     # ----------------------------------------------------------------- state
     def _generation(self, vf: VectorFile) -> int:
         with self.engine.connect() as conn:
@@ -269,7 +300,7 @@ class TextIndex(IndexQueries):
         return [existing[n] for n in clean]
 
     def add_texts(self, items: Iterable[TextItem], *, batch_size: int = 256,
-                  progress: bool = False) -> AddResult:
+                  progress: bool = False, desc: str = "encoding texts") -> AddResult:
         """Embed and store texts; (class, kind, text) already present are counted, not stored again.
 
         The slow part (text encoding) runs before the lock; the write itself is atomic.
@@ -281,6 +312,10 @@ class TextIndex(IndexQueries):
         unknown_kinds = sorted({it.kind for it in items} - set(TEXT_KINDS))
         if unknown_kinds:
             raise ValueError(f"unknown text kind(s) {unknown_kinds}; allowed: {list(TEXT_KINDS)}")
+        bad_weight = [it for it in items if isinstance(it.weight, bool) or not isinstance(it.weight, int)
+                      or it.weight < 1]
+        if bad_weight:
+            raise ValueError(f"text weights must be positive integers (first: {bad_weight[0]!r})")
         missing = sorted({it.class_name for it in items} - class_ids.keys())
         if missing:
             raise ValueError(f"{len(missing)} text(s) name classes that are not in the index "
@@ -295,7 +330,7 @@ class TextIndex(IndexQueries):
             return AddResult(0, len(items))
         distinct_texts = list(dict.fromkeys(k[2] for k in new_keys))
         emb = self.encoder.encode_texts(distinct_texts, batch_size=batch_size) if not progress else \
-            self._encode_with_progress(distinct_texts, batch_size)
+            self._encode_with_progress(distinct_texts, batch_size, desc)
         row_of = {t: i for i, t in enumerate(distinct_texts)}
 
         with exclusive_lock(self.path / LOCK):
@@ -304,7 +339,7 @@ class TextIndex(IndexQueries):
                 return AddResult(0, len(items))
             vectors = emb[[row_of[k[2]] for k in new_keys]]
             rows = [{"class_id": k[0], "kind": k[1], "text": k[2], "template": unique[k].template,
-                     "source": unique[k].source} for k in new_keys]
+                     "source": unique[k].source, "weight": int(unique[k].weight)} for k in new_keys]
             self._atomic_add(TEXT_VECTORS, rows, vectors)
         self._cache.clear()
         self._write_manifest_counts()
@@ -329,12 +364,12 @@ class TextIndex(IndexQueries):
             self._faiss.pop(vf.file, None)  # the in-memory index may be ahead of disk; reload on next use
             raise
 
-    def _encode_with_progress(self, texts: list[str], batch_size: int) -> np.ndarray:
+    def _encode_with_progress(self, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
         from tqdm import tqdm
 
         chunk = batch_size * 8
         parts = []
-        with tqdm(total=len(texts), unit="text", desc="encoding texts") as bar:
+        with tqdm(total=len(texts), unit="text", desc=desc) as bar:
             for i in range(0, len(texts), chunk):
                 parts.append(self.encoder.encode_texts(texts[i:i + chunk], batch_size=batch_size))
                 bar.update(len(parts[-1]))
@@ -393,17 +428,21 @@ class TextIndex(IndexQueries):
         index = self._faiss_index()
         t = schema.texts
         with self.engine.connect() as conn:
-            rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind).where(t.c.kind.in_(list(kinds)))
+            rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind, t.c.weight).where(t.c.kind.in_(list(kinds)))
                                 .order_by(t.c.id)).all()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        weights = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
         all_ids = faiss.vector_to_array(index.id_map)
         flat = faiss.downcast_index(index.index)
         vectors = faiss.vector_to_array(flat.codes).view(np.float32).reshape(-1, self.dim)
         # ids are assigned in increasing order, so positions come from a binary search.
         pos = np.searchsorted(all_ids, ids) if np.all(all_ids[:-1] < all_ids[1:]) else \
             np.argsort(all_ids)[np.searchsorted(np.sort(all_ids), ids)]
-        table = TextTable(ids, np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)),
-                          np.array([r[2] for r in rows], dtype=str), np.ascontiguousarray(vectors[pos]))
+        class_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        kinds_arr = np.array([r[2] for r in rows], dtype=str)
+        if (weights > 1).any():  # see TextTable: a text of weight w is w columns, as in the released code
+            pos, ids, class_ids, kinds_arr = (np.repeat(a, weights) for a in (pos, ids, class_ids, kinds_arr))
+        table = TextTable(ids, class_ids, kinds_arr, np.ascontiguousarray(vectors[pos]))
         self._cache[key] = table
         return table
 

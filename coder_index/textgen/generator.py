@@ -85,12 +85,15 @@ class DryRun:
 class AutoTextGenerator:
     def __init__(self, encoder: ClipEncoder, llm: LLMClient | None = None, *, synonym_source: str = "wordnet",
                  analogous_threshold: float = 0.9, max_rounds: int = 5, max_analogous: int = 8,
-                 wordnet: Any | None = None) -> None:
+                 wordnet: Any | None = None, filter_encoder: ClipEncoder | None = None) -> None:
+        """``filter_encoder`` is the CLIP model of the analogous filter; by default the target model
+        (``encoder``). The released code always filters with ViT-L-14 whatever the target model."""
         if synonym_source not in ("wordnet", "llm"):
             raise ValueError("synonym_source must be 'wordnet' or 'llm'")
         if synonym_source == "llm" and llm is None:
             raise ValueError("synonym_source='llm' needs an LLM; use the default WordNet synonyms with --llm none")
         self.encoder = encoder
+        self.filter_encoder = filter_encoder or encoder
         self.llm = llm
         self.synonym_source = synonym_source
         self.threshold = analogous_threshold
@@ -134,7 +137,7 @@ class AutoTextGenerator:
         t0 = time.perf_counter()
         knowledge = Knowledge(provenance=self._provenance(kinds))
         stats = GenerationStats(len(classes))
-        filt = AnalogousFilter(self.encoder, classes, self.threshold) if "analogous" in kinds else None
+        filt = AnalogousFilter(self.filter_encoder, classes, self.threshold) if "analogous" in kinds else None
 
         wordnet_kinds = [k for k in kinds if k not in self._llm_kinds(kinds)]
         if wordnet_kinds:
@@ -157,7 +160,8 @@ class AutoTextGenerator:
         prov: dict[str, Any] = {"generator": f"coder-index {__version__}", "kinds": kinds,
                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "clip_model": self.encoder.fingerprint.to_dict(),
-                                "analogous_threshold": self.threshold, "synonym_source": self.synonym_source}
+                                "analogous_threshold": self.threshold, "synonym_source": self.synonym_source,
+                                "filter_model": self.filter_encoder.fingerprint.to_dict()}
         if self.llm:
             prov["llm"] = {"model": self.llm.config.model, "base_url": redact_url(self.llm.config.base_url),
                            **self.llm.config.params}

@@ -21,8 +21,9 @@ from typing import Any
 
 from ..errors import InputFormatError
 from ..index.atomic import atomic_write_json
-from ..index.text_index import TextItem
-from ..sources import DatasetTemplates, fill, match_classes, read_json_refusing_pickle
+from ..index.records import TextItem
+from ..presets import TextRecipe
+from ..sources import match_classes, read_json_refusing_pickle
 
 FORMAT = "coder-index/knowledge"
 KINDS = ("attribute", "attribute_text", "analogous", "synonym")
@@ -59,31 +60,32 @@ class Knowledge:
         return {k: sum(len(e.get(k, [])) for e in self.classes.values()) for k in KINDS} | {
             "pairs": sum(len(r) for r in self.pairs.values())}
 
-    def pair_features(self, classes: list[str]) -> dict[tuple[str, str], list[str]]:
-        """Pair features with both class names matched to the vocabulary (others are skipped)."""
+    def pair_features(self, classes: list[str], *, exact: bool = False) -> dict[tuple[str, str], list[str]]:
+        """Pair features with both class names matched to the vocabulary (others are skipped);
+        ``exact`` matches names verbatim, as the released code's dictionary lookup does."""
         names = list({*self.pairs, *(b for row in self.pairs.values() for b in row)})
-        mapping, _ = match_classes(names, classes)
+        vocab = set(classes)
+        mapping = {n: n for n in names if n in vocab} if exact else match_classes(names, classes)[0]
         return {(mapping[a], mapping[b]): feats for a, row in self.pairs.items() for b, feats in row.items()
                 if a in mapping and b in mapping and feats}
 
-    def text_items(self, classes: list[str], templates: DatasetTemplates) -> list[TextItem]:
-        """Index texts for ``classes`` (keys matched loosely): attributes, analogous and synonyms
-        through the dataset's templates. Pair texts are not general texts and are not included."""
-        mapping, _ = match_classes(list(self.classes), classes)
+    def text_items(self, classes: list[str], recipe: TextRecipe, *, exact: bool = False) -> list[TextItem]:
+        """Index texts for ``classes``: attributes, analogous and synonyms through the recipe's
+        templates. Keys match classes loosely (case, punctuation) unless ``exact``. Pair texts are
+        not general texts and are not included."""
+        vocab = set(classes)
+        mapping = {k: k for k in self.classes if k in vocab} if exact else match_classes(list(self.classes), classes)[0]
         items: list[TextItem] = []
         for key, entry in self.classes.items():
             c = mapping.get(key)
             if c is None:
                 continue
             src = entry.get("source", {})
-            items += [TextItem(c, "attribute", fill(templates.attribute, c, a), templates.attribute,
-                               src.get("attribute", "knowledge")) for a in entry.get("attribute", [])]
+            items += recipe.attribute_texts(c, entry.get("attribute", []), src.get("attribute", "knowledge"))
             items += [TextItem(c, "attribute", s, None, src.get("attribute_text", "knowledge"))
                       for s in entry.get("attribute_text", [])]
-            items += [TextItem(c, "analogous", fill(templates.analogous, c, a), templates.analogous,
-                               src.get("analogous", "knowledge")) for a in entry.get("analogous", [])]
-            items += [TextItem(c, "synonym", fill(t, s), t, src.get("synonym", "knowledge"))
-                      for s in entry.get("synonym", []) for t in templates.name]
+            items += recipe.analogous_texts(c, entry.get("analogous", []), src.get("analogous", "knowledge"))
+            items += recipe.synonym_texts(c, entry.get("synonym", []), src.get("synonym", "knowledge"))
         return items
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import re
 
-# A bullet symbol needs a space after it, so "**bold**" is not a bullet.
-_MARKER = re.compile(r"^\s*(?:[-*•·‣▪◦+–—](?=\s)|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)](?=\s))\s*")
+# A bullet symbol needs a space after it, so "**bold**" is not a bullet. A leading underscore is the
+# released ATG prompts' bullet ("_long tail"), with or without a space.
+_MARKER = re.compile(r"^\s*(?:[-*•·‣▪◦+–—](?=\s)|_(?=\s*[^\s_])|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)](?=\s))\s*")
 _REFUSAL = re.compile(
     r"^\s*(?:i'?m sorry|i am sorry|sorry[,.!]|i can(?:no|')t|i cannot|i'?m unable|i am unable|"
     r"as an ai|i won'?t|i will not)", re.IGNORECASE)
@@ -102,7 +103,8 @@ def parse_pair(answer: str | None, a: str, b: str) -> tuple[list[str], list[str]
         low = header.lower()
         matched, rest = None, ""
         for name, side in names:
-            prefix = rf"^(?:features of )?(?:an? |the )?{re.escape(name)}s?"
+            # "cat:", "The cat:", "Features of a cat:", and the released prompts' "For cat:"
+            prefix = rf"^(?:for )?(?:features of )?(?:an? |the )?{re.escape(name)}s?"
             if re.match(prefix + r"\s*(?:features?|traits?)?\s*:", low):  # "cat:" / "cat features: ..."
                 matched, rest = side, header.split(":", 1)[1]
                 break

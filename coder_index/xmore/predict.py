@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..coder import LOGIT_SCALE
-from ..evaluation.methods import class_prompt_embeddings
+from ..zeroshot import zero_shot_weights
 from .corpus import Corpus
 from .ensemble import combine, confidence
 
@@ -19,10 +19,10 @@ IMAGE_MODALITIES = {"xmore": "clip", "coder+xmore": "coder"}
 
 
 class XMore:
-    def __init__(self, index: TextIndex, corpus: Corpus, k: int = 16, chunk: int = 1024) -> None:
+    def __init__(self, index: TextIndex, corpus: Corpus, k: int = 16, chunk: int = 1024, prompts: str = "auto") -> None:
         corpus.check_model(index.fingerprint)
         self.index, self.corpus, self.k, self.chunk = index, corpus, k, chunk
-        self.w = class_prompt_embeddings(index)
+        self.w = zero_shot_weights(index, prompts).weights  # the same W_cls as eval's clip row
 
     def image_logits(self, x: np.ndarray, modality: str) -> np.ndarray:
         if modality == "clip":
