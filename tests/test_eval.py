@@ -93,8 +93,13 @@ def test_report_matches_direct_computation(env):
     p_only = heuristic_logits(s[:, names], table.class_ids[names], table.kinds[names], 5)
     assert got["P"]["top1"] == pytest.approx((p_only.argmax(1) == y).mean())
 
-    # clip: prompt ensemble of each class's name texts
-    w = np.stack([table.embeddings[names & (table.class_ids == c)].mean(0) for c in range(5)])
+    # clip: CLIP's published prompt ensemble (the index has no dataset: ImageNet's 80 templates, as CLIP_benchmark)
+    from coder_index.presets import clip_prompts
+
+    name, templates = clip_prompts(None)
+    assert name == "clip:imagenet" and len(templates) == 80 and rep["prompts"].startswith("clip:imagenet")
+    emb = index.encoder.encode_texts([t.replace("{c}", c) for c in CLASSES for t in templates]).reshape(5, 80, -1)
+    w = emb.mean(1)
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     assert got["clip"]["top1"] == pytest.approx(((x @ w.T).argmax(1) == y).mean())
     # vcd: mean cosine to the class's attribute texts
@@ -148,3 +153,55 @@ def test_csv_labels_and_unmatched_names(env):
     res = CliRunner().invoke(cli, ["eval", str(data), "--index", str(tmp_path / "idx"), "--out",
                                    str(tmp_path / "x"), "-q"])
     assert res.exit_code == 1 and "bengal-cats" in res.output and "--mapping" in res.output
+
+
+def test_clip_row_prompts_and_clip_benchmark_json(env):
+    tmp_path, data, mapping, server = env
+    rep = run_eval(tmp_path, data, mapping, server, "cb", "--methods", "clip,coder", "--prompts", "names",
+                   "--report-format", "clip_benchmark")
+    index, x, y = direct(tmp_path, data)
+    table = index.text_table(("name",))
+    w = np.stack([table.embeddings[table.class_ids == c].mean(0) for c in range(5)])
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    pred = (x @ w.T).argmax(1)
+    clip = next(m for m in rep["methods"] if m["name"] == "clip")
+    assert clip["top1"] == pytest.approx((pred == y).mean())
+    dump = json.loads((tmp_path / "cb" / "clip_benchmark.json").read_text())
+    assert set(dump) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert dump["task"] == "zeroshot_classification" and dump["model"] == index.fingerprint.model
+    recall = np.mean([(pred[y == c] == c).mean() for c in range(5)])
+    assert dump["metrics"] == {"acc1": pytest.approx((pred == y).mean()), "acc5": pytest.approx(1.0),
+                               "mean_per_class_recall": pytest.approx(recall, abs=1e-6)}
+    coder = json.loads((tmp_path / "cb" / "clip_benchmark_coder.json").read_text())
+    assert coder["method"] == "coder" and coder["metrics"]["acc1"] == rep["methods"][1]["top1"]
+
+
+def test_clip_weights_equal_a_clip_benchmark_style_classifier(tmp_path, encoder):
+    """CLIP_benchmark's zero-shot classifier: open_clip's encode_text over the full context for every
+    '{c}' template of the dataset, normalise, mean, normalise; images normalised; argmax of 100 x^ W."""
+    import torch
+    import torch.nn.functional as F
+
+    from coder_index.presets import TextRecipe, clip_prompts
+    from coder_index.zeroshot import zero_shot_weights
+
+    from conftest import shared_path
+
+    classes = sorted(p.name for p in shared_path("data", "cifar10-test").iterdir())
+    index = TextIndex.create(tmp_path / "idx", encoder, recipe=TextRecipe.make(dataset="cifar10"))
+    index.add_classes(classes)
+    index.add_texts(index.recipe.name_texts(classes))
+    zs = zero_shot_weights(index)
+    _, templates = clip_prompts("cifar10")
+    assert len(templates) == 18 and zs.prompts.startswith("clip:cifar10")
+    model, tok = encoder.model, encoder.tokenizer
+    with torch.no_grad():
+        w = []
+        for c in classes:
+            e = F.normalize(model.encode_text(tok([t.format(c=c) for t in templates])), dim=-1).mean(dim=0)
+            w.append(e / e.norm())
+        w = torch.stack(w, dim=1).numpy()
+    paths = [p for c in classes for p in sorted((shared_path("data", "cifar10-test") / c).iterdir())[:10]]
+    x = encoder.encode_images([load_image(p) for p in paths])
+    np.testing.assert_allclose(zs.weights, w.T, atol=2e-6)
+    assert np.array_equal(zs.logits(x).argmax(1), (100.0 * x @ w).argmax(1))

@@ -238,3 +238,42 @@ def test_classify_and_eval_with_adapter(fewshot_env, other_tiny_model):
     res = runner.invoke(cli, ["classify", str(fewshot_env / "test"), "--index", str(fewshot_env / "idx2"), "--out",
                               str(fewshot_env / "q.csv"), "--adapter", str(fewshot_env / "ad")])
     assert res.exit_code == 1 and "fit a new adapter" in res.output
+
+
+def test_support_embedding_is_the_normalised_mean_of_raw_views(fewshot_env):
+    """As the released build_cache: mean over augment epochs of the raw features, then normalise."""
+    import torch
+
+    from coder_index.fewshot.support import _Augmented, augmentation, augmented_embeddings
+
+    index = TextIndex.open(fewshot_env / "idx")
+    enc = index.encoder
+    paths = sorted((fewshot_env / "train" / "red").glob("*.png"))[:3]
+    got, errors = augmented_embeddings(enc, paths, 4, seed=5, workers=0)
+    ds = _Augmented(paths, augmentation(enc), 4, 5)
+    raw = np.stack([enc.encode_image_batch(ds[i][1], normalize=False) for i in range(3)])   # [3, 4, D]
+    expected = raw.mean(1) / np.linalg.norm(raw.mean(1), axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    normalised_first = (raw / np.linalg.norm(raw, axis=2, keepdims=True)).mean(1)
+    normalised_first /= np.linalg.norm(normalised_first, axis=1, keepdims=True)
+    assert np.abs(got - normalised_first).max() > 2e-5  # the two orders really differ here (atol above: 1e-6)
+    assert not errors and torch.is_tensor(ds[0][1])
+
+
+def test_released_defaults_per_dataset(fewshot_env):
+    from coder_index.presets import few_shot_defaults
+
+    assert few_shot_defaults("oxford_pets") == {"augment_epochs": 10, "init_alpha": 1.0, "init_beta": 26.0,
+                                                 "released": "oxford-pet"}
+    assert few_shot_defaults("ImageNet")["augment_epochs"] == 1
+    assert few_shot_defaults("dtd")["init_beta"] == 30.18
+    assert few_shot_defaults(None)["augment_epochs"] == 20 and few_shot_defaults("cifar10")["augment_epochs"] == 20
+    args = ["fewshot", "fit", str(fewshot_env / "train"), "--index", str(fewshot_env / "idx"), "--shots", "2",
+            "--out", str(fewshot_env / "ad"), "--workers", "0", "--json", "--search", "fast"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["augment_epochs"] == 20 and m["search"]["grid"] == "fast"
+    init = m["adapters"]["coder-adapter"]["init"]
+    assert (init["alpha"], init["beta"]) == (1.0, 1.0) and 0 <= init["val_accuracy"] <= 1
+    assert m["zero_shot_prompts"].startswith("clip:imagenet")

@@ -45,3 +45,13 @@ def test_parse_pair_shapes(answer):
 def test_parse_pair_prefers_longest_name_and_rejects_unsplittable():
     assert parse_pair("wild cat:\n- striped\ncat:\n- domestic", "cat", "wild cat") == (["domestic"], ["striped"])
     assert parse_pair("Here are the differences:\n- size\n- colour", "cat", "dog") == ([], [])
+
+
+def test_parse_pair_released_style_headings():
+    """The released ATG prompt answers "For River:" / "For Lake:" with '_' bullets."""
+    answer = "For River:\n_Flowing water\n_Narrow and elongated body of water\nFor Lake:\n_Still or calm water\n"
+    assert parse_pair(answer, "river", "lake") == (["Flowing water", "Narrow and elongated body of water"],
+                                                   ["Still or calm water"])
+    assert parse_pair("For a cat:\n- whiskers\nFor the dog:\n- wet nose", "cat", "dog") == (["whiskers"], ["wet nose"])
+    assert parse_list("_four-limbed primate\n_black, grey\n_ long tail") == ["four-limbed primate", "black, grey",
+                                                                                 "long tail"]
