@@ -13,6 +13,7 @@ from .common import GAP_THRESHOLD, friendly_errors, model_options, print_json, r
 from .corpus_command import register as register_corpus
 from .eval_command import register as register_eval_command
 from .fewshot_command import register as register_fewshot
+from .reproduce_command import register as register_reproduce
 from .textgen_commands import (
     llm_client_options,
     llm_options,
@@ -346,6 +347,7 @@ register(cli)
 register_eval_command(cli)
 register_fewshot(cli)
 register_corpus(cli)
+register_reproduce(cli)
 
 if __name__ == "__main__":
     cli()

@@ -164,8 +164,7 @@ class CacheLogits:
 _U = float(np.finfo(np.float64).eps)  # unit roundoff x 2; the bands below are generous on purpose
 
 
-def count_correct(zs: torch.Tensor, dz: torch.Tensor, cache: torch.Tensor, y: torch.Tensor, alphas: np.ndarray
-                  ) -> np.ndarray:
+class AlphaCounter:
     """Number of rows with ``argmax(zs + alpha * cache) == y`` for every alpha at once.
 
     For an image, its class y beats class c where ``dz_c + alpha * dk_c > 0`` (dz = zs_y - zs_c,
@@ -173,41 +172,53 @@ def count_correct(zs: torch.Tensor, dz: torch.Tensor, cache: torch.Tensor, y: to
     (lo, hi), found with O(C) work per image instead of O(C) per image *and* alpha. Where an alpha
     lies within rounding distance of a bound (or two cache values are equal), the decision is taken
     by evaluating ``zs + alpha * cache`` directly, so the counts equal the direct computation's,
-    ties (first index wins) included.
+    ties (first index wins) included. What depends on zs and y alone is computed once.
     """
-    n, c = cache.shape
-    ky = cache.gather(1, y[:, None])
-    dk = ky - cache                                                    # [N, C]
-    own = torch.zeros((n, c), dtype=torch.bool)
-    own[torch.arange(n), y] = True
-    b = -dz / torch.where(dk == 0, torch.ones_like(dk), dk)            # alpha where y and c tie
-    absb = b.abs()
-    scale_z = zs.gather(1, y[:, None]).abs() + zs.abs()
-    eps = 16 * _U * ((scale_z + absb * (ky.abs() + cache.abs())) / dk.abs().clamp_min(1e-300) + absb)
-    pos, neg = dk > 0, dk < 0
-    ninf = torch.tensor(-np.inf, dtype=torch.float64)
-    pinf = torch.tensor(np.inf, dtype=torch.float64)
-    lo_plus = torch.where(pos, b + eps, ninf).amax(1)
-    lo_minus = torch.where(pos, b - eps, ninf).amax(1)
-    hi_minus = torch.where(neg, b - eps, pinf).amin(1)
-    hi_plus = torch.where(neg, b + eps, pinf).amin(1)
-    # equal cache values: the alpha term cancels; zs decides (ties go to the lower class index)
-    flat = (dk == 0) & ~own
-    amax = float(np.max(alphas)) if len(alphas) else 0.0
-    band = 8 * _U * (scale_z + 2 * amax * (ky.abs() + cache.abs()))
-    never = (flat & (dz < -band)).any(1)
-    unsure_always = (flat & (dz.abs() <= band)).any(1)
 
-    al = torch.from_numpy(np.asarray(alphas, dtype=np.float64))[:, None]       # [A, 1]
-    sure_right = (al > lo_plus) & (al < hi_minus) & ~never & ~unsure_always      # [A, N]
-    sure_wrong = (al < lo_minus) | (al > hi_plus) | never
-    counts = sure_right.sum(1).numpy().astype(np.int64)
-    unsure = ~(sure_right | sure_wrong)
-    if unsure.any():
-        ai, ni = torch.nonzero(unsure, as_tuple=True)
-        direct = (zs[ni] + al[ai] * cache[ni]).argmax(1) == y[ni]         # torch.argmax: first maximum
-        np.add.at(counts, ai.numpy(), direct.numpy().astype(np.int64))
-    return counts
+    def __init__(self, zs: torch.Tensor, y: torch.Tensor) -> None:
+        n, c = zs.shape
+        self.zs, self.y, self.y1 = zs, y, y[:, None]
+        self.neg_dz = zs - zs.gather(1, self.y1)                           # -(zs_y - zs_c)
+        self.scale_z = zs.gather(1, self.y1).abs() + zs.abs()
+        self.own = torch.zeros((n, c), dtype=torch.bool)
+        self.own[torch.arange(n), y] = True
+
+    def __call__(self, cache: torch.Tensor, alphas: np.ndarray) -> np.ndarray:
+        ky = cache.gather(1, self.y1)
+        dk = ky - cache                                                    # [N, C]
+        pos, neg = dk > 0, dk < 0
+        b = self.neg_dz / dk                                               # alpha where y and c tie (inf/nan: unused)
+        absb = b.abs()
+        # rounding band around each bound: |alpha - b| below it cannot be decided from b
+        eps = cache.abs().add_(ky.abs()).mul_(absb).add_(self.scale_z).div_(dk.abs()).add_(absb).mul_(16 * _U)
+        lo_plus = (b + eps).masked_fill_(~pos, -np.inf).amax(1)
+        lo_minus = (b - eps).masked_fill_(~pos, -np.inf).amax(1)
+        hi_minus = (b - eps).masked_fill_(~neg, np.inf).amin(1)
+        hi_plus = (b + eps).masked_fill_(~neg, np.inf).amin(1)
+        # equal cache values: the alpha term cancels; zs decides (ties go to the lower class index)
+        flat = (dk == 0) & ~self.own
+        if flat.any():
+            amax = float(np.max(alphas)) if len(alphas) else 0.0
+            band = 8 * _U * (self.scale_z + 2 * amax * (ky.abs() + cache.abs()))
+            never = (flat & (self.neg_dz > band)).any(1)
+            unsure_always = (flat & (self.neg_dz.abs() <= band)).any(1)
+        else:
+            never = unsure_always = torch.zeros(len(ky), dtype=torch.bool)
+        al = torch.from_numpy(np.asarray(alphas, dtype=np.float64))[:, None]      # [A, 1]
+        sure_right = (al > lo_plus) & (al < hi_minus) & ~never & ~unsure_always  # [A, N]
+        sure_wrong = (al < lo_minus) | (al > hi_plus) | never
+        counts = sure_right.sum(1).numpy().astype(np.int64)
+        unsure = ~(sure_right | sure_wrong)
+        if unsure.any():
+            ai, ni = torch.nonzero(unsure, as_tuple=True)
+            direct = (self.zs[ni] + al[ai] * cache[ni]).argmax(1) == self.y[ni]   # torch.argmax: first maximum
+            np.add.at(counts, ai.numpy(), direct.numpy().astype(np.int64))
+        return counts
+
+
+def count_correct(zs: torch.Tensor, cache: torch.Tensor, y: torch.Tensor, alphas: np.ndarray) -> np.ndarray:
+    """``AlphaCounter(zs, y)(cache, alphas)``: correct rows of ``zs + alpha * cache`` per alpha."""
+    return AlphaCounter(zs, y)(cache, alphas)
 
 
 def grid_search(cache_logits: CacheLogits, zs_logits: np.ndarray, labels: np.ndarray, grid: SearchGrid
@@ -215,7 +226,7 @@ def grid_search(cache_logits: CacheLogits, zs_logits: np.ndarray, labels: np.nda
     """(beta, alpha, correct count, per-round history) of ``grid``, as the released loop picks them."""
     zs = torch.from_numpy(np.ascontiguousarray(zs_logits, dtype=np.float64))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    dz = zs.gather(1, y[:, None]) - zs
+    counter = AlphaCounter(zs, y)
     b_lo, b_hi = grid.beta_range
     a_lo, a_hi = grid.alpha_range
     history = []
@@ -226,7 +237,7 @@ def grid_search(cache_logits: CacheLogits, zs_logits: np.ndarray, labels: np.nda
         alphas = grid_values(a_lo, a_hi, grid.alpha_steps)
         best, best_beta, best_alpha = 0, 0.0, 0.0   # the released loop restarts from accuracy 0 each round
         for beta in betas:
-            counts = count_correct(zs, dz, cache_logits(beta), y, alphas)
+            counts = counter(cache_logits(beta), alphas)
             j = int(np.argmax(counts))              # first alpha with the row's maximum
             if counts[j] > best:                    # strictly better, as `if acc > best_acc`
                 best, best_beta, best_alpha = int(counts[j]), float(beta), float(alphas[j])
@@ -259,8 +270,7 @@ def search_hyperparameters(adapter: CacheAdapter, val_features: Any, val_labels:
            "val_zero_shot_accuracy": float((zs.argmax(1) == y).mean()), "val_images": int(len(y)),
            "search": search if isinstance(search, str) else asdict(grid), "rounds": history}
     if init is not None:
-        zs_t = torch.from_numpy(np.asarray(zs, dtype=np.float64))
-        y_t = torch.from_numpy(y)
-        hit = count_correct(zs_t, zs_t.gather(1, y_t[:, None]) - zs_t, cache(init[1]), y_t, np.array([init[0]]))
+        hit = count_correct(torch.from_numpy(np.asarray(zs, dtype=np.float64)), cache(init[1]), torch.from_numpy(y),
+                            np.array([init[0]]))
         out["init"] = {"alpha": float(init[0]), "beta": float(init[1]), "val_accuracy": int(hit[0]) / len(y)}
     return out
