@@ -84,7 +84,7 @@ class DryRun:
 
 class AutoTextGenerator:
     def __init__(self, encoder: ClipEncoder, llm: LLMClient | None = None, *, synonym_source: str = "wordnet",
-                 analogous_threshold: float = 0.9, max_rounds: int = 5, max_analogous: int = 8,
+                 analogous_threshold: float = 0.9, max_rounds: int = 6, max_analogous: int = 8,
                  wordnet: Any | None = None, filter_encoder: ClipEncoder | None = None) -> None:
         """``filter_encoder`` is the CLIP model of the analogous filter; by default the target model
         (``encoder``). The released code always filters with ViT-L-14 whatever the target model."""
