@@ -291,3 +291,18 @@ def test_rerank_without_key_fails_before_any_work(tmp_path, tiny_model, monkeypa
                                    str(tmp_path / "p.csv"), "--rerank"])
     assert res.exit_code == 1 and "OPENAI_API_KEY" in res.output
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_filter_model_is_a_choice(encoder, tiny_model, other_tiny_model, wordnet_texts, server, tmp_path):
+    """--filter-model: the analogous filter runs on another CLIP model (the released code: ViT-L-14)."""
+    from coder_index_cli.textgen_commands import make_generator
+
+    gen = make_generator(encoder, "openai", server.base_url, "fake", "OPENAI_API_KEY", 2, None, 0.0,
+                         str(tmp_path / "c.sqlite"), filter_model=other_tiny_model)
+    assert gen.filter_encoder is not gen.encoder
+    assert gen.filter_encoder.fingerprint.weights_sha256 != encoder.fingerprint.weights_sha256
+    gen._wordnet = wordnet_texts
+    k, _ = gen.generate(["cat", "dog"], ["analogous"])
+    assert k.provenance["filter_model"]["weights_sha256"] == gen.filter_encoder.fingerprint.weights_sha256
+    assert make_generator(encoder, "openai", server.base_url, "fake", "OPENAI_API_KEY", 2, None, 0.0,
+                          str(tmp_path / "c.sqlite")).filter_encoder is encoder
