@@ -19,6 +19,8 @@ def friendly_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from coder_index.index.atomic import disk_full, disk_full_message
+
         try:
             return fn(*args, **kwargs)
         except (CoderIndexError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
@@ -26,6 +28,14 @@ def friendly_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("\ninterrupted; rerun the same command to resume", err=True)
             sys.exit(130)
+        except Exception as exc:
+            # A full disk or a refused write anywhere (SQLite caches included) is the user's to fix,
+            # not a traceback; anything else is a bug and keeps its traceback.
+            if disk_full(exc):
+                raise click.ClickException(disk_full_message(getattr(exc, "filename", None) or "the output")) from exc
+            if isinstance(exc, OSError):
+                raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc
+            raise
 
     return wrapper
 

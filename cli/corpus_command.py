@@ -50,11 +50,15 @@ def register(cli: click.Group) -> None:
               --model ViT-B-32 --pretrained openai
         """
         from coder_index.encoder import ClipEncoder
+        from coder_index.index.atomic import check_writable
         from coder_index.index.text_index import TextIndex
         from coder_index.xmore.ingest import ingest_folder, ingest_laion
 
         if bool(images) == bool(embeddings):
             raise click.UsageError("give exactly one of --images DIR or --embeddings DIR")
+        check_writable(corpus_dir, "corpus directory", is_dir=True)
+        if corpus_dir.exists() and any(corpus_dir.iterdir()):
+            raise click.ClickException(f"{corpus_dir} exists and is not empty; choose a new corpus directory")
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
             ClipEncoder(model or "ViT-B-32", pretrained, device=device)
         if images:

@@ -71,9 +71,11 @@ def register(cli: click.Group) -> None:
         """
         from coder_index.evaluation.data import load_labelled
         from coder_index.evaluation.run import evaluate
+        from coder_index.index.atomic import check_writable
         from coder_index.index.text_index import TextIndex
         from coder_index.pair_stage import PairReranker
 
+        check_writable(Path(out_dir), "--out", is_dir=True)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         index = TextIndex.open(index_dir, device=device)
         gap_threshold = resolve_gap_threshold(gap_threshold, index)

@@ -63,8 +63,12 @@ def register(cli: click.Group) -> None:
         """
         from coder_index.evaluation.data import load_labelled
         from coder_index.fewshot.fit import FitConfig, fit_adapter
+        from coder_index.index.atomic import check_writable
         from coder_index.index.text_index import TextIndex
 
+        check_writable(Path(out), "--out", is_dir=True)
+        if Path(out).exists() and any(Path(out).iterdir()):
+            raise click.ClickException(f"{out} exists and is not empty; choose a new --out for the adapter")
         index = TextIndex.open(index_dir, device=device)
         names = index.class_names()
         support = load_labelled(support_dir, names, mapping)

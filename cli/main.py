@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,18 +154,23 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
               show_default=True, help="Zero-shot method; xmore and coder+xmore need --corpus.")
 @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
               help="Corpus images retrieved per image for X-MoRe.")
+@click.option("--overwrite", is_flag=True, help="Start afresh: delete OUT, its errors file and its run record first "
+                                               "(otherwise a rerun resumes, and other settings are refused).")
 @llm_client_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int,
              model: str | None, pretrained: str | None, device: str | None, rerank: bool,
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
-             zs_method: str, retrieve_k: int, quiet: bool, **llm: Any) -> None:
+             zs_method: str, retrieve_k: int, overwrite: bool, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
-    probability, method, then the next top-k classes). Files that cannot be decoded are listed with the reason in
-    OUT.errors.csv. Interrupted runs resume: rerun the same command.
+    probability, method, then the next top-k classes). Files that cannot be decoded, and FIFOs,
+    sockets or devices named like images, are listed with the reason in OUT.errors.csv; hidden
+    files are not classified (counted in the summary). Interrupted runs resume: rerun the same
+    command. OUT.run.json records the index, model and settings: a rerun with others is refused
+    (--overwrite starts afresh). A second run on the same OUT is refused while the first runs.
 
     \b
     Examples:
@@ -177,35 +183,41 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     from coder_index.index.text_index import TextIndex
     from coder_index.pair_stage import PairReranker
     from coder_index.pipeline.classify import classify_folder
+    from coder_index.pipeline.output import ResultWriter
+    from coder_index.pipeline.runrecord import check_writable
+    from coder_index.pipeline.scorers import CoderScorer, XMoreScorer
 
+    if sum([rerank, bool(adapter_dir), zs_method != "coder"]) > 1:
+        raise click.UsageError("--rerank, --adapter and --method xmore/coder+xmore are separate methods; use one")
+    if zs_method != "coder" and not corpus_dir:
+        raise click.UsageError(f"--method {zs_method} needs --corpus CORPUS_DIR")
+    ResultWriter(out, top_k)   # a wrong extension or an unwritable --out fails before any model loads
+    check_writable(out)
     index = TextIndex.open(index_dir, device=device)
     _check_requested_model(index, model, pretrained, device)
     gap_threshold = resolve_gap_threshold(gap_threshold, index)
-    reranker = scorer = method = None
-    if sum([rerank, bool(adapter_dir), zs_method != "coder"]) > 1:
-        raise click.UsageError("--rerank, --adapter and --method xmore/coder+xmore are separate methods; use one")
+    reranker = None
     if zs_method != "coder":
-        if not corpus_dir:
-            raise click.UsageError(f"--method {zs_method} needs --corpus CORPUS_DIR")
-        from coder_index.xmore.classify import classify_folder_xmore
         from coder_index.xmore.corpus import Corpus
         from coder_index.xmore.predict import XMore
 
-        xm = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k)
-        summary = classify_folder_xmore(index, xm, folder, out, method=zs_method, top_k_n=top_k,
-                                        batch_size=batch_size, workers=workers, progress=not quiet)
-        _print_summary(summary)
-        return
-    if rerank:
-        reranker = _make_reranker(index, llm, gap_threshold, progress=not quiet)
-    if adapter_dir:
+        scorer = XMoreScorer(XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k), zs_method, top_k)
+    elif adapter_dir:
         from coder_index.fewshot.model import FewShotModel
 
-        model = FewShotModel(Path(adapter_dir), index)
-        scorer, method = model.logits, "coder-adapter"
-    summary = classify_folder(index, folder, out, top_k_n=top_k, batch_size=batch_size, workers=workers,
-                              progress=not quiet, reranker=reranker, rerank_chunk=rerank_chunk, scorer=scorer,
-                              method=method)
+        fs = FewShotModel(Path(adapter_dir), index)
+        scorer = CoderScorer(index, top_k, logits=fs.logits, method="coder-adapter",
+                             settings={"adapter": fs.provenance()})
+    else:
+        if rerank:
+            reranker = _make_reranker(index, llm, gap_threshold, progress=not quiet)
+        settings = {}
+        if reranker is not None:
+            settings["rerank"] = {"top": 5, "gap_threshold": gap_threshold,
+                                  "llm": None if reranker.generator is None else llm["llm_model"]}
+        scorer = CoderScorer(index, top_k, reranker=reranker, settings=settings, rerank_chunk=rerank_chunk)
+    summary = classify_folder(index, folder, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
+                              workers=workers, progress=not quiet, overwrite=overwrite)
     if isinstance(reranker, PairReranker):
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
@@ -221,8 +233,12 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
     msg += f"; {summary.errors} unreadable file(s)"
     if summary.errors:
         msg += f" listed in {summary.errors_file}"
+    if summary.special:
+        msg += f" (of them {summary.special} FIFO/socket/device/broken link named like an image, skipped)"
     if summary.other_files:
         msg += f"; {summary.other_files} non-image file(s) ignored"
+    if summary.hidden:
+        msg += f"; {summary.hidden} hidden file(s)/folder(s) skipped"
     click.echo(msg, err=True)
 
 
@@ -341,6 +357,47 @@ def info(index_dir: str, as_json: bool) -> None:
     for kind, n in data["counts"]["texts"].items():
         click.echo(f"texts {kind + ':':<11}{n}")
     click.echo(f"pair texts:  {data['counts']['pair_texts']}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Fix what can be fixed without losing anything: rewrite the manifest "
+                                            "from meta.sqlite, finish or discard interrupted writes, remove stale "
+                                            "temp files.")
+@click.option("--no-model", "no_model", is_flag=True, help="Skip loading the model (its fingerprint and a sample of "
+                                                          "stored vectors re-encoded from their texts).")
+@click.option("--device", default=None, help="cuda, mps or cpu (for the model check).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly_errors
+def verify(index_dir: str, repair: bool, no_model: bool, device: str | None, as_json: bool) -> None:
+    """Check everything in INDEX_DIR: manifest, meta.sqlite, FAISS type, width and checksums, id sets, model.
+
+    Prints what is wrong and how to repair it; exits with status 1 if anything is wrong.
+
+    \b
+    Examples:
+      coder-index verify pets-index
+      coder-index verify pets-index --repair          # e.g. a damaged manifest.json
+      coder-index verify in1k --no-model --json
+    """
+    from coder_index.index.verify import verify_index
+
+    rep = verify_index(index_dir, check_model=not no_model, repair=repair, device=device)
+    if as_json:
+        print_json(rep.to_dict())
+    else:
+        for line in rep.repaired:
+            click.echo(f"repaired: {line}")
+        for line in rep.checked:
+            click.echo(f"ok:       {line}")
+        for line in rep.notes:
+            click.echo(f"note:     {line}")
+        for p in rep.problems:
+            click.echo(f"PROBLEM:  {p.file}: {p.what}. Fix: {p.fix}")
+        click.echo(f"{index_dir}: " + ("all checks passed" if rep.ok else f"{len(rep.problems)} problem(s)"),
+                   err=True)
+    if not rep.ok:
+        sys.exit(1)
 
 
 register(cli)

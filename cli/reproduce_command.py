@@ -60,6 +60,9 @@ def register(cli: click.Group) -> None:
               --model ViT-L-14 --pretrained /models/ViT-L-14.pt --out repro-l14
         """
         from coder_index.evaluation.reproduce import reproduce, tables
+        from coder_index.index.atomic import check_writable
+
+        check_writable(Path(out), "--out", is_dir=True)
 
         wanted = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
         result = reproduce(data_root, expert_knowledge, class_names, out, model=model, pretrained=pretrained,

@@ -29,6 +29,8 @@ def llm_client_options(fn: Callable) -> Callable:
         click.option("--max-requests", default=None, type=click.IntRange(0),
                      help="Request budget (retries included); the run stops cleanly before exceeding it."),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature."),
+        click.option("--max-answer-chars", default=4000, show_default=True, type=click.IntRange(100),
+                     help="Longer answers are cut to this many characters (whole lines) before parsing."),
         click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
                      help="LLM answer cache (SQLite) [default: ~/.cache/coder-index/llm-cache.sqlite]."),
     ]
@@ -57,6 +59,7 @@ def llm_options(fn: Callable) -> Callable:
 
 def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model: str, api_key_env: str,
                    concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
+                   max_answer_chars: int = 4000,
                    synonyms_from: str = "wordnet", analogous_threshold: float = 0.9, filter_model: str | None = None,
                    filter_pretrained: str | None = None) -> Any:
     from coder_index.textgen.generator import AutoTextGenerator
@@ -65,7 +68,8 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
     llm = None
     if llm_kind == "openai":
         llm = LLMClient(LLMConfig(model=llm_model, base_url=base_url, api_key_env=api_key_env,
-                                  concurrency=concurrency, max_requests=max_requests, temperature=temperature),
+                                  concurrency=concurrency, max_requests=max_requests, temperature=temperature,
+                                  max_answer_chars=max_answer_chars),
                         LLMCache(cache_path))
         llm.check_credentials()  # a missing key is reported before any image or text is processed
     filter_encoder = None
@@ -137,10 +141,12 @@ def register(cli: click.Group) -> None:
           coder-index generate --classes classes.txt --out k.json --dry-run
         """
         from coder_index.encoder import ClipEncoder
+        from coder_index.index.atomic import check_writable
         from coder_index.index.text_index import TextIndex
         from coder_index.sources import read_class_list
 
         classes = read_class_list(classes_file)
+        check_writable(out, "--out")
         kind_list = parse_kinds(kinds)
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
             ClipEncoder(model, pretrained, device=device)
@@ -151,9 +157,18 @@ def register(cli: click.Group) -> None:
                        + ("; analogous filtering may add follow-up prompts" if "analogous" in d.kinds else ""))
             return
         knowledge, stats = gen.generate(classes, kind_list, progress=not quiet)
-        knowledge.save(out)
         report_generation(stats)
-        click.echo(f"wrote {out}: " + ", ".join(f"{v} {k}" for k, v in knowledge.counts().items() if v), err=True)
+        if any(knowledge.counts().values()):
+            knowledge.save(out)
+            click.echo(f"wrote {out}: " + ", ".join(f"{v} {k}" for k, v in knowledge.counts().items() if v), err=True)
+        failed = {c for cs in stats.failed.values() for c in cs}
+        if failed:
+            which = "; ".join(f"{k}: " + ", ".join(v[:5]) + (" …" if len(v) > 5 else "")
+                              for k, v in stats.failed.items())
+            nothing = "" if any(knowledge.counts().values()) else f"; nothing was written to {out}"
+            raise click.ClickException(
+                f"{len(failed)} of {len(classes)} class(es) got no answer from the LLM for some kinds ({which})"
+                f"{nothing}. Rerun the same command to retry them: answers already received are cached.")
 
     @cli.group()
     def setup() -> None:

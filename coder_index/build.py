@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .encoder import ClipEncoder
+from .index.atomic import check_writable
 from .index.text_index import MANIFEST, TextIndex
 from .presets import TextRecipe
 from .sources import attribute_texts, read_class_list, read_descriptor_file
@@ -53,6 +54,7 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
 
     classes = read_class_list(classes_file)
     index_dir = Path(index_dir)
+    check_writable(index_dir, "index directory", is_dir=True)  # before any model is loaded
     recipe = resolve_recipe(index_dir, preset, dataset, task)
     descriptor_data = [(Path(p), read_descriptor_file(p)) for p in descriptors or []]  # fail before work
     exists = (index_dir / MANIFEST).exists()

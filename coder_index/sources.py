@@ -4,7 +4,6 @@ attribute files (e.g. Menon & Vondrick's VCD descriptors). How they become texts
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,7 @@ from typing import Any
 from .errors import InputFormatError
 from .index.records import TextItem
 from .presets import TextRecipe, norm_key
-
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+from .untrusted import DESCRIPTORS, check, read_json
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -42,31 +40,16 @@ def read_class_list(path: str | Path) -> list[str]:
 
 
 def read_json_refusing_pickle(path: str | Path) -> Any:
-    path = Path(path)
-    if path.suffix in (".pkl", ".pickle", ".pt", ".pth"):
-        raise InputFormatError(f"{path}: pickle files are refused (loading them can run arbitrary code); "
-                               "convert it to JSON")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputFormatError(f"{path} does not exist") from None
-    if raw.startswith(_PICKLE_MAGIC):
-        raise InputFormatError(f"{path} is a pickle file; pickle is refused (it can run code), use JSON")
-    try:
-        return json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFormatError(f"{path} is not valid JSON: {exc}") from None
+    """JSON of bounded size and depth (``untrusted.read_json``); pickle files are refused."""
+    return read_json(path)
 
 
 def read_descriptor_file(path: str | Path) -> dict[str, list[str]]:
     """``{class: [descriptor, ...]}`` as published with the VCD descriptors."""
-    data = read_json_refusing_pickle(path)
-    if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, list) and all(isinstance(d, str) for d in v)
-            for k, v in data.items()):
-        raise InputFormatError(f"{path}: expected a JSON object {{class: [descriptor, ...]}} "
-                               "with string descriptors")
-    return data
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise InputFormatError(f"{path}: expected a JSON object {{class: [descriptor, ...]}} with string descriptors")
+    return check(data, DESCRIPTORS, str(path))
 
 
 def match_classes(keys: list[str], classes: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -225,7 +225,7 @@ def test_classify_and_eval_with_adapter(fewshot_env, other_tiny_model):
                               str(fewshot_env / "p.csv"), "--adapter", str(fewshot_env / "ad"), "--workers", "0"])
     assert res.exit_code == 0, res.output
     rows = (fewshot_env / "p.csv").read_text().splitlines()
-    assert len(rows) == 13 and all(",coder-adapter" in r for r in rows[1:])
+    assert len(rows) == 13 and all(',"coder-adapter",' in r for r in rows[1:])
     res = runner.invoke(cli, ["eval", str(fewshot_env / "test"), "--index", str(fewshot_env / "idx"), "--adapter",
                               str(fewshot_env / "ad"), "--out", str(fewshot_env / "rep"), "--tsne-samples", "0",
                               "--workers", "0", "-q"])

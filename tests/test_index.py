@@ -117,7 +117,10 @@ def test_class_list_errors(tmp_path):
 def test_descriptor_file_errors(tmp_path):
     p = tmp_path / "d.json"
     p.write_text(json.dumps({"cat": "whiskers"}))
-    with pytest.raises(InputFormatError, match="class: \\[descriptor"):
+    with pytest.raises(InputFormatError, match=r'd.json: \$\["cat"\] must be a list of strings'):
+        read_descriptor_file(p)
+    p.write_text(json.dumps(["cat"]))
+    with pytest.raises(InputFormatError, match=r"class: \[descriptor"):
         read_descriptor_file(p)
     pkl = tmp_path / "d.json"
     pkl.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)

@@ -189,8 +189,10 @@ def test_classify_with_corpus_matches_direct_computation(xenv, method):
     probs = XMore(index, Corpus(tmp_path / "corpus"), k=8).predict(x, method)  # set normaliser: all images
     names = index.class_names()
     assert [rows[g]["label"] for g in sorted(GOOD)] == [names[i] for i in probs.argmax(1)]
-    side = json.loads((tmp_path / "p.csv.xmore.json").read_text())
-    assert side["method"] == method and side["images"] == len(GOOD)
+    side = json.loads((tmp_path / "p.csv.run.json").read_text())
+    assert side["provenance"]["method"] == method and side["state"]["normalizer_images"] == len(GOOD)
+    assert side["state"]["normalizers"] == pytest.approx(list(XMore(index, Corpus(tmp_path / "corpus"), k=8)
+                                                               .normalizers(x, method)), rel=1e-6)
 
 
 def test_eval_and_search_with_corpus(xenv, other_tiny_model):

@@ -117,6 +117,12 @@ class FewShotModel:
             raise ModelMismatchError(f"adapter {self.path} uses {int((~present).sum())} text(s) that index "
                                      f"{self.index.path} does not hold; it was fitted on another index")
 
+    def provenance(self) -> dict[str, Any]:
+        """What identifies this adapter's predictions (recorded with classify's output)."""
+        h = self.manifest["adapters"]["coder-adapter"]
+        return {"path": str(self.path.resolve()), "created_at": self.manifest.get("created_at"),
+                "alpha": h["alpha"], "beta": h["beta"], "T": h["T"], "top_k": self.top_k}
+
     # ------------------------------------------------------------------ prediction
     def zero_shot(self, x: np.ndarray) -> np.ndarray:
         """o_zs = 100 * x^ @ W_cls^T with the W_cls saved at fit time (same prompts as validation)."""

@@ -16,7 +16,6 @@ import numpy as np
 from sqlalchemy import select, tuple_
 
 from . import schema
-from .atomic import exclusive_lock
 
 if TYPE_CHECKING:
     from .text_index import TextIndex
@@ -72,10 +71,11 @@ def add_pair_texts(index: TextIndex, features: Mapping[tuple[str, str], list[str
     texts = list(dict.fromkeys(r["text"] for r in rows))
     emb = index.encoder.encode_texts(texts, batch_size=batch_size)
     at = {s: i for i, s in enumerate(texts)}
-    with exclusive_lock(index.path / ".lock"):
+    with index.writing():
         rows = absent(rows)
         if rows:
             index._atomic_add(PAIR_VECTORS, rows, emb[[at[r["text"]] for r in rows]])
+            index._write_manifest_counts()
     index._cache.pop("pair_vectors", None)
     return len(rows)
 

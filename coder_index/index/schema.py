@@ -74,17 +74,26 @@ runs = Table(
 )
 
 
-def make_engine(path: Path, synchronous: str = "FULL") -> Engine:
-    """SQLite engine with WAL. FULL fsyncs every commit (index metadata: a commit must be on disk
-    before FAISS files are renamed); NORMAL suits caches, where losing the last answers to a power
-    cut only costs a repeated request."""
-    engine = create_engine(f"sqlite:///{path}", future=True)
+def make_engine(path: Path, synchronous: str = "FULL", *, journal: str = "WAL", read_only: bool = False) -> Engine:
+    """SQLite engine. FULL fsyncs every commit (index metadata: a commit must be on disk before FAISS
+    files are renamed); NORMAL suits caches, where losing the last answers to a power cut only costs
+    a repeated request. Caches use WAL (many concurrent writers); index metadata uses a rollback
+    journal, so that a reader (``read_only``: the file is opened with mode=ro and never created)
+    creates no -wal/-shm files beside the index."""
+    from urllib.parse import quote
+
+    if read_only:
+        engine = create_engine(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true", future=True)
+    else:
+        engine = create_engine(f"sqlite:///{path}", future=True)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook signature
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=60000")  # wait for a writer's transaction instead of failing
+        if not read_only:
+            cur.execute(f"PRAGMA journal_mode={journal}")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

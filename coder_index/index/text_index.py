@@ -5,18 +5,27 @@
                       presence marks a complete index)
       texts.faiss     IndexIDMap2(IndexFlatIP): general texts, ids = meta.sqlite texts.id
       pairs.faiss     the same for one-to-one pair texts, ids = meta.sqlite pair_texts.id
-      meta.sqlite     classes, texts, pair_texts, state (FAISS generations), runs
+      meta.sqlite     classes, texts, pair_texts, state (FAISS generations and fingerprints, the
+                      model, the text recipe), runs
+      .lock           the writers' lock
 
-Consistency protocol for one write (``add_texts``, ``add_pair_texts``) to a vector file F, under
-an exclusive lock:
+Every write (creation included) happens under the directory's exclusive lock, and every check of
+the directory's state is made after the lock is taken. One write (``add_texts``,
+``add_pair_texts``) to a vector file F:
 
 1. write the new FAISS index to ``F.g<G+1>`` and fsync it;
-2. insert the rows and set F's generation to G+1 in the state table, in one SQLite transaction;
+2. insert the rows, set F's generation to G+1 and record the new file's size and digests, in one
+   SQLite transaction;
 3. rename ``F.g<G+1>`` over ``F``.
 
-A crash before 2 leaves a stale pending file that ``open`` deletes (previous state). A crash
-between 2 and 3 leaves a pending file whose generation is the committed one; ``open`` finishes the
-rename (new state). FAISS ids and SQLite rows therefore never disagree.
+A crash before 2 leaves a pending file that is not committed: ignored by readers, deleted by the
+next writer. A crash between 2 and 3 leaves a pending file whose generation is the committed one:
+readers read it, the next writer renames it. FAISS ids and SQLite rows therefore never disagree,
+and opening an index for reading never creates or modifies a file.
+
+``open`` checks at once what is cheap: the manifest, the SQLite state, each vector file's type,
+width, count and exact size, and a quick digest (headers, ids, sampled vector pages) against the
+recorded one. ``verify`` (``coder-index verify``) adds the full sha256, the id sets and the model.
 """
 
 from __future__ import annotations
@@ -24,19 +33,32 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, select
 
 from ..errors import IndexFormatError, ModelMismatchError
+from ..faults import crash_point, pause_point
 from ..validation import TEXT_KINDS
 from . import schema
-from .atomic import atomic_write_json, exclusive_lock, fsync_dir, write_faiss_durably
+from .atomic import (
+    atomic_write_json,
+    exclusive_lock,
+    fsync_dir,
+    is_temp_name,
+    remove_stale_temps,
+    translate_disk_full,
+    write_faiss_durably,
+)
+from .faissfile import VectorFileError, digest, fingerprint, read_info
 from .queries import IndexQueries
 from .records import AddResult, TextItem, TextTable
 
@@ -44,12 +66,14 @@ if TYPE_CHECKING:
     from ..encoder import ClipEncoder, ModelFingerprint
     from ..presets import TextRecipe
 
-FORMAT_VERSION = 2  # 2: text weights, the text recipe in the state table
+FORMAT = "coder-index/text-index"
+FORMAT_VERSION = 2  # 2: text weights, the text recipe, the model and vector-file fingerprints in the state table
 MANIFEST = "manifest.json"
 TEXTS_FAISS = "texts.faiss"
 PAIRS_FAISS = "pairs.faiss"
 META_DB = "meta.sqlite"
 LOCK = ".lock"
+REBUILD = "rebuild the index with `coder-index build` (or restore the directory from a backup)"
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,10 @@ class VectorFile:
     file: str
     state_key: str
     table: Any
+
+    @property
+    def fingerprint_key(self) -> str:
+        return f"file:{self.file}"
 
 
 TEXT_VECTORS = VectorFile(TEXTS_FAISS, "generation", schema.texts)
@@ -78,6 +106,39 @@ def _pending_name(vf: VectorFile, generation: int) -> str:
     return f"{vf.file}.g{generation}"
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked for shape; IndexFormatError with the file and the fix otherwise."""
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise IndexFormatError(f"{path} is not a directory; pass an index directory made by `coder-index build`")
+    if not mpath.is_file():
+        hint = " (this is an image-text corpus, not a text index: pass it as --corpus)" \
+            if (path / "corpus.faiss").exists() else ""
+        raise IndexFormatError(f"{path} is not a coder-index index (no {MANIFEST}){hint}; create one with "
+                               "`coder-index build`")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IndexFormatError(f"{mpath} is not valid JSON ({exc}); `coder-index verify {path} --repair` rewrites "
+                               "it from meta.sqlite") from None
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{mpath} is not a JSON object; `coder-index verify {path} --repair` rewrites it")
+    if manifest.get("format") != FORMAT and "format_version" in manifest and "model" not in manifest:
+        raise IndexFormatError(f"{mpath} is not a text-index manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(f"{path} has index format version {version!r}; this coder-index reads version "
+                               f"{FORMAT_VERSION}. Rebuild the index with this version.")
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not all(k in model for k in ("model", "weights_sha256", "embed_dim")):
+        raise IndexFormatError(f"{mpath} has no valid 'model' record; `coder-index verify {path} --repair` rewrites "
+                               "it from meta.sqlite")
+    if not isinstance(manifest.get("dim"), int) or manifest["dim"] != model.get("embed_dim"):
+        raise IndexFormatError(f"{mpath}: 'dim' {manifest.get('dim')!r} disagrees with the model's embed_dim "
+                               f"{model.get('embed_dim')!r}; `coder-index verify {path} --repair` rewrites it")
+    return manifest
+
+
 class TextIndex(IndexQueries):
     """Open with ``TextIndex.open(path)``, create with ``TextIndex.create(path, encoder)``."""
 
@@ -85,10 +146,12 @@ class TextIndex(IndexQueries):
                  device: str | None = None) -> None:
         self.path = path
         self.manifest = manifest
-        self.engine = schema.make_engine(path / META_DB)
+        self.engine = schema.make_engine(path / META_DB, read_only=True)   # reads never create or modify
+        self._write_engine: Any = None
         self._encoder = encoder
         self._device = device
         self._faiss: dict[str, faiss.Index] = {}
+        self._files: dict[str, Path] = {}      # vector file -> the committed file to read
         self._cache: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- lifecycle
@@ -97,41 +160,57 @@ class TextIndex(IndexQueries):
                recipe: TextRecipe | None = None) -> TextIndex:
         """A new, empty index for ``encoder``'s model whose texts follow ``recipe`` (default preset
         without a dataset if None). With ``exist_ok`` an existing index of the same model and recipe
-        is opened instead (another model or recipe is refused)."""
+        is opened instead (another model or recipe is refused). Safe against concurrent creators:
+        the first creates, the others then find the index (and open it, or are refused)."""
         from ..presets import TextRecipe
 
         path = Path(path)
         recipe = recipe or TextRecipe.make()
-        if (path / MANIFEST).exists():
-            if not exist_ok:
-                raise IndexFormatError(f"{path} already holds an index; open it, or choose another directory")
-            index = cls.open(path, encoder=encoder)
-            index.check_recipe(recipe)
-            return index
         if path.exists() and not path.is_dir():
             raise IndexFormatError(f"{path} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
-        leftovers = [p.name for p in path.iterdir() if p.name != LOCK
-                     and not p.name.startswith((META_DB, TEXTS_FAISS, PAIRS_FAISS))]
-        if leftovers:
-            raise IndexFormatError(f"{path} is not empty ({leftovers[:5]}); use an empty or new directory")
         fp = encoder.fingerprint
-        with exclusive_lock(path / LOCK):
-            for stale in path.glob(f"{META_DB}*"):  # an earlier create that died before its manifest
-                stale.unlink()
-            engine = schema.make_engine(path / META_DB)
-            schema.metadata.create_all(engine)
-            with engine.begin() as conn:
-                conn.execute(insert(schema.state), [{"key": "generation", "value": "0"},
-                                                    {"key": "pairs_generation", "value": "0"},
-                                                    {"key": "dim", "value": str(fp.embed_dim)},
-                                                    {"key": "text_recipe", "value": json.dumps(recipe.to_dict())}])
-            engine.dispose()
-            for vf in VECTOR_FILES:
-                write_faiss_durably(_empty_faiss(fp.embed_dim), path / vf.file)
+        with exclusive_lock(path / LOCK), translate_disk_full(path):
+            pause_point("index.create_locked")
+            if (path / MANIFEST).exists():
+                if not exist_ok:
+                    raise IndexFormatError(f"{path} already holds an index; open it, or choose another directory")
+                index = cls.open(path, encoder=encoder)
+                index.check_recipe(recipe)
+                return index
+            remove_stale_temps(path)
+            ours = (META_DB, TEXTS_FAISS, PAIRS_FAISS)
+            leftovers = [p.name for p in path.iterdir()
+                         if p.name != LOCK and not p.name.startswith(ours) and not is_temp_name(p.name)]
+            if leftovers:
+                raise IndexFormatError(f"{path} is not empty ({leftovers[:5]}); use an empty or new directory")
+            # No manifest while we hold the lock: anything of ours here is from a creator that died
+            # before finishing. Start over.
+            for p in path.iterdir():
+                if p.name.startswith(ours):
+                    p.unlink()
+            index_id = uuid.uuid4().hex  # identifies this index wherever it is copied or moved
+            engine = schema.make_engine(path / META_DB, journal="DELETE")
+            try:
+                schema.metadata.create_all(engine)
+                files = {}
+                for vf in VECTOR_FILES:
+                    write_faiss_durably(_empty_faiss(fp.embed_dim), path / vf.file)
+                    files[vf.fingerprint_key] = json.dumps(fingerprint(path / vf.file))
+                with engine.begin() as conn:
+                    conn.execute(insert(schema.state), [
+                        {"key": "generation", "value": "0"}, {"key": "pairs_generation", "value": "0"},
+                        {"key": "dim", "value": str(fp.embed_dim)},
+                        {"key": "index_id", "value": index_id},
+                        {"key": "model", "value": json.dumps(fp.to_dict())},
+                        {"key": "text_recipe", "value": json.dumps(recipe.to_dict())},
+                        *({"key": k, "value": v} for k, v in files.items())])
+            finally:
+                engine.dispose()
             manifest = {
-                "format": "coder-index/text-index",
+                "format": FORMAT,
                 "format_version": FORMAT_VERSION,
+                "index_id": index_id,
                 "created_at": _now(),
                 "model": fp.to_dict(),
                 "dim": fp.embed_dim,
@@ -141,46 +220,108 @@ class TextIndex(IndexQueries):
                 "counts": {"classes": 0, "texts": {}},
             }
             atomic_write_json(path / MANIFEST, manifest)
-        return cls(path, manifest, encoder)
+        return cls.open(path, encoder=encoder)
 
     @classmethod
-    def open(cls, path: str | Path, *, encoder: ClipEncoder | None = None,
-             device: str | None = None) -> TextIndex:
-        """Open an existing index. If ``encoder`` is given it must be the index's model; otherwise the
-        index's own model is loaded on first use."""
+    def open(cls, path: str | Path, *, encoder: ClipEncoder | None = None, device: str | None = None,
+             full_check: bool = False) -> TextIndex:
+        """Open an existing index, checking its files (``full_check``: the full sha256 of every
+        vector file too). If ``encoder`` is given it must be the index's model; otherwise the index's
+        own model is loaded on first use. Nothing is created or modified."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise IndexFormatError(f"{path} is not a coder-index index (no {MANIFEST}); "
-                                   "create one with `coder-index build`")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IndexFormatError(f"{manifest_path} is not valid JSON ({exc}); the index is damaged") from exc
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise IndexFormatError(f"{path} has index format version {version}; this coder-index reads "
-                                   f"version {FORMAT_VERSION}. Rebuild the index with this version.")
-        index = cls(path, manifest, None, device)
-        index._recover()
+        index = cls(path, read_manifest(path), None, device)
+        index._check(full=full_check)
         if encoder is not None:
             index.check_model(encoder.fingerprint)
             index._encoder = encoder
         return index
 
+    # ----------------------------------------------------------------- checks
+    def _state(self) -> dict[str, str]:
+        meta = self.path / META_DB
+        if not meta.is_file():
+            raise IndexFormatError(f"{meta} is missing: the texts and their ids are gone; {REBUILD}")
+        try:
+            with self.engine.connect() as conn:
+                return dict(conn.execute(select(schema.state.c.key, schema.state.c.value)).all())
+        except sa_exc.DBAPIError as exc:
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise IndexFormatError(f"{meta} cannot be read ({reason}); {REBUILD}") from None
+
+    def _check(self, full: bool = False) -> None:
+        state = self._state()
+        missing = [k for k in ("generation", "pairs_generation", "dim", "index_id", "model", "text_recipe",
+                               *(vf.fingerprint_key for vf in VECTOR_FILES)) if k not in state]
+        if missing:
+            raise IndexFormatError(f"{self.path / META_DB} has no {', '.join(missing)} record(s); {REBUILD}")
+        model = json.loads(state["model"])
+        if model != self.manifest["model"] or int(state["dim"]) != self.dim:
+            raise IndexFormatError(f"{self.path / MANIFEST} names another model or width than {META_DB} records; "
+                                   f"`coder-index verify {self.path} --repair` rewrites the manifest from "
+                                   f"{META_DB}")
+        counts = self._row_counts()
+        for vf in VECTOR_FILES:
+            self._files[vf.file] = self._committed_file(vf, int(state[vf.state_key]))
+            self._check_vector_file(vf, json.loads(state[vf.fingerprint_key]), counts[vf.file], full)
+
+    def _row_counts(self) -> dict[str, int]:
+        try:
+            with self.engine.connect() as conn:
+                return {vf.file: int(conn.execute(select(func.count()).select_from(vf.table)).scalar())
+                        for vf in VECTOR_FILES}
+        except sa_exc.DBAPIError as exc:
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise IndexFormatError(f"{self.path / META_DB} cannot be read ({reason}); {REBUILD}") from None
+
+    def _committed_file(self, vf: VectorFile, generation: int) -> Path:
+        """The file holding generation ``generation``: the pending one if a write was interrupted
+        after its commit and before its rename, else the file itself."""
+        pending = self.path / _pending_name(vf, generation)
+        return pending if pending.is_file() else self.path / vf.file
+
+    def _check_vector_file(self, vf: VectorFile, recorded: dict[str, Any], rows: int, full: bool) -> None:
+        p = self._files[vf.file]
+        where = f"{self.path / vf.file}"
+        try:
+            info = read_info(p)
+        except VectorFileError as exc:
+            raise IndexFormatError(f"{where}: {exc}; {REBUILD}") from None
+        if info.dim != self.dim:
+            raise IndexFormatError(f"{where} holds vectors of width {info.dim}, the index's model has {self.dim}; "
+                                   f"the file comes from another index. {REBUILD}")
+        if info.ntotal != rows:
+            raise IndexFormatError(f"{where} holds {info.ntotal} vectors but {META_DB} {rows} rows; the files were "
+                                   f"changed outside coder-index. {REBUILD}")
+        if info.size != recorded.get("size") or digest(p, info) != recorded.get("quick") or \
+                (full and digest(p, info, full=True) != recorded.get("sha256")):
+            raise IndexFormatError(f"{where} is not the file this index wrote (its content differs from the recorded "
+                                   f"checksum: copied from another index, or its ids or vectors were changed). "
+                                   f"{REBUILD}")
+
+    # ----------------------------------------------------------------- writing
+    @property
+    def write_engine(self) -> Any:
+        if self._write_engine is None:
+            self._write_engine = schema.make_engine(self.path / META_DB, journal="DELETE")
+        return self._write_engine
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the index's lock for a write: finish or discard an interrupted write first, then
+        re-read the state (another writer may have changed it while we waited)."""
+        with exclusive_lock(self.path / LOCK), translate_disk_full(self.path):
+            pause_point("index.write_locked")
+            self._recover()
+            self._cache.clear()
+            self._faiss.clear()
+            yield
+        self._cache.clear()
+
     def _recover(self) -> None:
-        """Roll an interrupted write forward or back (see the module docstring)."""
-        if not any(self.path.glob("*.faiss.g*")):
-            return
-        with exclusive_lock(self.path / LOCK):
-            for vf in VECTOR_FILES:
-                committed = self._generation(vf)
-                for p in self.path.glob(f"{vf.file}.g*"):
-                    if p.name == _pending_name(vf, committed):
-                        os.replace(p, self.path / vf.file)
-                    else:
-                        p.unlink()
-            fsync_dir(self.path)
+        recover_interrupted_writes(self.path, self._state())
+        for vf in VECTOR_FILES:
+            self._files[vf.file] = self.path / vf.file
+
 
     # ----------------------------------------------------------------- model
     @property
@@ -233,15 +374,24 @@ class TextIndex(IndexQueries):
 
     # ----------------------------------------------------------------- state
     def _generation(self, vf: VectorFile) -> int:
-        with self.engine.connect() as conn:
-            value = conn.execute(select(schema.state.c.value).where(schema.state.c.key == vf.state_key)).scalar()
+        value = self._state().get(vf.state_key)
         if value is None:
-            raise IndexFormatError(f"{self.path / META_DB} has no {vf.state_key} record; the index is damaged")
+            raise IndexFormatError(f"{self.path / META_DB} has no {vf.state_key} record; {REBUILD}")
         return int(value)
 
     @property
     def generation(self) -> int:
         return self._generation(TEXT_VECTORS)
+
+    @property
+    def index_id(self) -> str:
+        return self._state().get("index_id", "")
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies the texts behind predictions: this index (wherever it lies), its text
+        generation, recipe and model. Predictions made with another value are not comparable."""
+        return {"path": str(self.path.resolve()), "index_id": self.index_id, "generation": self.generation,
+                "recipe": self.recipe.to_dict(), "model": self.fingerprint.to_dict()}
 
     @property
     def dim(self) -> int:
@@ -255,14 +405,28 @@ class TextIndex(IndexQueries):
         return self._cache["classes"]
 
     def _faiss_index(self, vf: VectorFile = TEXT_VECTORS) -> faiss.Index:
+        """The vector file of the committed generation, loaded once per open index. A writer that
+        commits while we read is waited out by retrying (its rename can move the file we chose)."""
         if vf.file not in self._faiss:
-            index = faiss.read_index(str(self.path / vf.file))
-            with self.engine.connect() as conn:
-                n_rows = conn.execute(select(func.count()).select_from(vf.table)).scalar()
-            if index.ntotal != n_rows:
-                raise IndexFormatError(
-                    f"{self.path}: {vf.file} holds {index.ntotal} vectors but {META_DB} {n_rows} rows; "
-                    "the files were changed outside coder-index. Rebuild the index.")
+            for attempt in range(3):
+                state = self._state()
+                path = self._committed_file(vf, int(state[vf.state_key]))
+                rows = self._row_counts()[vf.file]
+                try:
+                    index = faiss.read_index(str(path))
+                except RuntimeError as exc:
+                    if attempt < 2 and not path.exists():
+                        continue
+                    reason = str(exc).strip().splitlines()[-1][:200]
+                    raise IndexFormatError(f"{self.path / vf.file} cannot be read by FAISS ({reason}); {REBUILD}") \
+                        from None
+                if index.ntotal == rows and index.d == self.dim:
+                    break
+                if attempt == 2:
+                    raise IndexFormatError(
+                        f"{self.path / vf.file} holds {index.ntotal} vectors of width {index.d} but {META_DB} has "
+                        f"{rows} rows of width {self.dim}; the files were changed outside coder-index. {REBUILD}")
+            self._files[vf.file] = path
             self._faiss[vf.file] = index
         return self._faiss[vf.file]
 
@@ -284,19 +448,20 @@ class TextIndex(IndexQueries):
         clean = [str(n).strip() for n in names]
         if any(not n for n in clean):
             raise ValueError("class names must be non-empty")
-        with exclusive_lock(self.path / LOCK), self.engine.begin() as conn:
-            existing = dict(conn.execute(select(schema.classes.c.name, schema.classes.c.id)).all())
-            next_id = max(existing.values(), default=-1) + 1
-            new_rows = []
-            for name in dict.fromkeys(clean):
-                if name not in existing:
-                    existing[name] = next_id
-                    new_rows.append({"id": next_id, "name": name})
-                    next_id += 1
+        with self.writing():
+            with self.write_engine.begin() as conn:
+                existing = dict(conn.execute(select(schema.classes.c.name, schema.classes.c.id)).all())
+                next_id = max(existing.values(), default=-1) + 1
+                new_rows = []
+                for name in dict.fromkeys(clean):
+                    if name not in existing:
+                        existing[name] = next_id
+                        new_rows.append({"id": next_id, "name": name})
+                        next_id += 1
+                if new_rows:
+                    conn.execute(insert(schema.classes), new_rows)
             if new_rows:
-                conn.execute(insert(schema.classes), new_rows)
-        self._cache.clear()
-        self._write_manifest_counts()
+                self._write_manifest_counts()
         return [existing[n] for n in clean]
 
     def add_texts(self, items: Iterable[TextItem], *, batch_size: int = 256,
@@ -333,7 +498,7 @@ class TextIndex(IndexQueries):
             self._encode_with_progress(distinct_texts, batch_size, desc)
         row_of = {t: i for i, t in enumerate(distinct_texts)}
 
-        with exclusive_lock(self.path / LOCK):
+        with self.writing():
             new_keys = self._absent(new_keys)  # another writer may have added some meanwhile
             if not new_keys:
                 return AddResult(0, len(items))
@@ -341,12 +506,11 @@ class TextIndex(IndexQueries):
             rows = [{"class_id": k[0], "kind": k[1], "text": k[2], "template": unique[k].template,
                      "source": unique[k].source, "weight": int(unique[k].weight)} for k in new_keys]
             self._atomic_add(TEXT_VECTORS, rows, vectors)
-        self._cache.clear()
-        self._write_manifest_counts()
+            self._write_manifest_counts()
         return AddResult(len(new_keys), len(items) - len(new_keys))
 
     def _atomic_add(self, vf: VectorFile, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
-        """Append rows + vectors to ``vf`` with the crash-safe protocol. Caller holds the lock."""
+        """Append rows + vectors to ``vf`` with the crash-safe protocol. Caller holds ``writing()``."""
         self._faiss.pop(vf.file, None)
         index = self._faiss_index(vf)
         generation = self._generation(vf)
@@ -355,13 +519,18 @@ class TextIndex(IndexQueries):
         ids = np.arange(next_id, next_id + len(rows), dtype=np.int64)
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         rows = [{"id": int(i), **r} for i, r in zip(ids, rows, strict=True)]
+        pending = self.path / _pending_name(vf, generation + 1)
         try:
-            pending = self.path / _pending_name(vf, generation + 1)
             self._write_pending_faiss(index, pending)
-            self._commit_rows(vf, rows, generation + 1)
+            crash_point("index.faiss_written")
+            self._commit_rows(vf, rows, generation + 1, fingerprint(pending))
+            crash_point("index.committed")
             self._promote_pending_faiss(vf, pending)
+            crash_point("index.renamed")
         except BaseException:
             self._faiss.pop(vf.file, None)  # the in-memory index may be ahead of disk; reload on next use
+            if self._generation(vf) != generation + 1:
+                pending.unlink(missing_ok=True)  # not committed: nothing refers to it
             raise
 
     def _encode_with_progress(self, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
@@ -393,21 +562,20 @@ class TextIndex(IndexQueries):
     def _write_pending_faiss(index: faiss.Index, pending: Path) -> None:
         write_faiss_durably(index, pending)
 
-    def _commit_rows(self, vf: VectorFile, rows: list[dict[str, Any]], generation: int) -> None:
-        with self.engine.begin() as conn:
+    def _commit_rows(self, vf: VectorFile, rows: list[dict[str, Any]], generation: int,
+                     file_fingerprint: dict[str, Any]) -> None:
+        with self.write_engine.begin() as conn:
             for i in range(0, len(rows), 5000):
                 conn.execute(insert(vf.table), rows[i:i + 5000])
-            updated = conn.execute(schema.state.update().where(schema.state.c.key == vf.state_key)
-                                   .values(value=str(generation))).rowcount
-            if not updated:
-                conn.execute(insert(schema.state).values(key=vf.state_key, value=str(generation)))
+            for key, value in ((vf.state_key, str(generation)), (vf.fingerprint_key, json.dumps(file_fingerprint))):
+                conn.execute(schema.state.update().where(schema.state.c.key == key).values(value=value))
 
     def _promote_pending_faiss(self, vf: VectorFile, pending: Path) -> None:
         os.replace(pending, self.path / vf.file)
         fsync_dir(self.path)
 
     def _write_manifest_counts(self) -> None:
-        """Counts in the manifest are informational (SQLite is authoritative); best effort."""
+        """Counts in the manifest are informational (SQLite is authoritative). Lock held."""
         manifest = dict(self.manifest)
         manifest["counts"] = self.counts()
         manifest["updated_at"] = _now()
@@ -415,7 +583,7 @@ class TextIndex(IndexQueries):
         self.manifest = manifest
 
     def record_run(self, command: str, detail: dict[str, Any]) -> None:
-        with self.engine.begin() as conn:
+        with self.writing(), self.write_engine.begin() as conn:
             conn.execute(insert(schema.runs).values(started_at=_now(), command=command,
                                                     detail=json.dumps(detail, ensure_ascii=False)))
 
@@ -463,3 +631,21 @@ class TextIndex(IndexQueries):
         """FAISS inner-product search: (cosines [N, k], text ids [N, k]); -1 ids pad short results."""
         index = self._faiss_index()
         return index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(k, max(index.ntotal, 1)))
+
+
+def recover_interrupted_writes(path: Path, state: dict[str, str]) -> list[str]:
+    """Roll an interrupted write forward or back (see the module docstring) and remove temp files of
+    dead writers. The caller holds the index's lock. Returns the names it acted on."""
+    acted = []
+    for vf in VECTOR_FILES:
+        committed = int(state[vf.state_key])
+        for p in path.glob(f"{vf.file}.g*"):
+            if p.name == _pending_name(vf, committed):
+                os.replace(p, path / vf.file)
+            else:
+                p.unlink()
+            acted.append(p.name)
+    acted += remove_stale_temps(path)
+    if acted:
+        fsync_dir(path)
+    return acted

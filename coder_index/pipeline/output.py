@@ -1,7 +1,19 @@
 """Result and error files that a rerun resumes: one row per image in the end, none lost or doubled.
 
-Rows are appended a batch at a time and flushed + fsynced; a run killed mid-write can leave at most
-one partial last line, which ``open`` cuts off before appending.
+Rows are appended a batch at a time, flushed and fsynced. A run killed mid-write leaves at most one
+partial record at the end, which the next run cuts off before appending: the cut is placed after
+the last *complete* record, correctly at every byte offset, quoted fields with newlines included.
+
+Any file name round-trips, whatever it holds (newline, carriage return, tab, quotes, commas, bytes
+that are not UTF-8):
+
+* CSV: every text field is quoted (``csv.QUOTE_NONNUMERIC``), so a newline or carriage return in a
+  name stays inside its field. A record ends at a newline preceded by an even number of quote
+  characters (a quote inside a field is doubled), which is how the last complete record is found.
+  Names that are not UTF-8 are written as their raw bytes (read them with
+  ``errors="surrogateescape"``, as Python does for such file names).
+* JSONL: one JSON object per line; JSON escapes control characters, and a name's undecodable bytes
+  are written as the ``\\udcXX`` escapes of Python's surrogateescape, so the file is valid UTF-8.
 """
 
 from __future__ import annotations
@@ -10,37 +22,78 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputFormatError
+from ..faults import armed
+from ..index.atomic import translate_disk_full
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CHUNK = 1 << 20
 
 
-def _cut_partial_last_line(path: Path) -> None:
-    with open(path, "rb+") as f:
-        data_end = f.seek(0, os.SEEK_END)
-        if data_end == 0:
-            return
-        f.seek(data_end - 1)
-        if f.read(1) == b"\n":
-            return
-        # scan back for the last newline; everything after it is an interrupted write
-        pos, chunk = data_end, 65536
+def _escape_surrogates(text: str) -> str:
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def json_line(obj: dict[str, Any]) -> str:
+    """One JSON object as a line of valid UTF-8 text, whatever the strings in it hold."""
+    return _escape_surrogates(json.dumps(obj, ensure_ascii=False)) + "\n"
+
+
+def last_record_end(path: Path, quoted: bool) -> int:
+    """Byte offset just after the last complete record: after the last newline that is outside any
+    quoted field (``quoted``: CSV) or after the last newline (JSONL, whose strings escape them)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        total_quotes = 0
+        if quoted:  # quote parity of the whole file, counted fast in large chunks
+            for block in iter(lambda: f.read(_CHUNK), b""):
+                total_quotes += block.count(b'"')
+        pos = size
+        quotes_after = 0  # quotes in [pos, size)
         while pos > 0:
-            start = max(0, pos - chunk)
+            start = max(0, pos - _CHUNK)
             f.seek(start)
             block = f.read(pos - start)
-            nl = block.rfind(b"\n")
-            if nl >= 0:
-                f.truncate(start + nl + 1)
-                return
+            end = len(block)
+            while True:
+                nl = block.rfind(b"\n", 0, end)
+                if nl < 0:
+                    break
+                if not quoted:
+                    return start + nl + 1
+                q_after = quotes_after + block.count(b'"', nl, len(block))
+                if (total_quotes - q_after) % 2 == 0:  # even number of quotes before it: a record boundary
+                    return start + nl + 1
+                end = nl
+            quotes_after += block.count(b'"') if quoted else 0
             pos = start
-        f.truncate(0)
+    return 0
+
+
+def repair_tail(path: Path, quoted: bool) -> int:
+    """Cut an interrupted last record off ``path``; returns the number of bytes removed."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    keep = last_record_end(path, quoted)
+    if keep < size:
+        with open(path, "rb+") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - keep
 
 
 class _AppendFile:
+    quoted = True
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f: Any = None
@@ -51,15 +104,39 @@ class _AppendFile:
             self._f = open(self.path, "a", **_ENC)
 
     def _append(self, text: str) -> None:
-        self._open()
-        self._f.write(text)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with translate_disk_full(self.path):
+            self._open()
+            if armed("output.mid_record"):  # the machine dies in the middle of a record
+                data = text.encode("utf-8", "surrogateescape")
+                self._f.buffer.write(data[: max(1, len(data) // 2)])
+                self._f.buffer.flush()
+                os.fsync(self._f.fileno())
+                os.kill(os.getpid(), 9)
+            try:
+                self._f.write(text)
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except BaseException:
+                # a half-written batch must not stay: it would be cut on resume anyway, and a full
+                # disk must leave the file as it was
+                self._f = None
+                repair_tail(self.path, self.quoted)
+                raise
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
             self._f = None
+
+    def _empty(self) -> bool:
+        return not self.path.exists() or self.path.stat().st_size == 0
+
+
+def _csv_writer(buf: io.StringIO) -> Any:
+    return csv.writer(buf, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
 
 
 class ResultWriter(_AppendFile):
@@ -71,33 +148,41 @@ class ResultWriter(_AppendFile):
         if suffix not in (".csv", ".jsonl"):
             raise InputFormatError(f"--out {self.path}: use a .csv or .jsonl file name")
         self.format = suffix[1:]
+        self.quoted = self.format == "csv"
         self.top_k = top_k
         self.header = ["path", "label", "score", "method"] + [
             f"{c}_{i}" for i in range(2, top_k + 1) for c in ("label", "score")]
 
     def done_paths(self) -> set[str]:
-        """Paths already written by an earlier run (after cutting a partial last line)."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        """Paths already written by an earlier run (after cutting an interrupted last record)."""
+        if self._empty():
             return set()
-        _cut_partial_last_line(self.path)
+        repair_tail(self.path, self.quoted)
+        done: set[str] = set()
+        if self.format == "jsonl":
+            with open(self.path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        done.add(json.loads(raw.decode("utf-8"))["path"])
+                    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                        raise InputFormatError(f"{self.path}:{lineno} is not a coder-index result row; "
+                                               "choose a new --out (or --overwrite)") from None
+            return done
         with open(self.path, **_ENC) as f:
-            if self.format == "jsonl":
-                done = set()
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            done.add(json.loads(line)["path"])
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise InputFormatError(f"{self.path}:{lineno} is not a coder-index result row; "
-                                                   "choose a new --out file") from None
-                return done
             reader = csv.reader(f)
             header = next(reader, None)
+            if header is None:
+                return done
             if header != self.header:
                 raise InputFormatError(
-                    f"{self.path} exists with columns {header[:6] if header else None}..., which do not match "
-                    f"this run (--top-k {self.top_k}); resume with the same options or choose a new --out")
-            return {row[0] for row in reader if row}
+                    f"{self.path} exists with columns {header[:6]}..., which do not match this run (--top-k "
+                    f"{self.top_k}); resume with the same options, --overwrite, or choose a new --out")
+            for row in reader:
+                if row:
+                    done.add(row[0])
+        return done
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -105,15 +190,15 @@ class ResultWriter(_AppendFile):
         buf = io.StringIO()
         if self.format == "jsonl":
             for r in rows:
-                buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+                buf.write(json_line(r))
         else:
-            w = csv.writer(buf, lineterminator="\n")
-            if not self.path.exists() or self.path.stat().st_size == 0:
+            w = _csv_writer(buf)
+            if self._empty():
                 w.writerow(self.header)
             for r in rows:
-                flat = [r["path"], r["label"], f"{r['score']:.6f}", r["method"]]
+                flat: list[Any] = [r["path"], r["label"], round(float(r["score"]), 6), r["method"]]
                 for t in r["top_k"][1:]:
-                    flat += [t["label"], f"{t['score']:.6f}"]
+                    flat += [t["label"], round(float(t["score"]), 6)]
                 flat += [""] * (len(self.header) - len(flat))
                 w.writerow(flat)
         self._append(buf.getvalue())
@@ -125,9 +210,9 @@ class ErrorWriter(_AppendFile):
     header = ["path", "error"]
 
     def done_paths(self) -> set[str]:
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        if self._empty():
             return set()
-        _cut_partial_last_line(self.path)
+        repair_tail(self.path, True)
         with open(self.path, **_ENC) as f:
             reader = csv.reader(f)
             next(reader, None)
@@ -137,8 +222,8 @@ class ErrorWriter(_AppendFile):
         if not errors:
             return
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        w = _csv_writer(buf)
+        if self._empty():
             w.writerow(self.header)
         w.writerows(errors)
         self._append(buf.getvalue())

@@ -57,9 +57,9 @@ def load_plain_pickle(path: Path) -> Any:
 
 
 def _read_json(path: Path) -> Any:
-    from ..sources import read_json_refusing_pickle
+    from ..untrusted import read_json
 
-    return read_json_refusing_pickle(path)
+    return read_json(path)
 
 
 def _per_class_lists(data: Any, path: Path, n: int, what: str) -> list[list[str]]:
@@ -68,10 +68,13 @@ def _per_class_lists(data: Any, path: Path, n: int, what: str) -> list[list[str]
     if len(data) != n:
         raise InputFormatError(f"{path} has {len(data)} entries but the class list has {n}; the file must be "
                                "aligned with the class list it was made for (same order, same length)")
+    from ..untrusted import MAX_TEXT
+
     out = []
     for i, row in enumerate(data):
-        if not isinstance(row, (list, tuple)) or not all(isinstance(x, str) for x in row):
-            raise InputFormatError(f"{path}: entry [{i}] must be a list of {what} strings")
+        if not isinstance(row, (list, tuple)) or not all(isinstance(x, str) and len(x) <= MAX_TEXT for x in row):
+            raise InputFormatError(f"{path}: entry [{i}] must be a list of {what} strings (at most {MAX_TEXT} "
+                                   "characters each)")
         out.append(list(row))
     return out
 
@@ -102,21 +105,18 @@ def load_expert_knowledge(root: str | Path, knowledge_key: str, classes: list[st
                                                      n, "analogous class"), strict=True):
             k.set(c, "analogous", items, source)
     if "synonym" in present:
-        data = _read_json(present["synonym"])
-        rows = [r.get("syno") if isinstance(r, dict) else None for r in data] if isinstance(data, list) else data
+        from ..untrusted import EXPERT_SYNONYMS, check
+
+        data = check(_read_json(present["synonym"]), EXPERT_SYNONYMS, str(present["synonym"]))
+        rows = [r["syno"] for r in data]
         for c, items in zip(classes, _per_class_lists(rows, present["synonym"], n, "synonym"), strict=True):
             k.set(c, "synonym", items, source)
     if "pairs" in present:
-        data = _read_json(present["pairs"])
-        path = present["pairs"]
-        if not isinstance(data, dict):
-            raise InputFormatError(f"{path}: expected {{class_a: {{class_b: [feature, ...]}}}}")
+        from ..untrusted import EXPERT_PAIRS, check
+
+        data = check(_read_json(present["pairs"]), EXPERT_PAIRS, str(present["pairs"]))
         for a, row in data.items():
-            if not isinstance(row, dict):
-                raise InputFormatError(f"{path}: [{a!r}] must be an object {{class_b: [feature, ...]}}")
             for b, feats in row.items():
-                if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
-                    raise InputFormatError(f"{path}: [{a!r}][{b!r}] must be a list of feature strings")
                 k.set_pair(a, b, feats)
     missing = [f"{paths[kind].relative_to(root)} (no {kind} texts)" for kind in paths if kind not in present]
     return k, missing

@@ -73,6 +73,7 @@ class GenerationStats:
     stopped_by_budget: bool = False
     seconds: float = 0.0
     llm_summary: str | None = None
+    failed: dict[str, list[str]] = field(default_factory=dict)   # kind -> classes whose LLM request got no answer
 
 
 @dataclass
@@ -80,6 +81,15 @@ class DryRun:
     prompts: int
     cached: int
     kinds: list[str]
+
+
+async def _settle(tasks: list[asyncio.Future]) -> None:
+    """Cancel what is still running and collect every outcome, so that an error in one request
+    (re-raised by the caller) leaves no 'Task exception was never retrieved' behind."""
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class AutoTextGenerator:
@@ -203,15 +213,18 @@ class AutoTextGenerator:
                 stats.stopped_by_budget = True
                 return c, kind, None
 
+        tasks = [asyncio.ensure_future(one(c, k)) for c in classes for k in kinds]
         try:
-            tasks = [asyncio.ensure_future(one(c, k)) for c in classes for k in kinds]
             with tqdm(total=len(tasks), unit="prompt", desc="generating", disable=not progress) as bar:
                 for fut in asyncio.as_completed(tasks):
                     c, kind, items = await fut
                     if items is not None:
                         knowledge.set(c, kind, items, self.source)
+                    else:
+                        stats.failed.setdefault(kind, []).append(c)
                     bar.update(1)
         finally:
+            await _settle(tasks)
             await self.llm.aclose()  # type: ignore[union-attr]
 
     async def _analogous(self, c: str, filt: AnalogousFilter, stats: GenerationStats) -> list[str] | None:
@@ -271,12 +284,13 @@ class AutoTextGenerator:
                 fa, fb = parse_pair(answer, a, b)
                 out[(a, b)], out[(b, a)] = fa, fb
 
+        tasks = [asyncio.ensure_future(one(a, b)) for a, b in canonical]
         try:
-            tasks = [asyncio.ensure_future(one(a, b)) for a, b in canonical]
             with tqdm(total=len(tasks), unit="pair", desc="pair texts", disable=not progress) as bar:
                 for fut in asyncio.as_completed(tasks):
                     await fut
                     bar.update(1)
         finally:
+            await _settle(tasks)
             await self.llm.aclose()  # type: ignore[union-attr]
         return {p: out[p] for p in pairs if p in out}, stopped

@@ -24,6 +24,7 @@ from ..index.atomic import atomic_write_json
 from ..index.records import TextItem
 from ..presets import TextRecipe
 from ..sources import match_classes, read_json_refusing_pickle
+from ..untrusted import DESCRIPTORS, KNOWLEDGE, check
 
 FORMAT = "coder-index/knowledge"
 KINDS = ("attribute", "attribute_text", "analogous", "synonym")
@@ -105,19 +106,18 @@ def load_knowledge(path: str | Path, fmt: str = "auto") -> Knowledge:
     path = Path(path)
     data = read_json_refusing_pickle(path)
     if not isinstance(data, dict):
-        raise InputFormatError(f"{path}: expected a JSON object")
+        raise InputFormatError(f"{path}: expected a JSON object (a knowledge file, or {{class: [text, ...]}})")
     if fmt == "knowledge" or (fmt == "auto" and data.get("format") == FORMAT):
-        if data.get("format") != FORMAT or not isinstance(data.get("classes"), dict):
+        if data.get("format") != FORMAT:
             raise InputFormatError(f"{path} is not a coder-index knowledge file (format {data.get('format')!r})")
-        k = Knowledge({str(c): dict(e) for c, e in data["classes"].items()}, data.get("pairs") or {},
-                      data.get("provenance") or {})
-        for c, e in k.classes.items():
-            for kind in KINDS:
-                if kind in e and not (isinstance(e[kind], list) and all(isinstance(x, str) for x in e[kind])):
-                    raise InputFormatError(f"{path}: classes.{c}.{kind} must be a list of strings")
+        check(data, KNOWLEDGE, str(path))
+        k = Knowledge({c: {kind: list(v) if isinstance(v, list) else dict(v) for kind, v in e.items()
+                           if v is not None and (kind in KINDS or kind == "source")}
+                       for c, e in data["classes"].items()},
+                      {a: {b: list(f) for b, f in row.items()} for a, row in (data.get("pairs") or {}).items()},
+                      data.get("provenance") if isinstance(data.get("provenance"), dict) else {})
         return k
-    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values()):
-        raise InputFormatError(f"{path}: expected a knowledge file or {{class: [text, ...]}}")
+    check(data, DESCRIPTORS, str(path))
     if fmt == "auto":
         fmt = "cupl" if _looks_like_sentences(data) else "descriptors"
     kind = {"cupl": "attribute_text", "descriptors": "attribute"}.get(fmt)

@@ -1,8 +1,10 @@
 """An OpenAI-compatible chat client that never pays twice for a prompt.
 
-* every usable answer is cached in SQLite, keyed by (model, messages, sampling parameters);
-* 429 / 5xx / timeouts / connection errors are retried with exponential backoff and jitter,
-  honouring ``retry-after``;
+* every usable answer is cached in SQLite, keyed by (endpoint, model, messages, sampling
+  parameters); an answer that contains the API key is never stored;
+* 429 / 5xx / timeouts / connection errors / malformed bodies are retried with exponential backoff
+  and jitter, honouring ``retry-after``, then reported clearly;
+* answers are capped at ``max_answer_chars`` (a 5 MB answer is not a list of attributes);
 * at most ``concurrency`` requests are in flight; ``max_requests`` is a hard budget on HTTP
   requests sent (retries included) that stops cleanly before it is exceeded;
 * the API key is read from the environment, passed to the client and nowhere else: it is scrubbed
@@ -55,6 +57,19 @@ class BudgetExhausted(CoderIndexError):
     """The next request would exceed --max-requests."""
 
 
+class MalformedResponse(Exception):
+    """The endpoint's body was not the JSON of a chat completion."""
+
+
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"
+MAX_ANSWER_CHARS = 4000
+
+
+def endpoint_id(base_url: str | None) -> str:
+    """The endpoint as part of a cache key: without credentials or a trailing slash."""
+    return (redact_url(base_url) or DEFAULT_ENDPOINT).rstrip("/")
+
+
 def default_cache_path() -> Path:
     return cache_dir() / "llm-cache.sqlite"
 
@@ -74,9 +89,11 @@ class LLMCache:
         _meta.create_all(self.engine)
 
     @staticmethod
-    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-        blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True,
-                          ensure_ascii=False)
+    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any], endpoint: str | None = None) -> str:
+        """One entry per endpoint, model, prompt and sampling parameters: the same model name at
+        another server is another model."""
+        blob = json.dumps({"endpoint": endpoint or DEFAULT_ENDPOINT, "model": model, "messages": messages,
+                           "params": params}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -110,6 +127,7 @@ class LLMConfig:
     temperature: float = 0.0
     max_tokens: int = 600
     bad_answer_retries: int = 1
+    max_answer_chars: int = MAX_ANSWER_CHARS
 
     @property
     def params(self) -> dict[str, Any]:
@@ -122,13 +140,15 @@ class LLMUsage:
     cache_hits: int = 0
     retries: int = 0
     unusable_answers: int = 0    # empty, refused or unparseable
+    truncated_answers: int = 0   # longer than max_answer_chars
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        cut = f", {self.truncated_answers} cut to the answer cap" if self.truncated_answers else ""
         return (f"{self.requests} request(s) sent, {self.cache_hits} answered from cache, {self.retries} retried, "
-                f"{self.unusable_answers} unusable answer(s); tokens: {self.prompt_tokens} prompt + "
+                f"{self.unusable_answers} unusable answer(s){cut}; tokens: {self.prompt_tokens} prompt + "
                 f"{self.completion_tokens} completion = {self.prompt_tokens + self.completion_tokens}")
 
 
@@ -194,7 +214,7 @@ class LLMClient:
 
     # -- cache -----------------------------------------------------------------------------
     def cache_key(self, messages: list[dict[str, str]]) -> str:
-        return LLMCache.key(self.config.model, messages, self.config.params)
+        return LLMCache.key(self.config.model, messages, self.config.params, endpoint_id(self.config.base_url))
 
     def cached(self, messages: list[dict[str, str]]) -> str | None:
         return self.cache.get(self.cache_key(messages))
@@ -253,6 +273,9 @@ class LLMClient:
                 except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
                         openai.InternalServerError) as exc:
                     error = exc
+                except (json.JSONDecodeError, openai.APIResponseValidationError, UnicodeDecodeError) as exc:
+                    # a body that is not the JSON the API promises: a broken proxy or server, retried like 5xx
+                    error = MalformedResponse(f"the endpoint answered with a malformed body ({exc})")
                 except openai.APIStatusError as exc:
                     if exc.status_code >= 500:
                         error = exc
@@ -274,6 +297,14 @@ class LLMClient:
                 await asyncio.sleep(delay)
                 continue
             text, tokens = self._read(resp)
+            if len(text) > self.config.max_answer_chars:
+                self.usage.truncated_answers += 1
+                cut = text[: self.config.max_answer_chars]
+                text = cut[: cut.rfind("\n")] if "\n" in cut else cut  # whole lines only
+            if self._key and self._key in text:
+                # an answer that repeats the key is never stored (nor used): the key stays out of the cache
+                self.usage.unusable_answers += 1
+                text = ""
             if text and usable(text):
                 self.cache.put(key, self.config.model, messages, self.config.params, text, tokens)
                 return text

@@ -16,6 +16,7 @@ _REFUSAL = re.compile(
     r"^\s*(?:i'?m sorry|i am sorry|sorry[,.!]|i can(?:no|')t|i cannot|i'?m unable|i am unable|"
     r"as an ai|i won'?t|i will not)", re.IGNORECASE)
 _NONE = {"none", "n/a", "no synonyms", "there are none", "nothing"}
+MAX_ITEM_CHARS = 300  # a list item longer than this is prose, not a feature or a name
 
 
 def is_refusal(text: str) -> bool:
@@ -59,7 +60,8 @@ def parse_list(answer: str | None, *, names: bool = False) -> list[str]:
     try:
         obj = json.loads(text)
         if isinstance(obj, list) and all(isinstance(x, str) for x in obj):
-            return dedupe([c for c in (_clean_item(x) for x in obj) if c and c.lower() not in _NONE])
+            return dedupe([c for c in (_clean_item(x) for x in obj)
+                           if c and c.lower() not in _NONE and len(c) <= MAX_ITEM_CHARS])
     except (json.JSONDecodeError, ValueError):
         pass
     marked, unmarked = [], []
@@ -79,7 +81,8 @@ def parse_list(answer: str | None, *, names: bool = False) -> list[str]:
         if len(items) == 1 and "," in items[0]:
             items = [_clean_item(x) for x in re.split(r",|\band\b", items[0])]
         items = [it for it in items if 0 < len(it.split()) <= 6]
-    return dedupe([it for it in items if it.lower() not in _NONE and any(ch.isalpha() for ch in it)])
+    return dedupe([it for it in items if it.lower() not in _NONE and any(ch.isalpha() for ch in it)
+                   and len(it) <= MAX_ITEM_CHARS])
 
 
 def parse_pair(answer: str | None, a: str, b: str) -> tuple[list[str], list[str]]:
@@ -118,6 +121,6 @@ def parse_pair(answer: str | None, a: str, b: str) -> tuple[list[str], list[str]
             continue
         if current and (m or not line.endswith(":")):
             item = _clean_item(body)
-            if item and any(ch.isalpha() for ch in item):
+            if item and any(ch.isalpha() for ch in item) and len(item) <= MAX_ITEM_CHARS:
                 sides[current].append(item)
     return dedupe(sides["a"]), dedupe(sides["b"])

@@ -27,6 +27,7 @@ import numpy as np
 from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
 
 from ..errors import IndexFormatError, InputFormatError, ModelMismatchError
+from ..faults import crash_point
 from ..index.atomic import staged_directory
 from ..index.schema import make_engine
 
@@ -207,6 +208,7 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                                                                                   strict=True))])
                 row += n
                 bar.update(n)
+                crash_point("corpus.ingesting")
         captions_arr.flush()
         del captions_arr
         if row != total:  # e.g. undecodable images in a folder corpus: keep the aligned prefix

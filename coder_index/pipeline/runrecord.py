@@ -1,0 +1,145 @@
+"""Who owns an output file, and where its rows came from.
+
+    OUT               the predictions (.csv or .jsonl)
+    OUT.errors.csv    files that produced no prediction
+    OUT.run.json      provenance: index (id, text generation, recipe), model, method, top-k, and the
+                      rerank / adapter / corpus settings; plus state a resumed run must reuse (the
+                      X-MoRe normalisers)
+    OUT.lock          held while a run writes (pid and command inside)
+
+A second run on the same OUT is refused at once, naming the running process. A rerun with other
+settings is refused with what differs, so a resumed file never mixes rows of different settings;
+``--overwrite`` starts afresh, another ``--out`` keeps both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputFormatError
+from ..index.atomic import OwnerLock, atomic_write_json, translate_disk_full
+from ..index.atomic import check_writable as _check_writable
+from .output import ErrorWriter, ResultWriter, errors_path_for
+
+FORMAT = "coder-index/predictions"
+IGNORED = {"index.path"}  # an index moved or copied elsewhere is still the same index
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".run.json")
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before anything expensive if OUT cannot be written, naming the path."""
+    _check_writable(Path(out), "--out")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+# provenance keys as the options that set them
+_OPTIONS = (("top_k", "--top-k"), ("method", "the method (--rerank/--adapter/--method)"), ("index.model", "the model"),
+            ("index", "--index"), ("rerank.gap_threshold", "--gap-threshold"), ("rerank", "--rerank"),
+            ("adapter", "--adapter"), ("corpus", "--corpus"), ("retrieve_k", "--retrieve-k"))
+
+
+def _label(key: str) -> str:
+    for prefix, option in _OPTIONS:
+        if key == prefix or key.startswith(prefix + "."):
+            return f"{option} ({key})" if key != prefix else option
+    return key
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"{_label(k)}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
+            if k not in IGNORED and a.get(k) != b.get(k)]
+
+
+class OutputRun:
+    """The writers of one OUT, its lock and its provenance, for the length of a run."""
+
+    def __init__(self, out: str | Path, top_k: int, provenance: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.top_k = top_k
+        self.provenance = {"format": FORMAT, "version": 1, **provenance}
+        self.overwrite = overwrite
+        self.state: dict[str, Any] = {}
+        self._lock = OwnerLock(lock_path(self.out), f"--out {self.out}")
+        self.results: ResultWriter | None = None
+        self.errors: ErrorWriter | None = None
+
+    def __enter__(self) -> OutputRun:
+        ResultWriter(self.out, self.top_k)  # the file name is checked before anything else
+        check_writable(self.out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            with translate_disk_full(self.out):
+                self._claim()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def _claim(self) -> None:
+        side = sidecar_path(self.out)
+        err = errors_path_for(self.out)
+        if self.overwrite:
+            for p in (self.out, err, side):
+                p.unlink(missing_ok=True)
+        has_rows = any(p.exists() and p.stat().st_size > 0 for p in (self.out, err))
+        if side.exists():
+            try:
+                saved = json.loads(side.read_text(encoding="utf-8"))
+                if not isinstance(saved, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise InputFormatError(f"{side} is damaged ({exc}); rerun with --overwrite to start afresh, or "
+                                       "choose another --out") from None
+            diff = differences(saved.get("provenance", {}), self.provenance)
+            if diff:
+                raise InputFormatError(
+                    f"{self.out} holds rows made with other settings ({'; '.join(diff[:6])}). Resuming would mix "
+                    "them: rerun with --overwrite to start afresh, or choose another --out to keep both")
+            self.state = saved.get("state", {})
+        elif has_rows:
+            raise InputFormatError(f"{self.out} holds rows of an unknown run (no {side.name}); rerun with --overwrite "
+                                   "to start afresh, or choose another --out")
+        else:
+            self._save()
+        self.results = ResultWriter(self.out, self.top_k)
+        self.errors = ErrorWriter(err)
+
+    def _save(self) -> None:
+        atomic_write_json(sidecar_path(self.out), {"provenance": self.provenance, "state": self.state})
+
+    def save_state(self, **state: Any) -> None:
+        """Persist what a resumed run must reuse (e.g. X-MoRe's normalisers)."""
+        self.state.update(state)
+        with translate_disk_full(self.out):
+            self._save()
+
+    def done_paths(self) -> set[str]:
+        assert self.results is not None and self.errors is not None
+        return self.results.done_paths() | self.errors.done_paths()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            for w in (self.results, self.errors):
+                if w is not None:
+                    w.close()
+        finally:
+            self._lock.release()

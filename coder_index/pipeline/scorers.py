@@ -1,0 +1,88 @@
+"""Scorers: turn a chunk of image embeddings into ranked classes. One folder runner, many scorers.
+
+* ``CoderScorer``: CODER stage-1 logits, or any logits function (a few-shot adapter), optionally
+  followed by the one-to-one rerank (CODER*);
+* ``XMoreScorer``: X-MoRe (``xmore`` / ``coder+xmore``), whose confidence normalisers are means over
+  the whole folder: it needs every embedding first (``two_pass``), and a resumed run reuses the
+  normalisers saved with the output's provenance.
+
+Each scorer says what identifies its predictions (``provenance``), which the runner records with the
+output so that a resumed run never mixes rows of different settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..predict import softmax, top_k
+
+if TYPE_CHECKING:
+    from ..index.text_index import TextIndex
+
+
+class CoderScorer:
+    """Stage-1 logits (CODER by default, or ``logits``), softmax, top-k; with ``reranker``, the
+    rerank's choice is placed first (``chunk`` images at a time, so that the pair texts missing for
+    a whole chunk are generated together)."""
+
+    two_pass = False
+
+    def __init__(self, index: TextIndex, top_k: int, *, reranker: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                 | None = None, logits: Callable[[np.ndarray], np.ndarray] | None = None, method: str | None = None,
+                 settings: dict[str, Any] | None = None, rerank_chunk: int = 2048) -> None:
+        self.index = index
+        self.top_k = top_k
+        self.reranker = reranker
+        self.logits = logits or (lambda x: index.classifier().logits(x, normalized=True))
+        self.method = method or ("coder*" if reranker is not None else "coder")
+        self.settings = settings or {}
+        self.chunk = rerank_chunk if reranker is not None else 1
+
+    def provenance(self) -> dict[str, Any]:
+        return {"method": self.method, **self.settings}
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.logits(emb)
+        probs = softmax(logits.astype(np.float64))
+        ids, _ = top_k(probs, max(self.top_k, 5 if self.reranker else 1))
+        if self.reranker is not None:
+            final = self.reranker(emb, logits)  # always one of the stage-1 top 5, hence in ids
+            # the rerank's class first, then the others in stage-1 order
+            order = np.argsort(ids != final[:, None], axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=1)
+        ids = ids[:, : self.top_k]
+        return ids, np.take_along_axis(probs, ids, axis=1)
+
+
+class XMoreScorer:
+    """X-MoRe over a folder, order-independent: normalisers over every image of the run."""
+
+    two_pass = True
+    chunk = 4096
+
+    def __init__(self, xmore: Any, method: str, top_k: int) -> None:
+        self.xmore, self.method, self.top_k = xmore, method, top_k
+        self.normalizers: tuple[float, float] | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        corpus = self.xmore.corpus
+        return {"method": self.method, "corpus": {"path": str(corpus.path.resolve()),
+                                                  "created_at": corpus.manifest.get("created_at"),
+                                                  "rows": corpus.manifest.get("rows")},
+                "retrieve_k": self.xmore.k}
+
+    def prepare(self, all_emb: np.ndarray, state: dict[str, Any]) -> dict[str, Any]:
+        """Normalisers from the state of a resumed run, else from every embedding of this one."""
+        if "normalizers" in state:
+            self.normalizers = tuple(state["normalizers"])
+            return {}
+        self.normalizers = self.xmore.normalizers(all_emb, self.method)
+        return {"normalizers": list(self.normalizers), "normalizer_images": int(len(all_emb))}
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.normalizers is not None, "prepare() first"
+        probs = self.xmore.predict(emb, self.method, normalizer=self.normalizers)
+        return top_k(probs, self.top_k)
