@@ -31,7 +31,7 @@ def friendly_errors(fn: Callable) -> Callable:
         except Exception as exc:
             # A full disk or a refused write anywhere (SQLite caches included) is the user's to fix,
             # not a traceback; anything else is a bug and keeps its traceback.
-            if disk_full(exc):
+            if disk_full(exc, getattr(exc, "filename", None)):
                 raise click.ClickException(disk_full_message(getattr(exc, "filename", None) or "the output")) from exc
             if isinstance(exc, OSError):
                 raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc

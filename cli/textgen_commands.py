@@ -29,6 +29,9 @@ def llm_client_options(fn: Callable) -> Callable:
         click.option("--max-requests", default=None, type=click.IntRange(0),
                      help="Request budget (retries included); the run stops cleanly before exceeding it."),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature."),
+        click.option("--max-retries", default=6, show_default=True, type=click.IntRange(0),
+                     help="Retries of a request after 429, 5xx, timeouts, connection errors or malformed bodies "
+                          "(exponential backoff with jitter, honouring retry-after)."),
         click.option("--max-answer-chars", default=4000, show_default=True, type=click.IntRange(100),
                      help="Longer answers are cut to this many characters (whole lines) before parsing."),
         click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
@@ -59,7 +62,7 @@ def llm_options(fn: Callable) -> Callable:
 
 def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model: str, api_key_env: str,
                    concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
-                   max_answer_chars: int = 4000,
+                   max_answer_chars: int = 4000, max_retries: int = 6,
                    synonyms_from: str = "wordnet", analogous_threshold: float = 0.9, filter_model: str | None = None,
                    filter_pretrained: str | None = None) -> Any:
     from coder_index.textgen.generator import AutoTextGenerator
@@ -69,7 +72,7 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
     if llm_kind == "openai":
         llm = LLMClient(LLMConfig(model=llm_model, base_url=base_url, api_key_env=api_key_env,
                                   concurrency=concurrency, max_requests=max_requests, temperature=temperature,
-                                  max_answer_chars=max_answer_chars),
+                                  max_answer_chars=max_answer_chars, max_retries=max_retries),
                         LLMCache(cache_path))
         llm.check_credentials()  # a missing key is reported before any image or text is processed
     filter_encoder = None

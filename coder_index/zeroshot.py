@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sqlalchemy import Column, LargeBinary, MetaData, String, Table, Text, insert, select, tuple_
 
-from .index.atomic import cache_dir
+from .index.atomic import cache_dir, translate_disk_full
 from .index.schema import make_engine
 from .presets import clip_prompts, data_file, fill
 from .validation import l2_normalize
@@ -44,7 +44,8 @@ class TextEmbeddingCache:
         self.path = Path(path) if path else cache_dir() / "text-embeddings.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.path, synchronous="NORMAL")
-        _meta.create_all(self.engine)
+        with translate_disk_full(self.path):
+            _meta.create_all(self.engine)
 
     def encode(self, encoder: ClipEncoder, texts: list[str], *, progress: bool = False,
                desc: str = "encoding prompt texts") -> np.ndarray:
@@ -68,7 +69,7 @@ class TextEmbeddingCache:
                     vecs = encoder.encode_texts(part)
                     rows = [{"text": x, "model_sha": sha, "vector": v.astype(np.float32).tobytes()}
                             for x, v in zip(part, vecs, strict=True)]
-                    with self.engine.begin() as conn:
+                    with translate_disk_full(self.path), self.engine.begin() as conn:
                         conn.execute(insert(t).prefix_with("OR REPLACE"), rows)
                     found.update({r["text"]: r["vector"] for r in rows})
                     bar.update(len(part))

@@ -3,7 +3,9 @@
 It answers canned completions derived from the prompt, counts requests, and misbehaves on purpose
 when told to: ``server.faults`` is a queue of modes applied to the next requests, one each:
 ``429`` (with retry-after), ``500``, ``timeout`` (answers after the client gave up), ``empty``,
-``garbage``, ``refusal``, ``401_echo_key`` (an error body that quotes the Authorization header).
+``garbage``, ``refusal``, ``401_echo_key`` (an error body that quotes the Authorization header),
+``malformed`` (a 200 whose body is not JSON), ``huge`` (a 5 MB answer), ``answer_key`` (an answer
+that repeats the Authorization header).
 """
 
 from __future__ import annotations
@@ -131,6 +133,14 @@ class FakeLLMServer:
                                                       "type": "invalid_request_error"}})
                 if fault == "timeout":
                     time.sleep(server.timeout_sleep)
+                if fault == "malformed":
+                    data = b"<html>502 Bad Gateway</html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
                 answer = server.overrides.get((kind, names[0] if names else ""))
                 if answer is None:
                     answer = server.answer(kind, names)
@@ -140,6 +150,10 @@ class FakeLLMServer:
                     answer = "}}}{{{ ###"
                 elif fault == "refusal":
                     answer = "I'm sorry, but I can't help with that."
+                elif fault == "huge":
+                    answer = answer + "\n" + "x" * 5_000_000
+                elif fault == "answer_key":
+                    answer = answer + "\n- your key is " + self.headers.get("Authorization", "")
                 usage = (len(text) // 4, len(answer) // 4)
                 with server._lock:
                     server.usage_total[0] += usage[0]

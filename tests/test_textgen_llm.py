@@ -306,3 +306,88 @@ def test_filter_model_is_a_choice(encoder, tiny_model, other_tiny_model, wordnet
     assert k.provenance["filter_model"]["weights_sha256"] == gen.filter_encoder.fingerprint.weights_sha256
     assert make_generator(encoder, "openai", server.base_url, "fake", "OPENAI_API_KEY", 2, None, 0.0,
                           str(tmp_path / "c.sqlite")).filter_encoder is encoder
+
+
+def test_malformed_bodies_are_retried_then_reported(encoder, wordnet_texts, server, tmp_path):
+    server.faults = ["malformed", "malformed"]
+    gen = make_gen(encoder, wordnet_texts, server, tmp_path / "c.sqlite")
+    k, _ = gen.generate(["cat"], ["attribute"])
+    assert k.get("cat", "attribute") == ["cat shape", "cat colour", "cat texture"]
+    assert gen.llm.usage.retries == 2 and server.requests == 3
+    server.faults = ["malformed"] * 3
+    gen = make_gen(encoder, wordnet_texts, server, tmp_path / "c2.sqlite", max_retries=2)
+    k, stats = gen.generate(["cat"], ["attribute"])
+    assert k.get("cat", "attribute") == [] and stats.failed == {"attribute": ["cat"]}
+    assert "malformed body" in gen.llm.usage.failures[0] and "gave up after 3 attempts" in gen.llm.usage.failures[0]
+
+
+def test_answers_and_items_are_capped(encoder, wordnet_texts, server, tmp_path):
+    from coder_index.textgen.parse import MAX_ITEM_CHARS
+
+    server.faults = ["huge"]
+    server.overrides[("attribute", "cat")] = "- whiskers\n- " + "very long prose " * 40 + "\n- tail"
+    gen = make_gen(encoder, wordnet_texts, server, tmp_path / "c.sqlite", max_answer_chars=2000)
+    k, _ = gen.generate(["cat"], ["attribute"])
+    assert k.get("cat", "attribute") == ["whiskers", "tail"]  # the 640-character item is prose, not a feature
+    assert gen.llm.usage.truncated_answers == 1
+    cached = sqlite3.connect(tmp_path / "c.sqlite").execute("select answer from llm_cache").fetchone()[0]
+    assert len(cached) <= 2000 and max(len(x) for x in k.get("cat", "attribute")) <= MAX_ITEM_CHARS
+
+
+def test_cache_key_includes_the_endpoint(encoder, wordnet_texts, server, tmp_path):
+    import socket
+
+    cache = tmp_path / "c.sqlite"
+    make_gen(encoder, wordnet_texts, server, cache).generate(["cat"], ["attribute"])
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    llm = LLMClient(LLMConfig(model="fake-model", base_url=dead, max_retries=0, backoff_base=0.01), LLMCache(cache))
+    gen = AutoTextGenerator(encoder, llm, wordnet=wordnet_texts)
+    k, stats = gen.generate(["cat"], ["attribute"])
+    assert llm.usage.cache_hits == 0 and stats.failed == {"attribute": ["cat"]}  # not answered by another server
+    assert k.provenance["llm"]["base_url"] == dead
+    same = make_gen(encoder, wordnet_texts, server, cache)
+    same.generate(["cat"], ["attribute"])
+    assert same.llm.usage.cache_hits == 1 and same.llm.usage.requests == 0
+
+
+def test_an_answer_holding_the_key_is_never_stored(encoder, wordnet_texts, server, tmp_path):
+    server.faults = ["answer_key"]
+    cache = tmp_path / "c.sqlite"
+    gen = make_gen(encoder, wordnet_texts, server, cache)
+    k, _ = gen.generate(["cat"], ["attribute"])
+    assert k.get("cat", "attribute") == ["cat shape", "cat colour", "cat texture"]  # the retry's clean answer
+    assert gen.llm.usage.unusable_answers == 1 and server.requests == 2
+    for f in tmp_path.glob("c.sqlite*"):
+        assert KEY.encode() not in f.read_bytes()
+
+
+def test_generate_fails_clearly_when_classes_get_no_text(server, tmp_path, tiny_model):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\n")
+    server.faults = ["malformed"] * 50
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    cmd = [sys.executable, "-m", "coder_index_cli.main", "generate", "--classes", str(classes), "--out",
+           str(tmp_path / "k.json"), "--base-url", server.base_url, "--llm-model", "fake", "--model", tiny_model,
+           "--kinds", "attribute,analogous", "--cache", str(tmp_path / "c.sqlite"), "--concurrency", "2",
+           "--max-retries", "1", "-q"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 1
+    assert "got no answer from the LLM" in res.stderr and "cat" in res.stderr and "nothing was written" in res.stderr
+    assert "Traceback" not in res.stderr and "Task exception was never retrieved" not in res.stderr
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_a_fatal_error_leaves_no_stray_task_tracebacks(server, tmp_path, tiny_model):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(f"class {i}" for i in range(12)) + "\n")
+    server.faults = ["401_echo_key"]
+    server.latency = 0.2
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONASYNCIODEBUG": "0"}
+    cmd = [sys.executable, "-m", "coder_index_cli.main", "generate", "--classes", str(classes), "--out",
+           str(tmp_path / "k.json"), "--base-url", server.base_url, "--llm-model", "fake", "--model", tiny_model,
+           "--kinds", "attribute", "--cache", str(tmp_path / "c.sqlite"), "--concurrency", "6", "-q"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 1 and "401" in res.stderr
+    assert "Task exception was never retrieved" not in res.stderr and "Traceback" not in res.stderr

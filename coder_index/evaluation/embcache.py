@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, Text, insert, select, tuple_
 
-from ..index.atomic import cache_dir
+from ..index.atomic import cache_dir, translate_disk_full
 from ..index.schema import make_engine
 
 _meta = MetaData()
@@ -31,7 +31,8 @@ class EmbeddingCache:
         self.path = Path(path) if path else default_embedding_cache()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.path, synchronous="NORMAL")
-        _meta.create_all(self.engine)
+        with translate_disk_full(self.path):
+            _meta.create_all(self.engine)
         self.model_sha = model_sha
         self.dim = dim
 
@@ -66,6 +67,6 @@ class EmbeddingCache:
             key, size, mtime = self._stamp(p)
             rows.append({"path": key, "model_sha": self.model_sha, "size": size, "mtime_ns": mtime,
                          "vector": np.ascontiguousarray(v, dtype=np.float32).tobytes()})
-        with self.engine.begin() as conn:
+        with translate_disk_full(self.path), self.engine.begin() as conn:
             for i in range(0, len(rows), 1000):
                 conn.execute(insert(image_embeddings).prefix_with("OR REPLACE"), rows[i:i + 1000])

@@ -37,12 +37,27 @@ class BusyError(CoderIndexError):
     """Another process holds the lock of the file or directory."""
 
 
-def disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT, or SQLite's (possibly SQLAlchemy-wrapped) 'database or disk is full'."""
+def disk_full(exc: BaseException, path: Path | str | None = None) -> bool:
+    """ENOSPC / EDQUOT, or SQLite's (possibly SQLAlchemy-wrapped) 'database or disk is full'. SQLite
+    reports some failures to grow its journal as a plain 'disk I/O error': with ``path``, that
+    counts as full when the device of ``path`` has (almost) no space left."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc).lower()
-    return "database or disk is full" in text or "no space left on device" in text
+    if "database or disk is full" in text or "no space left on device" in text:
+        return True
+    return "disk i/o error" in text and path is not None and _nearly_full(Path(path))
+
+
+def _nearly_full(path: Path) -> bool:
+    p = path
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def disk_full_message(path: Path | str) -> str:
@@ -58,7 +73,7 @@ def translate_disk_full(path: Path | str) -> Iterator[None]:
     except DiskFullError:
         raise
     except Exception as exc:
-        if disk_full(exc) or (exc.__cause__ is not None and disk_full(exc.__cause__)):
+        if disk_full(exc, path) or (exc.__cause__ is not None and disk_full(exc.__cause__, path)):
             raise DiskFullError(disk_full_message(path)) from exc
         raise
 

@@ -87,19 +87,20 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
     wanted = list(dict.fromkeys((int(a), int(b)) for a, b in pairs))
     t = schema.pair_texts
     rows = []
-    with index.engine.connect() as conn:
+    with index.engine.connect() as conn:  # one read transaction: rows and vectors of one generation
+        fi = index._faiss_index(PAIR_VECTORS, conn)
         for i in range(0, len(wanted), 400):
             q = select(t.c.id, t.c.class_a, t.c.class_b, t.c.weight).where(
                 tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
             rows += conn.execute(q).all()
     if not rows:
         return {}
-    if "pair_vectors" not in index._cache:  # read once per open index; add_pair_texts invalidates it
-        fi = index._faiss_index(PAIR_VECTORS)
+    cached = index._cache.get("pair_vectors")
+    if cached is None or cached[0] is not fi:  # arrays built once per loaded generation
         all_ids = faiss.vector_to_array(fi.id_map)
         vecs = faiss.vector_to_array(faiss.downcast_index(fi.index).codes).view(np.float32).reshape(-1, index.dim)
-        index._cache["pair_vectors"] = (all_ids, np.argsort(all_ids), vecs)
-    all_ids, order, vectors = index._cache["pair_vectors"]
+        index._cache["pair_vectors"] = cached = (fi, all_ids, np.argsort(all_ids), vecs)
+    _, all_ids, order, vectors = cached
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     pos = order[np.searchsorted(all_ids, ids, sorter=order)]
     keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)

@@ -89,6 +89,10 @@ def make_engine(path: Path, synchronous: str = "FULL", *, journal: str = "WAL", 
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook signature
+        # SQLAlchemy's documented recipe for real SQLite transactions: the driver issues no BEGIN of
+        # its own, SQLAlchemy's ("begin" below) does, so that reads inside one connection block see
+        # one snapshot (SQLite's shared lock is held until the transaction ends).
+        dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout=60000")  # wait for a writer's transaction instead of failing
         if not read_only:
@@ -96,5 +100,9 @@ def make_engine(path: Path, synchronous: str = "FULL", *, journal: str = "WAL", 
             cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # noqa: ANN001 - event hook signature
+        conn.exec_driver_sql("BEGIN")
 
     return engine

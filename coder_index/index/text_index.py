@@ -150,7 +150,7 @@ class TextIndex(IndexQueries):
         self._write_engine: Any = None
         self._encoder = encoder
         self._device = device
-        self._faiss: dict[str, faiss.Index] = {}
+        self._faiss: dict[str, tuple[int, faiss.Index]] = {}   # vector file -> (generation, index)
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
         self._cache: dict[str, Any] = {}
 
@@ -249,7 +249,18 @@ class TextIndex(IndexQueries):
             raise IndexFormatError(f"{meta} cannot be read ({reason}); {REBUILD}") from None
 
     def _check(self, full: bool = False) -> None:
-        state = self._state()
+        """Check the files against the state; a writer committing meanwhile (the state changed under
+        us) is retried, not reported as damage."""
+        for attempt in range(4):
+            state = self._state()
+            try:
+                self._check_state(state, full)
+                return
+            except IndexFormatError:
+                if attempt == 3 or self._state() == state:
+                    raise
+
+    def _check_state(self, state: dict[str, str], full: bool) -> None:
         missing = [k for k in ("generation", "pairs_generation", "dim", "index_id", "model", "text_recipe",
                                *(vf.fingerprint_key for vf in VECTOR_FILES)) if k not in state]
         if missing:
@@ -404,31 +415,37 @@ class TextIndex(IndexQueries):
             self._cache["classes"] = [r[0] for r in rows]
         return self._cache["classes"]
 
-    def _faiss_index(self, vf: VectorFile = TEXT_VECTORS) -> faiss.Index:
-        """The vector file of the committed generation, loaded once per open index. A writer that
-        commits while we read is waited out by retrying (its rename can move the file we chose)."""
-        if vf.file not in self._faiss:
-            for attempt in range(3):
-                state = self._state()
-                path = self._committed_file(vf, int(state[vf.state_key]))
-                rows = self._row_counts()[vf.file]
-                try:
-                    index = faiss.read_index(str(path))
-                except RuntimeError as exc:
-                    if attempt < 2 and not path.exists():
-                        continue
-                    reason = str(exc).strip().splitlines()[-1][:200]
-                    raise IndexFormatError(f"{self.path / vf.file} cannot be read by FAISS ({reason}); {REBUILD}") \
-                        from None
-                if index.ntotal == rows and index.d == self.dim:
-                    break
-                if attempt == 2:
-                    raise IndexFormatError(
-                        f"{self.path / vf.file} holds {index.ntotal} vectors of width {index.d} but {META_DB} has "
-                        f"{rows} rows of width {self.dim}; the files were changed outside coder-index. {REBUILD}")
-            self._files[vf.file] = path
-            self._faiss[vf.file] = index
-        return self._faiss[vf.file]
+    def _faiss_index(self, vf: VectorFile = TEXT_VECTORS, conn: Any = None) -> faiss.Index:
+        """The vector file of the committed generation, loaded once per generation. Called inside a
+        read transaction (``conn``), it is the generation of the rows that transaction sees: a
+        writer cannot commit while the transaction is open."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self._faiss_index(vf, c)
+        generation = int(conn.execute(select(schema.state.c.value).where(schema.state.c.key == vf.state_key))
+                         .scalar())
+        cached = self._faiss.get(vf.file)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        rows = int(conn.execute(select(func.count()).select_from(vf.table)).scalar())
+        for attempt in range(3):
+            path = self._committed_file(vf, generation)
+            try:
+                index = faiss.read_index(str(path))
+                break
+            except RuntimeError as exc:
+                if attempt < 2 and not path.exists():  # the pending file was renamed into place meanwhile
+                    continue
+                reason = str(exc).strip().splitlines()[-1][:200]
+                raise IndexFormatError(f"{self.path / vf.file} cannot be read by FAISS ({reason}); {REBUILD}") \
+                    from None
+        if index.ntotal != rows or index.d != self.dim:
+            raise IndexFormatError(
+                f"{self.path / vf.file} holds {index.ntotal} vectors of width {index.d} but {META_DB} has {rows} "
+                f"rows of width {self.dim}; the files were changed outside coder-index. {REBUILD}")
+        self._files[vf.file] = path
+        self._faiss[vf.file] = (generation, index)
+        return index
 
     def counts(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -593,9 +610,9 @@ class TextIndex(IndexQueries):
         key = f"table:{','.join(kinds)}"
         if key in self._cache:
             return self._cache[key]
-        index = self._faiss_index()
         t = schema.texts
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn:  # one read transaction: rows and vectors of one generation
+            index = self._faiss_index(TEXT_VECTORS, conn)
             rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind, t.c.weight).where(t.c.kind.in_(list(kinds)))
                                 .order_by(t.c.id)).all()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

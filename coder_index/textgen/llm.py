@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, select
 
 from ..errors import CoderIndexError
-from ..index.atomic import cache_dir
+from ..index.atomic import cache_dir, translate_disk_full
 from ..index.schema import make_engine
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class LLMCache:
         self.path = Path(path) if path else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.path, synchronous="NORMAL")
-        _meta.create_all(self.engine)
+        with translate_disk_full(self.path):
+            _meta.create_all(self.engine)
 
     @staticmethod
     def key(model: str, messages: list[dict[str, str]], params: dict[str, Any], endpoint: str | None = None) -> str:
@@ -105,7 +106,7 @@ class LLMCache:
         row = {"key": key, "model": model, "messages": json.dumps(messages, ensure_ascii=False),
                "params": json.dumps(params, sort_keys=True), "answer": answer, "prompt_tokens": usage[0],
                "completion_tokens": usage[1], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with self.engine.begin() as conn:
+        with translate_disk_full(self.path), self.engine.begin() as conn:
             conn.execute(insert(llm_cache).prefix_with("OR REPLACE"), row)
 
     def __len__(self) -> int:
@@ -302,9 +303,7 @@ class LLMClient:
                 cut = text[: self.config.max_answer_chars]
                 text = cut[: cut.rfind("\n")] if "\n" in cut else cut  # whole lines only
             if self._key and self._key in text:
-                # an answer that repeats the key is never stored (nor used): the key stays out of the cache
-                self.usage.unusable_answers += 1
-                text = ""
+                text = ""  # an answer that repeats the key is never stored (nor used): counted as unusable below
             if text and usable(text):
                 self.cache.put(key, self.config.model, messages, self.config.params, text, tokens)
                 return text

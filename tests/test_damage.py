@@ -1,0 +1,272 @@
+"""Damaged indexes give one clear line naming the file and the fix (never a traceback, never a
+silently different answer), opening never writes, `verify` finds every damage, and concurrent
+writers never corrupt each other."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import faiss
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coder_index import TextIndex
+from coder_index.errors import IndexFormatError
+from coder_index.index.faissfile import read_info
+from coder_index.index.verify import verify_index
+from coder_index_cli.main import cli
+
+
+def snapshot(d):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
+
+
+def cli_error(*args):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    return res.output
+
+
+def _truncate(n):
+    def damage(p):
+        data = (p / "texts.faiss").read_bytes()
+        (p / "texts.faiss").write_bytes(data[:n if n >= 0 else len(data) + n])
+    return damage
+
+
+def _faiss_of(index_factory):
+    def damage(p):
+        info = read_info(p / "texts.faiss")
+        faiss.write_index(index_factory(info), str(p / "texts.faiss"))
+    return damage
+
+
+def _flat_l2(info):
+    ix = faiss.IndexIDMap2(faiss.IndexFlatL2(info.dim))
+    ix.add_with_ids(np.ones((info.ntotal, info.dim), np.float32), np.arange(1, info.ntotal + 1))
+    return ix
+
+
+def _wider(info):
+    ix = faiss.IndexIDMap2(faiss.IndexFlatIP(info.dim + 8))
+    ix.add_with_ids(np.ones((info.ntotal, info.dim + 8), np.float32), np.arange(1, info.ntotal + 1))
+    return ix
+
+
+def _permuted_ids(p):
+    ix = faiss.read_index(str(p / "texts.faiss"))
+    ids = faiss.vector_to_array(ix.id_map)
+    vecs = faiss.vector_to_array(faiss.downcast_index(ix.index).codes).view(np.float32).reshape(len(ids), -1)
+    out = faiss.IndexIDMap2(faiss.IndexFlatIP(vecs.shape[1]))
+    out.add_with_ids(vecs, ids[::-1].copy())
+    faiss.write_index(out, str(p / "texts.faiss"))
+
+
+def _manifest(obj):
+    return lambda p: (p / "manifest.json").write_text(json.dumps(obj(json.loads((p / "manifest.json").read_text()))))
+
+
+DAMAGES = {
+    "texts.faiss truncated in the header": (_truncate(20), "texts.faiss"),
+    "texts.faiss truncated in the vectors": (_truncate(300), "texts.faiss"),
+    "texts.faiss missing its last byte": (_truncate(-1), "texts.faiss"),
+    "texts.faiss empty": (_truncate(0), "texts.faiss"),
+    "texts.faiss missing": (lambda p: (p / "texts.faiss").unlink(), "texts.faiss"),
+    "texts.faiss of another type": (_faiss_of(_flat_l2), "texts.faiss"),
+    "texts.faiss of another width": (_faiss_of(_wider), "texts.faiss"),
+    "texts.faiss with permuted ids": (_permuted_ids, "texts.faiss"),
+    "pairs.faiss truncated": (lambda p: os.truncate(p / "pairs.faiss", 50), "pairs.faiss"),
+    "meta.sqlite missing": (lambda p: (p / "meta.sqlite").unlink(), "meta.sqlite"),
+    "meta.sqlite garbage": (lambda p: (p / "meta.sqlite").write_bytes(os.urandom(8192)), "meta.sqlite"),
+    "meta.sqlite truncated": (lambda p: os.truncate(p / "meta.sqlite", 1000), "meta.sqlite"),
+    "meta.sqlite without state": (lambda p: sqlite3.connect(p / "meta.sqlite").execute("delete from state")
+                                  .connection.commit(), "meta.sqlite"),
+    "manifest a list": (lambda p: (p / "manifest.json").write_text("[1, 2]"), "manifest.json"),
+    "manifest not JSON": (lambda p: (p / "manifest.json").write_text("{nope"), "manifest.json"),
+    "manifest without model": (_manifest(lambda m: {k: v for k, v in m.items() if k != "model"}), "manifest.json"),
+    "manifest dim disagrees": (_manifest(lambda m: {**m, "dim": m["dim"] + 1}), "manifest.json"),
+    "manifest missing": (lambda p: (p / "manifest.json").unlink(), "manifest.json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_every_damage_is_one_clear_line_and_reading_writes_nothing(built_index, tmp_path, damage):
+    apply, culprit = DAMAGES[damage]
+    path = built_index.path
+    apply(path)
+    before = snapshot(path)
+    with pytest.raises(IndexFormatError) as err:
+        TextIndex.open(path).text_table()
+    msg = str(err.value)
+    assert culprit in msg and ("rebuild" in msg or "--repair" in msg or "coder-index build" in msg), msg
+    assert "\n" not in msg
+    assert snapshot(path) == before  # nothing created (meta.sqlite is not recreated) or modified
+    out = cli_error("info", path)
+    assert culprit in out
+    rep = verify_index(path, check_model=False)
+    assert not rep.ok and any(culprit in p.file or culprit in p.what for p in rep.problems)
+
+
+def test_texts_copied_from_another_models_index_are_refused(built_index, tmp_path, other_tiny_model, classes_file):
+    from coder_index.build import build_index
+
+    build_index(tmp_path / "other", classes_file, model=other_tiny_model, dataset="oxford_pets",
+                descriptors=[str(p) for p in []])
+    other = TextIndex.open(tmp_path / "other")
+    mine = TextIndex.open(built_index.path)
+    # same number of texts: copy only the name texts' file of a same-sized index
+    assert other.counts()["texts"]["name"] == mine.counts()["texts"]["name"]
+    shutil.copy(tmp_path / "other" / "pairs.faiss", built_index.path / "pairs.faiss")  # both empty: identical
+    TextIndex.open(built_index.path)
+    doctored = tmp_path / "doctored"
+    shutil.copytree(built_index.path, doctored)
+    ix = faiss.read_index(str(doctored / "texts.faiss"))
+    vecs = faiss.vector_to_array(faiss.downcast_index(ix.index).codes).view(np.float32).reshape(ix.ntotal, -1)
+    ids = faiss.vector_to_array(ix.id_map)
+    rng = np.random.default_rng(0)
+    fake = faiss.IndexIDMap2(faiss.IndexFlatIP(vecs.shape[1]))
+    fake.add_with_ids(rng.standard_normal(vecs.shape).astype(np.float32), ids)  # another model's vectors
+    faiss.write_index(fake, str(doctored / "texts.faiss"))
+    with pytest.raises(IndexFormatError, match="not the file this index wrote"):
+        TextIndex.open(doctored)
+
+
+def test_verify_passes_on_a_good_index_and_repairs_the_manifest(built_index):
+    rep = verify_index(built_index.path)
+    assert rep.ok and any("re-encoded" in c for c in rep.checked), rep
+    (built_index.path / "manifest.json").write_text("[]")
+    res = CliRunner().invoke(cli, ["verify", str(built_index.path), "--no-model"])
+    assert res.exit_code == 1 and "PROBLEM" in res.output and "--repair" in res.output
+    res = CliRunner().invoke(cli, ["verify", str(built_index.path), "--repair", "--no-model"])
+    assert res.exit_code == 0 and "repaired" in res.output
+    assert TextIndex.open(built_index.path).counts()["classes"] == 5
+
+
+def test_verify_finds_vectors_of_another_model(built_index, encoder):
+    """A file whose recorded checksum was forged along with it still fails the model check."""
+    path = built_index.path
+    ix = faiss.read_index(str(path / "texts.faiss"))
+    n, d = ix.ntotal, ix.d
+    ids = faiss.vector_to_array(ix.id_map)
+    fake = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    v = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32)
+    fake.add_with_ids(v / np.linalg.norm(v, axis=1, keepdims=True), ids)
+    faiss.write_index(fake, str(path / "texts.faiss"))
+    from coder_index.index.faissfile import fingerprint
+
+    con = sqlite3.connect(path / "meta.sqlite")
+    con.execute("update state set value = ? where key = 'file:texts.faiss'", (json.dumps(fingerprint(
+        path / "texts.faiss")),))
+    con.commit()
+    rep = verify_index(path)
+    assert not rep.ok and "not this model's embeddings" in rep.problems[0].what
+
+
+CREATE_AND_ADD = textwrap.dedent("""
+    import sys
+    from coder_index import ClipEncoder, TextIndex, TextItem
+    path, model, tag = sys.argv[1:4]
+    index = TextIndex.create(path, ClipEncoder(model, device="cpu"), exist_ok=True)
+    index.add_classes(["pug", "beagle"])
+    index.add_texts([TextItem("pug", "attribute", f"pug which has {tag} trait {i}") for i in range(15)])
+    print("ok")
+""")
+
+
+def test_concurrent_creators_and_writers(tmp_path, tiny_model, encoder):
+    """Four processes create the same new index and write to it at once (creation made slow on
+    purpose): all succeed, every text lands once, FAISS and SQLite agree, no temp file is left."""
+    path = tmp_path / "idx"
+    env = {**os.environ, "CODER_INDEX_PAUSE_AT": "index.create_locked:1.5"}
+    procs = [subprocess.Popen([sys.executable, "-c", CREATE_AND_ADD, str(path), tiny_model, f"w{i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
+    index = TextIndex.open(path)
+    assert index.counts()["texts"]["attribute"] == 60 and index.counts()["classes"] == 2
+    assert len(index.text_table()) == 60
+    assert json.loads((path / "manifest.json").read_text())["counts"]["texts"]["attribute"] == 60
+    assert verify_index(path, check_model=False).ok
+    assert not [p.name for p in path.iterdir() if p.name.endswith(".tmp") or ".faiss.g" in p.name]
+
+
+def test_concurrent_build_commands(tmp_path, tiny_model):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("pug\nbeagle\nsamoyed\n")
+    cmd = [sys.executable, "-m", "coder_index_cli.main", "build", str(tmp_path / "idx"), "--classes", str(classes),
+           "--model", tiny_model, "--dataset", "oxford_pets"]
+    env = {**os.environ, "CODER_INDEX_PAUSE_AT": "index.create_locked:1.0"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-1500:]
+    index = TextIndex.open(tmp_path / "idx")
+    assert index.counts()["texts"]["name"] == 3 and len(index.text_table()) == 3
+
+
+def test_a_reader_during_writes_never_sees_a_mixed_state(built_index, tiny_model):
+    """Readers open and read while a writer commits six times: never a false 'damaged', never a table
+    that mixes generations."""
+    base = len(built_index.text_table())
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from coder_index import ClipEncoder, TextIndex, TextItem
+        index = TextIndex.open(sys.argv[1], encoder=ClipEncoder(sys.argv[2], device="cpu"))
+        for r in range(6):
+            index.add_texts([TextItem("pug", "attribute", f"round {r} trait {i}") for i in range(10)])
+    """), str(built_index.path), tiny_model], env={**os.environ, "CODER_INDEX_PAUSE_AT": "index.write_locked:0.3"},
+        stderr=subprocess.PIPE, text=True)
+    seen = set()
+    deadline = time.time() + 300
+    while writer.poll() is None and time.time() < deadline:
+        table = TextIndex.open(built_index.path).text_table()
+        assert (len(table) - base) % 10 == 0 and len(np.unique(table.ids)) == len(table.ids)
+        seen.add(len(table))
+    assert writer.wait(timeout=300) == 0, writer.stderr.read()
+    assert len(TextIndex.open(built_index.path).text_table()) == base + 60
+    assert len(seen) >= 2  # the reader really ran while the writer wrote
+
+
+def test_hostile_knowledge_and_descriptor_files(tmp_path, encoder, classes_file):
+    from coder_index.build import build_index
+    from coder_index.errors import InputFormatError
+    from coder_index.textgen.knowledge import load_knowledge
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(InputFormatError, match="nests 200000 levels"):
+        load_knowledge(deep)
+    cases = {
+        "source_not_object": ({"classes": {"pug": {"attribute": ["x"], "source": "llm"}}},
+                              r'\$\.classes\["pug"\]\.source'),
+        "pairs_not_object": ({"classes": {}, "pairs": ["a"]}, r"\$\.pairs must be an object"),
+        "pair_row_not_object": ({"classes": {}, "pairs": {"pug": ["beagle"]}}, r'\$\.pairs\["pug"\] must be'),
+        "pair_features_not_list": ({"classes": {}, "pairs": {"pug": {"beagle": "ears"}}},
+                                   r'\$\.pairs\["pug"\]\["beagle"\] must be a list'),
+        "class_entry_string": ({"classes": {"pug": "a dog"}}, r'\$\.classes\["pug"\] must be an object'),
+        "attribute_item_number": ({"classes": {"pug": {"attribute": ["x", 3]}}},
+                                  r'\$\.classes\["pug"\]\.attribute\[1\] must be a string'),
+        "huge_text": ({"classes": {"pug": {"attribute": ["x" * 10_000]}}}, "at most 4000 characters"),
+        "classes_list": ({"classes": ["pug"]}, r"\$\.classes must be an object"),
+    }
+    for name, (body, pattern) in cases.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({"format": "coder-index/knowledge", "version": 1, **body}))
+        with pytest.raises(InputFormatError, match=pattern):
+            load_knowledge(p)
+        res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(classes_file),
+                                       "--knowledge", str(p)])
+        assert res.exit_code == 1 and p.name in res.output and "Traceback" not in res.output
+    desc = tmp_path / "d.json"
+    desc.write_text(json.dumps({"pug": ["ok", {"nested": 1}]}))
+    with pytest.raises(InputFormatError, match=r'd\.json: \$\["pug"\]\[1\] must be a string'):
+        build_index(tmp_path / "idx2", classes_file, encoder=encoder, descriptors=[desc])
+    assert not (tmp_path / "idx2").exists() or not any((tmp_path / "idx2").iterdir())

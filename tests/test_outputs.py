@@ -1,0 +1,258 @@
+"""Prediction files: any file name round-trips, repair is right at every byte offset, only regular
+files are read, one writer per --out, and a resumed output never mixes rows of different settings."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from coder_index.pipeline.output import ErrorWriter, ResultWriter, last_record_end
+from coder_index_cli.main import cli
+
+# names a file system allows and a CSV or JSON writer can get wrong
+WEIRD = ["new\nline.png", "carriage\rreturn.png", "tab\there.png", 'quo"te.png', "comma,name.png",
+         "both\r\n,\"all\".png", " leading space.png", "ünïcödé 猫.png", "trailing\n"]
+NON_UTF8 = os.fsdecode(b"bytes-\xff\xfe-latin1-\xe9.png")
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture
+def weird_folder(tmp_path):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for _i, name in enumerate([*WEIRD[:-1], NON_UTF8, "plain.jpg"]):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / name, format="PNG")
+    (folder / WEIRD[-1]).write_text("not an image, and a name ending in a newline")  # counted as a non-image
+    return folder
+
+
+def read_rows(out: Path) -> list[str]:
+    if out.suffix == ".csv":
+        with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.reader(f))
+        assert all(len(r) == len(rows[0]) for r in rows)
+        return [r[0] for r in rows[1:]]
+    text = out.read_bytes().decode("utf-8")  # strictly valid UTF-8
+    return [json.loads(line)["path"] for line in text.split("\n") if line]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_any_file_name_round_trips(built_index, weird_folder, tmp_path, fmt):
+    out = tmp_path / f"p.{fmt}"
+    run("classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q")
+    prefix = str(weird_folder) + "/"
+    expected = {prefix + n for n in [*WEIRD[:-1], NON_UTF8, "plain.jpg"]}
+    rows = read_rows(out)
+    assert set(rows) == expected and len(rows) == len(expected)
+    # a rerun finds every one of them done: nothing is appended
+    size = out.stat().st_size
+    res = run("classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q")
+    assert out.stat().st_size == size and "classified 0 images" in res.output
+
+
+def _rows(n):
+    names = [*WEIRD, NON_UTF8, "plain"]
+    return [{"path": f"/data/{names[i % len(names)]}-{i}", "label": ["cat", 'd"og', "x,y"][i % 3],
+             "score": 0.5 + i / 1000, "method": "coder",
+             "top_k": [{"label": "cat", "score": 0.5}, {"label": "dog\nbreed", "score": 0.25}]} for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_repair_and_resume_at_every_byte_offset(tmp_path, fmt):
+    """Cut a real output at every byte offset, resume, and get exactly the rows, once each."""
+    rows = _rows(12)
+    full = tmp_path / f"full.{fmt}"
+    w = ResultWriter(full, 2)
+    for i in range(0, len(rows), 5):
+        w.write(rows[i:i + 5])
+    w.close()
+    data = full.read_bytes()
+    expected = [r["path"] for r in rows]
+    assert read_rows(full) == expected
+    cut = tmp_path / f"cut.{fmt}"
+    for k in range(len(data) + 1):
+        cut.write_bytes(data[:k])
+        w = ResultWriter(cut, 2)
+        done = w.done_paths()                      # repairs the tail
+        kept = read_rows(cut) if cut.stat().st_size else []
+        assert kept == expected[:len(kept)], k     # a prefix of the rows, every one complete
+        assert done == set(kept), k
+        w.write([r for r in rows if r["path"] not in done])
+        w.close()
+        assert read_rows(cut) == expected, k       # resumed: every row exactly once
+
+
+def test_errors_file_repair_at_every_offset(tmp_path):
+    errors = [(f"/d/{n}", f"corrupt image: {n!r}") for n in [*WEIRD, NON_UTF8]]
+    full = tmp_path / "e.errors.csv"
+    w = ErrorWriter(full)
+    w.write(errors)
+    w.close()
+    data = full.read_bytes()
+    for k in range(len(data) + 1):
+        part = tmp_path / "p.errors.csv"
+        part.write_bytes(data[:k])
+        w = ErrorWriter(part)
+        done = w.done_paths()
+        w.write([e for e in errors if e[0] not in done])
+        w.close()
+        with open(part, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            got = [tuple(r) for r in csv.reader(f)][1:]
+        assert got == errors, k
+
+
+def test_last_record_end_on_large_files(tmp_path):
+    """Quote parity is counted across the 1 MiB blocks the scan reads."""
+    p = tmp_path / "big.csv"
+    rows = _rows(40_000)
+    w = ResultWriter(p, 2)
+    w.write(rows)
+    w.close()
+    data = p.read_bytes()
+    assert len(data) > 2 << 20  # several scan blocks
+    for k in (len(data) - 1, len(data) // 2 + 7, (1 << 20) + 3):
+        p.write_bytes(data[:k])
+        end = last_record_end(p, quoted=True)
+        assert data[:end].endswith(b"\n") and end <= k
+        with open(p, "rb+") as f:
+            f.truncate(end)
+        assert read_rows(p) == [r["path"] for r in rows][:len(read_rows(p))]
+
+
+def test_only_regular_files_are_read(built_index, tmp_path):
+    folder = tmp_path / "special"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "real.jpg")
+    os.mkfifo(folder / "fifo.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.png"))
+    os.symlink("/dev/null", folder / "device.jpg")
+    os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
+    os.symlink(folder / "real.jpg", folder / "link.jpg")
+    os.symlink(folder / "fifo.jpg", folder / "link-to-fifo.png")
+    (folder / "dir.jpg").mkdir()  # a folder with an image-like name is a folder: searched
+    shutil.copy(folder / "real.jpg", folder / "dir.jpg" / "inner.jpg")
+    (folder / ".hidden.jpg").write_bytes((folder / "real.jpg").read_bytes())
+    (folder / ".cache").mkdir()
+    out = tmp_path / "p.csv"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "coder_index_cli.main", "classify", str(folder), "--index",
+                               str(built_index.path), "--out", str(out), "--workers", "0", "-q"],
+                              capture_output=True, text=True, timeout=300)  # a FIFO read would hang: timeout
+    finally:
+        sock.close()
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(Path(p).name for p in read_rows(out)) == ["inner.jpg", "link.jpg", "real.jpg"]
+    with open(out.with_name("p.errors.csv"), newline="") as f:
+        errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader(f)}
+    assert set(errors) == {"fifo.jpg", "sock.png", "device.jpg", "dangling.jpg", "link-to-fifo.png"}
+    assert "FIFO" in errors["fifo.jpg"] and "socket" in errors["sock.png"] and "device" in errors["device.jpg"]
+    assert "broken symbolic link" in errors["dangling.jpg"] and "FIFO" in errors["link-to-fifo.png"]
+    assert "5 FIFO/socket/device/broken link" in proc.stderr and "2 hidden" in proc.stderr
+
+
+def test_a_file_swapped_for_a_fifo_after_discovery_is_skipped(tmp_path):
+    from coder_index.pipeline.decode import ImageDecodeError, load_image
+
+    os.mkfifo(tmp_path / "x.jpg")
+    t0 = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="not a regular file"):
+        load_image(tmp_path / "x.jpg")
+    assert time.perf_counter() - t0 < 5
+
+
+SLOW_CLASSIFY = textwrap.dedent("""
+    import sys
+    from coder_index_cli.main import cli
+    cli(["classify", sys.argv[1], "--index", sys.argv[2], "--out", sys.argv[3], "--workers", "0", "-q"])
+""")
+
+
+def test_one_writer_per_out(built_index, weird_folder, tmp_path):
+    out = tmp_path / "p.csv"
+    env = {**os.environ, "CODER_INDEX_PAUSE_AT": "classify.locked:8"}
+    first = subprocess.Popen([sys.executable, "-c", SLOW_CLASSIFY, str(weird_folder), str(built_index.path), str(out)],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    lock = out.with_name("p.csv.lock")
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.time() < deadline:
+        time.sleep(0.2)
+    t0 = time.perf_counter()
+    second = run("classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", ok=False)
+    assert second.exit_code == 1 and time.perf_counter() - t0 < 5
+    assert f"pid {first.pid}" in second.output and "in use" in second.output
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert len(read_rows(out)) == len(set(read_rows(out))) == len(WEIRD) + 1
+    assert not lock.exists()
+    # a lock file left by a dead process holds no lock
+    lock.write_text("pid 999999: coder-index classify (killed)\n")
+    run("classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q")
+
+
+def test_resume_refuses_other_settings(built_index, weird_folder, tmp_path, encoder, classes_file, other_tiny_model):
+    from coder_index.build import build_index
+
+    out = tmp_path / "p.csv"
+    base = ["classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q"]
+    run(*base)
+    side = json.loads(out.with_name("p.csv.run.json").read_text())["provenance"]
+    assert side["method"] == "coder" and side["top_k"] == 5 and side["index"]["index_id"] == built_index.index_id
+    # another index (same classes, same model)
+    build_index(tmp_path / "idx2", classes_file, encoder=encoder, dataset="oxford_pets")
+    res = run(*base[:2], "--index", tmp_path / "idx2", *base[4:], ok=False)
+    assert res.exit_code == 1 and "--index" in res.output and "--overwrite" in res.output
+    # another model
+    build_index(tmp_path / "idx3", classes_file, model=other_tiny_model, dataset="oxford_pets")
+    assert "model" in run(*base[:2], "--index", tmp_path / "idx3", *base[4:], ok=False).output
+    # the same index with more texts (a new text generation)
+    from coder_index import TextIndex, TextItem
+
+    TextIndex.open(built_index.path, encoder=encoder).add_texts([TextItem("pug", "attribute", "pug which has a cape")])
+    assert "generation" in run(*base, ok=False).output
+    res = run(*base, "--top-k", "3", "--overwrite")
+    assert f"classified {len(WEIRD) + 1} images" in res.output
+    TextIndex.open(built_index.path, encoder=encoder).add_pair_texts({("pug", "beagle"): ["a flat face"],
+                                                                      ("beagle", "pug"): ["long ears"]})
+    res = run(*base, "--top-k", "3", "--rerank", "--llm", "none", ok=False)
+    assert res.exit_code == 1 and "the method" in res.output and "'coder*'" in res.output
+    # the index moved elsewhere is still the same index: resuming is fine
+    moved = tmp_path / "moved-index"
+    shutil.copytree(built_index.path, moved)
+    res = run(*base[:2], "--index", moved, *base[4:], "--top-k", "3")
+    assert "classified 0 images" in res.output
+    # rows of an unknown run are not resumed
+    out.with_name("p.csv.run.json").unlink()
+    assert "unknown run" in run(*base, "--top-k", "3", ok=False).output
+
+
+def test_unwritable_out_fails_before_any_model_loads(built_index, weird_folder, tmp_path, monkeypatch):
+    from coder_index import encoder as encoder_module
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load before the output is checked")
+
+    monkeypatch.setattr(encoder_module.ClipEncoder, "__init__", no_model)
+    (tmp_path / "file").write_text("x")
+    res = run("classify", weird_folder, "--index", built_index.path, "--out", tmp_path / "file" / "p.csv", ok=False)
+    assert res.exit_code == 1 and "is not a directory" in res.output
+    res = run("classify", weird_folder, "--index", built_index.path, "--out", tmp_path / "p.txt", ok=False)
+    assert res.exit_code == 1 and ".csv or .jsonl" in res.output
