@@ -270,3 +270,51 @@ def test_hostile_knowledge_and_descriptor_files(tmp_path, encoder, classes_file)
     with pytest.raises(InputFormatError, match=r'd\.json: \$\["pug"\]\[1\] must be a string'):
         build_index(tmp_path / "idx2", classes_file, encoder=encoder, descriptors=[desc])
     assert not (tmp_path / "idx2").exists() or not any((tmp_path / "idx2").iterdir())
+
+
+@pytest.fixture(scope="module")
+def built_dirs(tmp_path_factory, tiny_model):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("dirs")
+    (root / "classes.txt").write_text("c0\nc1\n")
+    assert CliRunner().invoke(cli, ["build", str(root / "idx"), "--classes", str(root / "classes.txt"), "--model",
+                                    tiny_model]).exit_code == 0
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        (root / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+        img.save(root / "imgs" / f"c{i % 2}" / f"{i}.png")
+    (root / "caps.csv").write_text("path,caption\n" + "".join(f"c{i % 2}/{i}.png,thing {i}\n" for i in range(16)))
+    for args in (["fewshot", "fit", root / "imgs", "--index", root / "idx", "--shots", "2", "--out", root / "ad",
+                  "--augment-epochs", "1", "--workers", "0", "--search", "fast"],
+                 ["corpus", "build", root / "corpus", "--images", root / "imgs", "--captions", root / "caps.csv",
+                  "--index", root / "idx", "--workers", "0"]):
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+    return root
+
+
+@pytest.mark.parametrize("kind", ["ad", "corpus"])
+@pytest.mark.parametrize("damage", ["missing", "half", "garbage", "empty"])
+def test_damaged_adapter_and_corpus_files(built_dirs, tmp_path, kind, damage):
+    names = sorted(p.name for p in (built_dirs / kind).iterdir())
+    for name in names:
+        d = tmp_path / f"{kind}-{name}"
+        shutil.copytree(built_dirs / kind, d)
+        f = d / name
+        if damage == "missing":
+            f.unlink()
+        elif damage == "half":
+            os.truncate(f, f.stat().st_size // 2)
+        elif damage == "garbage":
+            f.write_bytes(os.urandom(max(64, f.stat().st_size)))
+        else:
+            f.write_bytes(b"")
+        option = ["--adapter", d] if kind == "ad" else ["--corpus", d, "--method", "xmore"]
+        res = CliRunner().invoke(cli, [str(a) for a in ["classify", built_dirs / "imgs", "--index",
+                                                        built_dirs / "idx", "--out", tmp_path / f"{name}.csv",
+                                                        *option, "--workers", "0", "-q"]])
+        assert res.exit_code == 1, (name, damage, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (name, damage, repr(res.exception))
+        assert name in res.output or "damaged" in res.output, (name, damage, res.output)

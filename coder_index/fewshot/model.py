@@ -28,6 +28,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
 
 from ..errors import IndexFormatError, ModelMismatchError
 from ..index.atomic import staged_directory
+from ..index.damage import read_manifest, reading
 from ..index.schema import make_engine
 from ..validation import l2_normalize
 from .adapter import CoderAdapter, TipAdapter, neighbour_cache_logits
@@ -79,22 +80,31 @@ class FewShotModel:
     def __init__(self, path: Path, index: TextIndex, top_k: int | None = None) -> None:
         self.path = path
         self.index = index
-        try:
-            self.manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise IndexFormatError(f"{path} is not an adapter (no manifest.json); create one with "
-                                   "`coder-index fewshot fit`") from None
-        if self.manifest.get("format") != FORMAT:
-            raise IndexFormatError(f"{path} is not a coder-index adapter")
+        fix = "fit the adapter again with `coder-index fewshot fit`"
+        self.manifest = read_manifest(path, FORMAT, ("model", "classes", "kinds", "adapters", "text_ids_sha256"),
+                                      "a coder-index adapter", fix)
         self._check_index()
-        self.support = faiss.read_index(str(path / "support.faiss"))
-        self.support_images = np.load(path / "support_images.npy", allow_pickle=False)
-        self.zs_weights = np.load(path / "zero_shot.npy", allow_pickle=False)
-        engine = make_engine(path / "meta.sqlite")
-        with engine.connect() as conn:
-            self.labels = np.array([r[0] for r in conn.execute(select(support_rows.c.label).order_by(
-                support_rows.c.id))], dtype=np.int64)
-        engine.dispose()
+        with reading(path, "support.faiss", fix):
+            self.support = faiss.read_index(str(path / "support.faiss"))
+        with reading(path, "support_images.npy", fix):
+            self.support_images = np.load(path / "support_images.npy", allow_pickle=False)
+        with reading(path, "zero_shot.npy", fix):
+            self.zs_weights = np.load(path / "zero_shot.npy", allow_pickle=False)
+        with reading(path, "meta.sqlite", fix):
+            if not (path / "meta.sqlite").is_file():
+                raise FileNotFoundError("no such file")
+            engine = make_engine(path / "meta.sqlite", read_only=True)
+            try:
+                with engine.connect() as conn:
+                    self.labels = np.array([r[0] for r in conn.execute(select(support_rows.c.label).order_by(
+                        support_rows.c.id))], dtype=np.int64)
+            finally:
+                engine.dispose()
+        n = self.support.ntotal
+        n_classes = len(index.class_names())
+        if not (len(self.labels) == n == len(self.support_images)) or self.zs_weights.shape[0] != n_classes:
+            raise IndexFormatError(f"{path}: support.faiss ({n}), meta.sqlite ({len(self.labels)}) and "
+                                   f"support_images.npy ({len(self.support_images)}) disagree; {fix}")
         self.n_classes = len(index.class_names())
         self.top_k = top_k
         table = index.text_table(tuple(self.manifest["kinds"]))
@@ -110,7 +120,8 @@ class FewShotModel:
                                      f"{fp.describe()}; fit a new adapter for this index")
         if m["classes"] != self.index.class_names():
             raise ModelMismatchError(f"adapter {self.path} was fitted on other classes than {self.index.path} holds")
-        self.text_ids = np.load(self.path / "text_ids.npy", allow_pickle=False)
+        with reading(self.path, "text_ids.npy", "fit the adapter again with `coder-index fewshot fit`"):
+            self.text_ids = np.load(self.path / "text_ids.npy", allow_pickle=False)
         table = self.index.text_table(tuple(m["kinds"]))
         present = np.isin(self.text_ids, table.ids)
         if not present.all() or text_ids_checksum(self.text_ids) != m["text_ids_sha256"]:

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
+from sqlalchemy import Column, Integer, MetaData, Table, Text, func, insert, select
 
 from ..errors import IndexFormatError, InputFormatError, ModelMismatchError
 from ..faults import crash_point
 from ..index.atomic import staged_directory
+from ..index.damage import read_manifest, reading
 from ..index.schema import make_engine
 
 if TYPE_CHECKING:
@@ -230,20 +231,33 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
 class Corpus:
     def __init__(self, path: str | Path, fingerprint: ModelFingerprint | None = None) -> None:
         self.path = Path(path)
-        try:
-            self.manifest = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise IndexFormatError(f"{self.path} is not a corpus (no manifest.json); build one with "
-                                   "`coder-index corpus build`") from None
-        if self.manifest.get("format") != FORMAT:
-            raise IndexFormatError(f"{self.path} is not a coder-index corpus")
+        fix = "build the corpus again with `coder-index corpus build` into a new directory"
+        if (self.path / "texts.faiss").exists() and not (self.path / "corpus.faiss").exists():
+            raise IndexFormatError(f"{self.path} is a text index, not an image-text corpus: pass it as --index")
+        self.manifest = read_manifest(self.path, FORMAT, ("model", "rows", "factory", "dim"),
+                                      "a coder-index image-text corpus", fix)
         if fingerprint is not None:
             self.check_model(fingerprint)
-        self.index = faiss.read_index(str(self.path / "corpus.faiss"))
-        self.captions = np.load(self.path / "captions.npy", mmap_mode="r", allow_pickle=False)
-        self.engine = make_engine(self.path / "meta.sqlite")
-        if self.index.ntotal != self.captions.shape[0]:
-            raise IndexFormatError(f"{self.path}: corpus.faiss and captions.npy disagree; rebuild the corpus")
+        with reading(self.path, "corpus.faiss", fix):
+            self.index = faiss.read_index(str(self.path / "corpus.faiss"))
+        with reading(self.path, "captions.npy", fix):
+            self.captions = np.load(self.path / "captions.npy", mmap_mode="r", allow_pickle=False)
+        with reading(self.path, "meta.sqlite", fix):
+            if not (self.path / "meta.sqlite").is_file():
+                raise FileNotFoundError("no such file")
+            self.engine = make_engine(self.path / "meta.sqlite", read_only=True)
+            with self.engine.connect() as conn:
+                n_rows = conn.execute(select(func.count()).select_from(corpus_rows)).scalar()
+                last = conn.execute(select(corpus_rows.c.id).order_by(corpus_rows.c.id.desc()).limit(1)).scalar()
+        if n_rows != self.manifest["rows"] or (n_rows and last != n_rows - 1):
+            raise IndexFormatError(f"{self.path / 'meta.sqlite'} holds {n_rows} caption rows, the manifest "
+                                   f"{self.manifest['rows']}; it is damaged; {fix}")
+        if self.index.ntotal != self.captions.shape[0] or self.index.ntotal != self.manifest["rows"] or \
+                self.index.d != self.manifest["dim"] or self.captions.ndim != 2 or \
+                self.captions.shape[1] != self.manifest["dim"]:
+            raise IndexFormatError(f"{self.path}: corpus.faiss ({self.index.ntotal} x {self.index.d}), captions.npy "
+                                   f"{tuple(self.captions.shape)} and the manifest ({self.manifest['rows']} rows) "
+                                   f"disagree; {fix}")
 
     def check_model(self, fp: ModelFingerprint) -> None:
         mine = self.manifest["model"]
