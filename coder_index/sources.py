@@ -11,18 +11,13 @@ from typing import Any
 from .errors import InputFormatError
 from .index.records import TextItem
 from .presets import TextRecipe, norm_key
-from .untrusted import DESCRIPTORS, check, read_json
+from .untrusted import DESCRIPTORS, check, read_json, read_text
 
 
 def read_class_list(path: str | Path) -> list[str]:
     """One class name per line, in label order; blank lines and '#' comments skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise InputFormatError(f"class list {path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise InputFormatError(f"class list {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    lines = read_text(path, "class list").splitlines()
     names: list[str] = []
     seen: dict[str, int] = {}
     for lineno, raw in enumerate(lines, 1):

@@ -9,8 +9,12 @@ was expected.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,54 @@ MAX_TEXT = 4000          # characters of one text (an attribute, a synonym, a se
 MAX_ITEMS = 100_000      # entries of one list or object
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def open_regular_file(path: str | Path) -> io.BufferedReader:
+    """Open ``path`` for reading only if it is a regular file (or a link to one). O_NONBLOCK makes
+    opening a FIFO return at once instead of waiting for a writer; fstat then tells what was opened,
+    so a FIFO, socket or device given as an input (or swapped in meanwhile) never blocks a read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, socket, device or directory)", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class NotARegularFile(OSError):
+    pass
+
+
+def read_bytes(path: str | Path, what: str, *, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a user's input file: a regular file of bounded size, or a clear InputFormatError."""
+    path = Path(path)
+    try:
+        with open_regular_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise InputFormatError(f"{what} {path} has {size} bytes, more than the {max_bytes} coder-index reads "
+                                       "from such a file")
+            return f.read()
+    except NotARegularFile:
+        raise InputFormatError(f"{what} {path} is not a regular file (a FIFO, socket, device or directory)") from None
+    except FileNotFoundError:
+        raise InputFormatError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputFormatError(f"{what} {path} is a directory, not a file") from None
+    except PermissionError:
+        raise InputFormatError(f"{what} {path} cannot be read (permission denied)") from None
+
+
+def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_BYTES) -> str:
+    """A user's UTF-8 text file (class list, CSV, mapping), read with the checks of ``read_bytes``."""
+    raw = read_bytes(path, what, max_bytes=max_bytes)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputFormatError(f"{what} {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
 
 
 def json_depth(raw: bytes) -> int:
@@ -43,16 +95,7 @@ def read_json(path: str | Path, *, max_bytes: int = MAX_BYTES, max_depth: int = 
     if path.suffix in (".pkl", ".pickle", ".pt", ".pth"):
         raise InputFormatError(f"{path}: pickle files are refused (loading them can run arbitrary code); "
                                "convert it to JSON")
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise InputFormatError(f"{path} has {size} bytes, more than the {max_bytes} a text file of coder-index "
-                                   "may have")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputFormatError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InputFormatError(f"{path} is a directory, not a JSON file") from None
+    raw = read_bytes(path, "JSON file", max_bytes=max_bytes)
     if raw.startswith(_PICKLE_MAGIC):
         raise InputFormatError(f"{path} is a pickle file; pickle is refused (it can run code), use JSON")
     depth = json_depth(raw)

@@ -256,3 +256,35 @@ def test_unwritable_out_fails_before_any_model_loads(built_index, weird_folder, 
     assert res.exit_code == 1 and "is not a directory" in res.output
     res = run("classify", weird_folder, "--index", built_index.path, "--out", tmp_path / "p.txt", ok=False)
     assert res.exit_code == 1 and ".csv or .jsonl" in res.output
+
+
+def test_special_files_as_inputs_and_outputs_never_hang(built_index, tmp_path, tiny_model):
+    """A FIFO given where a file is expected (--out, its errors file, a class list, a descriptor or
+    knowledge file, a labels CSV, a caption sidecar) is refused at once, naming it."""
+    folder = tmp_path / "imgs"
+    (folder / "pug").mkdir(parents=True)
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(folder / "pug" / "a.png")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for name in ("out.csv", "out2.errors.csv", "classes.txt", "desc.json", "labels.csv"):
+        os.mkfifo(tmp_path / name)
+    (tmp_path / "real-classes.txt").write_text("pug\n")
+    cases = [
+        (["classify", folder, "--index", built_index.path, "--out", tmp_path / "out.csv"], "out.csv"),
+        (["classify", folder, "--index", built_index.path, "--out", tmp_path / "out2.csv"], "out2.errors.csv"),
+        (["build", tmp_path / "i1", "--classes", tmp_path / "classes.txt", "--model", tiny_model], "classes.txt"),
+        (["build", tmp_path / "i2", "--classes", tmp_path / "real-classes.txt", "--model", tiny_model,
+          "--descriptors", tmp_path / "desc.json"], "desc.json"),
+        (["eval", tmp_path / "labels.csv", "--index", built_index.path, "--out", tmp_path / "rep"], "labels.csv"),
+    ]
+    for args, culprit in cases:
+        proc = subprocess.run([sys.executable, "-m", "coder_index_cli.main", *map(str, args)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0 and culprit in proc.stderr and "regular file" in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    (folder / "pug" / "a.txt").unlink(missing_ok=True)
+    os.mkfifo(folder / "pug" / "a.txt")  # an img2dataset-style caption sidecar that is a FIFO: no caption
+    from coder_index.xmore.corpus import folder_captions
+
+    with pytest.raises(Exception, match="no captions"):
+        folder_captions(folder, None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import InputFormatError
 from ..pipeline.discover import discover_images
 from ..sources import match_classes
+from ..untrusted import MapOf, Text, check, read_json, read_text
 
 
 @dataclass
@@ -28,12 +29,9 @@ def read_mapping(path: str | Path) -> dict[str, str]:
     """``{folder or label: index class}`` from JSON or a two-column CSV."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise InputFormatError(f"{path}: expected a JSON object {{label: class}}")
+        data = check(read_json(path), MapOf(Text(1000)), str(path))
         return {str(k): str(v) for k, v in data.items()}
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r]
+    rows = [r for r in csv.reader(io.StringIO(read_text(path, "--mapping"), newline="")) if r]
     if rows and [c.lower() for c in rows[0][:2]] in (["label", "class"], ["folder", "class"]):
         rows = rows[1:]
     return {r[0]: r[1] for r in rows if len(r) >= 2}
@@ -69,11 +67,10 @@ def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path 
             paths += [data / folder / p for p in found.images]
             labels += [ids[folder]] * len(found.images)
     elif data.suffix.lower() == ".csv":
-        with open(data, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise InputFormatError(f"{data}: a labels CSV needs the columns path,label")
-            rows = list(reader)
+        reader = csv.DictReader(io.StringIO(read_text(data, "labels CSV"), newline=""))
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise InputFormatError(f"{data}: a labels CSV needs the columns path,label")
+        rows = list(reader)
         ids = _resolve(sorted({r["label"] for r in rows}), class_names, table, "label(s)")
         paths = [(data.parent / r["path"]) for r in rows]
         labels = [ids[r["label"]] for r in rows]

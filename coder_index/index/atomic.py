@@ -94,6 +94,9 @@ def check_writable(path: Path, what: str, *, is_dir: bool = False) -> None:
             raise InputFormatError(f"{what} {path} exists and is not a directory")
         if not is_dir and path.is_dir():
             raise InputFormatError(f"{what} {path} is a directory; name a file")
+        if not is_dir and not path.is_file():
+            raise InputFormatError(f"{what} {path} exists and is not a regular file (a FIFO, socket or device); "
+                                   "name a regular file")
         target = path if is_dir else path.parent
         ok = os.access(target, os.W_OK | os.X_OK) and (is_dir or os.access(path, os.W_OK))
     else:

@@ -6,14 +6,13 @@ transparent pixels become black, EXIF-rotated photos stay sideways. Each case is
 
 from __future__ import annotations
 
-import io
-import os
-import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..untrusted import NotARegularFile, open_regular_file
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
@@ -41,28 +40,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_regular(path: str | Path) -> io.BufferedReader:
-    """Open a file for reading only if it is a regular file. O_NONBLOCK makes opening a FIFO return
-    at once instead of waiting for a writer; fstat then tells what was opened (a file swapped for a
-    FIFO after discovery is caught here too)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ImageDecodeError("not a regular file (FIFO, socket, device or directory); skipped")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def load_image(path: str | Path) -> Image.Image:
     """Decode ``path`` fully (truncation shows up here, not later) and return RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open_regular(path) as fh, Image.open(fh) as img:
+            with open_regular_file(path) as fh, Image.open(fh) as img:
                 img.load()
                 if getattr(img, "is_animated", False):
                     img.seek(0)
@@ -74,6 +57,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageDecodeError(f"image too large to decode safely: {exc}") from None
     except ImageDecodeError:
         raise
+    except NotARegularFile:
+        raise ImageDecodeError("not a regular file (FIFO, socket, device or directory); skipped") from None
     except FileNotFoundError:
         raise ImageDecodeError("file not found (deleted while running?)") from None
     except PermissionError:

@@ -84,6 +84,10 @@ class OutputRun:
     def __enter__(self) -> OutputRun:
         ResultWriter(self.out, self.top_k)  # the file name is checked before anything else
         check_writable(self.out)
+        for p in (errors_path_for(self.out), sidecar_path(self.out), lock_path(self.out)):
+            if p.exists() and not p.is_file():
+                raise InputFormatError(f"{p} exists and is not a regular file (a FIFO, socket, device or directory); "
+                                       "remove it or choose another --out")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         try:

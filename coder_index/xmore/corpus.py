@@ -13,6 +13,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from ..faults import crash_point
 from ..index.atomic import staged_directory
 from ..index.damage import read_manifest, reading
 from ..index.schema import make_engine
+from ..untrusted import read_bytes, read_text
 
 if TYPE_CHECKING:
     from ..encoder import ClipEncoder, ModelFingerprint
@@ -140,11 +142,10 @@ def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str,
 
     found = discover_images(images)
     if captions_file is not None:
-        with open(captions_file, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
-                raise InputFormatError(f"{captions_file}: a captions CSV needs the columns path,caption")
-            pairs = [(r["path"], r["caption"]) for r in reader]
+        reader = csv.DictReader(io.StringIO(read_text(captions_file, "captions CSV"), newline=""))
+        if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+            raise InputFormatError(f"{captions_file}: a captions CSV needs the columns path,caption")
+        pairs = [(r["path"], r["caption"]) for r in reader]
         missing = [p for p, _ in pairs if not (images / p).is_file()]
         if missing:
             raise InputFormatError(f"{len(missing)} captioned file(s) do not exist under {images} "
@@ -153,8 +154,11 @@ def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str,
     pairs = []
     for rel in found.images:
         side = (images / rel).with_suffix(".txt")
-        if side.is_file():
-            cap = side.read_text(encoding="utf-8", errors="replace").strip()
+        if side.is_file():  # a regular file: is_file() is False for FIFOs and devices
+            try:
+                cap = read_bytes(side, "caption file", max_bytes=1 << 20).decode("utf-8", "replace").strip()
+            except InputFormatError:
+                continue  # an unreadable or oversized sidecar: the image has no caption
             if cap:
                 pairs.append((rel, cap))
     if not pairs:
