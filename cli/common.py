@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -11,7 +12,34 @@ from typing import Any
 
 import click
 
+from coder_index.choices import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # noqa: F401 - for messages
 from coder_index.errors import CoderIndexError
+
+_LOCAL = ("--model local-dir:DIR (a downloaded open_clip repository: open_clip_config.json + "
+          "open_clip_pytorch_model.bin)")
+_FILE = "--pretrained /path/to/open_clip_pytorch_model.bin (the checkpoint, downloaded elsewhere)"
+_RANDOM = "--pretrained random (untrained weights, for a trial of the pipeline)"
+_INDEX = "--index IDX (use an existing index's model instead of downloading one)"
+_INDEX_MODEL = ("--pretrained /path/to/the/index's/checkpoint (the same weights as a local file; the index checks "
+                "they are the same)")
+# The fixes that apply to each command when a model's weights cannot be downloaded.
+HUB_HINTS = {
+    "build": [_FILE, _LOCAL, _RANDOM],
+    "generate": [_INDEX, _FILE, _LOCAL, _RANDOM],
+    "corpus build": [_INDEX, _FILE, _LOCAL],
+    "corpus search": [_FILE, _LOCAL],
+    "classify": [_INDEX_MODEL], "explain": [_INDEX_MODEL], "eval": [_INDEX_MODEL], "verify": [_INDEX_MODEL],
+    "fewshot fit": [_INDEX_MODEL], "reproduce": [_FILE, _LOCAL],
+}
+
+
+def _hub_hints() -> list[str] | None:
+    ctx = click.get_current_context(silent=True)
+    names = []
+    while ctx is not None and ctx.parent is not None:  # the command's names below the root group
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return HUB_HINTS.get(" ".join(reversed(names)))
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -24,6 +52,9 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (CoderIndexError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+            hints = _hub_hints()
+            if hints and hasattr(exc, "with_hints"):  # the model hub cannot be reached: this command's fixes
+                exc = exc.with_hints(hints)
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
             click.echo("\ninterrupted; rerun the same command to resume", err=True)
@@ -78,6 +109,28 @@ def resolve_gap_threshold(value: float | str | None, index: Any) -> float | None
 
     recipe = index.recipe
     return gap_threshold_preset(recipe.released or recipe.dataset)
+
+
+def parallel_options(fn: Callable) -> Callable:
+    """--workers / --threads, shared by every command that decodes images."""
+    fn = click.option("--threads", default=None, type=click.IntRange(1),
+                      help="Torch threads of the encoding process [default: chosen from the cores and the model].")(fn)
+    fn = click.option("--workers", default=None, type=click.IntRange(0),
+                      help="Decoding processes, 0 = decode in the main process [default: chosen from the cores and "
+                           "the model: a small model leaves the cores to decoding, a large one to encoding].")(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def torch_threads_if(n: int | None):  # noqa: ANN201 - a context manager
+    """--threads for commands whose encoding is not one pipeline call."""
+    if n is None:
+        yield
+        return
+    from coder_index.parallelism import torch_threads
+
+    with torch_threads(n):
+        yield
 
 
 def print_json(obj: Any) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import friendly_errors, model_options, print_json
+from .common import friendly_errors, model_options, parallel_options, print_json, torch_threads_if
 
 
 def register(cli: click.Group) -> None:
@@ -32,12 +32,14 @@ def register(cli: click.Group) -> None:
     @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
                   help="Use this text index's CLIP model.")
     @model_options
-    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-    @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @parallel_options
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
     def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
               train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
-              pretrained: str | None, device: str | None, batch_size: int, workers: int) -> None:
+              pretrained: str | None, device: str | None, batch_size: int, workers: int | None, threads: int | None,
+              quiet: bool) -> None:
         """Create CORPUS_DIR from a captioned image folder or from LAION-layout embeddings.
 
         Captions are encoded once, here, as "a photo of a {caption}". Every input is validated
@@ -61,12 +63,13 @@ def register(cli: click.Group) -> None:
             raise click.ClickException(f"{corpus_dir} exists and is not empty; choose a new corpus directory")
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
             ClipEncoder(model or "ViT-B-32", pretrained, device=device)
-        if images:
-            m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
-                              workers=workers, progress=True)
-        else:
-            m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
-                             progress=True, use_text_embeddings=use_text_embeddings)
+        with torch_threads_if(threads):
+            if images:
+                m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
+                                  workers=workers, progress=not quiet)
+            else:
+                m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
+                                 progress=not quiet, use_text_embeddings=use_text_embeddings)
         for path, reason in m.get("skipped", []):
             click.echo(f"skipped {path}: {reason}", err=True)
         click.echo(f"{corpus_dir}: {m['rows']} rows ({m['factory']}) in {m['ingest_seconds']:.1f}s"
@@ -74,7 +77,7 @@ def register(cli: click.Group) -> None:
 
     @corpus.command("info")
     @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
     @friendly_errors
     def info(corpus_dir: str, as_json: bool) -> None:
         """Show a corpus's manifest.
@@ -90,16 +93,24 @@ def register(cli: click.Group) -> None:
             print_json(c.manifest)
             return
         m = c.manifest
-        click.echo(f"corpus: {corpus_dir}\nrows:   {m['rows']}\nindex:  {m['factory']}\nmodel:  {m['model']['model']}"
-                   f" (sha256 {m['model']['weights_sha256'][:12]}…)\nsource: {m['sources']}")
+        model = m["model"]
+        tag = f", pretrained={model['pretrained']}" if model.get("pretrained") else ""
+        click.echo(f"corpus:     {corpus_dir} (created {m.get('created_at', '-')})")
+        click.echo(f"rows:       {m['rows']}")
+        click.echo(f"index:      FAISS {m['factory']}, width {m['dim']}")
+        click.echo(f"model:      {model['model']}{tag} (weights sha256 {model['weights_sha256'][:12]}…)")
+        click.echo(f"captions:   embedded as {m.get('caption_template', 'a photo of a {caption}')!r}")
+        for k, v in (m.get("sources") or {}).items():
+            click.echo(f"source:     {k} = {v}")
 
     @corpus.command("search")
     @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
     @click.argument("image", type=click.Path(exists=True, dir_okay=False))
-    @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1))
+    @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+                  help="Nearest corpus images to show.")
     @click.option("--model", default=None, help="Default: the corpus's model.")
     @model_options
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
     @friendly_errors
     def search(corpus_dir: str, image: str, k: int, model: str | None, pretrained: str | None, device: str | None,
                as_json: bool) -> None:
@@ -119,10 +130,10 @@ def register(cli: click.Group) -> None:
         c.check_model(enc.fingerprint)
         sims, ids = c.search(enc.encode_images([load_image(image)]), k)
         rows = c.rows(ids[0].tolist())
-        hits = [{"cosine": float(s), "caption": rows[int(i)][0], "source": rows[int(i)][1]}
-                for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
+        hits = [{"cosine": float(s), **rows[int(i)]} for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
         if as_json:
             print_json(hits)
             return
         for h in hits:
-            click.echo(f"{h['cosine']:8.4f}  {h['caption']}  [{h['source']}]")
+            where = " ".join(f"{k}={h[k]}" for k in ("url", "key", "image_path") if k in h) or h.get("source", "")
+            click.echo(f"{h['cosine']:8.4f}  {h['caption']}  [{where}]")

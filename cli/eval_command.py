@@ -7,17 +7,37 @@ from typing import Any
 
 import click
 
-from .common import GAP_THRESHOLD, friendly_errors, resolve_gap_threshold
+from coder_index.choices import RERANK_METHODS
+
+from .common import GAP_THRESHOLD, friendly_errors, parallel_options, resolve_gap_threshold
 from .textgen_commands import llm_client_options, make_generator
 
 
+def _check_llm_key(llm: dict[str, Any], wanted: list[str]) -> None:
+    from coder_index.textgen.llm import LLMClient, LLMConfig, LLMError
+
+    client = LLMClient(LLMConfig(model=llm["llm_model"], base_url=llm["base_url"], api_key_env=llm["api_key_env"]),
+                       cache=_NoCache())
+    try:
+        client.check_credentials()
+    except LLMError as exc:
+        others = ",".join(m for m in wanted if m not in RERANK_METHODS) or "clip,vcd,coder"
+        raise click.ClickException(
+            f"{exc}. The coder* rows generate one-to-one texts with an LLM: evaluate them from the pair texts "
+            f"already in the index with --llm none, or leave them out with --methods {others}") from None
+
+
+class _NoCache:
+    """The key check needs no answer cache."""
+
+
 def register(cli: click.Group) -> None:
-    from coder_index.evaluation.methods import ALL_METHODS
-    from coder_index.zeroshot import PROMPT_CHOICES
+    from coder_index.choices import ALL_METHODS, PROMPT_CHOICES
 
     @cli.command("eval")
     @click.argument("data", type=click.Path(exists=True, path_type=Path))
-    @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+    @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+                  help="The text index to evaluate (its model encodes the images).")
     @click.option("--methods", default=",".join(ALL_METHODS), show_default=True,
                   help="Comma-separated methods: clip, vcd, coder, the ablations P, P+Att, P+Att+Ana, "
                        "P+Att+Ana+Syn, coder* (rerank) and coder*-gated; with --adapter also tip-adapter and "
@@ -35,8 +55,8 @@ def register(cli: click.Group) -> None:
                        "index); clip; names = the index's name texts; cvpr24 = the released few-shot list.")
     @click.option("--report-format", "report_formats", multiple=True, type=click.Choice(["clip_benchmark"]),
                   help="Also write CLIP_benchmark's result JSON (metrics.acc1, acc5, mean_per_class_recall).")
-    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-    @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @parallel_options
     @click.option("--embedding-cache", type=click.Path(dir_okay=False),
                   help="Image embedding cache [default: ~/.cache/coder-index/image-embeddings.sqlite].")
     @click.option("--tsne-samples", default=1000, show_default=True, type=click.IntRange(0),
@@ -45,13 +65,16 @@ def register(cli: click.Group) -> None:
                   help="Few-shot: report clip, tip-adapter and coder-adapter rows for this adapter.")
     @click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
                   help="X-MoRe: report clip, xmore, coder and coder+xmore rows with this image-text corpus.")
-    @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1))
+    @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
+                  help="Corpus images retrieved per image for the X-MoRe rows.")
     @click.option("--device", default=None, help="cuda, mps or cpu.")
-    @llm_client_options
+    @llm_client_options(none_help="no LLM: the coder* rows use the pair texts already in the index (missing pairs "
+                                  "count as ties), or are skipped when it has none")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None, gap_threshold: float,
-                 batch_size: int, workers: int, embedding_cache: str | None, tsne_samples: int,
+                 batch_size: int, workers: int | None, threads: int | None, embedding_cache: str | None,
+                 tsne_samples: int,
                  adapter_dir: str | None, corpus_dir: str | None, retrieve_k: int, device: str | None,
                  quiet: bool, prompts: str, report_formats: tuple[str, ...], **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
@@ -77,6 +100,12 @@ def register(cli: click.Group) -> None:
 
         check_writable(Path(out_dir), "--out", is_dir=True)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        if methods == ",".join(ALL_METHODS) and adapter_dir:     # the default: the paper's Figure 4 comparison
+            wanted = ["clip", "tip-adapter", "coder-adapter"]
+        elif methods == ",".join(ALL_METHODS) and corpus_dir:
+            wanted = ["clip", "xmore", "coder", "coder+xmore"]
+        if any(m in RERANK_METHODS for m in wanted) and llm["llm_kind"] != "none":
+            _check_llm_key(llm, wanted)  # fails before any model loads or image is encoded
         index = TextIndex.open(index_dir, device=device)
         gap_threshold = resolve_gap_threshold(gap_threshold, index)
         fewshot = None
@@ -84,16 +113,12 @@ def register(cli: click.Group) -> None:
             from coder_index.fewshot.model import FewShotModel
 
             fewshot = FewShotModel(Path(adapter_dir), index)
-            if methods == ",".join(ALL_METHODS):  # the default: the paper's Figure 4 comparison
-                wanted = ["clip", "tip-adapter", "coder-adapter"]
         xmore = None
         if corpus_dir:
             from coder_index.xmore.corpus import Corpus
             from coder_index.xmore.predict import XMore
 
             xmore = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k, prompts=prompts)
-            if methods == ",".join(ALL_METHODS):
-                wanted = ["clip", "xmore", "coder", "coder+xmore"]
         labelled = load_labelled(data, index.class_names(), mapping)
         generator = None
 
@@ -107,7 +132,8 @@ def register(cli: click.Group) -> None:
 
         report = evaluate(index, labelled, out_dir, methods=wanted, reranker_factory=reranker_factory,
                           gap_threshold=gap_threshold, cache_path=embedding_cache, batch_size=batch_size,
-                          workers=workers, tsne_samples=tsne_samples, data_name=str(data), progress=not quiet,
+                          workers=workers, threads=threads, tsne_samples=tsne_samples, data_name=str(data),
+                          progress=not quiet,
                           fewshot=fewshot, xmore=xmore, prompts=prompts, report_formats=report_formats)
         from coder_index.evaluation.report import markdown
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import friendly_errors, print_json
+from .common import friendly_errors, parallel_options, print_json, torch_threads_if
 
 
 def register(cli: click.Group) -> None:
@@ -16,7 +16,8 @@ def register(cli: click.Group) -> None:
 
     @fewshot.command("fit")
     @click.argument("support_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-    @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+    @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+                  help="The text index whose texts make the support CODERs (and whose model encodes the images).")
     @click.option("--shots", default=16, show_default=True, type=click.IntRange(1), help="Support images per class.")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter directory to create.")
     @click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False),
@@ -37,14 +38,16 @@ def register(cli: click.Group) -> None:
     @click.option("--allow-fewer", is_flag=True, help="Accept classes with fewer images than --shots.")
     @click.option("--mapping", type=click.Path(exists=True, dir_okay=False),
                   help="CSV label,class or JSON when folder names differ from the index's classes.")
-    @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-    @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+    @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @parallel_options
     @click.option("--device", default=None, help="cuda, mps or cpu.")
     @click.option("--json", "as_json", is_flag=True, help="Print the adapter manifest as JSON.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def fit(support_dir: Path, index_dir: str, shots: int, out: str, val_dir: str | None, val_per_class: int,
             augment_epochs: int | None, search: str, prompts: str, seed: int, kinds: str, allow_fewer: bool,
-            mapping: str | None, batch_size: int, workers: int, device: str | None, as_json: bool) -> None:
+            mapping: str | None, batch_size: int, workers: int | None, threads: int | None, device: str | None,
+            as_json: bool, quiet: bool) -> None:
         """Fit a CODER-Adapter on SUPPORT_DIR (one subfolder per class) against an index.
 
         Samples --shots images per class with --seed, averages their raw embeddings over
@@ -77,7 +80,8 @@ def register(cli: click.Group) -> None:
         cfg = FitConfig(shots=shots, seed=seed, augment_epochs=augment_epochs, kinds=kind_list, allow_fewer=allow_fewer,
                         val_per_class=val_per_class, search=search, prompts=prompts, batch_size=batch_size,
                         workers=workers)
-        manifest = fit_adapter(index, support, out, cfg, val, progress=True)
+        with torch_threads_if(threads):
+            manifest = fit_adapter(index, support, out, cfg, val, progress=not quiet)
         if as_json:
             print_json(manifest)
             return

@@ -10,7 +10,16 @@ import click
 
 from coder_index import __version__
 
-from .common import GAP_THRESHOLD, friendly_errors, model_options, print_json, resolve_gap_threshold, setup_logging
+from .common import (
+    GAP_THRESHOLD,
+    IMAGE_SUFFIXES,
+    friendly_errors,
+    model_options,
+    parallel_options,
+    print_json,
+    resolve_gap_threshold,
+    setup_logging,
+)
 from .corpus_command import register as register_corpus
 from .eval_command import register as register_eval_command
 from .fewshot_command import register as register_fewshot
@@ -72,11 +81,12 @@ def cli(verbose: bool) -> None:
                                             "[default: ViT-B-32, or the index's model when adding to one].")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str | None, task: str | None,
           expert_knowledge: str | None, descriptors: tuple[str, ...], knowledge: tuple[str, ...],
           generate_kinds: str | None, model: str | None, pretrained: str | None, device: str | None, as_json: bool,
-          dry_run: bool, **llm: Any) -> None:
+          quiet: bool, dry_run: bool, **llm: Any) -> None:
     """Create INDEX_DIR (or add to it) from a class list and attribute files.
 
     Name texts come from the dataset's templates; descriptor files add attribute texts; knowledge
@@ -109,13 +119,13 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
                 d = gen.dry_run(classes, kinds)
                 raise click.ClickException(f"dry run: would send {d.prompts} prompt(s) ({d.cached} cached); "
                                            "nothing was built")
-            k, stats = gen.generate(classes, kinds, progress=True)
+            k, stats = gen.generate(classes, kinds, progress=not quiet)
             report_generation(stats)
             return k
 
     report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset, preset=preset,
                          task=task, descriptors=list(descriptors), device=device, knowledge=loaded,
-                         expert_knowledge=expert_knowledge, generate=generate, progress=True)
+                         expert_knowledge=expert_knowledge, generate=generate, progress=not quiet)
     if as_json:
         print_json(report.__dict__)
         return
@@ -134,8 +144,7 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
               help="Predictions file: .csv or .jsonl. Rerunning with the same file resumes.")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Classes per row.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
-              help="Decoding processes (0 = decode in the main process).")
+@parallel_options
 @click.option("--model", default=None,
               help="Refuse to run unless the index was built with this model (default: the index's model).")
 @model_options
@@ -156,13 +165,15 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
               help="Corpus images retrieved per image for X-MoRe.")
 @click.option("--overwrite", is_flag=True, help="Start afresh: delete OUT, its errors file and its run record first "
                                                "(otherwise a rerun resumes, and other settings are refused).")
-@llm_client_options
+@click.option("--strict", is_flag=True, help="Exit with status 1 when FOLDER holds no image, or some file could not "
+                                            "be read (the rows of the others are written all the same).")
+@llm_client_options(none_help="no LLM: --rerank uses the pair texts already in the index, missing pairs count as ties")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int,
-             model: str | None, pretrained: str | None, device: str | None, rerank: bool,
+def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int | None,
+             threads: int | None, model: str | None, pretrained: str | None, device: str | None, rerank: bool,
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
-             zs_method: str, retrieve_k: int, overwrite: bool, quiet: bool, **llm: Any) -> None:
+             zs_method: str, retrieve_k: int, overwrite: bool, strict: bool, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
@@ -177,8 +188,9 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
       coder-index classify photos/ --index pets-index --out preds.csv
       coder-index classify /data/images --index in1k --out preds.jsonl --top-k 10 --batch-size 256 --workers 8
       coder-index classify photos/ --index pets-index --out preds.csv --rerank --llm-model gpt-4o-mini
-      coder-index classify photos/ --index pets-index --out preds.csv --rerank --gap-threshold 0.3 \
+      coder-index classify photos/ --index pets-index --out preds.csv --rerank --gap-threshold 0.3 \\
           --base-url http://localhost:8000/v1 --llm-model Qwen2.5-7B-Instruct --max-requests 2000
+      coder-index classify photos/ --index pets-index --corpus my-corpus --method xmore --out preds.csv
     """
     from coder_index.index.text_index import TextIndex
     from coder_index.pair_stage import PairReranker
@@ -194,6 +206,11 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     ResultWriter(out, top_k)   # a wrong extension or an unwritable --out fails before any model loads
     check_writable(out)
     index = TextIndex.open(index_dir, device=device)
+    n_classes = len(index.class_names())
+    if top_k > n_classes:
+        click.echo(f"warning: --top-k {top_k} is more than the index's {n_classes} classes; writing {n_classes}",
+                   err=True)
+        top_k = n_classes
     _check_requested_model(index, model, pretrained, device)
     gap_threshold = resolve_gap_threshold(gap_threshold, index)
     reranker = None
@@ -217,12 +234,18 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
                                   "llm": None if reranker.generator is None else llm["llm_model"]}
         scorer = CoderScorer(index, top_k, reranker=reranker, settings=settings, rerank_chunk=rerank_chunk)
     summary = classify_folder(index, folder, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
-                              workers=workers, progress=not quiet, overwrite=overwrite)
+                              workers=workers, threads=threads, progress=not quiet, overwrite=overwrite)
     if isinstance(reranker, PairReranker):
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
             click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
     _print_summary(summary)
+    if summary.found == 0:
+        click.echo(f"warning: {folder} holds no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+                   f"{'; ' + str(summary.other_files) + ' other file(s)' if summary.other_files else ''}"
+                   f"{'; ' + str(summary.hidden) + ' hidden' if summary.hidden else ''})", err=True)
+    if strict and (summary.found == 0 or summary.errors):
+        sys.exit(1)
 
 
 def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
@@ -288,7 +311,8 @@ def _check_requested_model(index, model: str | None, pretrained: str | None, dev
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The text index whose texts explain the prediction.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Nearest texts to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--device", default=None, help="cuda, mps or cpu.")

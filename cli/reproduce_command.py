@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import friendly_errors, model_options
+from .common import friendly_errors, model_options, parallel_options, torch_threads_if
 
 
 def register(cli: click.Group) -> None:
@@ -25,12 +25,12 @@ def register(cli: click.Group) -> None:
     @click.option("--model", required=True, help="CLIP model, e.g. ViT-B-32 (the paper: RN50 ... ViT-L-14-336).")
     @model_options
     @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
-    @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Decoding processes.")
+    @parallel_options
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def reproduce_cmd(data_root: Path, expert_knowledge: str, class_names: str, out: str, datasets: str | None,
-                      model: str, pretrained: str | None, device: str | None, batch_size: int, workers: int,
-                      quiet: bool) -> None:
+                      model: str, pretrained: str | None, device: str | None, batch_size: int, workers: int | None,
+                      threads: int | None, quiet: bool) -> None:
         """Rows of the paper's Table 1 (CLIP, VCD, CODER, CODER*) and Table 2 (P, +Att, +Ana, +Syn) for
         every zero-shot dataset found under DATA_ROOT, built exactly as the released code builds them.
 
@@ -65,8 +65,10 @@ def register(cli: click.Group) -> None:
         check_writable(Path(out), "--out", is_dir=True)
 
         wanted = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
-        result = reproduce(data_root, expert_knowledge, class_names, out, model=model, pretrained=pretrained,
-                           datasets=wanted, device=device, batch_size=batch_size, workers=workers, progress=not quiet)
+        with torch_threads_if(threads):
+            result = reproduce(data_root, expert_knowledge, class_names, out, model=model, pretrained=pretrained,
+                               datasets=wanted, device=device, batch_size=batch_size, workers=workers,
+                               progress=not quiet)
         t = tables(result)
         click.echo((Path(out) / "tables.md").read_text(encoding="utf-8"))
         if result.missing:

@@ -14,11 +14,15 @@ from .common import friendly_errors, model_options
 KIND_CHOICES = ("attribute", "analogous", "synonym")
 
 
-def llm_client_options(fn: Callable) -> Callable:
-    """Options that reach an LLM endpoint (shared by generate, build, classify and eval)."""
+def llm_client_options(fn: Callable | None = None, *,
+                       none_help: str = "no LLM: the offline WordNet generator") -> Callable:
+    """Options that reach an LLM endpoint (shared by generate, build, classify and eval); ``none_help``
+    says what --llm none means for the command."""
+    if fn is None:
+        return lambda f: llm_client_options(f, none_help=none_help)
     opts = [
         click.option("--llm", "llm_kind", type=click.Choice(["openai", "none"]), default="openai", show_default=True,
-                     help="openai: any OpenAI-compatible endpoint; none: no LLM (offline WordNet generator)."),
+                     help=f"openai: any OpenAI-compatible endpoint (key from --api-key-env); none: {none_help}."),
         click.option("--base-url", default=None, help="Endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama, "
                                                      "llama.cpp). Default: OpenAI."),
         click.option("--llm-model", default="gpt-4o-mini", show_default=True, help="Model name at the endpoint."),
@@ -45,7 +49,8 @@ def llm_client_options(fn: Callable) -> Callable:
 def llm_options(fn: Callable) -> Callable:
     """Options of the Auto Text Generator, shared by `generate` and `build --generate`."""
     opts = [
-        click.option("--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True),
+        click.option("--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True,
+                     help="Where synonyms come from: WordNet (the noun sense nearest in CLIP space), or the LLM."),
         click.option("--analogous-threshold", default=0.9, show_default=True, type=float,
                      help="Drop analogous names whose CLIP similarity to another class exceeds this."),
         click.option("--filter-model", default=None, metavar="MODEL",
@@ -123,7 +128,9 @@ def register(cli: click.Group) -> None:
     @click.option("--model", default="ViT-B-32", show_default=True,
                   help="CLIP model for the analogous filter and WordNet sense choice.")
     @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                  help="Use this index's CLIP model instead of --model.")
+                  help="Use this index's CLIP model instead of --model: nothing is downloaded when the index's "
+                       "model is local (local-dir:, a checkpoint file, or random). --llm none needs a CLIP model only "
+                       "for WordNet's sense choice and the analogous filter.")
     @model_options
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
@@ -193,9 +200,11 @@ def register(cli: click.Group) -> None:
           coder-index setup wordnet --from /opt/WordNet-3.0/dict --target ~/nltk_data
           coder-index setup wordnet --download
         """
-        from coder_index.textgen.wordnet import setup_wordnet
+        from coder_index.textgen.wordnet import default_nltk_dir, setup_wordnet
 
         dest = setup_wordnet(source, target, download)
         click.echo(f"WordNet ready in {dest}")
+        if target and Path(target).resolve() != default_nltk_dir().resolve():
+            click.echo(f"NLTK looks there only when told: export NLTK_DATA={Path(target).resolve()}")
 
 

@@ -1,21 +1,38 @@
 """coder-index: training-free CLIP classification through cross-modal neighbour representations.
 
-The numeric core (METHODS.md §7) is importable from here: ``coder_features``, ``heuristic_logits``.
+The numeric core (METHODS.md §7) is importable from here: ``coder_features``, ``heuristic_logits``,
+``rerank``, ``CoderAdapter``, ``xmore_ensemble``. Names are loaded on first use, so that importing
+the package (and ``coder-index --help``) does not pay for torch, open_clip or FAISS.
 """
 
-from .coder import CoderClassifier, coder_features, heuristic_logits
-from .encoder import ClipEncoder, ModelFingerprint
-from .errors import CoderIndexError, IndexFormatError, InputFormatError, ModelLoadError, ModelMismatchError
-from .fewshot.adapter import CoderAdapter, TipAdapter
-from .index.text_index import TextIndex, TextItem
-from .predict import Predictions
-from .rerank import rerank
-from .xmore.ensemble import xmore_ensemble
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "ClipEncoder", "CoderClassifier", "CoderIndexError", "IndexFormatError", "InputFormatError",
-    "ModelFingerprint", "ModelLoadError", "ModelMismatchError", "Predictions", "TextIndex", "TextItem",
-    "CoderAdapter", "TipAdapter", "coder_features", "heuristic_logits", "rerank", "xmore_ensemble", "__version__",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "coder_features": ".coder", "heuristic_logits": ".coder", "CoderClassifier": ".coder",
+    "ClipEncoder": ".encoder", "ModelFingerprint": ".encoder",
+    "CoderIndexError": ".errors", "IndexFormatError": ".errors", "InputFormatError": ".errors",
+    "ModelLoadError": ".errors", "ModelMismatchError": ".errors",
+    "CoderAdapter": ".fewshot.adapter", "TipAdapter": ".fewshot.adapter",
+    "TextIndex": ".index.text_index", "TextItem": ".index.records",
+    "Predictions": ".predict", "rerank": ".rerank", "xmore_ensemble": ".xmore.ensemble",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'coder_index' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

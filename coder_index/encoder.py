@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelLoadError
+from .hub import fetch_policy
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ _OFFLINE_HELP = (
     "If this machine cannot reach the model hub, download the checkpoint elsewhere and pass its file "
     "as --pretrained /path/to/open_clip_pytorch_model.bin (Python: pretrained='/path/...'), or use "
     "--model local-dir:/path/to/dir with open_clip_config.json and open_clip_pytorch_model.bin "
-    "(the layout of open_clip repositories on the Hugging Face hub)."
+    "(the layout of open_clip repositories on the Hugging Face hub)"
 )
+# How checkpoint files start: a zip archive (torch.save), a legacy pickle, or safetensors' header size.
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,26 @@ def _resolve_pretrained(model: str, pretrained: str | None) -> str | None:
         return pretrained
     known = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in known and not Path(pretrained).is_file():
+        close = difflib.get_close_matches(pretrained, known, n=1, cutoff=0.3)
+        suggestion = close[0] if close else (known[0] if known else "openai")
         raise ModelLoadError(
-            f"'{pretrained}' is neither a pretrained tag of {model} (known: {known}) nor an existing "
-            f"checkpoint file. {_OFFLINE_HELP}")
+            f"'{pretrained}' is neither a pretrained tag of {model} nor an existing checkpoint file. Did you mean "
+            f"--model {model} --pretrained {suggestion}? Tags of {model}: {', '.join(known) or 'none'}. "
+            f"{_OFFLINE_HELP}.")
+    if Path(pretrained).is_file():
+        _check_checkpoint_file(Path(pretrained))
     return pretrained
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """A file given as --pretrained must look like a checkpoint before torch sees it (torch's own
+    error on a text file advises weights_only=False, which would run code from the file)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    safetensors = len(head) >= 9 and head[8:9] == b"{"
+    if not (head.startswith(_CHECKPOINT_MAGIC) or safetensors):
+        raise ModelLoadError(f"{path} is not a checkpoint (neither a torch.save zip, a pickle nor safetensors); "
+                             "pass the model's open_clip_pytorch_model.bin or .safetensors")
 
 
 def _check_local_dir(model: str) -> None:
@@ -138,7 +157,7 @@ class ClipEncoder:
         try:
             # 'random' weights are seeded so that an index built with them can be reopened later;
             # the caller's RNG state is left as it was.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), fetch_policy(model, self.pretrained, cache_dir):
                 torch.manual_seed(0)
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model, pretrained=None if self.pretrained == RANDOM_WEIGHTS else self.pretrained,
@@ -146,8 +165,11 @@ class ClipEncoder:
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip raises bare RuntimeErrors for download failures
+            reason = str(exc).rstrip(". ")
+            if "weights_only" in reason or "Unpickling" in type(exc).__name__:
+                reason = "the checkpoint needs code to load, which is refused (not a plain state dict)"
             raise ModelLoadError(f"Could not load CLIP model {model} (pretrained={self.pretrained}): "
-                                 f"{exc}. {_OFFLINE_HELP}") from exc
+                                 f"{reason}. {_OFFLINE_HELP}.") from exc
         net.train(False)  # inference mode for dropout/batch-norm layers
         embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
         self.fingerprint = ModelFingerprint(model, self.pretrained, weights_checksum(net), embed_dim)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,11 +26,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .choices import PRESETS, TASKS
 from .errors import InputFormatError
 from .index.records import TextItem
 
-PRESETS = ("default", "cvpr24")
-TASKS = ("zero-shot", "few-shot")
 DEFAULT_PAIR_TEMPLATE = "Because of {f}, {a} is different from {b}"
 _PLACEHOLDER = re.compile(r"\{([cafb])\}")
 
@@ -44,8 +44,14 @@ def data_file(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+def nfc(text: str) -> str:
+    """Unicode NFC: 'é' typed as one code point or as 'e' + a combining accent is the same name."""
+    return unicodedata.normalize("NFC", text)
+
+
 def norm_key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", name.lower())
+    """A name for loose matching: NFC, case-folded, letters and digits only (any script)."""
+    return "".join(ch for ch in nfc(name).casefold() if ch.isalnum())
 
 
 def fill(template: str, c: str | None = None, a: str | None = None, *, f: str | None = None,

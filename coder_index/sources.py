@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import InputFormatError
 from .index.records import TextItem
-from .presets import TextRecipe, norm_key
+from .presets import TextRecipe, nfc, norm_key
 from .untrusted import DESCRIPTORS, check, read_json, read_text
 
 
@@ -21,7 +21,7 @@ def read_class_list(path: str | Path) -> list[str]:
     names: list[str] = []
     seen: dict[str, int] = {}
     for lineno, raw in enumerate(lines, 1):
-        name = " ".join(raw.split())
+        name = nfc(" ".join(raw.split()))
         if not name or name.startswith("#"):
             continue
         if name in seen:
@@ -49,13 +49,13 @@ def read_descriptor_file(path: str | Path) -> dict[str, list[str]]:
 
 def match_classes(keys: list[str], classes: list[str]) -> tuple[dict[str, str], list[str]]:
     """Map file keys to vocabulary classes: exact, then ignoring case/punctuation/underscores."""
-    exact = set(classes)
+    exact = {nfc(c): c for c in classes}
     loose = {}
     for c in classes:
         loose.setdefault(norm_key(c), c)
     mapping, unmatched = {}, []
     for k in keys:
-        target = k if k in exact else loose.get(norm_key(k))
+        target = exact.get(nfc(k)) or loose.get(norm_key(k))
         if target is None:
             unmatched.append(k)
         else:

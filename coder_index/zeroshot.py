@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .encoder import ClipEncoder
     from .index.text_index import TextIndex
 
-PROMPT_CHOICES = ("auto", "clip", "names", "cvpr24")
+from .choices import PROMPT_CHOICES
 
 _meta = MetaData()
 text_embeddings = Table(

@@ -86,7 +86,8 @@ def write_laion(root, shards, dim, seed=0, null_caption_in=None, short_metadata_
             caps[3] = None
         meta_rows = n - 1 if s == short_metadata_in else n
         np.save(root / "img_emb" / f"img_emb_{s}.npy", emb)
-        pq.write_table(pa.table({"caption": caps[:meta_rows], "url": [f"http://x/{i}" for i in range(meta_rows)]}),
+        pq.write_table(pa.table({"caption": caps[:meta_rows], "url": [f"http://x/{s}/{i}" for i in range(meta_rows)],
+                                 "key": [f"{s:05d}{i:04d}" for i in range(meta_rows)]}),
                        root / "metadata" / f"metadata_{s}.parquet")
         all_emb.append(emb)
         all_caps += caps
@@ -105,7 +106,11 @@ def test_laion_ingest_and_flat_equals_brute_force(tmp_path, encoder):
     np.testing.assert_array_equal(ids, np.argsort(-(qn @ e.T), axis=1)[:, :16])
     np.testing.assert_allclose(sims, np.sort(qn @ e.T, axis=1)[:, ::-1][:, :16], atol=1e-5)
     rows = corpus.rows(ids[0].tolist())
-    assert [rows[int(i)][0] for i in ids[0][:3]] == [caps[int(i)] for i in ids[0][:3]]
+    assert [rows[int(i)]["caption"] for i in ids[0][:3]] == [caps[int(i)] for i in ids[0][:3]]
+    # traceable: each hit keeps the parquet's url and key
+    first = int(ids[0][0])
+    shard, local = (0, first) if first < 50 else (1, first - 50) if first < 80 else (2, first - 80)
+    assert rows[first]["url"] == f"http://x/{shard}/{local}" and rows[first]["key"] == f"{shard:05d}{local:04d}"
     expected = encoder.encode_texts([f"a photo of a {caps[int(i)]}" for i in ids[0]])
     np.testing.assert_allclose(corpus.caption_embeddings(ids)[0], expected, atol=1e-5)
 
@@ -144,12 +149,18 @@ def test_captioned_folder_with_a_corrupt_image(tmp_path, encoder):
     corpus = Corpus(tmp_path / "c1")
     x = encoder.encode_images([load_image(folder / GOOD[2])])
     sims, ids = corpus.search(x, 1)
-    assert corpus.rows([int(ids[0, 0])])[int(ids[0, 0])][0] == f"caption of {GOOD[2]}"
+    assert corpus.rows([int(ids[0, 0])])[int(ids[0, 0])] == {"caption": f"caption of {GOOD[2]}", "source": GOOD[2],
+                                                            "image_path": GOOD[2]}
     assert sims[0, 0] == pytest.approx(1.0, abs=1e-5)
-    # img2dataset sidecar captions
-    for g in GOOD[:3]:
+    # img2dataset sidecar captions and .json metadata (key, url)
+    for i, g in enumerate(GOOD[:3]):
         (folder / g).with_suffix(".txt").write_text(f"sidecar {g}")
+        (folder / g).with_suffix(".json").write_text(json.dumps({"key": f"00000{i}", "url": f"https://img/{i}.jpg",
+                                                                 "caption": f"sidecar {g}"}))
     assert ingest_folder(tmp_path / "c2", encoder, folder, workers=0)["rows"] == 3
+    hits = Corpus(tmp_path / "c2").rows([0, 1, 2])
+    assert {h["key"] for h in hits.values()} == {"000000", "000001", "000002"}
+    assert {h["url"] for h in hits.values()} == {f"https://img/{i}.jpg" for i in range(3)}
 
 
 def test_model_mismatch_refused(tmp_path, encoder, other_tiny_model):

@@ -20,15 +20,7 @@ from ..zeroshot import zero_shot_weights
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
 
-ABLATIONS = {
-    "P": ("name",),
-    "P+Att": ("name", "attribute"),
-    "P+Att+Ana": ("name", "attribute", "analogous"),
-    "P+Att+Ana+Syn": ("name", "attribute", "analogous", "synonym"),
-}
-STAGE1_METHODS = ("clip", "vcd", "coder", *ABLATIONS)
-RERANK_METHODS = ("coder*", "coder*-gated")
-ALL_METHODS = STAGE1_METHODS + RERANK_METHODS
+from ..choices import ABLATIONS, ALL_METHODS, RERANK_METHODS, STAGE1_METHODS  # noqa: F401 - re-exported
 
 
 def clip_classifier(index: TextIndex, prompts: str = "auto", progress: bool = False

@@ -46,8 +46,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# coder-index evaluation: {report['data']}", "",
              f"index `{report['index']}`, model {report['model']}, {report['images']} images "
              f"({report['skipped']} unreadable skipped), {len(report['classes'])} classes; "
-             f"image encoding {report['encode_seconds']:.1f}s ({report['embeddings_from_cache']} from cache)", "",
-             "| method | top-1 | top-5 | images/s |", "| --- | ---: | ---: | ---: |"]
+             f"image encoding {report['encode_seconds']:.1f}s for {report.get('encoded', 0)} image(s)"
+             + (f" ({report['encoded'] / report['encode_seconds']:.1f} images/s)"
+                if report.get("encoded") and report["encode_seconds"] > 0 else "")
+             + f", {report['embeddings_from_cache']} from the embedding cache. The images/s column times each method "
+               "on the embeddings, encoding excluded.", "",
+             "| method | top-1 | top-5 | images/s (the method alone) |", "| --- | ---: | ---: | ---: |"]
     for m in report["methods"]:
         top5 = "–" if m["top5"] != m["top5"] else f"{100 * m['top5']:.2f}"
         lines.append(f"| {m['name']} | {100 * m['top1']:.2f} | {top5} | {m['images_per_s']:.0f} |")

@@ -49,7 +49,7 @@ def _class_list(class_dir: Path, key: str) -> Path:
 
 def reproduce(data_root: str | Path, expert_knowledge: str | Path, class_names: str | Path, out: str | Path, *,
               model: str, pretrained: str | None = None, datasets: list[str] | None = None, device: str | None = None,
-              batch_size: int = 64, workers: int = 2, progress: bool = False, encoder: Any = None
+              batch_size: int = 64, workers: int | None = None, progress: bool = False, encoder: Any = None
               ) -> ReproduceResult:
     from ..build import build_index
     from ..encoder import ClipEncoder

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..coder import coder_features
+from ..parallelism import parallel_encoding
 from ..pipeline.loader import iterate_batches
 from ..zeroshot import zero_shot_weights
 from .data import LabelledSet
@@ -29,12 +30,12 @@ from .report import (
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
 
-FEWSHOT_METHODS = ("tip-adapter", "coder-adapter")
-XMORE_METHODS = ("xmore", "coder+xmore")
+from ..choices import FEWSHOT_METHODS, XMORE_METHODS
 
 
 def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
-                   workers: int = 2, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                   workers: int | None = None, threads: int | None = None, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Embeddings of the decodable images (cache first), a keep-mask over ``data``, and stats."""
     t0 = time.perf_counter()
     hit, emb = cache.lookup(data.paths)
@@ -47,9 +48,10 @@ def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *
         for i in misses:
             where.setdefault(str(data.paths[i].resolve()), []).append(int(i))
         done_paths, done_vecs = [], []
-        with tqdm(total=len(where), unit="img", desc="encoding", disable=not progress) as bar:
+        with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
+                parallel_encoding(encoder, threads=threads, workers=workers) as plan:
             for batch in iterate_batches(Path("/"), list(where), encoder.preprocess, batch_size=batch_size,
-                                         workers=workers):
+                                         workers=plan.workers):
                 if batch.pixels is not None:
                     vecs = encoder.encode_image_batch(batch.pixels)
                     for p, v in zip(batch.paths, vecs, strict=True):
@@ -69,8 +71,8 @@ def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *
 
 def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, methods: Sequence[str] = ALL_METHODS,
              reranker_factory: Callable[[float | None], Any] | None = None, gap_threshold: float = 0.3,
-             cache_path: str | Path | None = None, batch_size: int = 64, workers: int = 2,
-             tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
+             cache_path: str | Path | None = None, batch_size: int = 64, workers: int | None = None,
+             threads: int | None = None, tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
              fewshot: Any | None = None, xmore: Any | None = None, prompts: str = "auto",
              report_formats: Sequence[str] = ()) -> dict[str, Any]:
     few = [m for m in methods if m in FEWSHOT_METHODS]
@@ -85,7 +87,8 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     fp = index.fingerprint
     cache = EmbeddingCache(cache_path, fp.weights_sha256, fp.embed_dim)
-    x, keep, enc = embed_labelled(index, data, cache, batch_size=batch_size, workers=workers, progress=progress)
+    x, keep, enc = embed_labelled(index, data, cache, batch_size=batch_size, workers=workers, threads=threads,
+                                  progress=progress)
     labels = data.labels[keep]
     names = data.class_names
     report: dict[str, Any] = {"data": data_name, "index": str(index.path), "model": fp.describe(),

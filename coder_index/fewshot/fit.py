@@ -37,7 +37,7 @@ class FitConfig:
     search: str = "released"   # the released 3 x (500 beta x 50 alpha) grid, or "fast"
     prompts: str = "auto"      # zero-shot prompts of o_zs (zeroshot.PROMPT_CHOICES)
     batch_size: int = 32
-    workers: int = 2
+    workers: int | None = None  # None: chosen from the cores and the model
 
 
 def validation_split(data: LabelledSet, rest: np.ndarray, per_class: int, seed: int) -> LabelledSet:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from ..errors import InputFormatError
+from ..parallelism import parallel_encoding
 from ..pipeline.decode import ImageDecodeError, load_image
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _collate(items: list) -> list:
 
 
 def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, seed: int, *, batch_size: int = 32,
-                         workers: int = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
+                         workers: int | None = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """[M, D] support embeddings: the mean of the raw (unnormalised) features of ``epochs`` augmented
     views, then L2-normalised, as the released code builds its cache keys (plain preprocessing if
     epochs == 0); and (path, reason) for files that could not be decoded (their rows are NaN)."""
@@ -93,8 +94,14 @@ def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, s
     n_views = max(epochs, 1)
     ds = _Augmented(paths, transform, n_views, seed)
     out = np.full((len(paths), encoder.embed_dim), np.nan, dtype=np.float32)
+    with parallel_encoding(encoder, workers=workers) as plan:
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=plan.workers, collate_fn=_collate)
+        return _average_views(encoder, loader, paths, n_views, out)
+
+
+def _average_views(encoder: ClipEncoder, loader: Any, paths: list[Path], n_views: int, out: np.ndarray
+                   ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     errors = []
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     for items in loader:
         ok = [(i, v) for i, v, _ in items if v is not None]
         errors += [(str(paths[i]), e) for i, v, e in items if v is None]

@@ -111,9 +111,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not path.is_dir():
         raise IndexFormatError(f"{path} is not a directory; pass an index directory made by `coder-index build`")
+    others = {"coder-index/corpus": "an image-text corpus, not a text index: pass it as --corpus",
+              "coder-index/adapter": "a few-shot adapter, not a text index: pass it as --adapter"}
     if not mpath.is_file():
-        hint = " (this is an image-text corpus, not a text index: pass it as --corpus)" \
-            if (path / "corpus.faiss").exists() else ""
+        hint = f" (this is {others['coder-index/corpus']})" if (path / "corpus.faiss").exists() else ""
         raise IndexFormatError(f"{path} is not a coder-index index (no {MANIFEST}){hint}; create one with "
                                "`coder-index build`")
     try:
@@ -123,8 +124,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
                                "it from meta.sqlite") from None
     if not isinstance(manifest, dict):
         raise IndexFormatError(f"{mpath} is not a JSON object; `coder-index verify {path} --repair` rewrites it")
-    if manifest.get("format") != FORMAT and "format_version" in manifest and "model" not in manifest:
-        raise IndexFormatError(f"{mpath} is not a text-index manifest")
+    if manifest.get("format") in others:
+        raise IndexFormatError(f"{path} is {others[manifest['format']]}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{path} has index format version {version!r}; this coder-index reads version "

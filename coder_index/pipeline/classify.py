@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..faults import pause_point
 from ..index.atomic import translate_disk_full
+from ..parallelism import parallel_encoding
 from .discover import discover_images
 from .loader import iterate_batches
 from .runrecord import OutputRun
@@ -51,11 +52,13 @@ class ClassifySummary:
 
 
 def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, scorer: Any | None = None,
-                    top_k_n: int = 5, batch_size: int = 64, workers: int = 2, progress: bool = True,
-                    overwrite: bool = False, on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
+                    top_k_n: int = 5, batch_size: int = 64, workers: int | None = None, threads: int | None = None,
+                    progress: bool = True, overwrite: bool = False,
+                    on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` to ``out`` (.csv or .jsonl) and one
     row per file that gave none to ``<out stem>.errors.csv``. Rows already there are kept and
-    skipped; a rerun with other settings is refused (``overwrite`` starts afresh)."""
+    skipped; a rerun with other settings is refused (``overwrite`` starts afresh). ``workers`` and
+    ``threads`` default to a choice from the cores and the model (``parallelism.choose``)."""
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
     if batch_size < 1:
@@ -87,16 +90,17 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
 
         def batches() -> Any:
             for batch in iterate_batches(found.root, todo, encoder.preprocess, batch_size=batch_size,
-                                         workers=workers):
+                                         workers=plan.workers):
                 run.errors.write([(prefix + p, reason) for p, reason in batch.errors])
                 counts["err"] += len(batch.errors)
                 emb = encoder.encode_image_batch(batch.pixels) if batch.pixels is not None else None
                 yield batch, emb
 
-        bar = tqdm(total=len(todo), unit="img", desc="classifying" if not scorer.two_pass else "encoding",
+        bar = tqdm(total=len(todo), unit="img",
+                   desc="classifying images" if not scorer.two_pass else "encoding images",
                    disable=not progress, smoothing=0.1)
         try:
-            with translate_disk_full(out):
+            with translate_disk_full(out), parallel_encoding(encoder, threads=threads, workers=workers) as plan:
                 if scorer.two_pass:
                     _two_passes(run, scorer, batches(), write, len(todo), encoder.embed_dim, bar, on_batch, counts,
                                 progress)
@@ -149,7 +153,8 @@ def _two_passes(run: OutputRun, scorer: Any, batches: Any, write: Callable, n: i
         state = scorer.prepare(emb_all[: len(paths)], run.state)
         if state:
             run.save_state(**state)
-        for s in tqdm(range(0, len(paths), scorer.chunk), desc="scoring", unit="chunk", disable=not progress):
+        for s in tqdm(range(0, len(paths), scorer.chunk), desc="scoring images (X-MoRe)", unit="chunk",
+                      disable=not progress):
             write(paths[s:s + scorer.chunk], np.asarray(emb_all[s:s + scorer.chunk][: len(paths) - s]))
             if on_batch is not None:
                 on_batch(counts["ok"] + counts["err"])

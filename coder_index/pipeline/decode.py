@@ -12,12 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..choices import IMAGE_EXTENSIONS  # noqa: F401 - re-exported for discovery
 from ..untrusted import NotARegularFile, open_regular_file
-
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-    ".pbm", ".pnm", ".jfif", ".ico", ".tga",
-})
 
 
 class ImageDecodeError(Exception):

@@ -85,4 +85,7 @@ class XMoreScorer:
     def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.normalizers is not None, "prepare() first"
         probs = self.xmore.predict(emb, self.method, normalizer=self.normalizers)
+        # The ensemble weighs two distributions by confidence, so a row does not sum to 1; scaled to
+        # sum to 1 (the ranking is unchanged) the scores are probabilities again.
+        probs = probs / probs.sum(axis=1, keepdims=True)
         return top_k(probs, self.top_k)

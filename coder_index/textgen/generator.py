@@ -215,7 +215,8 @@ class AutoTextGenerator:
 
         tasks = [asyncio.ensure_future(one(c, k)) for c in classes for k in kinds]
         try:
-            with tqdm(total=len(tasks), unit="prompt", desc="generating", disable=not progress) as bar:
+            with tqdm(total=len(tasks), unit="prompt", desc="generating texts (LLM prompts)",
+                      disable=not progress) as bar:
                 for fut in asyncio.as_completed(tasks):
                     c, kind, items = await fut
                     if items is not None:
@@ -286,7 +287,8 @@ class AutoTextGenerator:
 
         tasks = [asyncio.ensure_future(one(a, b)) for a, b in canonical]
         try:
-            with tqdm(total=len(tasks), unit="pair", desc="pair texts", disable=not progress) as bar:
+            with tqdm(total=len(tasks), unit="pair", desc="generating one-to-one texts (class pairs)",
+                      disable=not progress) as bar:
                 for fut in asyncio.as_completed(tasks):
                     await fut
                     bar.update(1)

@@ -45,7 +45,12 @@ corpus_rows = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("caption", Text, nullable=False),
     Column("source", Text, nullable=True),
+    # where the image came from, when the input says (LAION parquet columns, img2dataset .json sidecars)
+    Column("url", Text, nullable=True),
+    Column("key", Text, nullable=True),
+    Column("image_path", Text, nullable=True),
 )
+TRACE_COLUMNS = ("url", "key", "image_path")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -60,6 +65,7 @@ class Chunk:
     captions: list[str]
     sources: list[str]
     caption_emb: np.ndarray | None = None  # precomputed caption embeddings, if used
+    trace: list[dict[str, str | None]] | None = None  # url / key / image_path per row, where known
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -127,11 +133,17 @@ def laion_chunks(shards: list[tuple[Path, Path]], chunk: int, use_text_embedding
     for emb_path, meta_path in shards:
         arr = np.load(emb_path, mmap_mode="r", allow_pickle=False)  # streamed, never fully in RAM
         txt = np.load(text_shard(emb_path), mmap_mode="r", allow_pickle=False) if use_text_embeddings else None
-        captions = pq.read_table(meta_path, columns=["caption"]).column("caption").to_pylist()
+        names = pq.ParquetFile(meta_path).schema_arrow.names
+        keep = [c for c in TRACE_COLUMNS if c in names]
+        table = pq.read_table(meta_path, columns=["caption", *keep])
+        captions = table.column("caption").to_pylist()
+        trace = {c: [None if v is None else str(v) for v in table.column(c).to_pylist()] for c in keep}
         for s in range(0, arr.shape[0], chunk):
-            yield Chunk(np.asarray(arr[s:s + chunk]), captions[s:s + chunk],
-                        [f"{emb_path.name}:{i}" for i in range(s, min(s + chunk, arr.shape[0]))],
-                        _normalize(np.asarray(txt[s:s + chunk])) if txt is not None else None)
+            stop = min(s + chunk, arr.shape[0])
+            yield Chunk(np.asarray(arr[s:stop]), captions[s:stop],
+                        [f"{emb_path.name}:{i}" for i in range(s, stop)],
+                        _normalize(np.asarray(txt[s:stop])) if txt is not None else None,
+                        [{c: trace[c][i] for c in keep} for i in range(s, stop)] if keep else None)
 
 
 def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str, str]]:
@@ -167,6 +179,22 @@ def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str,
     return pairs
 
 
+def sidecar_trace(images: Path, rel: str) -> dict[str, str | None]:
+    """key / url from img2dataset's .json sidecar beside an image (if any), and the image's path."""
+    out: dict[str, str | None] = {"image_path": rel}
+    side = (images / rel).with_suffix(".json")
+    if side.is_file():
+        try:
+            meta = json.loads(read_bytes(side, "sidecar", max_bytes=1 << 20))
+        except (InputFormatError, ValueError, RecursionError):
+            return out
+        if isinstance(meta, dict):
+            for k in ("key", "url"):
+                if isinstance(meta.get(k), (str, int)):
+                    out[k] = str(meta[k])
+    return out
+
+
 # ---------------------------------------------------------------------------------- building
 def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
     if not index.is_trained:
@@ -199,7 +227,8 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
         engine = make_engine(tmp / "meta.sqlite", synchronous="OFF")  # the whole dir is discarded on failure
         _meta.create_all(engine)
         row = 0
-        with tqdm(total=total, unit="row", desc="ingesting", disable=not progress) as bar, engine.begin() as conn:
+        with tqdm(total=total, unit="row", desc="ingesting corpus rows (image + caption)", disable=not progress) \
+                as bar, engine.begin() as conn:
             for ch in chunks:
                 n = len(ch.captions)
                 index.add(_normalize(ch.image_emb))
@@ -208,9 +237,11 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                 else:
                     texts = [CAPTION_TEMPLATE.replace("{caption}", c.strip()) for c in ch.captions]
                     captions_arr[row:row + n] = encoder.encode_texts(texts, batch_size=caption_batch)
-                conn.execute(insert(corpus_rows), [{"id": row + i, "caption": c, "source": s}
-                                                   for i, (c, s) in enumerate(zip(ch.captions, ch.sources,
-                                                                                  strict=True))])
+                trace = ch.trace or [{}] * n
+                conn.execute(insert(corpus_rows), [{"id": row + i, "caption": c, "source": s,
+                                                    **{k: t.get(k) for k in TRACE_COLUMNS}}
+                                                   for i, (c, s, t) in enumerate(zip(ch.captions, ch.sources, trace,
+                                                                                     strict=True))])
                 row += n
                 bar.update(n)
                 crash_point("corpus.ingesting")
@@ -288,8 +319,10 @@ class Corpus:
         flat[(ids < 0).ravel()] = 0
         return flat.reshape(*ids.shape, -1)
 
-    def rows(self, ids: list[int]) -> dict[int, tuple[str, str]]:
+    def rows(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Caption, source and, where the input had them, url / key / image_path of each row."""
         with self.engine.connect() as conn:
-            q = select(corpus_rows.c.id, corpus_rows.c.caption, corpus_rows.c.source).where(
-                corpus_rows.c.id.in_([int(i) for i in ids]))
-            return {r[0]: (r[1], r[2]) for r in conn.execute(q)}
+            present = {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(rows)")}  # older corpora lack some
+            cols = [c for c in corpus_rows.c if c.name in present]
+            q = select(*cols).where(corpus_rows.c.id.in_([int(i) for i in ids]))
+            return {r.id: {k: v for k, v in r._mapping.items() if k != "id" and v is not None} for r in conn.execute(q)}

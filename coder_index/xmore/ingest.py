@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..parallelism import parallel_encoding
 from ..pipeline.loader import iterate_batches
 from .corpus import (
     Chunk,
@@ -15,6 +16,7 @@ from .corpus import (
     folder_captions,
     laion_chunks,
     laion_shards,
+    sidecar_trace,
     validate_laion,
     validate_text_shards,
 )
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, captions: str | Path | None = None,
-                  *, factory: str = "Flat", batch_size: int = 64, workers: int = 2,
+                  *, factory: str = "Flat", batch_size: int = 64, workers: int | None = None,
                   progress: bool = False) -> dict[str, Any]:
     images = Path(images)
     pairs = folder_captions(images, Path(captions) if captions else None)
@@ -32,12 +34,13 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
     errors: list[tuple[str, str]] = []
 
     def chunks() -> Iterator[Chunk]:
-        for batch in iterate_batches(images, [p for p, _ in pairs], encoder.preprocess, batch_size=batch_size,
-                                     workers=workers):
-            errors.extend(batch.errors)
-            if batch.pixels is not None:
-                yield Chunk(encoder.encode_image_batch(batch.pixels), [caption_of[p] for p in batch.paths],
-                            list(batch.paths))
+        with parallel_encoding(encoder, workers=workers) as plan:
+            for batch in iterate_batches(images, [p for p, _ in pairs], encoder.preprocess, batch_size=batch_size,
+                                         workers=plan.workers):
+                errors.extend(batch.errors)
+                if batch.pixels is not None:
+                    yield Chunk(encoder.encode_image_batch(batch.pixels), [caption_of[p] for p in batch.paths],
+                                list(batch.paths), None, [sidecar_trace(images, p) for p in batch.paths])
 
     train = None
     if factory != "Flat":  # small folder corpora: train on everything, encoded once more
