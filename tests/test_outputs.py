@@ -275,7 +275,8 @@ def test_special_files_as_inputs_and_outputs_never_hang(built_index, tmp_path, t
         (["build", tmp_path / "i1", "--classes", tmp_path / "classes.txt", "--model", tiny_model], "classes.txt"),
         (["build", tmp_path / "i2", "--classes", tmp_path / "real-classes.txt", "--model", tiny_model,
           "--descriptors", tmp_path / "desc.json"], "desc.json"),
-        (["eval", tmp_path / "labels.csv", "--index", built_index.path, "--out", tmp_path / "rep"], "labels.csv"),
+        (["eval", tmp_path / "labels.csv", "--index", built_index.path, "--out", tmp_path / "rep", "--llm", "none"],
+         "labels.csv"),
     ]
     for args, culprit in cases:
         proc = subprocess.run([sys.executable, "-m", "coder_index_cli.main", *map(str, args)], capture_output=True,
