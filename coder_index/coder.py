@@ -144,7 +144,9 @@ class CoderClassifier:
 
     def __init__(self, text_emb: Any, text_class: Any, text_kind: Any, n_classes: int,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb")
+        # An index's matrix is stored normalised and class-ordered (memory-mapped): it is used as it
+        # is, so opening an index and classifying holds the matrix once.
+        w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb", copy_if_normalized=False)
         if len(text_class) != w.shape[0] or len(text_kind) != w.shape[0]:
             raise ValueError(f"text_emb has {w.shape[0]} rows but text_class has {len(text_class)} and "
                              f"text_kind {len(text_kind)} entries; they must align")

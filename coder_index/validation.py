@@ -19,8 +19,12 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+_CHECK_ROWS = 65536  # large inputs are checked in blocks: no temporary the size of the input
+
+
 def as_float_matrix(x: Any, name: str, *, ndim: int = 2) -> np.ndarray:
-    """A non-empty, finite float32 array of ``ndim`` dimensions, or a ValueError naming ``name``."""
+    """A non-empty, finite float32 array of ``ndim`` dimensions, or a ValueError naming ``name``.
+    A float32 C-contiguous input (a memory-mapped matrix included) is returned as is, not copied."""
     arr = to_numpy(x)
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array, got shape {arr.shape}")
@@ -29,18 +33,29 @@ def as_float_matrix(x: Any, name: str, *, ndim: int = 2) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        bad = int(np.argwhere(~np.isfinite(arr))[0][0])
-        raise ValueError(f"{name} contains NaN or inf values (first in row {bad}); clean the input first")
+    for s in range(0, arr.shape[0], _CHECK_ROWS):
+        block = arr[s:s + _CHECK_ROWS]
+        if not np.isfinite(block).all():
+            bad = s + int(np.argwhere(~np.isfinite(block))[0][0])
+            raise ValueError(f"{name} contains NaN or inf values (first in row {bad}); clean the input first")
     return arr
 
 
-def l2_normalize(x: np.ndarray, name: str) -> np.ndarray:
-    """Row-wise L2 normalisation; a zero row has no direction, so it is an error, not a silent NaN."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms of the rows, computed in blocks."""
+    return np.concatenate([np.linalg.norm(x[s:s + _CHECK_ROWS], axis=1) for s in range(0, len(x), _CHECK_ROWS)])
+
+
+def l2_normalize(x: np.ndarray, name: str, *, copy_if_normalized: bool = True) -> np.ndarray:
+    """Row-wise L2 normalisation; a zero row has no direction, so it is an error, not a silent NaN.
+    With ``copy_if_normalized=False`` rows that already have unit norm (to float32 rounding) are
+    returned as they are: an index's stored matrix is normalised, and must not be copied."""
+    norms = row_norms(x)[:, None]
     if (norms == 0).any():
         raise ValueError(f"{name} row {int(np.argwhere(norms[:, 0] == 0)[0][0])} is all zeros; "
                          "embeddings must be non-zero vectors")
+    if not copy_if_normalized and np.abs(norms - 1).max() < 1e-5:
+        return x
     return (x / norms).astype(np.float32, copy=False)
 
 

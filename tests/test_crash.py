@@ -68,7 +68,7 @@ def test_killed_index_writer(built_index, tiny_model, encoder, point, expect_new
     assert index.add_texts([TextItem("pug", "attribute", "pug which has a new trait")]).added == 1
     assert not [p.name for p in index.path.iterdir() if ".faiss.g" in p.name or p.name.endswith(".tmp")]
     ids = index.text_table().ids
-    assert np.array_equal(ids, np.unique(ids))
+    assert len(ids) == len(np.unique(ids))  # every text once (the file is class-ordered, not id-ordered)
     rep = verify_index(index.path, check_model=False)
     assert rep.ok, rep.problems
 

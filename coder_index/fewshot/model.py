@@ -108,8 +108,9 @@ class FewShotModel:
         self.n_classes = len(index.class_names())
         self.top_k = top_k
         table = index.text_table(tuple(self.manifest["kinds"]))
-        pos = np.searchsorted(table.ids, self.text_ids)
-        self.text_emb = table.embeddings[pos]
+        order = np.argsort(table.ids, kind="stable")  # the table is class-ordered; look the adapter's ids up
+        pos = order[np.searchsorted(table.ids[order], self.text_ids)]
+        self.text_emb = np.asarray(table.embeddings[pos])
 
     def _check_index(self) -> None:
         m = self.manifest

@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 HEADER = struct.Struct("<iqqqBi")      # d, ntotal, dummy, dummy, is_trained, metric_type
 METRIC_INNER_PRODUCT = 0
 SAMPLE_PAGES = 256
@@ -120,3 +122,65 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- reading and writing
+def open_matrix(path: Path, info: VectorFileInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [K] int64, vectors [K, D] float32), memory-mapped read-only from the file: the one copy of
+    the matrix is the page cache's, shared by every reader and every process."""
+    info = info or read_info(path)
+    if info.ntotal == 0:
+        return np.zeros(0, np.int64), np.zeros((0, info.dim), np.float32)
+    vectors = np.memmap(path, dtype=np.float32, mode="r", offset=info.codes_offset, shape=(info.ntotal, info.dim))
+    ids = np.memmap(path, dtype=np.int64, mode="r", offset=info.ids_offset, shape=(info.ntotal,))
+    return ids, vectors
+
+
+def _file_header(dim: int, ntotal: int) -> bytes:
+    one = HEADER.pack(dim, ntotal, 1 << 20, 1 << 20, 1, METRIC_INNER_PRODUCT)
+    return b"IxM2" + one + b"IxFI" + one
+
+
+def write_matrix(path: Path, sources: list[tuple[np.ndarray, np.ndarray]], dim: int,
+                 order: np.ndarray | None = None, chunk_rows: int = 16384) -> None:
+    """Write an IndexIDMap2(IndexFlatIP) file (the byte layout FAISS writes and reads) streaming:
+    ``sources`` are (ids, vectors) parts, memory-mapped or not, concatenated; ``order`` (positions in
+    that concatenation) sets the row order of the file. Nothing is copied whole."""
+    from ..faults import armed
+
+    sizes = [len(i) for i, _ in sources]
+    ntotal = sum(sizes)
+    if any(len(i) != len(v) for i, v in sources):
+        raise ValueError("as many ids as vectors are needed")
+    if any(len(v) and v.shape[1] != dim for _, v in sources):
+        raise ValueError(f"vectors of another width than {dim}")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    order = np.arange(ntotal, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
+
+    def gather(pos: np.ndarray, which: int) -> np.ndarray:
+        part = np.searchsorted(starts, pos, side="right") - 1
+        out = np.empty((len(pos), dim) if which else len(pos), np.float32 if which else np.int64)
+        for k in np.unique(part):
+            sel = part == k
+            local = pos[sel] - starts[k]
+            src = sources[k][which]
+            # sorted reads are kinder to a memory-mapped file; the result keeps ``pos``'s order
+            srt = np.argsort(local, kind="stable")
+            block = np.asarray(src[local[srt]])
+            out_sel = np.flatnonzero(sel)
+            out[out_sel[srt]] = block
+        return out
+
+    with open(path, "wb") as f:
+        f.write(_file_header(dim, ntotal))
+        f.write(struct.pack("<Q", ntotal * dim))
+        for s in range(0, ntotal, chunk_rows):
+            f.write(gather(order[s:s + chunk_rows], 1).astype("<f4", copy=False).tobytes())
+            if armed("faiss.torn_write") and s + chunk_rows >= ntotal // 2:  # the machine dies mid-file
+                f.flush()
+                os.kill(os.getpid(), 9)
+        f.write(struct.pack("<Q", ntotal))
+        for s in range(0, ntotal, chunk_rows * 8):
+            f.write(gather(order[s:s + chunk_rows * 8], 0).astype("<i8", copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 from sqlalchemy import select, tuple_
 
@@ -88,19 +87,17 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
     t = schema.pair_texts
     rows = []
     with index.engine.connect() as conn:  # one read transaction: rows and vectors of one generation
-        fi = index._faiss_index(PAIR_VECTORS, conn)
+        all_ids, vectors = index.matrix(PAIR_VECTORS, conn)
         for i in range(0, len(wanted), 400):
             q = select(t.c.id, t.c.class_a, t.c.class_b, t.c.weight).where(
                 tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
             rows += conn.execute(q).all()
     if not rows:
         return {}
-    cached = index._cache.get("pair_vectors")
-    if cached is None or cached[0] is not fi:  # arrays built once per loaded generation
-        all_ids = faiss.vector_to_array(fi.id_map)
-        vecs = faiss.vector_to_array(faiss.downcast_index(fi.index).codes).view(np.float32).reshape(-1, index.dim)
-        index._cache["pair_vectors"] = cached = (fi, all_ids, np.argsort(all_ids), vecs)
-    _, all_ids, order, vectors = cached
+    cached = index._cache.get("pair_order")
+    if cached is None or cached[0] is not all_ids:  # once per mapped generation
+        index._cache["pair_order"] = cached = (all_ids, np.argsort(all_ids))
+    order = cached[1]
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     pos = order[np.searchsorted(all_ids, ids, sorter=order)]
     keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)
@@ -112,5 +109,5 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
     bounds = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
     out = {}
     for seg_keys, seg_pos in zip(np.split(keys, bounds), np.split(pos, bounds), strict=True):
-        out[(int(seg_keys[0, 0]), int(seg_keys[0, 1]))] = vectors[seg_pos]
+        out[(int(seg_keys[0, 0]), int(seg_keys[0, 1]))] = np.asarray(vectors[seg_pos])
     return out

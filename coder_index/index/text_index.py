@@ -59,7 +59,7 @@ from .atomic import (
     translate_disk_full,
     write_faiss_durably,
 )
-from .faissfile import VectorFileError, digest, fingerprint, read_info
+from .faissfile import VectorFileError, digest, fingerprint, open_matrix, read_info, write_matrix
 from .queries import IndexQueries
 from .records import AddResult, TextItem, TextTable
 
@@ -153,7 +153,8 @@ class TextIndex(IndexQueries):
         self._write_engine: Any = None
         self._encoder = encoder
         self._device = device
-        self._faiss: dict[str, tuple[int, faiss.Index]] = {}   # vector file -> (generation, index)
+        # vector file -> (generation, ids, vectors): memory-mapped, the only copy of each matrix
+        self._matrices: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
         self._cache: dict[str, Any] = {}
 
@@ -327,7 +328,7 @@ class TextIndex(IndexQueries):
             pause_point("index.write_locked")
             self._recover()
             self._cache.clear()
-            self._faiss.clear()
+            self._matrices.clear()
             yield
         self._cache.clear()
 
@@ -418,37 +419,38 @@ class TextIndex(IndexQueries):
             self._cache["classes"] = [r[0] for r in rows]
         return self._cache["classes"]
 
-    def _faiss_index(self, vf: VectorFile = TEXT_VECTORS, conn: Any = None) -> faiss.Index:
-        """The vector file of the committed generation, loaded once per generation. Called inside a
-        read transaction (``conn``), it is the generation of the rows that transaction sees: a
-        writer cannot commit while the transaction is open."""
+    def matrix(self, vf: VectorFile = TEXT_VECTORS, conn: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [K], vectors [K, D]) of the committed generation, memory-mapped from the vector file
+        (texts.faiss is class-ordered: see ``_layout_order``). Called inside a read transaction
+        (``conn``), it is the generation of the rows that transaction sees: a writer cannot commit
+        while the transaction is open. Mapped once per generation; a writer replacing the file later
+        does not disturb a mapping already made (it keeps the old file's inode)."""
         if conn is None:
             with self.engine.connect() as c:
-                return self._faiss_index(vf, c)
+                return self.matrix(vf, c)
         generation = int(conn.execute(select(schema.state.c.value).where(schema.state.c.key == vf.state_key))
                          .scalar())
-        cached = self._faiss.get(vf.file)
+        cached = self._matrices.get(vf.file)
         if cached is not None and cached[0] == generation:
-            return cached[1]
+            return cached[1], cached[2]
         rows = int(conn.execute(select(func.count()).select_from(vf.table)).scalar())
         for attempt in range(3):
             path = self._committed_file(vf, generation)
             try:
-                index = faiss.read_index(str(path))
+                info = read_info(path)
+                ids, vectors = open_matrix(path, info)
                 break
-            except RuntimeError as exc:
+            except VectorFileError as exc:
                 if attempt < 2 and not path.exists():  # the pending file was renamed into place meanwhile
                     continue
-                reason = str(exc).strip().splitlines()[-1][:200]
-                raise IndexFormatError(f"{self.path / vf.file} cannot be read by FAISS ({reason}); {REBUILD}") \
-                    from None
-        if index.ntotal != rows or index.d != self.dim:
+                raise IndexFormatError(f"{self.path / vf.file}: {exc}; {REBUILD}") from None
+        if info.ntotal != rows or info.dim != self.dim:
             raise IndexFormatError(
-                f"{self.path / vf.file} holds {index.ntotal} vectors of width {index.d} but {META_DB} has {rows} "
+                f"{self.path / vf.file} holds {info.ntotal} vectors of width {info.dim} but {META_DB} has {rows} "
                 f"rows of width {self.dim}; the files were changed outside coder-index. {REBUILD}")
         self._files[vf.file] = path
-        self._faiss[vf.file] = (generation, index)
-        return index
+        self._matrices[vf.file] = (generation, ids, vectors)
+        return ids, vectors
 
     def counts(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -534,28 +536,47 @@ class TextIndex(IndexQueries):
         return AddResult(len(new_keys), len(items) - len(new_keys))
 
     def _atomic_add(self, vf: VectorFile, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
-        """Append rows + vectors to ``vf`` with the crash-safe protocol. Caller holds ``writing()``."""
-        self._faiss.pop(vf.file, None)
-        index = self._faiss_index(vf)
+        """Append rows + vectors to ``vf`` with the crash-safe protocol. Caller holds ``writing()``.
+
+        The new file is streamed from the old (memory-mapped) one and the new vectors: the matrix is
+        never loaded whole, so adding texts costs no second copy of it."""
+        self._matrices.pop(vf.file, None)
+        old_ids, old_vectors = self.matrix(vf)
         generation = self._generation(vf)
         with self.engine.connect() as conn:
             next_id = int(conn.execute(select(func.max(vf.table.c.id))).scalar() or 0) + 1
         ids = np.arange(next_id, next_id + len(rows), dtype=np.int64)
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         rows = [{"id": int(i), **r} for i, r in zip(ids, rows, strict=True)]
+        sources = [(old_ids, old_vectors), (ids, np.ascontiguousarray(vectors, dtype=np.float32))]
+        order = self._layout_order(old_ids, rows) if vf is TEXT_VECTORS else None
         pending = self.path / _pending_name(vf, generation + 1)
         try:
-            self._write_pending_faiss(index, pending)
+            self._write_pending_vectors(pending, sources, order)
             crash_point("index.faiss_written")
             self._commit_rows(vf, rows, generation + 1, fingerprint(pending))
             crash_point("index.committed")
-            self._promote_pending_faiss(vf, pending)
+            self._promote_pending_vectors(vf, pending)
             crash_point("index.renamed")
         except BaseException:
-            self._faiss.pop(vf.file, None)  # the in-memory index may be ahead of disk; reload on next use
+            self._matrices.pop(vf.file, None)
             if self._generation(vf) != generation + 1:
                 pending.unlink(missing_ok=True)  # not committed: nothing refers to it
             raise
+
+    def _layout_order(self, old_ids: np.ndarray, new_rows: list[dict[str, Any]]) -> np.ndarray:
+        """Row order of the new texts.faiss, as positions in [old rows..., new rows...]: name and
+        synonym texts first, then attribute and analogous texts, each group by class and then by id.
+        It is the order the CODER classifier reduces in (``coder.TextLayout``), so the memory-mapped
+        file *is* its text matrix: nothing is permuted or copied when an index is opened."""
+        t = schema.texts
+        with self.engine.connect() as conn:
+            known = {r[0]: (r[1], r[2]) for r in conn.execute(select(t.c.id, t.c.class_id, t.c.kind))}
+        known.update({r["id"]: (r["class_id"], r["kind"]) for r in new_rows})
+        all_ids = np.concatenate([np.asarray(old_ids, dtype=np.int64), [r["id"] for r in new_rows]]).astype(np.int64)
+        cls = np.fromiter((known[int(i)][0] for i in all_ids), dtype=np.int64, count=len(all_ids))
+        extra = np.fromiter((known[int(i)][1] not in ("name", "synonym") for i in all_ids), dtype=bool,
+                            count=len(all_ids))
+        return np.lexsort((all_ids, cls, extra))
 
     def _encode_with_progress(self, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
         from tqdm import tqdm
@@ -583,8 +604,10 @@ class TextIndex(IndexQueries):
     # The three steps of a write are separate methods so that crash tests can kill the process
     # between any two of them.
     @staticmethod
-    def _write_pending_faiss(index: faiss.Index, pending: Path) -> None:
-        write_faiss_durably(index, pending)
+    def _write_pending_vectors(pending: Path, sources: list[tuple[np.ndarray, np.ndarray]], order: Any) -> None:
+        dim = next(v.shape[1] for _, v in sources)
+        write_matrix(pending, sources, dim, order)
+        fsync_dir(pending.parent)
 
     def _commit_rows(self, vf: VectorFile, rows: list[dict[str, Any]], generation: int,
                      file_fingerprint: dict[str, Any]) -> None:
@@ -594,7 +617,7 @@ class TextIndex(IndexQueries):
             for key, value in ((vf.state_key, str(generation)), (vf.fingerprint_key, json.dumps(file_fingerprint))):
                 conn.execute(schema.state.update().where(schema.state.c.key == key).values(value=value))
 
-    def _promote_pending_faiss(self, vf: VectorFile, pending: Path) -> None:
+    def _promote_pending_vectors(self, vf: VectorFile, pending: Path) -> None:
         os.replace(pending, self.path / vf.file)
         fsync_dir(self.path)
 
@@ -613,28 +636,30 @@ class TextIndex(IndexQueries):
 
     # ----------------------------------------------------------------- reads
     def text_table(self, kinds: Sequence[str] = TEXT_KINDS) -> TextTable:
-        """Texts of the given kinds, in id order, with embeddings read back from FAISS."""
+        """Texts of the given kinds with their embeddings, in the file's (class-ordered) row order.
+        With every text selected (the CODER text set of an index of general texts), the embeddings
+        are the memory-mapped matrix itself: no copy."""
         key = f"table:{','.join(kinds)}"
         if key in self._cache:
             return self._cache[key]
         t = schema.texts
         with self.engine.connect() as conn:  # one read transaction: rows and vectors of one generation
-            index = self._faiss_index(TEXT_VECTORS, conn)
-            rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind, t.c.weight).where(t.c.kind.in_(list(kinds)))
-                                .order_by(t.c.id)).all()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        weights = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
-        all_ids = faiss.vector_to_array(index.id_map)
-        flat = faiss.downcast_index(index.index)
-        vectors = faiss.vector_to_array(flat.codes).view(np.float32).reshape(-1, self.dim)
-        # ids are assigned in increasing order, so positions come from a binary search.
-        pos = np.searchsorted(all_ids, ids) if np.all(all_ids[:-1] < all_ids[1:]) else \
-            np.argsort(all_ids)[np.searchsorted(np.sort(all_ids), ids)]
-        class_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-        kinds_arr = np.array([r[2] for r in rows], dtype=str)
+            file_ids, vectors = self.matrix(TEXT_VECTORS, conn)
+            rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind, t.c.weight).where(t.c.kind.in_(list(kinds))))
+            rows = rows.all()
+        meta = {r[0]: r for r in rows}
+        # the file's order, restricted to the selected kinds
+        order_ids = np.asarray(file_ids)
+        keep = np.fromiter((int(i) in meta for i in order_ids), dtype=bool, count=len(order_ids))
+        pos = np.flatnonzero(keep)
+        ids = order_ids[pos]
+        class_ids = np.fromiter((meta[int(i)][1] for i in ids), dtype=np.int64, count=len(ids))
+        kinds_arr = np.array([meta[int(i)][2] for i in ids], dtype=str)
+        weights = np.fromiter((meta[int(i)][3] for i in ids), dtype=np.int64, count=len(ids))
         if (weights > 1).any():  # see TextTable: a text of weight w is w columns, as in the released code
             pos, ids, class_ids, kinds_arr = (np.repeat(a, weights) for a in (pos, ids, class_ids, kinds_arr))
-        table = TextTable(ids, class_ids, kinds_arr, np.ascontiguousarray(vectors[pos]))
+        embeddings = vectors if len(pos) == len(order_ids) and (weights <= 1).all() else np.asarray(vectors[pos])
+        table = TextTable(np.asarray(ids), class_ids, kinds_arr, embeddings)
         self._cache[key] = table
         return table
 
@@ -652,9 +677,15 @@ class TextIndex(IndexQueries):
         return out
 
     def search_texts(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS inner-product search: (cosines [N, k], text ids [N, k]); -1 ids pad short results."""
-        index = self._faiss_index()
-        return index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(k, max(index.ntotal, 1)))
+        """Inner-product search over the general texts: (cosines [N, k], text ids [N, k]); -1 ids pad
+        short results. FAISS's brute-force kNN reads the memory-mapped matrix itself."""
+        ids, vectors = self.matrix()
+        q = np.ascontiguousarray(embeddings, dtype=np.float32)
+        k = min(k, max(len(ids), 1))
+        if len(ids) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        sims, pos = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return sims, np.where(pos >= 0, np.asarray(ids)[np.clip(pos, 0, None)], -1)
 
 
 def recover_interrupted_writes(path: Path, state: dict[str, str]) -> list[str]:
