@@ -13,7 +13,8 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "coder_features": ".coder", "heuristic_logits": ".coder", "CoderClassifier": ".coder",
+    "coder_features": ".coder", "coder_feature_chunks": ".coder", "heuristic_logits": ".coder",
+    "CoderClassifier": ".coder",
     "ClipEncoder": ".encoder", "ModelFingerprint": ".encoder",
     "CoderIndexError": ".errors", "IndexFormatError": ".errors", "InputFormatError": ".errors",
     "ModelLoadError": ".errors", "ModelMismatchError": ".errors",

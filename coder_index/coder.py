@@ -7,6 +7,7 @@ the per-class max / mean, so nothing loops in Python over images, texts or class
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -32,14 +33,30 @@ def coder_features(image_emb: Any, text_emb: Any) -> np.ndarray:
     """``[N, K]`` float32 cosine similarities of every image to every text (Eq. 3-6).
 
     Inputs need not be normalised. The product is accumulated in float32 even when the
-    embeddings came from an fp16 encoder.
+    embeddings came from an fp16 encoder. By contract the result is the whole N x K matrix: for a
+    large N or K use ``coder_feature_chunks`` (or ``CoderClassifier``, which never holds it).
     """
+    x, w = _normalised_pair(image_emb, text_emb)
+    return x @ w.T
+
+
+def coder_feature_chunks(image_emb: Any, text_emb: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                         ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, block)`` pairs: ``block`` is ``coder_features`` of images ``start:start + n`` with
+    ``n`` chosen so that a block takes at most ``chunk_bytes``; memory stays bounded for any N x K."""
+    x, w = _normalised_pair(image_emb, text_emb)
+    rows = int(max(1, chunk_bytes // (4 * w.shape[0])))
+    for start in range(0, x.shape[0], rows):
+        yield start, x[start:start + rows] @ w.T
+
+
+def _normalised_pair(image_emb: Any, text_emb: Any) -> tuple[np.ndarray, np.ndarray]:
     x = l2_normalize(as_float_matrix(image_emb, "image_emb"), "image_emb")
-    w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb")
+    w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb", copy_if_normalized=False)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"image_emb has width {x.shape[1]} but text_emb has width {w.shape[1]}; "
                          "both must come from the same CLIP model")
-    return x @ w.T
+    return x, w
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,8 +148,14 @@ def heuristic_logits(coder: Any, text_class: Any, text_kind: Any, n_classes: int
     if len(text_kind) != sims.shape[1]:
         raise ValueError(f"text_kind has {len(text_kind)} entries but coder has {sims.shape[1]} columns")
     layout = TextLayout.build(text_class, text_kind, n_classes)
-    sims_t = sims.T if layout.is_sorted else sims[:, layout.order].T
-    return layout.logits_from_sorted_transposed(np.ascontiguousarray(sims_t))
+    # Row blocks: only a block is ever permuted and transposed, never the whole N x K input.
+    rows = int(max(1, min(4096, DEFAULT_CHUNK_BYTES // (4 * sims.shape[1]))))
+    out = np.empty((sims.shape[0], layout.n_classes), dtype=np.float32)
+    for s in range(0, sims.shape[0], rows):
+        block = sims[s:s + rows]
+        block_t = block.T if layout.is_sorted else block[:, layout.order].T
+        out[s:s + len(block)] = layout.logits_from_sorted_transposed(np.ascontiguousarray(block_t))
+    return out
 
 
 class CoderClassifier:

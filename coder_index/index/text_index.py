@@ -48,7 +48,7 @@ from sqlalchemy import func, insert, select
 
 from ..errors import IndexFormatError, ModelMismatchError
 from ..faults import crash_point, pause_point
-from ..validation import TEXT_KINDS
+from ..validation import TEXT_KINDS, as_float_matrix, l2_normalize
 from . import schema
 from .atomic import (
     atomic_write_json,
@@ -486,15 +486,24 @@ class TextIndex(IndexQueries):
                 self._write_manifest_counts()
         return [existing[n] for n in clean]
 
-    def add_texts(self, items: Iterable[TextItem], *, batch_size: int = 256,
-                  progress: bool = False, desc: str = "encoding texts") -> AddResult:
+    def add_texts(self, items: Iterable[TextItem], *, batch_size: int = 256, progress: bool = False,
+                  desc: str = "encoding texts", embeddings: Any = None,
+                  encode: Any = None) -> AddResult:
         """Embed and store texts; (class, kind, text) already present are counted, not stored again.
 
-        The slow part (text encoding) runs before the lock; the write itself is atomic.
+        ``embeddings`` [len(items), D] stores precomputed embeddings of this index's model instead
+        of encoding (they are normalised here); ``encode(texts) -> [n, D]`` replaces the index's own
+        encoder (e.g. a pool of Ray actors). The slow part (text encoding) runs before the lock; the
+        write itself is atomic.
         """
         items = list(items)
         if not items:
             return AddResult(0, 0)
+        given = None
+        if embeddings is not None:
+            given = l2_normalize(as_float_matrix(embeddings, "embeddings"), "embeddings")
+            if given.shape != (len(items), self.dim):
+                raise ValueError(f"embeddings must have shape {(len(items), self.dim)}, got {given.shape}")
         class_ids = {n: i for i, n in enumerate(self.class_names())}
         unknown_kinds = sorted({it.kind for it in items} - set(TEXT_KINDS))
         if unknown_kinds:
@@ -508,20 +517,27 @@ class TextIndex(IndexQueries):
             raise ValueError(f"{len(missing)} text(s) name classes that are not in the index "
                              f"(first: {missing[:5]}); add them with add_classes() first")
         unique: dict[tuple[int, str, str], TextItem] = {}
-        for it in items:
+        given_row: dict[str, int] = {}
+        for n, it in enumerate(items):
             text = " ".join(it.text.split())
             if text:
                 unique.setdefault((class_ids[it.class_name], it.kind, text), it)
+                given_row.setdefault(text, n)
         new_keys = self._absent(list(unique))
         if not new_keys:
             return AddResult(0, len(items))
         distinct_texts = list(dict.fromkeys(k[2] for k in new_keys))
-        if progress and len(distinct_texts) > 2000 and self.encoder.device.type == "cpu":
-            log.warning("%s: %d texts on the CPU: this is the slow part of a build (a few minutes per 10,000 texts "
-                        "with ViT-B-32; a GPU is far faster). The progress bar shows the time left.", desc,
-                        len(distinct_texts))
-        emb = self.encoder.encode_texts(distinct_texts, batch_size=batch_size) if not progress else \
-            self._encode_with_progress(distinct_texts, batch_size, desc)
+        if given is not None:
+            emb = given[[given_row[t] for t in distinct_texts]]
+        elif encode is not None:
+            emb = np.asarray(encode(distinct_texts), dtype=np.float32)
+        else:
+            if progress and len(distinct_texts) > 2000 and self.encoder.device.type == "cpu":
+                log.warning("%s: %d texts on the CPU: this is the slow part of a build (a few minutes per 10,000 "
+                            "texts with ViT-B-32; a GPU is far faster). The progress bar shows the time left.", desc,
+                            len(distinct_texts))
+            emb = self.encoder.encode_texts(distinct_texts, batch_size=batch_size) if not progress else \
+                self._encode_with_progress(distinct_texts, batch_size, desc)
         row_of = {t: i for i, t in enumerate(distinct_texts)}
 
         with self.writing():
@@ -568,15 +584,18 @@ class TextIndex(IndexQueries):
         synonym texts first, then attribute and analogous texts, each group by class and then by id.
         It is the order the CODER classifier reduces in (``coder.TextLayout``), so the memory-mapped
         file *is* its text matrix: nothing is permuted or copied when an index is opened."""
-        t = schema.texts
+        # (id, class, is-extra) of the committed rows, fetched in blocks into arrays (no dict of K rows)
+        parts = []
         with self.engine.connect() as conn:
-            known = {r[0]: (r[1], r[2]) for r in conn.execute(select(t.c.id, t.c.class_id, t.c.kind))}
-        known.update({r["id"]: (r["class_id"], r["kind"]) for r in new_rows})
+            res = conn.exec_driver_sql("SELECT id, class_id, kind NOT IN ('name', 'synonym') FROM texts ORDER BY id")
+            while block := res.fetchmany(100_000):
+                parts.append(np.array(block, dtype=np.int64).reshape(-1, 3))
+        parts.append(np.array([(r["id"], r["class_id"], r["kind"] not in ("name", "synonym")) for r in new_rows],
+                              dtype=np.int64).reshape(-1, 3))
+        table = np.concatenate(parts)   # sorted by id: old ids < new ids
         all_ids = np.concatenate([np.asarray(old_ids, dtype=np.int64), [r["id"] for r in new_rows]]).astype(np.int64)
-        cls = np.fromiter((known[int(i)][0] for i in all_ids), dtype=np.int64, count=len(all_ids))
-        extra = np.fromiter((known[int(i)][1] not in ("name", "synonym") for i in all_ids), dtype=bool,
-                            count=len(all_ids))
-        return np.lexsort((all_ids, cls, extra))
+        at = np.searchsorted(table[:, 0], all_ids)
+        return np.lexsort((all_ids, table[at, 1], table[at, 2]))
 
     def _encode_with_progress(self, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
         from tqdm import tqdm
@@ -642,20 +661,24 @@ class TextIndex(IndexQueries):
         key = f"table:{','.join(kinds)}"
         if key in self._cache:
             return self._cache[key]
-        t = schema.texts
+        marks = ", ".join("?" * len(kinds))
         with self.engine.connect() as conn:  # one read transaction: rows and vectors of one generation
             file_ids, vectors = self.matrix(TEXT_VECTORS, conn)
-            rows = conn.execute(select(t.c.id, t.c.class_id, t.c.kind, t.c.weight).where(t.c.kind.in_(list(kinds))))
-            rows = rows.all()
-        meta = {r[0]: r for r in rows}
-        # the file's order, restricted to the selected kinds
+            res = conn.exec_driver_sql(f"SELECT id, class_id, weight, kind FROM texts WHERE kind IN ({marks}) "
+                                       "ORDER BY id", tuple(kinds))
+            blocks = []
+            while block := res.fetchmany(100_000):  # arrays, not a Python object per text
+                blocks.append(block)
+        rows = [r for b in blocks for r in b]
+        sel = np.array([r[:3] for r in rows], dtype=np.int64).reshape(-1, 3)
+        sel_kinds = np.array([r[3] for r in rows], dtype=str)
+        # the file's (class-ordered) rows, restricted to the selected kinds
         order_ids = np.asarray(file_ids)
-        keep = np.fromiter((int(i) in meta for i in order_ids), dtype=bool, count=len(order_ids))
+        at = np.clip(np.searchsorted(sel[:, 0], order_ids), 0, max(len(sel) - 1, 0))
+        keep = (sel[at, 0] == order_ids) if len(sel) else np.zeros(len(order_ids), bool)
         pos = np.flatnonzero(keep)
-        ids = order_ids[pos]
-        class_ids = np.fromiter((meta[int(i)][1] for i in ids), dtype=np.int64, count=len(ids))
-        kinds_arr = np.array([meta[int(i)][2] for i in ids], dtype=str)
-        weights = np.fromiter((meta[int(i)][3] for i in ids), dtype=np.int64, count=len(ids))
+        at = at[pos]
+        ids, class_ids, weights, kinds_arr = order_ids[pos], sel[at, 1], sel[at, 2], sel_kinds[at]
         if (weights > 1).any():  # see TextTable: a text of weight w is w columns, as in the released code
             pos, ids, class_ids, kinds_arr = (np.repeat(a, weights) for a in (pos, ids, class_ids, kinds_arr))
         embeddings = vectors if len(pos) == len(order_ids) and (weights <= 1).all() else np.asarray(vectors[pos])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..faults import pause_point
 from ..index.atomic import translate_disk_full
 from ..parallelism import parallel_encoding
-from .discover import discover_images
+from .discover import Discovery, walk_images
 from .loader import iterate_batches
 from .runrecord import OutputRun
 from .scorers import CoderScorer
@@ -51,14 +51,19 @@ class ClassifySummary:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
 
+TODO_CHUNK = 16384  # images handed to the loader at a time: the file list is streamed, never held whole
+
+
 def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, scorer: Any | None = None,
                     top_k_n: int = 5, batch_size: int = 64, workers: int | None = None, threads: int | None = None,
-                    progress: bool = True, overwrite: bool = False,
+                    progress: bool = True, overwrite: bool = False, engine: Any | None = None,
                     on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` to ``out`` (.csv or .jsonl) and one
     row per file that gave none to ``<out stem>.errors.csv``. Rows already there are kept and
     skipped; a rerun with other settings is refused (``overwrite`` starts afresh). ``workers`` and
-    ``threads`` default to a choice from the cores and the model (``parallelism.choose``)."""
+    ``threads`` default to a choice from the cores and the model (``parallelism.choose``).
+    ``engine`` (e.g. ``engines.ray_engine.RayEngine``) decodes, encodes and scores elsewhere; rows
+    are written here, by this one process, so resume and one row per image hold for every engine."""
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
     if batch_size < 1:
@@ -68,19 +73,38 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
     provenance = {"index": index.provenance(), "top_k": top_k_n, **scorer.provenance()}
     with OutputRun(out, top_k_n, provenance, overwrite=overwrite) as run:
         pause_point("classify.locked")
-        found = discover_images(folder)
+        root = Path(folder)
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a directory; pass the folder that holds the images")
+        found = Discovery(root, [], 0)
         # Rows name files as FOLDER/relative so that one --out reused for another folder cannot collide.
         prefix = Path(os.path.normpath(folder)).as_posix().rstrip("/") + "/"
         done = run.done_paths()
-        todo = [p for p in found.images if prefix + p not in done]
-        special = [(prefix + p, why) for p, why in found.special if prefix + p not in done]
-        run.errors.write(special)
-        encoder = index.encoder
         names = index.class_names()
-        counts = {"ok": 0, "err": len(special)}
+        counts = {"ok": 0, "err": 0, "special_seen": 0}
 
-        def write(paths: list[str], emb: np.ndarray) -> None:
-            ids, scores = scorer(emb)
+        def todo_chunks() -> Iterator[list[str]]:
+            chunk: list[str] = []
+            for rel in walk_images(root, found):
+                if prefix + rel not in done:
+                    chunk.append(rel)
+                    if len(chunk) >= TODO_CHUNK:
+                        yield chunk
+                        chunk = []
+                write_special()
+            write_special()
+            if chunk:
+                yield chunk
+
+        def write_special() -> None:  # FIFOs and the like, as discovery meets them
+            new = found.special[counts["special_seen"]:]
+            if new:
+                counts["special_seen"] = len(found.special)
+                rows = [(prefix + p, why) for p, why in new if prefix + p not in done]
+                run.errors.write(rows)
+                counts["err"] += len(rows)
+
+        def write(paths: list[str], ids: np.ndarray, scores: np.ndarray) -> None:
             method = scorer.method
             run.results.write([
                 {"path": prefix + p, "label": names[i[0]], "score": float(s[0]), "method": method,
@@ -88,33 +112,50 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
                 for p, i, s in zip(paths, ids, scores, strict=True)])
             counts["ok"] += len(paths)
 
-        def batches() -> Any:
-            for batch in iterate_batches(found.root, todo, encoder.preprocess, batch_size=batch_size,
-                                         workers=plan.workers):
-                run.errors.write([(prefix + p, reason) for p, reason in batch.errors])
-                counts["err"] += len(batch.errors)
-                emb = encoder.encode_image_batch(batch.pixels) if batch.pixels is not None else None
-                yield batch, emb
+        def write_errors(errors: list[tuple[str, str]]) -> None:
+            run.errors.write([(prefix + p, reason) for p, reason in errors])
+            counts["err"] += len(errors)
 
-        bar = tqdm(total=len(todo), unit="img",
-                   desc="classifying images" if not scorer.two_pass else "encoding images",
+        bar = tqdm(unit="img", desc="classifying images" if not scorer.two_pass else "encoding images",
                    disable=not progress, smoothing=0.1)
         try:
-            with translate_disk_full(out), parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-                if scorer.two_pass:
-                    _two_passes(run, scorer, batches(), write, len(todo), encoder.embed_dim, bar, on_batch, counts,
-                                progress)
+            with translate_disk_full(out):
+                if engine is not None:
+                    engine.run(root, todo_chunks(), write, write_errors, bar, on_batch, counts)
+                elif scorer.two_pass:
+                    todo = [p for chunk in todo_chunks() for p in chunk]  # X-MoRe needs them all first
+                    bar.reset(total=len(todo))
+                    _two_passes(run, scorer, index, root, todo, batch_size, workers, threads, write, write_errors,
+                                bar, on_batch, counts, progress)
                 else:
-                    _streaming(scorer, batches(), write, bar, on_batch, counts)
+                    _streaming(scorer, index, root, todo_chunks(), batch_size, workers, threads, write,
+                               write_errors, bar, on_batch, counts)
         finally:
             bar.close()
-    return ClassifySummary(len(found.images), len(found.images) - len(todo), counts["ok"], counts["err"],
-                           found.other_files, time.perf_counter() - t0, str(out), str(run.errors.path),
-                           found.hidden, len(found.special))
+    classified_or_failed = counts["ok"] + counts["err"]
+    return ClassifySummary(found.found, max(0, found.found + len(found.special) - classified_or_failed),
+                           counts["ok"], counts["err"], found.other_files, time.perf_counter() - t0, str(out),
+                           str(run.errors.path), found.hidden, len(found.special))
 
 
-def _streaming(scorer: Any, batches: Any, write: Callable, bar: Any, on_batch: Any, counts: dict[str, int]) -> None:
-    """Score as batches arrive; a scorer with ``chunk`` > 1 (the rerank) gets that many images at once."""
+def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
+                   write_errors: Callable) -> Iterator[tuple[list[str], np.ndarray]]:
+    encoder = index.encoder
+    for batch in iterate_batches(root, todo, encoder.preprocess, batch_size=batch_size, workers=plan.workers):
+        if batch.errors:
+            write_errors(batch.errors)
+        if batch.pixels is not None:
+            yield batch.paths, encoder.encode_image_batch(batch.pixels), len(batch.errors)
+        elif batch.errors:
+            yield [], None, len(batch.errors)
+
+
+def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,
+               workers: int | None, threads: int | None, write: Callable, write_errors: Callable, bar: Any,
+               on_batch: Any, counts: dict[str, int]) -> None:
+    """Decode and encode here, chunk after chunk of the streamed file list; score as batches arrive
+    (a scorer with ``chunk`` > 1, the rerank, gets that many images at once). The model is loaded
+    only when there is something to encode: a rerun with everything done costs the listing alone."""
     buffered: list[tuple[list[str], np.ndarray]] = []
 
     def flush() -> None:
@@ -122,32 +163,48 @@ def _streaming(scorer: Any, batches: Any, write: Callable, bar: Any, on_batch: A
             paths = [p for ps, _ in buffered for p in ps]
             emb = np.concatenate([e for _, e in buffered])
             buffered.clear()
-            write(paths, emb)
+            write(paths, *scorer(emb))
 
-    for batch, emb in batches:
-        if emb is not None:
-            buffered.append((batch.paths, emb))
-        if sum(len(ps) for ps, _ in buffered) >= scorer.chunk:
-            flush()
-        bar.update(len(batch.paths) + len(batch.errors))
-        if on_batch is not None:
-            on_batch(counts["ok"] + counts["err"])
-    flush()
+    plan_ctx = None
+    try:
+        for todo in chunks:
+            if plan_ctx is None:
+                plan_ctx = parallel_encoding(index.encoder, threads=threads, workers=workers)
+                plan = plan_ctx.__enter__()
+            bar.total = (bar.total or 0) + len(todo)
+            bar.refresh()
+            for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors):
+                if emb is not None:
+                    buffered.append((paths, emb))
+                if sum(len(ps) for ps, _ in buffered) >= scorer.chunk:
+                    flush()
+                bar.update(len(paths) + n_err)
+                if on_batch is not None:
+                    on_batch(counts["ok"] + counts["err"])
+        flush()
+    finally:
+        if plan_ctx is not None:
+            plan_ctx.__exit__(None, None, None)
 
 
-def _two_passes(run: OutputRun, scorer: Any, batches: Any, write: Callable, n: int, dim: int, bar: Any,
+def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo: list[str], batch_size: int,
+                workers: int | None, threads: int | None, write: Callable, write_errors: Callable, bar: Any,
                 on_batch: Any, counts: dict[str, int], progress: bool) -> None:
     """Encode everything to a memory-mapped scratch file, let the scorer see all of it (X-MoRe's
     normalisers, saved with the run), then score in chunks and write."""
-    with tempfile.TemporaryDirectory(prefix="coder-index-run-") as tmp:
+    if not todo:
+        return
+    encoder = index.encoder
+    with tempfile.TemporaryDirectory(prefix="coder-index-run-") as tmp, \
+            parallel_encoding(encoder, threads=threads, workers=workers) as plan:
         emb_all = np.lib.format.open_memmap(Path(tmp) / "emb.npy", mode="w+", dtype=np.float32,
-                                            shape=(max(n, 1), dim))
+                                            shape=(len(todo), encoder.embed_dim))
         paths: list[str] = []
-        for batch, emb in batches:
+        for batch_paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors):
             if emb is not None:
-                emb_all[len(paths):len(paths) + len(batch.paths)] = emb
-                paths += batch.paths
-            bar.update(len(batch.paths) + len(batch.errors))
+                emb_all[len(paths):len(paths) + len(batch_paths)] = emb
+                paths += batch_paths
+            bar.update(len(batch_paths) + n_err)
         if not paths:
             return
         state = scorer.prepare(emb_all[: len(paths)], run.state)
@@ -155,7 +212,8 @@ def _two_passes(run: OutputRun, scorer: Any, batches: Any, write: Callable, n: i
             run.save_state(**state)
         for s in tqdm(range(0, len(paths), scorer.chunk), desc="scoring images (X-MoRe)", unit="chunk",
                       disable=not progress):
-            write(paths[s:s + scorer.chunk], np.asarray(emb_all[s:s + scorer.chunk][: len(paths) - s]))
+            emb = np.asarray(emb_all[s:s + scorer.chunk][: len(paths) - s])
+            write(paths[s:s + scorer.chunk], *scorer(emb))
             if on_batch is not None:
                 on_batch(counts["ok"] + counts["err"])
         del emb_all

@@ -20,10 +20,11 @@ from .decode import IMAGE_EXTENSIONS
 @dataclass
 class Discovery:
     root: Path
-    images: list[str]    # POSIX paths relative to root, sorted
+    images: list[str]    # POSIX paths relative to root, sorted (``discover_images``; empty when streaming)
     other_files: int     # files without an image extension (captions, notes, ...), not classified
     hidden: int = 0      # hidden files and folders skipped
     special: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why) of non-regular entries
+    found: int = 0       # image files seen (streaming or not)
 
 
 def _kind(mode: int) -> str:
@@ -35,8 +36,9 @@ def _kind(mode: int) -> str:
 
 
 def walk_images(root: Path, stats: Discovery) -> Iterator[str]:
-    """Image paths under ``root`` (relative, POSIX), depth-first in sorted order; the counts of
-    what was skipped go into ``stats``."""
+    """Image paths under ``root`` (relative, POSIX), depth-first with each folder's entries sorted
+    (a stable order), as a stream: ten million files are never one list. Only strings are made per
+    file (no Path objects); the counts of what was skipped go into ``stats``."""
     def walk(directory: str, rel: str) -> Iterator[str]:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -57,6 +59,7 @@ def walk_images(root: Path, stats: Discovery) -> Iterator[str]:
                     stats.other_files += 1
                     continue
                 if e.is_file(follow_symlinks=True):  # regular file, or a link to one
+                    stats.found += 1
                     yield r
                 else:
                     try:
