@@ -121,6 +121,29 @@ def parallel_options(fn: Callable) -> Callable:
     return fn
 
 
+def engine_options(what: str) -> Callable[[Callable], Callable]:
+    """--engine local|ray and the Ray settings, shared by classify, build and corpus build."""
+    def wrap(fn: Callable) -> Callable:
+        fn = click.option("--ray-gpus-per-actor", "ray_gpus", default=0.0, show_default=True,
+                          type=click.FloatRange(0), help="With --engine ray: GPUs per actor (0: CPU actors).")(fn)
+        fn = click.option("--ray-actors", default=None, type=click.IntRange(1),
+                          help="With --engine ray: actors, each holding the model once [default: one per CPU of "
+                               "the cluster, or per GPU with --ray-gpus-per-actor].")(fn)
+        fn = click.option("--ray-address", default=None, metavar="auto|ADDR",
+                          help="With --engine ray: 'auto' joins the running cluster, ray://HOST:10001 a remote "
+                               "one; unset starts a local Ray instance.")(fn)
+        fn = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                          help=f"Where {what}: here, or on a Ray cluster (pip install 'coder-index[ray]'; the "
+                               "model and inputs must be readable on every node: see README, Ray).")(fn)
+        return fn
+    return wrap
+
+
+def check_engine_options(engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float) -> None:
+    if engine != "ray" and (ray_address is not None or ray_actors is not None or ray_gpus):
+        raise click.UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
+
+
 @contextlib.contextmanager
 def torch_threads_if(n: int | None):  # noqa: ANN201 - a context manager
     """--threads for commands whose encoding is not one pipeline call."""

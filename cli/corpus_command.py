@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from .common import friendly_errors, model_options, parallel_options, print_json, torch_threads_if
+from .common import (
+    check_engine_options,
+    engine_options,
+    friendly_errors,
+    model_options,
+    parallel_options,
+    print_json,
+    torch_threads_if,
+)
 
 
 def register(cli: click.Group) -> None:
@@ -34,12 +42,13 @@ def register(cli: click.Group) -> None:
     @model_options
     @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
     @parallel_options
+    @engine_options("captions are encoded (with --embeddings)")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
     def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
               train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
               pretrained: str | None, device: str | None, batch_size: int, workers: int | None, threads: int | None,
-              quiet: bool) -> None:
+              engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, quiet: bool) -> None:
         """Create CORPUS_DIR from a captioned image folder or from LAION-layout embeddings.
 
         Captions are encoded once, here, as "a photo of a {caption}". Every input is validated
@@ -50,6 +59,8 @@ def register(cli: click.Group) -> None:
           coder-index corpus build my-corpus --images photos/ --captions captions.csv --index pets-index
           coder-index corpus build laion-sub --embeddings laion/ --index-factory IVF4096,PQ64 \\
               --model ViT-B-32 --pretrained openai
+          coder-index corpus build laion-400m --embeddings /shared/laion/ --index-factory IVF65536,PQ64 \\
+              --index in1k --engine ray --ray-address auto
         """
         from coder_index.encoder import ClipEncoder
         from coder_index.index.atomic import check_writable
@@ -58,6 +69,10 @@ def register(cli: click.Group) -> None:
 
         if bool(images) == bool(embeddings):
             raise click.UsageError("give exactly one of --images DIR or --embeddings DIR")
+        check_engine_options(engine, ray_address, ray_actors, ray_gpus)
+        if engine == "ray" and (images or use_text_embeddings):
+            raise click.UsageError("--engine ray encodes the captions of --embeddings shards; --images and "
+                                   "--use-text-embeddings run locally")
         check_writable(corpus_dir, "corpus directory", is_dir=True)
         if corpus_dir.exists() and any(corpus_dir.iterdir()):
             raise click.ClickException(f"{corpus_dir} exists and is not empty; choose a new corpus directory")
@@ -67,6 +82,12 @@ def register(cli: click.Group) -> None:
             if images:
                 m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
                                   workers=workers, progress=not quiet)
+            elif engine == "ray":
+                from coder_index.engines.ray_text import RayTextEncoder
+
+                with RayTextEncoder(encoder, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus) as enc:
+                    m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
+                                     progress=not quiet, encode=enc)
             else:
                 m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
                                  progress=not quiet, use_text_embeddings=use_text_embeddings)

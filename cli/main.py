@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from coder_index import __version__
 from .common import (
     GAP_THRESHOLD,
     IMAGE_SUFFIXES,
+    check_engine_options,
+    engine_options,
     friendly_errors,
     model_options,
     parallel_options,
@@ -80,12 +83,14 @@ def cli(verbose: bool) -> None:
 @click.option("--model", default=None, help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME "
                                             "[default: ViT-B-32, or the index's model when adding to one].")
 @model_options
+@engine_options("texts are encoded")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str | None, task: str | None,
           expert_knowledge: str | None, descriptors: tuple[str, ...], knowledge: tuple[str, ...],
-          generate_kinds: str | None, model: str | None, pretrained: str | None, device: str | None, as_json: bool,
+          generate_kinds: str | None, model: str | None, pretrained: str | None, device: str | None,
+          engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, as_json: bool,
           quiet: bool, dry_run: bool, **llm: Any) -> None:
     """Create INDEX_DIR (or add to it) from a class list and attribute files.
 
@@ -104,9 +109,19 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
       coder-index build in1k --classes ImageNet.txt --generate attribute,analogous,synonym --llm none
       coder-index build in1k-cvpr24 --classes ImageNet.txt --dataset ImageNet --preset cvpr24 \\
           --expert-knowledge expert_knowledge/ --model ViT-B-32 --pretrained openai
+      coder-index build in21k --classes in21k.txt --knowledge in21k-knowledge.json --engine ray --ray-address auto
     """
     from coder_index.build import build_index
     from coder_index.textgen.knowledge import load_knowledge
+
+    check_engine_options(engine, ray_address, ray_actors, ray_gpus)
+    encode_with = None
+    if engine == "ray":
+        from coder_index.engines.ray_text import RayTextEncoder
+
+        def encode_with(encoder):  # noqa: ANN001, ANN202 - the model is known once build_index loads it
+            return RayTextEncoder(encoder, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus,
+                                  progress=not quiet)
 
     loaded = [load_knowledge(p) for p in knowledge]
     generate = None
@@ -125,7 +140,8 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
 
     report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset, preset=preset,
                          task=task, descriptors=list(descriptors), device=device, knowledge=loaded,
-                         expert_knowledge=expert_knowledge, generate=generate, progress=not quiet)
+                         expert_knowledge=expert_knowledge, generate=generate, progress=not quiet,
+                         encode_with=encode_with)
     if as_json:
         print_json(report.__dict__)
         return
@@ -163,6 +179,15 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
               show_default=True, help="Zero-shot method; xmore and coder+xmore need --corpus.")
 @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
               help="Corpus images retrieved per image for X-MoRe.")
+@click.option("--candidates", default=None, metavar="M|auto",
+              type=click.STRING, callback=lambda _c, _p, v: _parse_candidates(v),
+              help="Large vocabularies: stage 1 on each image's M most likely classes (found by a search over one "
+                   "vector per class), scored exactly from their texts; 'auto' = 64 past 200,000 texts or 20,000 "
+                   "classes. Scores are then the softmax over the M. [default: dense]")
+@engine_options("images are decoded, encoded and scored")
+@click.option("--ray-index-source", default=None, metavar="PATH|URI",
+              help="With --engine ray: where workers read the index (a path every node mounts, or a URI such as "
+                   "s3://bucket/in1k that each node copies once) [default: --index as a path].")
 @click.option("--overwrite", is_flag=True, help="Start afresh: delete OUT, its errors file and its run record first "
                                                "(otherwise a rerun resumes, and other settings are refused).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when FOLDER holds no image, or some file could not "
@@ -173,7 +198,9 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
 def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int | None,
              threads: int | None, model: str | None, pretrained: str | None, device: str | None, rerank: bool,
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
-             zs_method: str, retrieve_k: int, overwrite: bool, strict: bool, quiet: bool, **llm: Any) -> None:
+             zs_method: str, retrieve_k: int, candidates: str | None, engine: str, ray_address: str | None,
+             ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
+             quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
@@ -191,18 +218,28 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
       coder-index classify photos/ --index pets-index --out preds.csv --rerank --gap-threshold 0.3 \\
           --base-url http://localhost:8000/v1 --llm-model Qwen2.5-7B-Instruct --max-requests 2000
       coder-index classify photos/ --index pets-index --corpus my-corpus --method xmore --out preds.csv
+      coder-index classify /data/images --index in21k --out preds.csv --candidates 64
+      coder-index classify /shared/images --index /shared/in1k --out preds.csv --engine ray --ray-address auto
     """
     from coder_index.index.text_index import TextIndex
     from coder_index.pair_stage import PairReranker
     from coder_index.pipeline.classify import classify_folder
     from coder_index.pipeline.output import ResultWriter
     from coder_index.pipeline.runrecord import check_writable
-    from coder_index.pipeline.scorers import CoderScorer, XMoreScorer
+    from coder_index.pipeline.scorer_spec import ScorerSpec, build_scorer
 
-    if sum([rerank, bool(adapter_dir), zs_method != "coder"]) > 1:
-        raise click.UsageError("--rerank, --adapter and --method xmore/coder+xmore are separate methods; use one")
-    if zs_method != "coder" and not corpus_dir:
-        raise click.UsageError(f"--method {zs_method} needs --corpus CORPUS_DIR")
+    spec = ScorerSpec(top_k=top_k, method=zs_method, rerank=rerank, rerank_chunk=rerank_chunk, adapter=adapter_dir,
+                      corpus=corpus_dir, retrieve_k=retrieve_k,
+                      candidates=0 if candidates in (None, "auto") else int(candidates))
+    try:
+        spec.check()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    check_engine_options(engine, ray_address, ray_actors, ray_gpus)
+    if ray_index_source and engine != "ray":
+        raise click.UsageError("--ray-index-source needs --engine ray")
+    if engine == "ray":
+        _check_ray_options(spec, llm)
     ResultWriter(out, top_k)   # a wrong extension or an unwritable --out fails before any model loads
     check_writable(out)
     index = TextIndex.open(index_dir, device=device)
@@ -212,29 +249,28 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
                    err=True)
         top_k = n_classes
     _check_requested_model(index, model, pretrained, device)
-    gap_threshold = resolve_gap_threshold(gap_threshold, index)
-    reranker = None
-    if zs_method != "coder":
-        from coder_index.xmore.corpus import Corpus
-        from coder_index.xmore.predict import XMore
+    spec = replace(spec, top_k=top_k, gap_threshold=resolve_gap_threshold(gap_threshold, index),
+                   candidates=_resolve_candidates(candidates, index, spec))
+    if spec.candidates and top_k > spec.candidates:
+        click.echo(f"warning: --top-k {top_k} is more than --candidates {spec.candidates}; writing "
+                   f"{spec.candidates}", err=True)
+        spec = replace(spec, top_k=spec.candidates)
+        top_k = spec.candidates
+    generator = None
+    if rerank and llm["llm_kind"] != "none":
+        generator = make_generator(index.encoder, **llm)
+    scorer = build_scorer(index, spec, generator=generator, llm_model=llm.get("llm_model"), progress=not quiet,
+                          note=lambda m: click.echo(m, err=True))
+    reranker = getattr(scorer, "reranker", None)
+    run_engine = None
+    if engine == "ray":
+        from coder_index.engines.ray_engine import RayEngine
 
-        scorer = XMoreScorer(XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k), zs_method, top_k)
-    elif adapter_dir:
-        from coder_index.fewshot.model import FewShotModel
-
-        fs = FewShotModel(Path(adapter_dir), index)
-        scorer = CoderScorer(index, top_k, logits=fs.logits, method="coder-adapter",
-                             settings={"adapter": fs.provenance()})
-    else:
-        if rerank:
-            reranker = _make_reranker(index, llm, gap_threshold, progress=not quiet)
-        settings = {}
-        if reranker is not None:
-            settings["rerank"] = {"top": 5, "gap_threshold": gap_threshold,
-                                  "llm": None if reranker.generator is None else llm["llm_model"]}
-        scorer = CoderScorer(index, top_k, reranker=reranker, settings=settings, rerank_chunk=rerank_chunk)
+        run_engine = RayEngine(index, spec, address=ray_address, actors=ray_actors, batch_size=batch_size,
+                               gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet)
     summary = classify_folder(index, folder, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
-                              workers=workers, threads=threads, progress=not quiet, overwrite=overwrite)
+                              workers=workers, threads=threads, progress=not quiet, overwrite=overwrite,
+                              engine=run_engine)
     if isinstance(reranker, PairReranker):
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
@@ -265,22 +301,42 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
     click.echo(msg, err=True)
 
 
-def _make_reranker(index, llm: dict[str, Any], gap_threshold: float | None, progress: bool):
-    """A PairReranker, or None (stage 1 only) when there is no LLM and no stored pair text."""
-    from coder_index.pair_stage import PairReranker
+def _parse_candidates(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r} is neither a positive number of classes nor 'auto'")
+    return value
 
-    generator = None
-    if llm["llm_kind"] == "none":
-        if index.counts()["pair_texts"] == 0:
-            click.echo("rerank unavailable: it needs one-to-one pair texts, the index has none and --llm none "
-                       "allows no generation; classifying with stage 1 (CODER) only. Import pair texts with "
-                       "`build --knowledge` or use an LLM.", err=True)
-            return None
-        click.echo("--llm none: reranking with the pair texts already in the index; missing pairs count as ties",
-                   err=True)
-    else:
-        generator = make_generator(index.encoder, **llm)
-    return PairReranker(index, generator, gap_threshold=gap_threshold, progress=progress)
+
+def _resolve_candidates(value: str | None, index, spec) -> int:  # noqa: ANN001 - TextIndex, ScorerSpec
+    """--candidates M, 'auto' (M = 64 for vocabularies past the dense limits), or unset: dense, with a
+    hint when the vocabulary is past those limits."""
+    from coder_index.candidates import DEFAULT_CANDIDATES, suggest_candidates
+
+    counts = index.counts()
+    n_texts = sum(counts["texts"].values())
+    large = suggest_candidates(n_texts, counts["classes"])
+    if value == "auto":
+        return DEFAULT_CANDIDATES if large and not (spec.adapter or spec.method != "coder") else 0
+    if value is None:
+        if large and not (spec.adapter or spec.method != "coder"):
+            click.echo(f"note: {n_texts:,} texts over {counts['classes']:,} classes: a dense CODER reads "
+                       f"every text per image; --candidates {DEFAULT_CANDIDATES} scores each image's "
+                       f"{DEFAULT_CANDIDATES} most likely classes exactly and is several times faster "
+                       "(see README: Large vocabularies)", err=True)
+        return 0
+    return spec.candidates
+
+
+def _check_ray_options(spec, llm: dict[str, Any]) -> None:  # noqa: ANN001 - ScorerSpec
+    if spec.method != "coder":
+        raise click.UsageError("--engine ray runs coder, --rerank and --adapter; X-MoRe needs every embedding of "
+                               "the folder first: run it with the local engine")
+    if spec.rerank and llm["llm_kind"] != "none":
+        raise click.UsageError("--engine ray reranks with the pair texts stored in the index (its workers make no "
+                               "LLM requests): add --llm none, or generate the pairs first with a local "
+                               "`classify --rerank` run")
 
 
 def _check_requested_model(index, model: str | None, pretrained: str | None, device: str | None) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .encoder import ClipEncoder
 from .index.atomic import check_writable
@@ -40,7 +41,8 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
                 encoder: ClipEncoder | None = None, knowledge: list[Knowledge] | None = None,
                 expert_knowledge: str | Path | None = None,
                 generate: Callable[[ClipEncoder, list[str]], Knowledge] | None = None,
-                progress: bool = False) -> BuildReport:
+                progress: bool = False, encode: Callable[[list[str]], Any] | None = None,
+                encode_with: Callable[[ClipEncoder], Any] | None = None) -> BuildReport:
     """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
     of ``classes_file``, attribute texts from each descriptor file, and all general kinds of each
     knowledge file. ``generate(encoder, classes)`` produces more knowledge on the fly.
@@ -49,6 +51,10 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
     index keeps its own and refuses another. ``expert_knowledge`` is the released
     ``expert_knowledge/`` folder (cvpr24 preset): attributes, analogous classes, synonyms and
     one-to-one features of ``dataset``.
+
+    ``encode(texts) -> [n, D]`` encodes the texts instead of the index's encoder (e.g. a
+    ``RayTextEncoder``); ``encode_with(encoder)`` is a context manager giving such a function once the
+    model is known (the CLI's ``--engine ray``).
     """
     from .textgen.expert import load_expert_knowledge
 
@@ -71,12 +77,20 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
             encoder = TextIndex.open(index_dir, device=device).encoder
         else:
             encoder = ClipEncoder(model or "ViT-B-32", pretrained, device=device)
+    with encode_with(encoder) if encode_with is not None else nullcontext(encode) as encode:
+        return _fill(index_dir, encoder, recipe, classes, classes_file, descriptor_data, knowledge, expert,
+                     expert_knowledge, generate, progress, encode)
+
+
+def _fill(index_dir: Path, encoder: ClipEncoder, recipe: TextRecipe, classes: list[str], classes_file: str | Path,
+          descriptor_data: list, knowledge: list[Knowledge] | None, expert: Any, expert_knowledge: str | Path | None,
+          generate: Callable | None, progress: bool, encode: Callable | None) -> BuildReport:
     index = TextIndex.create(index_dir, encoder, exist_ok=True, recipe=recipe)
     index.add_classes(classes)
     report = BuildReport(str(index_dir), len(classes), recipe.describe())
 
     def add(items: list, kind: str) -> None:
-        res = index.add_texts(items, progress=progress, desc=f"encoding {kind} texts")
+        res = index.add_texts(items, progress=progress, desc=f"encoding {kind} texts", encode=encode)
         report.added[kind] = report.added.get(kind, 0) + res.added
         report.duplicates += res.duplicates
 

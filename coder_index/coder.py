@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .linalg import matmul_t
 from .validation import (
     as_class_ids,
     as_float_matrix,
@@ -37,7 +38,7 @@ def coder_features(image_emb: Any, text_emb: Any) -> np.ndarray:
     large N or K use ``coder_feature_chunks`` (or ``CoderClassifier``, which never holds it).
     """
     x, w = _normalised_pair(image_emb, text_emb)
-    return x @ w.T
+    return matmul_t(x, w)
 
 
 def coder_feature_chunks(image_emb: Any, text_emb: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -47,7 +48,7 @@ def coder_feature_chunks(image_emb: Any, text_emb: Any, chunk_bytes: int = DEFAU
     x, w = _normalised_pair(image_emb, text_emb)
     rows = int(max(1, chunk_bytes // (4 * w.shape[0])))
     for start in range(0, x.shape[0], rows):
-        yield start, x[start:start + rows] @ w.T
+        yield start, matmul_t(x[start:start + rows], w)
 
 
 def _normalised_pair(image_emb: Any, text_emb: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +167,7 @@ class CoderClassifier:
     """
 
     def __init__(self, text_emb: Any, text_class: Any, text_kind: Any, n_classes: int,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = None) -> None:
         # An index's matrix is stored normalised and class-ordered (memory-mapped): it is used as it
         # is, so opening an index and classifying holds the matrix once.
         w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb", copy_if_normalized=False)
@@ -175,6 +176,10 @@ class CoderClassifier:
                              f"text_kind {len(text_kind)} entries; they must align")
         self.layout = TextLayout.build(text_class, text_kind, n_classes)
         self.text_emb = w if self.layout.is_sorted else np.ascontiguousarray(w[self.layout.order])
+        if chunk_bytes is None:
+            # An eighth of the matrix (16 MB to 256 MB): the similarity block never costs more than
+            # that on top of the one copy of the matrix, and still feeds the GEMM dozens of images.
+            chunk_bytes = min(DEFAULT_CHUNK_BYTES, max(16 << 20, w.nbytes // 8))
         # Chunks of at most 4096 images keep the [K, n] block and its transposes cache-friendly.
         self.chunk_rows = int(min(4096, max(1, chunk_bytes // (4 * w.shape[0]))))
 
@@ -192,5 +197,5 @@ class CoderClassifier:
         out = np.empty((x.shape[0], self.layout.n_classes), dtype=np.float32)
         for start in range(0, x.shape[0], self.chunk_rows):
             chunk = x[start:start + self.chunk_rows]
-            out[start:start + len(chunk)] = self.layout.logits_from_sorted_transposed(self.text_emb @ chunk.T)
+            out[start:start + len(chunk)] = self.layout.logits_from_sorted_transposed(matmul_t(self.text_emb, chunk))
         return out

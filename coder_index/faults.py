@@ -33,3 +33,18 @@ def pause_point(name: str) -> None:
         import time
 
         time.sleep(float(_PAUSE.rsplit(":", 1)[1]))
+
+
+def crash_once(name: str) -> None:
+    """``CODER_INDEX_CRASH_ONCE=<point>:<marker file>``: the first process to reach the point
+    creates the marker and SIGKILLs itself; every later one (a restarted worker) passes. Read at
+    call time, so that it reaches workers started with the driver's environment."""
+    spec = os.environ.get("CODER_INDEX_CRASH_ONCE", "")
+    if not spec or spec.split(":", 1)[0] != name:
+        return
+    try:
+        fd = os.open(spec.split(":", 1)[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .coder import CoderClassifier
+from .linalg import matmul_t
 from .pipeline.decode import load_image
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def explain(index: TextIndex, image_emb: np.ndarray, k: int = 10, n_classes: int
     cls_idx, cls_prob = preds.top_k(n_classes)
     cos, ids = index.search_texts(image_emb, k)
     table = index.text_table()
-    sims = image_emb @ table.embeddings.T  # only the explained images: small N
+    sims = matmul_t(image_emb, table.embeddings)  # only the explained images: small N
     meta = index.texts_by_id({int(i) for i in ids.ravel() if i >= 0})
     out = []
     for n in range(len(image_emb)):

@@ -13,6 +13,7 @@ from ..errors import InputFormatError
 from ..evaluation.data import LabelledSet
 from ..evaluation.embcache import EmbeddingCache
 from ..evaluation.run import embed_labelled
+from ..linalg import matmul_t
 from ..presets import few_shot_defaults
 from ..zeroshot import zero_shot_weights
 from .adapter import CoderAdapter, TipAdapter, search_hyperparameters
@@ -78,7 +79,7 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     table = index.text_table(tuple(cfg.kinds))
     if len(table) == 0:
         raise InputFormatError(f"the index holds no texts of kinds {list(cfg.kinds)}")
-    support_coder = emb @ table.embeddings.T
+    support_coder = matmul_t(emb, table.embeddings)
 
     fp = index.fingerprint
     cache = EmbeddingCache(cache_path, fp.weights_sha256, fp.embed_dim)
@@ -90,7 +91,7 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     n_classes = len(index.class_names())
     init = (defaults["init_alpha"], defaults["init_beta"])  # the released configs' starting point, reported
     coder = CoderAdapter(*init, cfg.T).fit(support_coder, labels, n_classes)
-    coder_search = search_hyperparameters(coder, val_x @ table.embeddings.T, val_y, val_zs, search=cfg.search,
+    coder_search = search_hyperparameters(coder, matmul_t(val_x, table.embeddings), val_y, val_zs, search=cfg.search,
                                           init=init)
     tip = TipAdapter(*init, cfg.T).fit(emb, labels, n_classes)
     tip_search = search_hyperparameters(tip, val_x, val_y, val_zs, search=cfg.search, init=init)

@@ -30,6 +30,7 @@ from ..errors import IndexFormatError, ModelMismatchError
 from ..index.atomic import staged_directory
 from ..index.damage import read_manifest, reading
 from ..index.schema import make_engine
+from ..linalg import matmul_t
 from ..validation import l2_normalize
 from .adapter import CoderAdapter, TipAdapter, neighbour_cache_logits
 
@@ -143,7 +144,7 @@ class FewShotModel:
         return LOGIT_SCALE * (np.asarray(x, dtype=np.float32) @ self.zs_weights.T)
 
     def coder(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.text_emb.T
+        return matmul_t(x, self.text_emb)
 
     def logits(self, x: np.ndarray, method: str = "coder-adapter") -> np.ndarray:
         """Few-shot logits [N, C] for L2-normalised image embeddings."""

@@ -399,6 +399,10 @@ class TextIndex(IndexQueries):
         return self._generation(TEXT_VECTORS)
 
     @property
+    def pairs_generation(self) -> int:
+        return self._generation(PAIR_VECTORS)
+
+    @property
     def index_id(self) -> str:
         return self._state().get("index_id", "")
 

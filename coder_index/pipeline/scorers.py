@@ -26,16 +26,18 @@ if TYPE_CHECKING:
 class CoderScorer:
     """Stage-1 logits (CODER by default, or ``logits``), softmax, top-k; with ``reranker``, the
     rerank's choice is placed first (``chunk`` images at a time, so that the pair texts missing for
-    a whole chunk are generated together)."""
+    a whole chunk are generated together). With ``candidates`` (a ``CandidateClassifier``), stage 1
+    scores each image's candidate classes only, and the softmax is over them."""
 
     two_pass = False
 
     def __init__(self, index: TextIndex, top_k: int, *, reranker: Callable[[np.ndarray, np.ndarray], np.ndarray]
                  | None = None, logits: Callable[[np.ndarray], np.ndarray] | None = None, method: str | None = None,
-                 settings: dict[str, Any] | None = None, rerank_chunk: int = 2048) -> None:
+                 settings: dict[str, Any] | None = None, rerank_chunk: int = 2048, candidates: Any = None) -> None:
         self.index = index
         self.top_k = top_k
         self.reranker = reranker
+        self.candidates = candidates
         self.logits = logits or (lambda x: index.classifier().logits(x, normalized=True))
         self.method = method or ("coder*" if reranker is not None else "coder")
         self.settings = settings or {}
@@ -45,16 +47,41 @@ class CoderScorer:
         return {"method": self.method, **self.settings}
 
     def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.candidates is not None:
+            return self._with_candidates(emb)
         logits = self.logits(emb)
         probs = softmax(logits.astype(np.float64))
         ids, _ = top_k(probs, max(self.top_k, 5 if self.reranker else 1))
         if self.reranker is not None:
-            final = self.reranker(emb, logits)  # always one of the stage-1 top 5, hence in ids
-            # the rerank's class first, then the others in stage-1 order
-            order = np.argsort(ids != final[:, None], axis=1, kind="stable")
-            ids = np.take_along_axis(ids, order, axis=1)
+            ids = _rerank_first(ids, self.reranker(emb, logits))
         ids = ids[:, : self.top_k]
         return ids, np.take_along_axis(probs, ids, axis=1)
+
+    def _with_candidates(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cand, vals = self.candidates.candidate_logits(emb, normalized=True)
+        probs = softmax(vals.astype(np.float64))
+        pos, _ = top_k(probs, max(self.top_k, 5 if self.reranker else 1))
+        ids = np.take_along_axis(cand, pos, axis=1)
+        probs = np.take_along_axis(probs, pos, axis=1)
+        if self.reranker is not None:
+            # the rerank reads [n, C] logits: build them (-inf outside the candidates) a few rows at a time
+            n_classes = self.candidates.n_classes
+            rows = max(1, (64 << 20) // (4 * n_classes))
+            final = np.empty(len(emb), np.int64)
+            for s in range(0, len(emb), rows):
+                dense = np.full((len(cand[s:s + rows]), n_classes), -np.inf, np.float32)
+                np.put_along_axis(dense, cand[s:s + rows], vals[s:s + rows], axis=1)
+                final[s:s + rows] = self.reranker(emb[s:s + rows], dense)
+            order = np.argsort(ids != final[:, None], axis=1, kind="stable")
+            ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
+        return ids[:, : self.top_k], probs[:, : self.top_k]
+
+
+def _rerank_first(ids: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """The rerank's class first (always one of the stage-1 top 5, hence in ids), then the others in
+    stage-1 order."""
+    order = np.argsort(ids != final[:, None], axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)
 
 
 class XMoreScorer:

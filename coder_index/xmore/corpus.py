@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,8 +203,8 @@ def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
 
 def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int, *,
                  factory: str = "Flat", train_sample: np.ndarray | None = None, sources: dict[str, Any],
-                 progress: bool = False, caption_batch: int = 256,
-                 caption_template: str = CAPTION_TEMPLATE) -> dict[str, Any]:
+                 progress: bool = False, caption_batch: int = 256, caption_template: str = CAPTION_TEMPLATE,
+                 encode: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, Any]:
     """Stream chunks into a new corpus directory (built aside, renamed into place)."""
     from tqdm import tqdm
 
@@ -236,7 +236,8 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                     captions_arr[row:row + n] = ch.caption_emb
                 else:
                     texts = [CAPTION_TEMPLATE.replace("{caption}", c.strip()) for c in ch.captions]
-                    captions_arr[row:row + n] = encoder.encode_texts(texts, batch_size=caption_batch)
+                    captions_arr[row:row + n] = encode(texts) if encode is not None else \
+                        encoder.encode_texts(texts, batch_size=caption_batch)
                 trace = ch.trace or [{}] * n
                 conn.execute(insert(corpus_rows), [{"id": row + i, "caption": c, "source": s,
                                                     **{k: t.get(k) for k in TRACE_COLUMNS}}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +55,10 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
 
 def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, factory: str = "Flat",
                  train_size: int = 100_000, chunk: int = 65_536, seed: int = 0, progress: bool = False,
-                 use_text_embeddings: bool = False) -> dict[str, Any]:
-    """``use_text_embeddings`` takes LAION's text_emb shards (raw captions, no "a photo of a" prompt:
+                 use_text_embeddings: bool = False, encode: Callable[[list[str]], np.ndarray] | None = None
+                 ) -> dict[str, Any]:
+    """``encode(texts)`` encodes the captions instead of ``encoder`` (e.g. a ``RayTextEncoder``).
+    ``use_text_embeddings`` takes LAION's text_emb shards (raw captions, no "a photo of a" prompt:
     an approximation of X-MoRe's prompted captions) instead of encoding every caption here."""
     shards = laion_shards(Path(root))
     total = validate_laion(shards, encoder.embed_dim)  # everything checked before anything is written
@@ -75,6 +77,6 @@ def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, fac
         train = np.concatenate(parts)
     sources = {"embeddings": str(root), "shards": len(shards), "train_rows": 0 if train is None else len(train)}
     return build_corpus(out, encoder, laion_chunks(shards, chunk, use_text_embeddings), total, factory=factory,
-                        train_sample=train, sources=sources, progress=progress,
+                        train_sample=train, sources=sources, progress=progress, encode=encode,
                         caption_template="{caption} (precomputed text_emb)" if use_text_embeddings else
                         "a photo of a {caption}")

@@ -1,0 +1,192 @@
+"""The Ray engine (``--engine ray``) on a local Ray instance the tests start: the same rows as the local
+engine, nothing lost when a worker is killed, resume, builds and corpus ingests spread over actors,
+and the index copied to workers from a URI. Needs the ``ray`` extra (installed by .ci/run)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coder_index_cli.main import cli
+
+from conftest import shared_path
+from images import BAD, GOOD, make_messy_folder
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+
+
+def run(*args, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(tmp_path_factory):
+    """One local Ray instance for the module; the engines use it as they find it (and leave it up)."""
+    os.environ["CODER_INDEX_WORKER_CACHE"] = str(tmp_path_factory.mktemp("worker-cache"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("ray-index")
+    classes = root / "classes.txt"
+    classes.write_text("Abyssinian\nBengal\nbeagle\npug\nsamoyed\n")
+    run("build", root / "idx", "--classes", classes, "--model", tiny_model, "--dataset", "oxford_pets",
+        "--descriptors", shared_path("data", "descriptors", "descriptors_pets.json"), "-q")
+    return root / "idx"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The messy folder (corrupt, truncated and fake images included) plus 90 CIFAR-10 photos."""
+    root = make_messy_folder(tmp_path_factory.mktemp("ray-images"))
+    cifar = shared_path("data", "cifar10-test")
+    for cls in ("cat", "ship", "truck"):
+        (root / cls).mkdir()
+        for f in sorted((cifar / cls).iterdir())[:30]:
+            os.symlink(f, root / cls / f.name)
+    return root
+
+
+N_GOOD = len(GOOD) + 90
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_rows(a, b):
+    ra, rb = sorted(rows(a), key=lambda r: r["path"]), sorted(rows(b), key=lambda r: r["path"])
+    assert [r["path"] for r in ra] == [r["path"] for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key.endswith("score"):
+                assert abs(float(x[key]) - float(y[key])) < 1e-5, (x["path"], key)
+            else:
+                assert x[key] == y[key], (x["path"], key)
+
+
+def error_paths(out):
+    errs = sorted(out.parent.glob(out.stem + ".errors*"))
+    assert errs, "no errors file"
+    with open(errs[0], newline="") as f:
+        return sorted(r["path"] for r in csv.DictReader(f))
+
+
+@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"]], ids=["coder", "coder*"])
+def test_ray_rows_equal_the_local_engine(index_dir, folder, tmp_path, extra):
+    local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
+    run("classify", folder, "--index", index_dir, "--out", local, "--top-k", "3", *extra, "-q")
+    res = run("classify", folder, "--index", index_dir, "--out", remote, "--top-k", "3", *extra, "--engine", "ray",
+              "--batch-size", "16", "-q")
+    assert len(rows(remote)) == N_GOOD
+    assert_same_rows(local, remote)
+    assert error_paths(remote) == error_paths(local) and len(error_paths(remote)) == len(BAD)
+    sidecar = json.loads((tmp_path / "ray.csv.run.json").read_text())
+    assert "index" in sidecar or "provenance" in sidecar
+    assert res.exit_code == 0
+
+
+def test_a_killed_worker_loses_nothing(index_dir, folder, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("CODER_INDEX_CRASH_ONCE", f"ray.worker.batch:{marker}")
+    out = tmp_path / "ray.csv"
+    run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray", "--batch-size", "8", "-q")
+    assert marker.exists(), "no worker was killed: the test did not test anything"
+    paths = [r["path"] for r in rows(out)]
+    assert len(paths) == N_GOOD and len(set(paths)) == N_GOOD
+    local = tmp_path / "local.csv"
+    run("classify", folder, "--index", index_dir, "--out", local, "-q")
+    assert_same_rows(local, out)
+
+
+def test_resume_and_settings(index_dir, folder, tmp_path):
+    out = tmp_path / "ray.csv"
+    run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray", "-q")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-40]) + lines[-40][:10])  # interrupted: 40 rows lost, one torn
+    res = run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray")
+    assert f"{N_GOOD - 40 + len(BAD)} done in earlier runs" in res.output, res.output
+    paths = [r["path"] for r in rows(out)]
+    assert len(paths) == N_GOOD and len(set(paths)) == N_GOOD
+    # nothing left to do: Ray is not even needed
+    res = run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray")
+    assert f"{N_GOOD + len(BAD)} done in earlier runs" in res.output
+    # another setting on the same output is refused, as with the local engine
+    res = run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray", "--top-k", "2", ok=False)
+    assert res.exit_code != 0 and "top" in res.output.lower()
+
+
+def test_index_copied_to_workers_from_a_uri(index_dir, folder, tmp_path, tiny_model):
+    out, local = tmp_path / "uri.csv", tmp_path / "local.csv"
+    run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray",
+        "--ray-index-source", index_dir.resolve().as_uri(), "-q")
+    run("classify", folder, "--index", index_dir, "--out", local, "-q")
+    assert_same_rows(local, out)
+    copies = [p for p in Path(os.environ["CODER_INDEX_WORKER_CACHE"]).iterdir() if not p.name.startswith(".")]
+    assert copies and all((c / "texts.faiss").is_file() for c in copies), "no finished copy in the cache"
+    # a source holding another index is refused with the reason, never used
+    other = tmp_path / "other"
+    classes = tmp_path / "c.txt"
+    classes.write_text("cat\ndog\n")
+    run("build", other, "--classes", classes, "--model", tiny_model, "--llm", "none", "-q")
+    res = CliRunner().invoke(cli, ["classify", str(folder), "--index", str(index_dir), "--out",
+                                   str(tmp_path / "bad.csv"), "--engine", "ray", "--ray-index-source", str(other),
+                                   "-q"])
+    assert res.exit_code != 0
+    assert "not the one the driver" in res.output, res.output
+    assert not (tmp_path / "bad.csv").exists() or len(rows(tmp_path / "bad.csv")) == 0
+
+
+def test_build_on_ray_equals_local(tmp_path, tiny_model):
+    from coder_index import TextIndex
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("Abyssinian\nBengal\nbeagle\npug\nsamoyed\n")
+    desc = shared_path("data", "descriptors", "descriptors_pets.json")
+    common = ["--classes", classes, "--model", tiny_model, "--dataset", "oxford_pets", "--descriptors", desc, "-q"]
+    run("build", tmp_path / "local", *common)
+    run("build", tmp_path / "ray", *common, "--engine", "ray")
+
+    a, b = TextIndex.open(tmp_path / "local").text_table(), TextIndex.open(tmp_path / "ray").text_table()
+    assert len(a) == len(b) > 5
+    assert a.class_ids.tolist() == b.class_ids.tolist() and a.kinds.tolist() == b.kinds.tolist()
+    np.testing.assert_allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=1e-5)
+
+
+def test_corpus_embeddings_on_ray_equal_local(tmp_path, index_dir, encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from coder_index.xmore.corpus import Corpus
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "laion" / "img_emb").mkdir(parents=True)
+    (tmp_path / "laion" / "metadata").mkdir()
+    for s, n in enumerate((40, 25, 35)):
+        np.save(tmp_path / "laion" / "img_emb" / f"img_emb_{s}.npy",
+                rng.standard_normal((n, encoder.embed_dim)).astype(np.float32))
+        pq.write_table(pa.table({"caption": [f"shard {s} thing {i}" for i in range(n)]}),
+                       tmp_path / "laion" / "metadata" / f"metadata_{s}.parquet")
+    for name, extra in (("local", []), ("ray", ["--engine", "ray"])):
+        run("corpus", "build", tmp_path / name, "--embeddings", tmp_path / "laion", "--index", index_dir, "-q", *extra)
+    fp = encoder.fingerprint
+    ids = np.arange(100)[None, :]
+    a = Corpus(tmp_path / "local", fp).caption_embeddings(ids)
+    b = Corpus(tmp_path / "ray", fp).caption_embeddings(ids)
+    np.testing.assert_allclose(a, b, atol=1e-5)

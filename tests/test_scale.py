@@ -1,0 +1,210 @@
+"""Scale without Ray: candidate classes for huge vocabularies, products with the memory-mapped text
+matrix that never copy it, row-blocked heuristic logits, and the streaming classify (chunks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import mmap
+import tracemalloc
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coder_index.candidates import CandidateClassifier
+from coder_index.coder import CoderClassifier, coder_feature_chunks, coder_features, heuristic_logits
+from coder_index_cli.main import cli
+
+from images import BAD, GOOD, make_messy_folder
+
+
+def run(*args, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def vocabulary(rng: np.random.Generator, n_classes: int, d: int = 32):
+    """Texts in a shuffled order; classes with 1-3 name texts (names and synonyms) and 0-5 extra texts."""
+    names = rng.integers(1, 4, n_classes)
+    extras = rng.integers(0, 6, n_classes)
+    cls = np.concatenate([np.repeat(np.arange(n_classes), names), np.repeat(np.arange(n_classes), extras)])
+    kinds = np.array(["name"] * names.sum() + ["attribute"] * extras.sum(), dtype=object)
+    kinds[: names.sum()][rng.random(names.sum()) < 0.3] = "synonym"
+    centre = unit(rng.standard_normal((n_classes, d)))
+    w = unit(centre[cls] + 0.8 / np.sqrt(d) * rng.standard_normal((len(cls), d)))
+    perm = rng.permutation(len(cls))
+    return w[perm], cls[perm], kinds[perm], centre
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_candidates_with_every_class_equal_the_dense_logits(seed):
+    rng = np.random.default_rng(seed)
+    w, cls, kinds, centre = vocabulary(rng, 40)
+    x = unit(rng.standard_normal((30, w.shape[1])))
+    dense = CoderClassifier(w, cls, kinds, 40)
+    full = CandidateClassifier(dense, 40).logits(x, normalized=True)
+    np.testing.assert_allclose(full, dense.logits(x, normalized=True), atol=2e-4)
+    # the compact form holds the same numbers for the classes it names
+    cand, vals = CandidateClassifier(dense, 7).candidate_logits(x, normalized=True)
+    np.testing.assert_allclose(vals, np.take_along_axis(dense.logits(x, normalized=True), cand, 1), atol=2e-4)
+    assert (np.sort(cand, axis=1)[:, 1:] != np.sort(cand, axis=1)[:, :-1]).all(), "a class named twice"
+
+
+def test_candidates_agree_with_the_dense_top1_on_a_clustered_vocabulary():
+    rng = np.random.default_rng(7)
+    w, cls, kinds, centre = vocabulary(rng, 600, d=64)
+    truth = rng.integers(0, 600, 400)
+    x = unit(centre[truth] + 1.5 / 8 * rng.standard_normal((400, 64)))  # dense top-1 right ~88%
+    dense = CoderClassifier(w, cls, kinds, 600)
+    top = dense.logits(x, normalized=True).argmax(1)
+    for m, floor in ((16, 0.99), (64, 0.995)):
+        pred = CandidateClassifier(dense, m).logits(x, normalized=True)
+        assert np.isinf(pred).sum(axis=1).tolist() == [600 - m] * 400  # -inf outside the candidates
+        assert (pred.argmax(1) == top).mean() >= floor, m
+
+
+@pytest.mark.parametrize("m", [0, -3, True, 2.5, "8"])
+def test_candidates_refuse_a_bad_count(m):
+    rng = np.random.default_rng(0)
+    w, cls, kinds, _ = vocabulary(rng, 5)
+    with pytest.raises(ValueError, match="positive integer"):
+        CandidateClassifier(CoderClassifier(w, cls, kinds, 5), m)
+
+
+def _unaligned_readonly(a: np.ndarray, tmp_path) -> np.ndarray:
+    """``a`` as a read-only memory map whose first float sits 2 bytes past an aligned address, as
+    the matrix inside texts.faiss does (its FAISS header)."""
+    path = tmp_path / "m.bin"
+    path.write_bytes(b"\0\0" + a.astype(np.float32).tobytes())
+    f = open(path, "rb")  # noqa: SIM115 - the map keeps it alive for the test
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    out = np.frombuffer(mm, dtype=np.float32, offset=2).reshape(a.shape)
+    assert not out.flags.aligned and not out.flags.writeable
+    return out
+
+
+def _numpy_peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_products_with_the_mapped_matrix_never_copy_it(tmp_path):
+    """NumPy copies an unaligned operand whole before BLAS; the index's matrix is one, so every product
+    with it must go through torch (numbers equal, no matrix-sized allocation)."""
+    rng = np.random.default_rng(1)
+    k, d, n_classes = 20_000, 64, 500
+    # the index's order (coder.TextLayout): a name per class, then the extra texts class by class
+    cls = np.concatenate([np.arange(n_classes), np.sort(rng.integers(0, n_classes, k - n_classes))])
+    kinds = np.array(["name"] * n_classes + ["attribute"] * (k - n_classes), dtype=object)
+    aligned = unit(rng.standard_normal((k, d)))
+    mapped = _unaligned_readonly(aligned, tmp_path)
+    x = unit(rng.standard_normal((40, d)))
+    matrix = k * d * 4
+
+    clf = CoderClassifier(mapped, cls, kinds, n_classes)
+    assert clf.text_emb is mapped or np.shares_memory(clf.text_emb, mapped)
+    got = {}
+    assert _numpy_peak(lambda: got.setdefault("logits", clf.logits(x, normalized=True))) < matrix / 2
+    ref = CoderClassifier(aligned, cls, kinds, n_classes).logits(x, normalized=True)
+    np.testing.assert_allclose(got["logits"], ref, atol=1e-3)
+    assert _numpy_peak(lambda: got.setdefault("cand", CandidateClassifier(clf, 8).logits(x, normalized=True))) \
+        < matrix / 2
+    assert (got["cand"].argmax(1) == ref.argmax(1)).mean() > 0.9
+    assert _numpy_peak(lambda: got.setdefault("feats", coder_features(x, mapped))) < matrix / 2
+    np.testing.assert_allclose(got["feats"], x @ aligned.T, atol=1e-5)
+    blocks = list(coder_feature_chunks(x, mapped, chunk_bytes=k * 4 * 16))
+    assert [s for s, _ in blocks] == [0, 16, 32]
+    np.testing.assert_allclose(np.concatenate([b for _, b in blocks]), x @ aligned.T, atol=1e-5)
+
+
+def test_heuristic_logits_works_in_row_blocks():
+    """Equal to the fused classifier for a shuffled layout, without a transposed copy of the input."""
+    rng = np.random.default_rng(2)
+    w, cls, kinds, _ = vocabulary(rng, 30)
+    x = unit(rng.standard_normal((20_000, w.shape[1])))  # several blocks of 4096 rows
+    sims = coder_features(x, w)
+    got = {}
+    peak = _numpy_peak(lambda: got.setdefault("h", heuristic_logits(sims, cls, kinds, 30)))
+    np.testing.assert_allclose(got["h"], CoderClassifier(w, cls, kinds, 30).logits(x), atol=1e-3)
+    assert peak < 0.75 * sims.nbytes, f"heuristic_logits allocated {peak} bytes for a {sims.nbytes}-byte input"
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("scale-cli")
+    classes = root / "classes.txt"
+    classes.write_text("Abyssinian\nBengal\nbeagle\npug\nsamoyed\n")
+    run("build", root / "idx", "--classes", classes, "--model", tiny_model, "--llm", "none", "-q")
+    return root / "idx"
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    return make_messy_folder(tmp_path_factory.mktemp("messy"))
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return {r["path"]: r for r in csv.DictReader(f)}
+
+
+def test_candidates_flag_on_the_cli(index_dir, messy, tmp_path):
+    dense, every, few = tmp_path / "dense.csv", tmp_path / "every.csv", tmp_path / "few.csv"
+    run("classify", messy, "--index", index_dir, "--out", dense, "--top-k", "3", "-q")
+    run("classify", messy, "--index", index_dir, "--out", every, "--top-k", "3", "--candidates", "5", "-q")
+    rows_dense, rows_every = _rows(dense), _rows(every)
+    assert rows_dense.keys() == rows_every.keys() and len(rows_dense) == len(GOOD)
+    for p, r in rows_dense.items():
+        assert r["label"] == rows_every[p]["label"]
+        assert abs(float(r["score"]) - float(rows_every[p]["score"])) < 1e-4
+    res = run("classify", messy, "--index", index_dir, "--out", few, "--top-k", "3", "--candidates", "2")
+    assert "--top-k 3 is more than --candidates 2" in res.output
+    sidecar = json.loads(few.with_name(few.name + ".run.json").read_text())
+    assert json.dumps(sidecar).count('"candidates": 2') == 1
+    with open(few, newline="") as f:
+        header = next(csv.reader(f))
+    assert not any(h.startswith("top3") for h in header)
+    # a resumed run with another candidate count would mix settings: refused
+    res = run("classify", messy, "--index", index_dir, "--out", few, "--top-k", "2", "--candidates", "3", ok=False)
+    assert res.exit_code != 0 and "candidates" in res.output
+    for bad in ("0", "-2", "many"):
+        res = run("classify", messy, "--index", index_dir, "--out", tmp_path / "x.csv", "--candidates", bad, ok=False)
+        assert res.exit_code == 2 and "--candidates" in res.output
+
+
+def test_streamed_discovery_in_small_chunks_writes_the_same_rows(index_dir, messy, tmp_path, monkeypatch):
+    """The folder is walked and checked against the done-set a chunk at a time; with chunks of 3
+    files the rows, the errors file and the rerun summary are those of one chunk."""
+    import coder_index.pipeline.classify as classify_mod
+
+    whole = tmp_path / "whole.csv"
+    run("classify", messy, "--index", index_dir, "--out", whole, "-q")
+    monkeypatch.setattr(classify_mod, "TODO_CHUNK", 3)
+    small = tmp_path / "small.csv"
+    run("classify", messy, "--index", index_dir, "--out", small, "-q")
+    a, b = _rows(whole), _rows(small)
+    assert a.keys() == b.keys()
+    assert all(a[p]["label"] == b[p]["label"] for p in a)
+    errors = sorted(small.parent.glob("small.errors*"))
+    assert errors, "the unreadable files are reported"
+    reported = errors[0].read_text()
+    assert all(name in reported for name in BAD)
+    again = run("classify", messy, "--index", index_dir, "--out", small)
+    assert f"{len(GOOD) + len(BAD)} done in earlier runs" in again.output, again.output
+    assert errors[0].read_text() == reported, "a rerun with nothing to do leaves the errors file as it was"
+    assert _rows(small) == b
