@@ -5,6 +5,7 @@ run is a fresh process; figures are printed and saved as JSON, never asserted.
     python benchmarks/bench_scale.py noop --files 100000 1000000
     python benchmarks/bench_scale.py candidates --classes 100000
     python benchmarks/bench_scale.py ray --images 2000
+    python benchmarks/bench_scale.py textenc --old /tmp/old   # git worktree add /tmp/old 83e2c63
     python benchmarks/bench_scale.py all
 
 * rss: peak RSS of a process that opens a K-text, 512-wide index (ViT-B-32, random weights; random
@@ -271,9 +272,62 @@ def bench_ray(n_images: int, tmp: Path, model: str) -> dict:
             "per_image_ms_local": round(local_s / n_images * 1000, 2)}
 
 
+TEXT_ENCODE = r"""
+import json, sys, time, types
+import torch
+from coder_index.encoder import ClipEncoder
+from coder_index.index.text_index import TextIndex
+texts = json.load(open(sys.argv[1]))
+batch = None if sys.argv[2] == "default" else int(sys.argv[2])
+enc = ClipEncoder("ViT-B-32", "random", device="cpu")
+t = time.perf_counter(); tokens = enc.tokenize(texts); tok_s = time.perf_counter() - t
+t = time.perf_counter()
+emb = TextIndex._encode_with_progress(types.SimpleNamespace(encoder=enc), texts, batch, "encoding")
+s = time.perf_counter() - t
+print(json.dumps({"texts": len(texts), "seconds": round(s, 2), "texts_per_s": round(len(texts) / s, 1),
+                  "tokenize_share": round(tok_s / s, 3), "threads": torch.get_num_threads(),
+                  "checksum": float(abs(emb).sum())}))
+"""
+
+
+def _vocabulary_sample(n: int) -> list[str]:
+    """n texts drawn from a 20,000-class vocabulary: WordNet nouns as classes, a name text and three
+    attribute texts (published ImageNet descriptors) per class, as a build makes them."""
+    import random
+
+    nouns = [line.split()[0].replace("_", " ") for line in open("/usr/share/wordnet/index.noun")
+             if not line.startswith(" ")]
+    classes = nouns[:: max(1, len(nouns) // 20_000)][:20_000]
+    desc = [d for v in json.loads((SHARED / "descriptors" / "descriptors_imagenet.json").read_text()).values()
+            for d in v]
+    rng = random.Random(0)
+    texts = []
+    for c in classes:
+        texts.append(f"a photo of a {c}.")
+        texts += [f"a photo of a {c}, which {d}." for d in rng.sample(desc, 3)]
+    return rng.sample(texts, n)
+
+
+def bench_text_encoding(n: int, old: Path, tmp: Path, rounds: int = 2) -> dict:
+    """Texts/s of the build's encoding step (TextIndex._encode_with_progress) at 20,000 classes with
+    ViT-B-32 (random weights, same cost as real ones), old and new code alternately in fresh processes."""
+    sample = tmp / "texts.json"
+    sample.write_text(json.dumps(_vocabulary_sample(n)))
+    runs = {"before": [], "after": []}
+    for _ in range(rounds):
+        for name, code, batch in (("before", old, "256"), ("after", REPO, "default")):
+            r = subprocess.run([sys.executable, "-c", TEXT_ENCODE, str(sample), batch], check=True, capture_output=True,
+                               text=True, env={**ENV, "PYTHONPATH": str(code)})
+            runs[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(name, json.dumps(runs[name][-1]), flush=True)
+    best = {k: max(r["texts_per_s"] for r in v) for k, v in runs.items()}
+    return {"texts": n, "runs": runs, "best_texts_per_s": best, "speedup": round(best["after"] / best["before"], 2),
+            "same_embeddings": abs(runs["before"][0]["checksum"] - runs["after"][0]["checksum"]) < 1e-2 * n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["rss", "noop", "candidates", "ray", "all"])
+    ap.add_argument("what", choices=["rss", "noop", "candidates", "ray", "textenc", "all"])
     ap.add_argument("--texts", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
     ap.add_argument("--code", type=Path, default=REPO, help="checkout of coder-index to measure (rss)")
     ap.add_argument("--files", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -283,6 +337,8 @@ def main() -> None:
     ap.add_argument("--query-images", type=int, default=2000)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--model", default="ViT-B-32", help="model for the Ray comparison (random weights)")
+    ap.add_argument("--old", type=Path, default=None, help="textenc: a checkout of the code before (git worktree)")
+    ap.add_argument("--sample", type=int, default=4096, help="textenc: texts encoded per run")
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "bench_scale.json")
     args = ap.parse_args()
@@ -298,6 +354,11 @@ def main() -> None:
     if args.what in ("ray", "all"):
         results["ray"] = bench_ray(args.images, tmp, args.model)
         print(json.dumps(results["ray"]))
+    if args.what == "textenc":
+        if args.old is None:
+            ap.error("textenc needs --old DIR: e.g. git worktree add /tmp/old 83e2c63")
+        results["text_encoding"] = bench_text_encoding(args.sample, args.old.resolve(), tmp)
+        print(json.dumps({k: v for k, v in results["text_encoding"].items() if k != "runs"}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"-> {args.out}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,9 @@ def _check_local_dir(model: str) -> None:
                              "copy open_clip_pytorch_model.bin next to open_clip_config.json")
 
 
+TEXT_GROUP = 32768  # texts tokenized at a time (int64 tokens: 20 MB), then sorted by token length
+
+
 class ClipEncoder:
     """Any open_clip model: ``ClipEncoder('ViT-B-32', 'openai')``, a checkpoint file as
     ``pretrained``, ``'local-dir:PATH'`` or ``'hf-hub:ORG/NAME'``.
@@ -215,27 +218,46 @@ class ClipEncoder:
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
+    @property
+    def text_batch_size(self) -> int:
+        """Texts per forward pass by default. On the CPU 128 runs fastest (ViT-B-32, 2 cores: 175 texts/s
+        against 143 at 256 and 88 at 1024 - larger activations fall out of the caches); a GPU wants more."""
+        return 128 if self.device.type == "cpu" else 512
+
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Embeddings ``[N, D]`` of texts, in input order."""
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Embeddings ``[N, D]`` of texts, in input order; ``progress(n)`` after every batch of n.
+
+        All texts are ordered by length first (characters, then tokens within groups of
+        ``TEXT_GROUP``), so every batch is cut to nearly the context its texts need; tokens are made
+        a group at a time, so memory stays bounded for any number of texts.
+        """
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         if any(not isinstance(t, str) for t in texts):
             raise ValueError("encode_texts takes a list of str")
-        tokens = self.tokenize(texts)
-        if not self._fast_text:
-            feats = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
-                     for i in range(0, len(texts), batch_size)]
-            return F.normalize(torch.cat(feats).float(), dim=-1).cpu().numpy()
-        lengths = _real_lengths(self.model, tokens)
-        order = torch.argsort(lengths, stable=True)
+        batch_size = batch_size or self.text_batch_size
         out = torch.empty((len(texts), self.embed_dim), dtype=torch.float32)
-        for i in range(0, len(texts), batch_size):
-            idx = order[i:i + batch_size]
-            cut = int(lengths[idx].max())
-            feats = _encode_text_truncated(self.model, tokens[idx, :cut].to(self.device))
-            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+        by_chars = np.argsort(np.fromiter((len(t) for t in texts), np.int64, len(texts)), kind="stable")
+        for g in range(0, len(texts), TEXT_GROUP):
+            group = torch.from_numpy(by_chars[g:g + TEXT_GROUP])
+            tokens = self.tokenize([texts[i] for i in group.tolist()])
+            if self._fast_text:
+                lengths = _real_lengths(self.model, tokens)
+                order = torch.argsort(lengths, stable=True)
+            else:
+                lengths, order = None, torch.arange(len(group))
+            for i in range(0, len(group), batch_size):
+                idx = order[i:i + batch_size]
+                if lengths is not None:
+                    feats = _encode_text_truncated(self.model, tokens[idx, : int(lengths[idx].max())].to(self.device))
+                else:
+                    feats = self.model.encode_text(tokens[idx].to(self.device))
+                out[group[idx]] = F.normalize(feats.float(), dim=-1).cpu()
+                if progress is not None:
+                    progress(len(idx))
         return out.numpy()
 
 

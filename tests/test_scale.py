@@ -208,3 +208,17 @@ def test_streamed_discovery_in_small_chunks_writes_the_same_rows(index_dir, mess
     assert f"{len(GOOD) + len(BAD)} done in earlier runs" in again.output, again.output
     assert errors[0].read_text() == reported, "a rerun with nothing to do leaves the errors file as it was"
     assert _rows(small) == b
+
+
+def test_text_encoding_in_groups_keeps_input_order(encoder, monkeypatch):
+    """Texts are sorted by length across the whole input and tokenized a group at a time; the
+    embeddings still come back in input order, equal to encoding each text alone."""
+    import coder_index.encoder as encoder_mod
+
+    texts = [f"a photo of a {'very ' * (i % 7)}thing number {i}" for i in range(53)][::-1] + ["x", "x"]
+    alone = np.concatenate([encoder.encode_texts([t]) for t in texts])
+    monkeypatch.setattr(encoder_mod, "TEXT_GROUP", 10)
+    seen = []
+    got = encoder.encode_texts(texts, batch_size=4, progress=seen.append)
+    np.testing.assert_allclose(got, alone, atol=1e-5)
+    assert sum(seen) == len(texts) and max(seen) <= 4

@@ -38,13 +38,13 @@ class TextWorker:
                                   "the same model files available on every node")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        emb = self.encoder.encode_texts([str(t) for t in batch["text"]], batch_size=len(batch["text"]))
+        emb = self.encoder.encode_texts([str(t) for t in batch["text"]])
         return {"i": batch["i"], "emb": emb}
 
 
 class RayTextEncoder:
     def __init__(self, encoder: ClipEncoder, *, address: str | None = None, actors: int | None = None,
-                 batch_size: int = 256, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+                 batch_size: int = 1024, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
                  progress: bool = False) -> None:
         require_ray()
         fp = encoder.fingerprint

@@ -34,7 +34,7 @@ def pairs_with_texts(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> set[
 
 
 def add_pair_texts(index: TextIndex, features: Mapping[tuple[str, str], list[str]], source: str,
-                   batch_size: int = 256) -> int:
+                   batch_size: int | None = None) -> int:
     """Embed and store features per ordered pair of class names; returns how many texts were new."""
     from .text_index import PAIR_VECTORS
 

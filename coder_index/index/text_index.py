@@ -490,7 +490,7 @@ class TextIndex(IndexQueries):
                 self._write_manifest_counts()
         return [existing[n] for n in clean]
 
-    def add_texts(self, items: Iterable[TextItem], *, batch_size: int = 256, progress: bool = False,
+    def add_texts(self, items: Iterable[TextItem], *, batch_size: int | None = None, progress: bool = False,
                   desc: str = "encoding texts", embeddings: Any = None,
                   encode: Any = None) -> AddResult:
         """Embed and store texts; (class, kind, text) already present are counted, not stored again.
@@ -601,16 +601,11 @@ class TextIndex(IndexQueries):
         at = np.searchsorted(table[:, 0], all_ids)
         return np.lexsort((all_ids, table[at, 1], table[at, 2]))
 
-    def _encode_with_progress(self, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
+    def _encode_with_progress(self, texts: list[str], batch_size: int | None, desc: str) -> np.ndarray:
         from tqdm import tqdm
 
-        chunk = batch_size * 8
-        parts = []
         with tqdm(total=len(texts), unit="text", desc=desc) as bar:
-            for i in range(0, len(texts), chunk):
-                parts.append(self.encoder.encode_texts(texts[i:i + chunk], batch_size=batch_size))
-                bar.update(len(parts[-1]))
-        return np.concatenate(parts)
+            return self.encoder.encode_texts(texts, batch_size=batch_size, progress=bar.update)
 
     def _absent(self, keys: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
         if not keys:
