@@ -194,7 +194,7 @@ def test_streamed_discovery_in_small_chunks_writes_the_same_rows(index_dir, mess
 
     whole = tmp_path / "whole.csv"
     run("classify", messy, "--index", index_dir, "--out", whole, "-q")
-    monkeypatch.setattr(classify_mod, "TODO_CHUNK", 3)
+    monkeypatch.setattr(classify_mod, "PENDING_CHUNK", 3)
     small = tmp_path / "small.csv"
     run("classify", messy, "--index", index_dir, "--out", small, "-q")
     a, b = _rows(whole), _rows(small)

@@ -51,7 +51,7 @@ class ClassifySummary:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
 
-TODO_CHUNK = 16384  # images handed to the loader at a time: the file list is streamed, never held whole
+PENDING_CHUNK = 16384  # images handed to the loader at a time: the file list is streamed, never held whole
 
 
 def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, scorer: Any | None = None,
@@ -88,7 +88,7 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
             for rel in walk_images(root, found):
                 if prefix + rel not in done:
                     chunk.append(rel)
-                    if len(chunk) >= TODO_CHUNK:
+                    if len(chunk) >= PENDING_CHUNK:
                         yield chunk
                         chunk = []
                 write_special()
