@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .coder import DEFAULT_CHUNK_BYTES, LOGIT_SCALE, CoderClassifier, TextLayout
+from .coder import DEFAULT_CHUNK_BYTES, LOGIT_SCALE, CoderClassifier, TextLayout, image_matrix
 from .linalg import as_tensor
-from .validation import as_float_matrix, l2_normalize
 
 # Vocabulary sizes above which the dense CODER gets slow enough to suggest --candidates.
 DENSE_TEXT_LIMIT = 200_000
@@ -109,12 +108,7 @@ class CandidateClassifier:
         return out
 
     def candidate_logits(self, image_emb: Any, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        x = as_float_matrix(image_emb, "image_emb")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"image_emb has width {x.shape[1]} but the texts have width {self.dim}; "
-                             "both must come from the same CLIP model")
-        if not normalized:
-            x = l2_normalize(x, "image_emb")
+        x = image_matrix(image_emb, self.dim, normalized)
         cand = self.candidates(x)
         out = np.empty(cand.shape, np.float32)
         # images per step such that the gathered rows stay within chunk_bytes

@@ -159,6 +159,15 @@ def heuristic_logits(coder: Any, text_class: Any, text_kind: Any, n_classes: int
     return out
 
 
+def image_matrix(image_emb: Any, dim: int, normalized: bool) -> np.ndarray:
+    """Checked float32 image embeddings of width ``dim``, L2-normalised unless they already are."""
+    x = as_float_matrix(image_emb, "image_emb")
+    if x.shape[1] != dim:
+        raise ValueError(f"image_emb has width {x.shape[1]} but the texts have width {dim}; "
+                         "both must come from the same CLIP model")
+    return x if normalized else l2_normalize(x, "image_emb")
+
+
 class CoderClassifier:
     """Fused CODER + heuristic logits over a fixed text set, chunked so memory stays bounded.
 
@@ -188,12 +197,7 @@ class CoderClassifier:
         return int(self.text_emb.shape[1])
 
     def logits(self, image_emb: Any, *, normalized: bool = False) -> np.ndarray:
-        x = as_float_matrix(image_emb, "image_emb")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"image_emb has width {x.shape[1]} but the texts have width {self.dim}; "
-                             "both must come from the same CLIP model")
-        if not normalized:
-            x = l2_normalize(x, "image_emb")
+        x = image_matrix(image_emb, self.dim, normalized)
         out = np.empty((x.shape[0], self.layout.n_classes), dtype=np.float32)
         for start in range(0, x.shape[0], self.chunk_rows):
             chunk = x[start:start + self.chunk_rows]

@@ -55,6 +55,16 @@ def ray_session(address: str | None) -> Iterator[Any]:
             ray.shutdown()
 
 
+def pool_size(ray: Any, actors: int | None, gpus_per_actor: float, cpus_per_actor: float) -> int:
+    """``actors`` if given, else as many actors as the cluster's GPUs (or CPUs) hold."""
+    if actors:
+        return actors
+    res = ray.cluster_resources()
+    if gpus_per_actor:
+        return max(1, int(res.get("GPU", 0) // gpus_per_actor))
+    return max(1, int(res.get("CPU", 1) // cpus_per_actor))
+
+
 def rechunk(chunks: Iterator[list[str]], size: int) -> Iterator[list[str]]:
     """Regroup a stream of lists into lists of about ``size`` items (the last may be shorter)."""
     buf: list[str] = []

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..faults import crash_once
-from .ray_common import ray_session, rechunk, require_ray, worker_env
+from .ray_common import pool_size, ray_session, rechunk, require_ray, worker_env
 from .worker_index import open_worker_index
 
 if TYPE_CHECKING:
@@ -89,14 +89,6 @@ class RayEngine:
         self.source = index_source or str(index.path.resolve())
         self.progress, self.chunk = progress, chunk
 
-    def _pool_size(self, ray: Any) -> int:
-        if self.actors:
-            return self.actors
-        res = ray.cluster_resources()
-        if self.gpus:
-            return max(1, int(res.get("GPU", 0) // self.gpus))
-        return max(1, int(res.get("CPU", 1) // self.cpus))
-
     def run(self, root: Path, todo_chunks: Iterator[list[str]], write: Callable, write_errors: Callable, bar: Any,
             on_batch: Callable[[int], None] | None, counts: dict[str, int]) -> None:
         chunks = rechunk(todo_chunks, self.chunk)
@@ -104,7 +96,7 @@ class RayEngine:
         if first is None:
             return  # nothing to do: no cluster is started for a finished run
         with ray_session(self.address) as ray:
-            n_actors = self._pool_size(ray)
+            n_actors = pool_size(ray, self.actors, self.gpus, self.cpus)
             expect = {"index_id": self.index.index_id, "generation": self.index.generation,
                       "pairs_generation": self.index.pairs_generation,
                       "weights_sha256": self.index.fingerprint.weights_sha256}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CoderIndexError
-from .ray_common import ray_session, require_ray, worker_env
+from .ray_common import pool_size, ray_session, require_ray, worker_env
 
 if TYPE_CHECKING:
     from ..encoder import ClipEncoder
@@ -65,14 +65,6 @@ class RayTextEncoder:
         self._session.__exit__(*exc)
         self._ray = None
 
-    def _pool_size(self) -> int:
-        if self.actors:
-            return self.actors
-        res = self._ray.cluster_resources()
-        if self.gpus:
-            return max(1, int(res.get("GPU", 0) // self.gpus))
-        return max(1, int(res.get("CPU", 1) // self.cpus))
-
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         if self._ray is None:
             raise RuntimeError("use RayTextEncoder as a context manager: `with RayTextEncoder(enc) as encode:`")
@@ -86,7 +78,8 @@ class RayTextEncoder:
         ray = self._ray
         ds = ray.data.from_items([{"i": int(i), "text": texts[i]} for i in order]).map_batches(
             TextWorker, fn_constructor_kwargs=self.kwargs, batch_size=self.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=self._pool_size()), num_cpus=self.cpus,
+            compute=ray.data.ActorPoolStrategy(size=pool_size(ray, self.actors, self.gpus, self.cpus)),
+            num_cpus=self.cpus,
             num_gpus=self.gpus or None, batch_format="numpy", runtime_env={"env_vars": worker_env()})
         done = np.zeros(len(texts), bool)
         with tqdm(total=len(texts), unit="text", desc="encoding texts (Ray)", disable=not self.progress) as bar:
