@@ -9,8 +9,9 @@ run is a fresh process; figures are printed and saved as JSON, never asserted.
     python benchmarks/bench_scale.py all
 
 * rss: peak RSS of a process that opens a K-text, 512-wide index (ViT-B-32, random weights; random
-  unit vectors stand in for encoded texts) and classifies 256 images, against the goal
-  1.3 x K x D x 4 bytes + 1 GB. ``--code DIR`` measures another checkout of coder-index (before/after).
+  unit vectors stand in for encoded texts) and classifies 256 images with ``coder-index classify``
+  (run in process), against the goal 1.3 x K x D x 4 bytes + 1 GB. ``--code DIR`` measures another
+  checkout of coder-index (before/after).
 * noop: a finished run rerun with nothing left to do, through the CLI, over N hard links to one
   small image (1,000 per folder), in microseconds per file.
 * candidates: --candidates M against the dense stage 1 at C classes with synthetic clustered
@@ -60,14 +61,15 @@ print(index.counts())
 
 OPEN_AND_CLASSIFY = r"""
 import json, resource, sys, time
-from pathlib import Path
-from coder_index import TextIndex
-from coder_index.pipeline.classify import classify_folder
+from coder_index_cli.main import cli
 index_dir, folder, out = sys.argv[1:4]
 t = time.perf_counter()
-index = TextIndex.open(index_dir, device="cpu")
-s = classify_folder(index, folder, out, progress=False)
-print(json.dumps({"classified": s.classified, "seconds": time.perf_counter() - t,
+try:  # the command a user runs: open the index, classify, write rows
+    cli(["classify", folder, "--index", index_dir, "--out", out, "--device", "cpu", "-q"], standalone_mode=True)
+except SystemExit as e:
+    if e.code:
+        raise
+print(json.dumps({"seconds": time.perf_counter() - t,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

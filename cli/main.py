@@ -262,6 +262,8 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     scorer = build_scorer(index, spec, generator=generator, llm_model=llm.get("llm_model"), progress=not quiet,
                           note=lambda m: click.echo(m, err=True))
     reranker = getattr(scorer, "reranker", None)
+    if not rerank:
+        index.encoder.release_text_tower()  # only images are encoded from here on: free a third of the model
     run_engine = None
     if engine == "ray":
         from coder_index.engines.ray_engine import RayEngine

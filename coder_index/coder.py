@@ -28,6 +28,8 @@ LOGIT_SCALE = 100.0  # CLIP's logit scale: the softmax gap of the rerank gate de
 _NAME_KINDS = ("name", "synonym")
 # Bytes of float32 similarities one chunk may hold; keeps memory flat for any N x K.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+BLOCK_BYTES = 32 << 20       # similarities CoderClassifier holds at a time
+PASS_LOGIT_BYTES = 64 << 20  # [C, n] logits of one CoderClassifier pass over the texts
 
 
 def coder_features(image_emb: Any, text_emb: Any) -> np.ndarray:
@@ -136,6 +138,28 @@ class TextLayout:
         total.mul_(LOGIT_SCALE / denom)
         return total.T.contiguous().numpy()
 
+    def logits_by_text_blocks(self, text_emb: np.ndarray, x: np.ndarray, text_rows: int) -> np.ndarray:
+        """``logits_from_sorted_transposed(matmul_t(text_emb, x))`` for a sorted ``text_emb``, holding
+        ``[text_rows, n]`` similarities at a time. Blocks run in column order, so every name max is
+        taken before any attribute is added and each class's sum adds its texts in the same order: the
+        result is the unblocked one up to the last bit of the GEMM, whose rounding depends on its shape."""
+        name_cls, extra_cls, denom = self._segments
+        k, n_name = text_emb.shape[0], self.n_name
+        total = torch.full((self.n_classes, len(x)), -torch.inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # index_reduce_ is marked beta
+            for a in range(0, k, text_rows):
+                b = min(k, a + text_rows)
+                s = torch.from_numpy(matmul_t(text_emb[a:b], x))
+                if a < n_name:
+                    e = min(b, n_name)
+                    total.index_reduce_(0, name_cls[a:e], s[: e - a], "amax", include_self=True)
+                if b > n_name:
+                    f = max(a, n_name)
+                    total.index_add_(0, extra_cls[f - n_name:b - n_name], s[f - a:])
+        total.mul_(LOGIT_SCALE / denom)
+        return total.T.contiguous().numpy()
+
 
 def heuristic_logits(coder: Any, text_class: Any, text_kind: Any, n_classes: int) -> np.ndarray:
     """Stage-1 zero-shot logits (Eq. 7-8): ``[N, C]`` float32.
@@ -176,21 +200,23 @@ class CoderClassifier:
     """
 
     def __init__(self, text_emb: Any, text_class: Any, text_kind: Any, n_classes: int,
-                 chunk_bytes: int | None = None) -> None:
+                 chunk_bytes: int = BLOCK_BYTES, image_rows: int | None = None) -> None:
         # An index's matrix is stored normalised and class-ordered (memory-mapped): it is used as it
         # is, so opening an index and classifying holds the matrix once.
-        w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb", copy_if_normalized=False)
-        if len(text_class) != w.shape[0] or len(text_kind) != w.shape[0]:
-            raise ValueError(f"text_emb has {w.shape[0]} rows but text_class has {len(text_class)} and "
+        rows = len(text_emb)
+        if len(text_class) != rows or len(text_kind) != rows:
+            raise ValueError(f"text_emb has {rows} rows but text_class has {len(text_class)} and "
                              f"text_kind {len(text_kind)} entries; they must align")
+        # The layout's temporaries come and go before the checks read the whole matrix into memory.
         self.layout = TextLayout.build(text_class, text_kind, n_classes)
+        w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb", copy_if_normalized=False)
         self.text_emb = w if self.layout.is_sorted else np.ascontiguousarray(w[self.layout.order])
-        if chunk_bytes is None:
-            # An eighth of the matrix (16 MB to 256 MB): the similarity block never costs more than
-            # that on top of the one copy of the matrix, and still feeds the GEMM dozens of images.
-            chunk_bytes = min(DEFAULT_CHUNK_BYTES, max(16 << 20, w.nbytes // 8))
-        # Chunks of at most 4096 images keep the [K, n] block and its transposes cache-friendly.
-        self.chunk_rows = int(min(4096, max(1, chunk_bytes // (4 * w.shape[0]))))
+        # Images per pass over the matrix: every pass reads all of it, so as many as the [C, n] logits
+        # of a pass allow (at most 4096, which keeps the blocks cache-friendly).
+        self.chunk_rows = int(image_rows or min(4096, max(1, PASS_LOGIT_BYTES // (4 * self.layout.n_classes))))
+        # Texts per block: a pass holds [text_rows, n] similarities at a time, never [K, n] (256 MB at
+        # 1M texts and 64 images), so memory beyond the one copy of the matrix does not grow with K.
+        self.text_rows = int(min(w.shape[0], max(1, chunk_bytes // (4 * self.chunk_rows))))
 
     @property
     def dim(self) -> int:
@@ -201,5 +227,5 @@ class CoderClassifier:
         out = np.empty((x.shape[0], self.layout.n_classes), dtype=np.float32)
         for start in range(0, x.shape[0], self.chunk_rows):
             chunk = x[start:start + self.chunk_rows]
-            out[start:start + len(chunk)] = self.layout.logits_from_sorted_transposed(matmul_t(self.text_emb, chunk))
+            out[start:start + len(chunk)] = self.layout.logits_by_text_blocks(self.text_emb, chunk, self.text_rows)
         return out

@@ -27,6 +27,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def softmax_top_k(logits: np.ndarray, k: int, block_bytes: int = 16 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k(softmax(logits in float64), k)`` without the ``[N, C]`` float64 probabilities: classes
+    are chosen on the logits (softmax keeps their order and their ties) and each row's normaliser is
+    taken a block of rows at a time, by the same operations, so the probabilities are the same bits."""
+    ids, _ = top_k(logits, k)
+    probs = np.empty(ids.shape, np.float64)
+    rows = max(1, block_bytes // (8 * max(1, logits.shape[1])))
+    for s in range(0, len(logits), rows):
+        z = logits[s:s + rows].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        probs[s:s + rows] = np.take_along_axis(z, ids[s:s + rows], axis=1) / z.sum(axis=1, keepdims=True)
+    return ids, probs
+
+
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the k largest scores per row, best first; ties: lower index first.
 

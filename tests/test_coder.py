@@ -61,10 +61,15 @@ def test_chunked_classifier_equals_unfused_path():
     texts = rng.standard_normal((30, 16))
     cls = np.concatenate([np.arange(5), rng.integers(0, 5, 25)])
     kinds = ["name"] * 5 + ["attribute"] * 25
-    clf = CoderClassifier(texts, cls, kinds, 5, chunk_bytes=4 * 30 * 8)  # 8 images per chunk
-    assert clf.chunk_rows == 8
-    np.testing.assert_allclose(clf.logits(imgs), heuristic_logits(coder_features(imgs, texts), cls, kinds, 5),
+    whole = CoderClassifier(texts, cls, kinds, 5)
+    assert whole.text_rows == 30 and whole.chunk_rows >= 53
+    np.testing.assert_allclose(whole.logits(imgs), heuristic_logits(coder_features(imgs, texts), cls, kinds, 5),
                                rtol=1e-5, atol=1e-4)
+    # every text-block size: blocks that end inside the names, on the boundary (5), inside the attributes
+    for text_rows in range(1, 31):
+        clf = CoderClassifier(texts, cls, kinds, 5, chunk_bytes=4 * text_rows * 8, image_rows=8)
+        assert (clf.chunk_rows, clf.text_rows) == (8, text_rows)
+        np.testing.assert_allclose(clf.logits(imgs), whole.logits(imgs), rtol=1e-6, atol=1e-5)
 
 
 def test_torch_tensors_accepted():

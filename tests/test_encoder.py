@@ -110,3 +110,46 @@ def test_random_weights_are_reproducible_across_loads(tmp_path):
     b = ClipEncoder("coder-tiny-random", "random", device="cpu").fingerprint
     assert a == b
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+
+
+def test_image_batches_larger_than_one_cpu_pass_match_open_clip(encoder):
+    from coder_index.encoder import CPU_IMAGE_ROWS
+
+    pixels = torch.from_numpy(np.random.default_rng(5).standard_normal((2 * CPU_IMAGE_ROWS + 5, 3, 32, 32),
+                                                                       dtype=np.float32))
+    ours = encoder.encode_image_batch(pixels)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(encoder.model.encode_image(pixels), dim=-1).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert encoder.encode_image_batch(pixels[:0]).shape == (0, encoder.embed_dim)
+
+
+def test_released_text_tower_frees_weights_and_comes_back_on_demand(tiny_model):
+    enc = ClipEncoder(tiny_model, device="cpu")
+    texts = descriptor_sentences(20)
+    pixels = torch.from_numpy(np.random.default_rng(6).standard_normal((3, 3, 32, 32), dtype=np.float32))
+    before_texts, before_images = enc.encode_texts(texts), enc.encode_image_batch(pixels)
+    n_params = sum(p.numel() for p in enc.model.parameters())
+
+    assert enc.release_text_tower() and enc.release_text_tower()  # twice is harmless
+    left = sum(p.numel() for p in enc.model.parameters())
+    visual = sum(p.numel() for p in enc.model.visual.parameters())
+    assert left <= visual + 1 < n_params  # the image tower (and logit_scale) only
+    np.testing.assert_array_equal(enc.encode_image_batch(pixels), before_images)
+
+    np.testing.assert_array_equal(enc.encode_texts(texts), before_texts)  # loaded again, same weights
+    assert sum(p.numel() for p in enc.model.parameters()) == n_params
+
+
+def test_released_text_tower_refuses_weights_changed_on_disk(tmp_path, tiny_model, other_tiny_model):
+    import shutil
+    from pathlib import Path
+
+    weights = "open_clip_pytorch_model.bin"
+    local = tmp_path / "model"
+    shutil.copytree(Path(tiny_model.removeprefix("local-dir:")), local)
+    enc = ClipEncoder(f"local-dir:{local}", device="cpu")
+    enc.release_text_tower()
+    shutil.copy(Path(other_tiny_model.removeprefix("local-dir:")) / weights, local / weights)
+    with pytest.raises(ModelLoadError, match="changed on disk"):
+        enc.encode_texts(["a photo of a cat"])

@@ -222,3 +222,36 @@ def test_text_encoding_in_groups_keeps_input_order(encoder, monkeypatch):
     got = encoder.encode_texts(texts, batch_size=4, progress=seen.append)
     np.testing.assert_allclose(got, alone, atol=1e-5)
     assert sum(seen) == len(texts) and max(seen) <= 4
+
+
+@pytest.mark.parametrize("block_bytes", [8, 8 * 40, 8 * 40 * 3, 16 << 20])
+def test_softmax_top_k_is_the_full_softmax_then_top_k(block_bytes):
+    """The scorer's probabilities without an [N, C] float64 array: the same classes, the same bits, for
+    blocks of one row, one row exactly, a few rows and all rows; ties (equal logits) keep the lower id."""
+    from coder_index.predict import softmax, softmax_top_k, top_k
+
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((23, 40)) * 30).astype(np.float32)
+    logits[:, 7] = logits[:, 3]            # a tie inside the top k of some rows
+    logits[5] = logits[5, 0]               # a row of one value
+    logits[6, [1, 2, 9]] = logits[6].max()  # a tie at the top
+    for k in (1, 5, 40):
+        ids, probs = softmax_top_k(logits, k, block_bytes=block_bytes)
+        want_probs = softmax(logits.astype(np.float64))
+        want_ids, want_vals = top_k(want_probs, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(probs, want_vals)
+        assert probs.dtype == np.float64
+
+
+def test_softmax_top_k_holds_a_block_not_the_matrix():
+    from coder_index.predict import softmax_top_k
+
+    logits = np.random.default_rng(4).standard_normal((256, 20_000)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        softmax_top_k(logits, 5, block_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes: more than a block (the float64 probabilities are {256 * 20_000 * 8})"

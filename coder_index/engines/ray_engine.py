@@ -46,6 +46,8 @@ class ClassifyWorker:
         self.index = open_worker_index(source, expect, device)
         self.spec = ScorerSpec(**spec)
         self.scorer = build_scorer(self.index, self.spec)
+        if not self.spec.rerank:
+            self.index.encoder.release_text_tower()  # this actor encodes images only
         self.root = Path(root)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

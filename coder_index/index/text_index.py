@@ -665,12 +665,11 @@ class TextIndex(IndexQueries):
             file_ids, vectors = self.matrix(TEXT_VECTORS, conn)
             res = conn.exec_driver_sql(f"SELECT id, class_id, weight, kind FROM texts WHERE kind IN ({marks}) "
                                        "ORDER BY id", tuple(kinds))
-            blocks = []
-            while block := res.fetchmany(100_000):  # arrays, not a Python object per text
-                blocks.append(block)
-        rows = [r for b in blocks for r in b]
-        sel = np.array([r[:3] for r in rows], dtype=np.int64).reshape(-1, 3)
-        sel_kinds = np.array([r[3] for r in rows], dtype=str)
+            numbers, kind_blocks = [np.zeros((0, 3), np.int64)], [np.zeros(0, dtype=str)]
+            while block := res.fetchmany(100_000):  # arrays a block at a time: never a Python row per text
+                numbers.append(np.array([r[:3] for r in block], dtype=np.int64).reshape(-1, 3))
+                kind_blocks.append(np.array([r[3] for r in block], dtype=str))
+        sel, sel_kinds = np.concatenate(numbers), np.concatenate(kind_blocks)
         # the file's (class-ordered) rows, restricted to the selected kinds
         order_ids = np.asarray(file_ids)
         at = np.clip(np.searchsorted(sel[:, 0], order_ids), 0, max(len(sel) - 1, 0))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..predict import softmax, top_k
+from ..predict import softmax, softmax_top_k, top_k
 
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
@@ -50,12 +50,11 @@ class CoderScorer:
         if self.candidates is not None:
             return self._with_candidates(emb)
         logits = self.logits(emb)
-        probs = softmax(logits.astype(np.float64))
-        ids, _ = top_k(probs, max(self.top_k, 5 if self.reranker else 1))
+        ids, probs = softmax_top_k(logits, max(self.top_k, 5 if self.reranker else 1))
         if self.reranker is not None:
-            ids = _rerank_first(ids, self.reranker(emb, logits))
-        ids = ids[:, : self.top_k]
-        return ids, np.take_along_axis(probs, ids, axis=1)
+            order = _rerank_order(ids, self.reranker(emb, logits))
+            ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
+        return ids[:, : self.top_k], probs[:, : self.top_k]
 
     def _with_candidates(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cand, vals = self.candidates.candidate_logits(emb, normalized=True)
@@ -72,16 +71,15 @@ class CoderScorer:
                 dense = np.full((len(cand[s:s + rows]), n_classes), -np.inf, np.float32)
                 np.put_along_axis(dense, cand[s:s + rows], vals[s:s + rows], axis=1)
                 final[s:s + rows] = self.reranker(emb[s:s + rows], dense)
-            order = np.argsort(ids != final[:, None], axis=1, kind="stable")
+            order = _rerank_order(ids, final)
             ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
         return ids[:, : self.top_k], probs[:, : self.top_k]
 
 
-def _rerank_first(ids: np.ndarray, final: np.ndarray) -> np.ndarray:
-    """The rerank's class first (always one of the stage-1 top 5, hence in ids), then the others in
-    stage-1 order."""
-    order = np.argsort(ids != final[:, None], axis=1, kind="stable")
-    return np.take_along_axis(ids, order, axis=1)
+def _rerank_order(ids: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """Positions that put the rerank's class first (always one of the stage-1 top 5, hence in ids),
+    then the others in stage-1 order."""
+    return np.argsort(ids != final[:, None], axis=1, kind="stable")
 
 
 class XMoreScorer:
