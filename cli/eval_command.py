@@ -118,7 +118,8 @@ def register(cli: click.Group) -> None:
             from coder_index.xmore.corpus import Corpus
             from coder_index.xmore.predict import XMore
 
-            xmore = XMore(index, Corpus(corpus_dir, index.fingerprint), k=retrieve_k, prompts=prompts)
+            corpus = Corpus(corpus_dir, index.fingerprint, device=index.compute_device)
+            xmore = XMore(index, corpus, k=retrieve_k, prompts=prompts)
         labelled = load_labelled(data, index.class_names(), mapping)
         generator = None
 

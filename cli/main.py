@@ -193,6 +193,9 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
 @click.option("--strict", is_flag=True, help="Exit with status 1 when FOLDER holds no image, or some file could not "
                                             "be read (the rows of the others are written all the same).")
 @llm_client_options(none_help="no LLM: --rerank uses the pair texts already in the index, missing pairs count as ties")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="Encoder precision on a GPU (auto: fp16 on CUDA, fp32 on the CPU). CODER, the rerank and the "
+                   "adapter always compute in float32, without TF32.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int | None,
@@ -200,7 +203,7 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
              zs_method: str, retrieve_k: int, candidates: str | None, engine: str, ray_address: str | None,
              ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
-             quiet: bool, **llm: Any) -> None:
+             precision: str, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively) with CODER zero-shot.
 
     Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
@@ -219,6 +222,7 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
           --base-url http://localhost:8000/v1 --llm-model Qwen2.5-7B-Instruct --max-requests 2000
       coder-index classify photos/ --index pets-index --corpus my-corpus --method xmore --out preds.csv
       coder-index classify /data/images --index in21k --out preds.csv --candidates 64
+      coder-index classify /data/images --index in1k --out preds.csv --device cuda --precision bf16 --batch-size 512
       coder-index classify /shared/images --index /shared/in1k --out preds.csv --engine ray --ray-address auto
     """
     from coder_index.index.text_index import TextIndex
@@ -242,7 +246,10 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
         _check_ray_options(spec, llm)
     ResultWriter(out, top_k)   # a wrong extension or an unwritable --out fails before any model loads
     check_writable(out)
-    index = TextIndex.open(index_dir, device=device)
+    index = TextIndex.open(index_dir, device=device, precision=precision)
+    if precision in ("fp16", "bf16") and index.compute_device.type == "cpu":
+        raise click.UsageError(f"--precision {precision} is for GPUs; on the CPU the encoders run in fp32 (the "
+                               "default): leave --precision out, or pass --device cuda on a machine with a GPU")
     n_classes = len(index.class_names())
     if top_k > n_classes:
         click.echo(f"warning: --top-k {top_k} is more than the index's {n_classes} classes; writing {n_classes}",

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .coder import DEFAULT_CHUNK_BYTES, LOGIT_SCALE, CoderClassifier, TextLayout, image_matrix
+from .compute import exact_float32, on_device
 from .linalg import as_tensor
 
 # Vocabulary sizes above which the dense CODER gets slow enough to suggest --candidates.
@@ -66,31 +67,31 @@ class CandidateClassifier:
         self._name_counts = np.diff(np.append(lay.name_starts, lay.n_name)).astype(np.int64)
         self._denom = (lay.extra_counts + 1).astype(np.float32)
         self.class_vectors, extra_sums = self._class_sums()
-        self._extra_sums = torch.from_numpy(extra_sums)
-        self._denom_t = torch.from_numpy(self._denom)
-        self._name_table = torch.from_numpy(_name_table(lay.name_starts, self._name_counts))
-        self._texts = as_tensor(classifier.text_emb)
+        # everything a search touches lives on the classifier's device (the CPU or a GPU)
+        self.device = dev = classifier.device
+        self._class_vectors = torch.from_numpy(self.class_vectors).to(dev)
+        self._extra_sums = torch.from_numpy(extra_sums).to(dev)
+        self._denom_t = torch.from_numpy(self._denom).to(dev)
+        self._name_table = torch.from_numpy(_name_table(lay.name_starts, self._name_counts)).to(dev)
+        self._texts = classifier._w
 
     @property
     def dim(self) -> int:
         return self.base.dim
 
     def _class_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """(v_c, the sum of each class's extra vectors), from one pass over the sorted text matrix
-        in blocks (the matrix is read, never copied whole): two C x D float32 arrays."""
+        """(v_c, the sum of each class's extra vectors): the name means from one pass over the name rows
+        of the sorted text matrix in blocks (read, never copied whole), the extra sums the classifier's
+        own: two C x D float32 arrays."""
         w = self.base.text_emb
-        name_cls, extra_cls, _ = self.layout._segments
+        name_cls, _, _ = self.layout._segments
         n_name = self.layout.n_name
         names = torch.zeros((self.n_classes, w.shape[1]), dtype=torch.float32)
-        extras = torch.zeros_like(names)
         block = max(1, (64 << 20) // (4 * w.shape[1]))
-        for s in range(0, w.shape[0], block):
-            rows = as_tensor(w[s:s + block])
-            k = max(0, min(len(rows), n_name - s))  # rows of this block that are name/synonym texts
-            if k:
-                names.index_add_(0, name_cls[s:s + k], rows[:k])
-            if k < len(rows):
-                extras.index_add_(0, extra_cls[s + k - n_name:s + len(rows) - n_name], rows[k:])
+        for s in range(0, n_name, block):
+            rows = as_tensor(w[s:min(s + block, n_name)])
+            names.index_add_(0, name_cls[s:s + len(rows)], rows)
+        extras = self.base._extra_sums.cpu()
         names /= torch.from_numpy(self._name_counts.astype(np.float32))[:, None]
         names += extras
         names /= torch.from_numpy(self._denom)[:, None]
@@ -99,12 +100,13 @@ class CandidateClassifier:
     def candidates(self, x: np.ndarray) -> np.ndarray:
         """``[N, m]`` class ids, best class vector first: an exact inner-product search, as a chunked
         GEMM + top-k in torch (about 3x faster here than ``faiss.knn`` on the same arrays)."""
-        v = torch.from_numpy(self.class_vectors)
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        xt = on_device(np.ascontiguousarray(x, dtype=np.float32), self.device)
         out = np.empty((len(x), self.m), np.int64)
         step = max(1, self.chunk_bytes // (4 * self.n_classes))
-        for s in range(0, len(x), step):
-            out[s:s + step] = torch.topk(xt[s:s + step] @ v.T, self.m, dim=1).indices.numpy()
+        with exact_float32():
+            for s in range(0, len(x), step):
+                best = torch.topk(xt[s:s + step] @ self._class_vectors.T, self.m, dim=1).indices
+                out[s:s + step] = best.cpu().numpy()
         return out
 
     def candidate_logits(self, image_emb: Any, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -123,15 +125,16 @@ class CandidateClassifier:
         candidate instead of one per text. torch's index_select + bmm, far faster than numpy's
         fancy indexing for these gathers."""
         n, m = cand.shape
-        xt = torch.from_numpy(np.ascontiguousarray(x))[:, :, None]                     # [n, D, 1]
-        c = torch.from_numpy(cand.astype(np.int64))
+        xt = on_device(np.ascontiguousarray(x), self.device)[:, :, None]               # [n, D, 1]
+        c = torch.from_numpy(cand.astype(np.int64)).to(self.device)
         idx = self._name_table[c].reshape(-1)                                         # [n * m * L]
-        names = self._texts.index_select(0, idx).view(n, -1, self.dim)
-        total = torch.bmm(names, xt).view(n, m, -1).amax(dim=2)
-        extras = self._extra_sums.index_select(0, c.reshape(-1)).view(n, m, self.dim)
-        total += torch.bmm(extras, xt).view(n, m)
+        with exact_float32():
+            names = self._texts.index_select(0, idx).view(n, -1, self.dim)
+            total = torch.bmm(names, xt).view(n, m, -1).amax(dim=2)
+            extras = self._extra_sums.index_select(0, c.reshape(-1)).view(n, m, self.dim)
+            total += torch.bmm(extras, xt).view(n, m)
         total.mul_(LOGIT_SCALE / self._denom_t[c])
-        return total.numpy()
+        return total.cpu().numpy()
 
     def logits(self, image_emb: Any, *, normalized: bool = False) -> np.ndarray:
         cand, vals = self.candidate_logits(image_emb, normalized=normalized)

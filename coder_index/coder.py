@@ -1,7 +1,8 @@
 """CODER features and the stage-1 heuristic classifier (METHODS.md §1 and §3).
 
-Both are array code: one GEMM for the similarities and segment reductions (``np.*.reduceat``) for
-the per-class max / mean, so nothing loops in Python over images, texts or classes.
+Both are array code: one GEMM for the similarities and torch segment reductions for the per-class
+max / mean, so nothing loops in Python over images, texts or classes. ``CoderClassifier`` runs on
+the CPU or a GPU (``compute``), the same code on both.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .linalg import matmul_t
+from .compute import exact_float32, on_device, resolve_device
+from .linalg import as_tensor, matmul_t
 from .validation import (
     as_class_ids,
     as_float_matrix,
@@ -28,8 +30,11 @@ LOGIT_SCALE = 100.0  # CLIP's logit scale: the softmax gap of the rerank gate de
 _NAME_KINDS = ("name", "synonym")
 # Bytes of float32 similarities one chunk may hold; keeps memory flat for any N x K.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
-BLOCK_BYTES = 32 << 20       # similarities CoderClassifier holds at a time
-PASS_LOGIT_BYTES = 64 << 20  # [C, n] logits of one CoderClassifier pass over the texts
+BLOCK_BYTES = 32 << 20       # similarities CoderClassifier holds at a time (CPU)
+PASS_LOGIT_BYTES = 64 << 20  # [C, n] logits of one CoderClassifier pass over the texts (CPU)
+# On a GPU: blocks large enough that the GEMM runs near the device's float32 rate
+GPU_BLOCK_BYTES = 2 << 30
+GPU_PASS_LOGIT_BYTES = 1 << 30
 
 
 def coder_features(image_emb: Any, text_emb: Any) -> np.ndarray:
@@ -119,6 +124,15 @@ class TextLayout:
         denom = torch.from_numpy((self.extra_counts + 1).astype(np.float32))[:, None]
         return name_cls, extra_cls, denom
 
+    def segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_segments`` on ``device`` (copied there once)."""
+        if device.type == "cpu":
+            return self._segments
+        cache = self.__dict__.setdefault("_device_segments", {})
+        if device not in cache:
+            cache[device] = tuple(t.to(device) for t in self._segments)
+        return cache[device]
+
     def logits_from_sorted_transposed(self, sims_t: np.ndarray) -> np.ndarray:
         """Stage-1 logits ``[N, C]`` from similarities laid out as ``[K_sorted, N]``.
 
@@ -138,27 +152,37 @@ class TextLayout:
         total.mul_(LOGIT_SCALE / denom)
         return total.T.contiguous().numpy()
 
-    def logits_by_text_blocks(self, text_emb: np.ndarray, x: np.ndarray, text_rows: int) -> np.ndarray:
-        """``logits_from_sorted_transposed(matmul_t(text_emb, x))`` for a sorted ``text_emb``, holding
-        ``[text_rows, n]`` similarities at a time. Blocks run in column order, so every name max is
-        taken before any attribute is added and each class's sum adds its texts in the same order: the
-        result is the unblocked one up to the last bit of the GEMM, whose rounding depends on its shape."""
-        name_cls, extra_cls, denom = self._segments
-        k, n_name = text_emb.shape[0], self.n_name
-        total = torch.full((self.n_classes, len(x)), -torch.inf)
+    def extra_sums(self, text_emb: Any, device: torch.device) -> torch.Tensor:
+        """``[C, D]`` sum of each class's attribute/analogous vectors of a sorted ``text_emb`` (zeros
+        for a class with none), accumulated in float64 a block of rows at a time, as float32 on
+        ``device``. The mean of cosines over a class's extra texts is ``x . (their sum) / count``."""
+        _, extra_cls, _ = self._segments
+        sums = torch.zeros((self.n_classes, text_emb.shape[1]), dtype=torch.float64)
+        step = 16384
+        for a in range(self.n_name, text_emb.shape[0], step):
+            rows = as_tensor(np.asarray(text_emb[a:a + step])).to(torch.float64)
+            sums.index_add_(0, extra_cls[a - self.n_name:a - self.n_name + len(rows)], rows)
+        return sums.to(torch.float32).to(device)
+
+    def logits_by_text_blocks(self, text_emb: torch.Tensor, x: torch.Tensor, text_rows: int,
+                              extra_sums: torch.Tensor) -> torch.Tensor:
+        """Stage-1 logits ``[n, C]`` (a tensor on the inputs' device) of images ``x`` against a sorted
+        ``text_emb``: the max over each class's name/synonym similarities, computed ``[text_rows, n]``
+        at a time, plus the sum over its other texts as one product with ``extra_sums`` (the sum of
+        cosines is the cosine with the summed vectors: no per-text similarity is needed for them).
+        Equal to ``logits_from_sorted_transposed`` of the full product up to float32 rounding. Callers
+        run it inside ``compute.exact_float32()``."""
+        name_cls, _, denom = self.segments(x.device)
+        total = torch.full((self.n_classes, len(x)), -torch.inf, device=x.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # index_reduce_ is marked beta
-            for a in range(0, k, text_rows):
-                b = min(k, a + text_rows)
-                s = torch.from_numpy(matmul_t(text_emb[a:b], x))
-                if a < n_name:
-                    e = min(b, n_name)
-                    total.index_reduce_(0, name_cls[a:e], s[: e - a], "amax", include_self=True)
-                if b > n_name:
-                    f = max(a, n_name)
-                    total.index_add_(0, extra_cls[f - n_name:b - n_name], s[f - a:])
+            for a in range(0, self.n_name, text_rows):
+                b = min(self.n_name, a + text_rows)
+                total.index_reduce_(0, name_cls[a:b], text_emb[a:b] @ x.T, "amax", include_self=True)
+        if self.extra_classes.size:
+            total += extra_sums @ x.T
         total.mul_(LOGIT_SCALE / denom)
-        return total.T.contiguous().numpy()
+        return total.T
 
 
 def heuristic_logits(coder: Any, text_class: Any, text_kind: Any, n_classes: int) -> np.ndarray:
@@ -200,7 +224,8 @@ class CoderClassifier:
     """
 
     def __init__(self, text_emb: Any, text_class: Any, text_kind: Any, n_classes: int,
-                 chunk_bytes: int = BLOCK_BYTES, image_rows: int | None = None) -> None:
+                 chunk_bytes: int | None = None, image_rows: int | None = None,
+                 device: str | torch.device | None = None) -> None:
         # An index's matrix is stored normalised and class-ordered (memory-mapped): it is used as it
         # is, so opening an index and classifying holds the matrix once.
         rows = len(text_emb)
@@ -211,21 +236,37 @@ class CoderClassifier:
         self.layout = TextLayout.build(text_class, text_kind, n_classes)
         w = l2_normalize(as_float_matrix(text_emb, "text_emb"), "text_emb", copy_if_normalized=False)
         self.text_emb = w if self.layout.is_sorted else np.ascontiguousarray(w[self.layout.order])
+        self.device = resolve_device(device) if device is not None else torch.device("cpu")
+        gpu = self.device.type != "cpu"
         # Images per pass over the matrix: every pass reads all of it, so as many as the [C, n] logits
-        # of a pass allow (at most 4096, which keeps the blocks cache-friendly).
-        self.chunk_rows = int(image_rows or min(4096, max(1, PASS_LOGIT_BYTES // (4 * self.layout.n_classes))))
+        # of a pass allow (at most 4096 on the CPU, which keeps the blocks cache-friendly).
+        pass_bytes = GPU_PASS_LOGIT_BYTES if gpu else PASS_LOGIT_BYTES
+        self.chunk_rows = int(image_rows or min(65536 if gpu else 4096,
+                                                max(1, pass_bytes // (4 * self.layout.n_classes))))
         # Texts per block: a pass holds [text_rows, n] similarities at a time, never [K, n] (256 MB at
         # 1M texts and 64 images), so memory beyond the one copy of the matrix does not grow with K.
-        self.text_rows = int(min(w.shape[0], max(1, chunk_bytes // (4 * self.chunk_rows))))
+        budget = chunk_bytes or (GPU_BLOCK_BYTES if gpu else BLOCK_BYTES)
+        self.text_rows = int(min(w.shape[0], max(1, budget // (4 * self.chunk_rows))))
+        # On the CPU the tensor is the matrix itself (no copy); on a GPU, its one copy in GPU memory.
+        self._w = on_device(self.text_emb, self.device)
+        self._extra_sums = self.layout.extra_sums(self.text_emb, self.device)
 
     @property
     def dim(self) -> int:
         return int(self.text_emb.shape[1])
 
     def logits(self, image_emb: Any, *, normalized: bool = False) -> np.ndarray:
-        x = image_matrix(image_emb, self.dim, normalized)
-        out = np.empty((x.shape[0], self.layout.n_classes), dtype=np.float32)
-        for start in range(0, x.shape[0], self.chunk_rows):
-            chunk = x[start:start + self.chunk_rows]
-            out[start:start + len(chunk)] = self.layout.logits_by_text_blocks(self.text_emb, chunk, self.text_rows)
+        """Stage-1 logits ``[N, C]`` float32 on the host."""
+        return self.logits_on_device(image_emb, normalized=normalized).cpu().numpy()
+
+    def logits_on_device(self, image_emb: Any, *, normalized: bool = False) -> torch.Tensor:
+        """Stage-1 logits ``[N, C]`` as a float32 tensor on this classifier's device (the scorers take
+        their top k there, so only k columns per image come back to the host)."""
+        x = on_device(image_matrix(image_emb, self.dim, normalized), self.device)
+        out = torch.empty((x.shape[0], self.layout.n_classes), device=self.device)
+        with exact_float32():
+            for start in range(0, x.shape[0], self.chunk_rows):
+                chunk = x[start:start + self.chunk_rows]
+                out[start:start + len(chunk)] = self.layout.logits_by_text_blocks(self._w, chunk, self.text_rows,
+                                                                                  self._extra_sums)
         return out

@@ -151,12 +151,13 @@ class ClipEncoder:
     """Any open_clip model: ``ClipEncoder('ViT-B-32', 'openai')``, a checkpoint file as
     ``pretrained``, ``'local-dir:PATH'`` or ``'hf-hub:ORG/NAME'``.
 
-    Device is picked automatically (cuda, mps, cpu); on CUDA the towers run in fp16. Embeddings
-    are returned as L2-normalised float32 numpy arrays.
+    Device is picked automatically (cuda, mps, cpu). ``precision`` is fp32, fp16 or bf16; by default
+    the towers run in fp16 on CUDA and in fp32 elsewhere. Embeddings are returned as L2-normalised
+    float32 numpy arrays, and everything after the encoders (CODER, rerank, adapter) is float32.
     """
 
     def __init__(self, model: str, pretrained: str | None = None, device: str | None = None,
-                 *, cache_dir: str | None = None) -> None:
+                 *, cache_dir: str | None = None, precision: str | None = None) -> None:
         import open_clip
 
         self.model_name = model
@@ -184,8 +185,9 @@ class ClipEncoder:
         net.train(False)  # inference mode for dropout/batch-norm layers
         embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
         self.fingerprint = ModelFingerprint(model, self.pretrained, weights_checksum(net), embed_dim)
-        self.half = self.device.type == "cuda"
-        self.model = net.to(self.device).half() if self.half else net.to(self.device)
+        self.precision = _pick_precision(self.device, precision)
+        self.dtype = PRECISIONS[self.precision]
+        self.model = net.to(self.device, dtype=self.dtype)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(model)
         self._fast_text = _supports_truncated_text(self.model)
@@ -221,7 +223,7 @@ class ClipEncoder:
         e.g. to average augmented views before normalising, as the released few-shot code does)."""
         batch = batch.to(self.device, non_blocking=True)
         rows = CPU_IMAGE_ROWS if self.device.type == "cpu" else max(1, len(batch))
-        feats = torch.cat([self.model.encode_image(part.half() if self.half else part).float()
+        feats = torch.cat([self.model.encode_image(part.to(self.dtype)).float()
                            for part in batch.split(rows)]) if len(batch) else \
             torch.zeros((0, self.embed_dim))
         return (F.normalize(feats, dim=-1) if normalize else feats).cpu().numpy()
@@ -246,7 +248,8 @@ class ClipEncoder:
         if not self._text_released:
             return
         log.info("loading %s again: its text tower was released and texts are to be encoded", self.model_name)
-        again = ClipEncoder(self.model_name, self.pretrained, str(self.device), cache_dir=self._cache_dir)
+        again = ClipEncoder(self.model_name, self.pretrained, str(self.device), cache_dir=self._cache_dir,
+                            precision=self.precision)
         if again.fingerprint != self.fingerprint:
             raise ModelLoadError(f"the weights of {self.fingerprint.describe()} changed on disk while in use "
                                  f"(now {again.fingerprint.describe()}); rerun with the files as they were")
@@ -297,6 +300,20 @@ class ClipEncoder:
                 if progress is not None:
                     progress(len(idx))
         return out.numpy()
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _pick_precision(device: torch.device, precision: str | None) -> str:
+    if precision is None or precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision != "fp32" and device.type == "cpu":
+        raise ValueError(f"{precision} encoders are for GPUs; on the CPU they are slower and change embeddings "
+                         "for nothing: use fp32 (the default there)")
+    return precision
 
 
 def _return_freed_memory() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .coder import CoderClassifier
+from .compute import block_budget
 from .linalg import matmul_t
 from .pipeline.decode import load_image
 
@@ -27,40 +28,56 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def softmax_top_k(logits: np.ndarray, k: int, block_bytes: int = 16 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """``top_k(softmax(logits in float64), k)`` without the ``[N, C]`` float64 probabilities: classes
-    are chosen on the logits (softmax keeps their order and their ties) and each row's normaliser is
-    taken a block of rows at a time, by the same operations, so the probabilities are the same bits."""
-    ids, _ = top_k(logits, k)
-    probs = np.empty(ids.shape, np.float64)
-    rows = max(1, block_bytes // (8 * max(1, logits.shape[1])))
-    for s in range(0, len(logits), rows):
-        z = logits[s:s + rows].astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        probs[s:s + rows] = np.take_along_axis(z, ids[s:s + rows], axis=1) / z.sum(axis=1, keepdims=True)
-    return ids, probs
+def softmax_top_k(logits: np.ndarray | torch.Tensor, k: int,
+                  block_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k(softmax(logits in float64), k)`` without the ``[N, C]`` float64 probabilities, on the
+    logits' device (an array: the CPU): classes are chosen on the logits (softmax keeps their order
+    and their ties), each row's normaliser is taken a block of rows at a time, and only the k chosen
+    columns per row come back to the host."""
+    t = _as_scores(logits)
+    ids, _ = top_k(t, k)
+    ids_t = torch.from_numpy(ids).to(t.device)
+    probs = torch.empty(ids.shape, dtype=torch.float64, device=t.device)
+    budget = block_bytes or block_budget(t.device, 16 << 20, 1 << 30)
+    rows = max(1, budget // (8 * max(1, t.shape[1])))
+    for s in range(0, len(t), rows):
+        z = t[s:s + rows].to(torch.float64)
+        z -= z.amax(dim=1, keepdim=True)
+        z.exp_()
+        probs[s:s + rows] = z.gather(1, ids_t[s:s + rows]) / z.sum(dim=1, keepdim=True)
+    return ids, probs.cpu().numpy()
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _as_scores(scores: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(scores, torch.Tensor):
+        return scores.detach()
+    return torch.from_numpy(np.ascontiguousarray(scores))
+
+
+def top_k(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the k largest scores per row, best first; ties: lower index first.
+    ``scores`` may be a tensor on a GPU: the selection runs there and only k + 1 columns per row
+    (and the rare tied row) come back; both results are host arrays.
 
     torch.topk does the selection (multi-threaded, far faster than argpartition on large arrays);
     candidates are then ordered by (value desc, index asc). Rows where a tie straddles the k-th
     place are redone exactly, so the result never depends on torch's tie order.
     """
-    n, c = scores.shape
+    t = _as_scores(scores)
+    n, c = t.shape
     k = min(k, c)
     extra = min(k + 1, c)
-    vals, idx = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), extra, dim=1, sorted=True)
-    vals, idx = vals.numpy(), idx.numpy()
+    vals, idx = torch.topk(t, extra, dim=1, sorted=True)
+    vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
+    boundary = np.flatnonzero(vals[:, k - 1] == vals[:, k]) if extra > k else []  # a tie at the cut
     order = np.lexsort((idx, -vals), axis=1)
     idx = np.take_along_axis(idx, order, axis=1)[:, :k]
-    if extra > k:
-        boundary = np.flatnonzero(vals[:, k - 1] == vals[:, k])  # a tie at the cut: choose exactly
-        for r in boundary:  # rare (exact float ties); per-row exact fallback
-            idx[r] = np.lexsort((np.arange(c), -scores[r]))[:k]
-    return idx, np.take_along_axis(scores, idx, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)[:, :k]
+    for r in boundary:  # rare (exact float ties); per-row exact fallback
+        row = t[r].cpu().numpy()
+        idx[r] = np.lexsort((np.arange(c), -row))[:k]
+        vals[r] = row[idx[r]]
+    return idx, vals
 
 
 @dataclass(frozen=True)
@@ -92,7 +109,8 @@ def zero_shot_classifier(index: TextIndex, kinds: Sequence[str] = GENERAL_KINDS)
     if len(table) == 0:
         raise ValueError(f"the index at {index.path} holds no texts of kinds {list(kinds)}; "
                          "build it with `coder-index build`")
-    return CoderClassifier(table.embeddings, table.class_ids, table.kinds, len(index.class_names()))
+    return CoderClassifier(table.embeddings, table.class_ids, table.kinds, len(index.class_names()),
+                           device=index.compute_device)
 
 
 def embed_images(index: TextIndex, images: Any, batch_size: int = 64) -> np.ndarray:

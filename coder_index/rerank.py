@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .predict import softmax, top_k
+from .compute import block_budget, exact_float32, on_device
+from .predict import top_k
 from .validation import as_float_matrix, l2_normalize, to_numpy
 
 
@@ -93,9 +94,13 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     ``pair_texts[(a, b)]`` are ``[K_ab, D]`` embeddings of texts describing class a as different from
     class b. With ``gap_threshold`` only images whose softmax top-1 minus top-2 probability is below
     it are reranked (the released code's gate); by default every image is.
+
+    Runs where ``logits`` are (a tensor on a GPU: there, with the pair vectors copied to it; an array:
+    the CPU); the ``[N, C]`` logits never leave that device, only top lists and scores per pair do.
     """
+    o = _logits_tensor(logits)
+    dev = o.device
     x = l2_normalize(as_float_matrix(image_emb, "image_emb"), "image_emb")
-    o = as_float_matrix(logits, "logits")
     if o.shape[0] != x.shape[0]:
         raise ValueError(f"logits has {o.shape[0]} rows but image_emb has {x.shape[0]}")
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
@@ -108,19 +113,21 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     final = idx[:, 0].copy()
     todo = np.arange(n)
     if gap_threshold is not None and c > 1:
-        p = softmax(o.astype(np.float64))
-        best2 = np.sort(p, axis=1)[:, -2:]
-        todo = np.flatnonzero(best2[:, 1] - best2[:, 0] < gap_threshold)
+        todo = np.flatnonzero(top2_gap(o) < gap_threshold)
     t = idx.shape[1]
     if t < 2 or len(table.keys) == 0 or todo.size == 0:
         return final
+    x_dev, diff = on_device(x, dev), on_device(table.diff, dev)
     ii, jj = np.triu_indices(t, k=1)  # the t(t-1)/2 unordered pairs of top positions, i < j
     for start in range(0, todo.size, chunk):
         rows = todo[start:start + chunk]
         cand = idx[rows]                                  # [n, t]
         pos, sign, valid = table.lookup(cand[:, ii], cand[:, jj])
         # s = score(c_i vs c_j); score(c_j vs c_i) = -s exactly
-        s = np.einsum("nd,npd->np", x[rows], table.diff[pos]) * sign
+        with exact_float32():
+            dots = torch.einsum("nd,npd->np", x_dev[torch.from_numpy(rows).to(dev)],
+                                diff[torch.from_numpy(pos).to(dev)])
+        s = dots.cpu().numpy() * sign
         s[~valid] = 0.0
         pair_scores = np.zeros((len(rows), t, t), np.float64)
         pair_scores[:, ii, jj] = s
@@ -128,3 +135,29 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
         totals = pair_scores.sum(axis=2)
         final[rows] = cand[np.arange(len(rows)), totals.argmax(axis=1)]  # first max = stage-1 order
     return final
+
+
+def top2_gap(logits: torch.Tensor, block_bytes: int | None = None) -> np.ndarray:
+    """Softmax (float64) top-1 minus top-2 probability per row, a block of rows at a time."""
+    rows = max(1, (block_bytes or block_budget(logits.device, 16 << 20, 1 << 30)) // (8 * logits.shape[1]))
+    out = []
+    for s in range(0, len(logits), rows):
+        z = logits[s:s + rows].to(torch.float64)
+        z -= z.amax(dim=1, keepdim=True)
+        z.exp_()
+        z /= z.sum(dim=1, keepdim=True)
+        best2 = torch.topk(z, 2, dim=1).values
+        out.append((best2[:, 0] - best2[:, 1]).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _logits_tensor(logits: Any) -> torch.Tensor:
+    """Checked float32 logits as a tensor where they are (a GPU tensor stays there)."""
+    if isinstance(logits, torch.Tensor) and logits.device.type != "cpu":
+        if logits.ndim != 2 or 0 in logits.shape:
+            raise ValueError(f"logits must be a non-empty 2-D array, got shape {tuple(logits.shape)}")
+        o = logits.detach().float()
+        if not bool(torch.isfinite(o).all()):
+            raise ValueError("logits holds NaN or infinite values")
+        return o
+    return torch.from_numpy(as_float_matrix(logits, "logits"))

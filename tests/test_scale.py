@@ -226,8 +226,9 @@ def test_text_encoding_in_groups_keeps_input_order(encoder, monkeypatch):
 
 @pytest.mark.parametrize("block_bytes", [8, 8 * 40, 8 * 40 * 3, 16 << 20])
 def test_softmax_top_k_is_the_full_softmax_then_top_k(block_bytes):
-    """The scorer's probabilities without an [N, C] float64 array: the same classes, the same bits, for
-    blocks of one row, one row exactly, a few rows and all rows; ties (equal logits) keep the lower id."""
+    """The scorer's probabilities without an [N, C] float64 array: the same classes and the same
+    probabilities (float64 rounding), for blocks of one row, one row exactly, a few rows and all rows;
+    ties (equal logits) keep the lower id."""
     from coder_index.predict import softmax, softmax_top_k, top_k
 
     rng = np.random.default_rng(3)
@@ -240,7 +241,7 @@ def test_softmax_top_k_is_the_full_softmax_then_top_k(block_bytes):
         want_probs = softmax(logits.astype(np.float64))
         want_ids, want_vals = top_k(want_probs, k)
         np.testing.assert_array_equal(ids, want_ids)
-        np.testing.assert_array_equal(probs, want_vals)
+        np.testing.assert_allclose(probs, want_vals, rtol=1e-12, atol=1e-300)
         assert probs.dtype == np.float64
 
 

@@ -51,7 +51,7 @@ def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *
         with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
                 parallel_encoding(encoder, threads=threads, workers=workers) as plan:
             for batch in iterate_batches(Path("/"), list(where), encoder.preprocess, batch_size=batch_size,
-                                         workers=plan.workers):
+                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
                 if batch.pixels is not None:
                     vecs = encoder.encode_image_batch(batch.pixels)
                     for p, v in zip(batch.paths, vecs, strict=True):

@@ -24,15 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
+import torch
 from sqlalchemy import Column, Integer, MetaData, Table, Text, insert, select
 
+from ..compute import block_budget, exact_float32, on_device
 from ..errors import IndexFormatError, ModelMismatchError
 from ..index.atomic import staged_directory
 from ..index.damage import read_manifest, reading
 from ..index.schema import make_engine
 from ..linalg import matmul_t
 from ..validation import l2_normalize
-from .adapter import CoderAdapter, TipAdapter, neighbour_cache_logits
+from .adapter import CoderAdapter, TipAdapter
 
 if TYPE_CHECKING:
     from ..index.text_index import TextIndex
@@ -150,21 +152,53 @@ class FewShotModel:
         """Few-shot logits [N, C] for L2-normalised image embeddings."""
         zs = self.zero_shot(x)
         if method == "coder-adapter":
-            h = self.manifest["adapters"]["coder-adapter"]
-            s = l2_normalize(self.coder(x), "test CODER")
-            k = self.support.ntotal if self.top_k is None else min(self.top_k, self.support.ntotal)
-            q = np.ascontiguousarray(s, dtype=np.float32)
-            sims, ids = self.support.search(q, k)
-            row_min = None
-            if k < self.support.ntotal:  # the farthest key gives the exact row minimum for the min-max
-                row_min = -self.support.search(-q, 1)[0][:, 0]
-            return zs + h["alpha"] * neighbour_cache_logits(sims, ids, self.labels, self.n_classes, h["beta"], h["T"],
-                                                            row_min=row_min)
+            return self._coder_adapter_logits(x)
         if method == "tip-adapter":
             h = self.manifest["adapters"]["tip-adapter"]
             tip = TipAdapter(h["alpha"], h["beta"], h["T"]).fit(self.support_images, self.labels, self.n_classes)
             return tip.logits(x, zs)
         raise ValueError(f"unknown few-shot method {method!r}: coder-adapter or tip-adapter")
+
+    def _coder_adapter_logits(self, x: np.ndarray) -> np.ndarray:
+        """CODER-Adapter on the index's device (the CPU or a GPU, one code path): test CODER, its
+        affinity to every support key (the keys are a flat, exact index: one GEMM, as a flat FAISS
+        search computes), the k nearest, the min-max over the row, the cache. Rows go in blocks so the
+        [n, support] affinity stays bounded; the [N, C] logits come back to the host."""
+        from ..coder import LOGIT_SCALE
+
+        h = self.manifest["adapters"]["coder-adapter"]
+        dev = self.index.compute_device
+        keys, text_t, zs_t, labels = self._on_device(dev)
+        n_keys = keys.shape[0]
+        k = n_keys if self.top_k is None else min(self.top_k, n_keys)
+        rows = max(1, block_budget(dev, 64 << 20, 1 << 30) // (4 * max(n_keys, text_t.shape[0])))
+        xt = on_device(np.ascontiguousarray(x, dtype=np.float32), dev)
+        out = np.empty((len(x), self.n_classes), np.float32)
+        with exact_float32():
+            for s in range(0, len(x), rows):
+                xb = xt[s:s + rows]
+                coder = xb @ text_t.T
+                norms = coder.norm(dim=1, keepdim=True)
+                if bool((norms == 0).any()):
+                    raise ValueError("a test CODER row is all zeros; embeddings must be non-zero vectors")
+                aff = (coder / norms) @ keys.T
+                sims, ids = torch.topk(aff, k, dim=1)
+                lo = aff.amin(dim=1, keepdim=True)  # the farthest key: the min-max is exact for any k
+                span = sims[:, :1] - lo
+                a = torch.where(span > 0, (sims - lo) / span, torch.ones_like(sims))
+                cache = torch.zeros((len(xb), self.n_classes), device=dev).scatter_add_(
+                    1, labels[ids], torch.exp(-h["beta"] * (1.0 - a / h["T"])))
+                out[s:s + len(xb)] = (LOGIT_SCALE * (xb @ zs_t.T) + h["alpha"] * cache).cpu().numpy()
+        return out
+
+    def _on_device(self, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """Support keys, text embeddings, zero-shot weights and labels on ``dev``, copied there once."""
+        cache = self.__dict__.setdefault("_device_arrays", {})
+        if dev not in cache:
+            keys = faiss.vector_to_array(faiss.downcast_index(self.support.index).codes).view(np.float32)
+            cache[dev] = (on_device(keys.reshape(self.support.ntotal, -1), dev), on_device(self.text_emb, dev),
+                          on_device(self.zs_weights, dev), torch.from_numpy(self.labels).to(dev))
+        return cache[dev]
 
     def coder_adapter(self) -> CoderAdapter:
         """The numeric-core adapter with this model's keys and hyper-parameters."""

@@ -12,6 +12,15 @@ class IndexQueries:
     """Mixed into ``TextIndex``: uses its encoder, text tables and FAISS search."""
 
     # ----------------------------------------------------------------- prediction
+    @property
+    def compute_device(self):  # -> torch.device
+        """Where the per-image numeric work runs: the encoder's device (or the one it will load on)."""
+        if self._encoder is not None:
+            return self._encoder.device
+        from ..compute import resolve_device
+
+        return resolve_device(self._device)
+
     def classifier(self):  # -> CoderClassifier (import kept local: predict imports this module)
         """The CODER stage-1 classifier over the general texts, built once per open index."""
         if "classifier" not in self._cache:

@@ -146,13 +146,14 @@ class TextIndex(IndexQueries):
     """Open with ``TextIndex.open(path)``, create with ``TextIndex.create(path, encoder)``."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], encoder: ClipEncoder | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, precision: str | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.engine = schema.make_engine(path / META_DB, read_only=True)   # reads never create or modify
         self._write_engine: Any = None
         self._encoder = encoder
         self._device = device
+        self._precision = precision
         # vector file -> (generation, ids, vectors): memory-mapped, the only copy of each matrix
         self._matrices: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
@@ -228,12 +229,13 @@ class TextIndex(IndexQueries):
 
     @classmethod
     def open(cls, path: str | Path, *, encoder: ClipEncoder | None = None, device: str | None = None,
-             full_check: bool = False) -> TextIndex:
+             full_check: bool = False, precision: str | None = None) -> TextIndex:
         """Open an existing index, checking its files (``full_check``: the full sha256 of every
         vector file too). If ``encoder`` is given it must be the index's model; otherwise the index's
-        own model is loaded on first use. Nothing is created or modified."""
+        own model is loaded on first use (``precision``: see ``ClipEncoder``). Nothing is created or
+        modified."""
         path = Path(path)
-        index = cls(path, read_manifest(path), None, device)
+        index = cls(path, read_manifest(path), None, device, precision)
         index._check(full=full_check)
         if encoder is not None:
             index.check_model(encoder.fingerprint)
@@ -360,7 +362,7 @@ class TextIndex(IndexQueries):
             from ..encoder import ClipEncoder
 
             fp = self.fingerprint
-            enc = ClipEncoder(fp.model, fp.pretrained, device=self._device)
+            enc = ClipEncoder(fp.model, fp.pretrained, device=self._device, precision=self._precision)
             self.check_model(enc.fingerprint)
             self._encoder = enc
         return self._encoder
@@ -699,13 +701,16 @@ class TextIndex(IndexQueries):
 
     def search_texts(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product search over the general texts: (cosines [N, k], text ids [N, k]); -1 ids pad
-        short results. FAISS's brute-force kNN reads the memory-mapped matrix itself."""
+        short results. FAISS's brute-force kNN reads the memory-mapped matrix itself (on a GPU where the
+        index's device is one and FAISS can: ``faiss_gpu``)."""
         ids, vectors = self.matrix()
         q = np.ascontiguousarray(embeddings, dtype=np.float32)
         k = min(k, max(len(ids), 1))
         if len(ids) == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        sims, pos = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        from ..faiss_gpu import knn
+
+        sims, pos = knn(q, vectors, k, self.compute_device)
         return sims, np.where(pos >= 0, np.asarray(ids)[np.clip(pos, 0, None)], -1)
 
 

@@ -141,7 +141,8 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
                    write_errors: Callable) -> Iterator[tuple[list[str], np.ndarray]]:
     encoder = index.encoder
-    for batch in iterate_batches(root, todo, encoder.preprocess, batch_size=batch_size, workers=plan.workers):
+    for batch in iterate_batches(root, todo, encoder.preprocess, batch_size=batch_size, workers=plan.workers,
+                                 pin_memory=encoder.device.type == "cuda"):
         if batch.errors:
             write_errors(batch.errors)
         if batch.pixels is not None:

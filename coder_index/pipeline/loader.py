@@ -22,6 +22,12 @@ class LoadedBatch:
     pixels: torch.Tensor | None      # [n, 3, H, W]
     errors: list[tuple[str, str]]    # (relative path, reason)
 
+    def pin_memory(self) -> LoadedBatch:
+        """Called by the DataLoader with ``pin_memory``: page-locked pixels copy to a GPU asynchronously."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 class _ImageFiles(Dataset):
     def __init__(self, root: Path, rel_paths: list[str], preprocess: Callable) -> None:
@@ -53,10 +59,12 @@ def _worker_init(_: int) -> None:
 
 
 def iterate_batches(root: Path, rel_paths: list[str], preprocess: Callable, *, batch_size: int,
-                    workers: int) -> Iterator[LoadedBatch]:
+                    workers: int, pin_memory: bool = False) -> Iterator[LoadedBatch]:
+    """Batches in order; ``pin_memory`` (for a CUDA encoder) page-locks them so that the copy to the
+    GPU overlaps the previous batch's compute. Each worker keeps 4 batches ready."""
     loader = DataLoader(
         _ImageFiles(root, rel_paths, preprocess), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
+        prefetch_factor=4 if workers else None, persistent_workers=False, pin_memory=pin_memory,
     )
     yield from loader

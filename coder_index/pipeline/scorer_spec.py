@@ -61,8 +61,8 @@ def build_scorer(index: TextIndex, spec: ScorerSpec, *, generator: Any = None, l
         from ..xmore.corpus import Corpus
         from ..xmore.predict import XMore
 
-        return XMoreScorer(XMore(index, Corpus(spec.corpus, index.fingerprint), k=spec.retrieve_k), spec.method,
-                           spec.top_k)
+        corpus = Corpus(spec.corpus, index.fingerprint, device=index.compute_device)
+        return XMoreScorer(XMore(index, corpus, k=spec.retrieve_k), spec.method, spec.top_k)
     if spec.adapter:
         from ..fewshot.model import FewShotModel
 

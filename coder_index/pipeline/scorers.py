@@ -38,7 +38,8 @@ class CoderScorer:
         self.top_k = top_k
         self.reranker = reranker
         self.candidates = candidates
-        self.logits = logits or (lambda x: index.classifier().logits(x, normalized=True))
+        # CODER logits stay on the index's device (a GPU's too): only the top k come back
+        self.logits = logits or (lambda x: index.classifier().logits_on_device(x, normalized=True))
         self.method = method or ("coder*" if reranker is not None else "coder")
         self.settings = settings or {}
         self.chunk = rerank_chunk if reranker is not None else 1

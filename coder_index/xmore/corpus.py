@@ -265,8 +265,12 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
 
 # ---------------------------------------------------------------------------------- querying
 class Corpus:
-    def __init__(self, path: str | Path, fingerprint: ModelFingerprint | None = None) -> None:
+    def __init__(self, path: str | Path, fingerprint: ModelFingerprint | None = None, *,
+                 device: Any = None) -> None:
+        """``device``: a CUDA ``torch.device`` searches on that GPU where FAISS can (``faiss_gpu``)."""
         self.path = Path(path)
+        self.device = device
+        self._searcher: Any = None
         fix = "build the corpus again with `coder-index corpus build` into a new directory"
         if (self.path / "texts.faiss").exists() and not (self.path / "corpus.faiss").exists():
             raise IndexFormatError(f"{self.path} is a text index, not an image-text corpus: pass it as --index")
@@ -306,10 +310,15 @@ class Corpus:
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = nprobe
+            self._searcher = None  # a GPU copy is made again with the new setting
 
     def search(self, image_emb: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """(cosines [N, k], row ids [N, k]) of the nearest corpus images."""
-        return self.index.search(_normalize(image_emb), min(k, self.index.ntotal))
+        if self._searcher is None:
+            from ..faiss_gpu import index_for_device
+
+            self._searcher = index_for_device(self.index, self.device)
+        return self._searcher.search(_normalize(image_emb), min(k, self.index.ntotal))
 
     def caption_embeddings(self, ids: np.ndarray) -> np.ndarray:
         """[N, k, D] prompted-caption embeddings of the retrieved rows (-1 ids, if any, give zeros)."""

@@ -36,7 +36,7 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
     def chunks() -> Iterator[Chunk]:
         with parallel_encoding(encoder, workers=workers) as plan:
             for batch in iterate_batches(images, [p for p, _ in pairs], encoder.preprocess, batch_size=batch_size,
-                                         workers=plan.workers):
+                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
                 errors.extend(batch.errors)
                 if batch.pixels is not None:
                     yield Chunk(encoder.encode_image_batch(batch.pixels), [caption_of[p] for p in batch.paths],

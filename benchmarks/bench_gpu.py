@@ -1,0 +1,254 @@
+"""Issue-13 figures: the per-image path on a GPU, side by side in one run. Figures are printed and saved
+as JSON, never asserted.
+
+    python benchmarks/bench_gpu.py                 # on a machine with CUDA (the `gpu` extra for FAISS GPU)
+    python benchmarks/bench_gpu.py --smoke         # small sizes, any machine (checks that it runs)
+
+* pipeline: images/s of `classify_folder` (decode in workers, pinned memory, encode, CODER, top-k,
+  rows written) against the image encoder alone on the same pre-made tensors, ViT-B-32 and ViT-L-14
+  with random weights; GPU utilisation sampled with nvidia-smi during the pipeline run.
+* coder: the CODER product + stage-1 reductions (``CoderClassifier.logits_on_device``) at N x K
+  against a plain float32 GEMM of the same shape (TF32 off for both): the fraction of the GEMM rate.
+  On the CPU it also times the former numpy path (an aligned copy and ``np.matmul``) beside torch.
+* faiss: corpus search queries/s, FAISS on the GPU against FAISS on the CPU, over random unit rows.
+* rerank: ``rerank`` of N images x C classes with pair texts for every pair met, on the device and
+  on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: torch.device, repeat: int = 3) -> float:
+    fn()  # warm-up (kernels, caches, allocator)
+    sync(dev)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def unit(a: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(a, dim=-1)
+
+
+class GpuUtilisation:
+    """Samples nvidia-smi's utilisation.gpu every 0.2 s while in the with-block."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> GpuUtilisation:
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                         capture_output=True, text=True, timeout=5).stdout
+                    self.samples.append(int(out.split()[0]))
+                except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                    return
+                self._stop.wait(0.2)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        s = self.samples
+        return {"mean_percent": round(float(np.mean(s)), 1), "samples": len(s)} if s else {"mean_percent": None}
+
+
+def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp: Path) -> dict:
+    from PIL import Image
+
+    from coder_index import ClipEncoder, TextIndex
+    from coder_index.index.records import TextItem
+    from coder_index.pipeline.classify import classify_folder
+    from coder_index.presets import TextRecipe
+
+    folder = tmp / f"images-{n_images}"
+    if not folder.exists():
+        rng = np.random.default_rng(0)
+        for i in range(n_images):
+            d = folder / f"d{i // 1000:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
+    enc = ClipEncoder(model, "random", device=str(dev))
+    index_dir = tmp / f"index-{model}"
+    if not index_dir.exists():
+        index = TextIndex.create(index_dir, enc, recipe=TextRecipe.make())
+        names = [f"class {i}" for i in range(1000)]
+        index.add_classes(names)
+        items = [TextItem(names[i % 1000], "name" if i < 1000 else "attribute", f"text {i}", source="bench")
+                 for i in range(10_000)]
+        emb = np.random.default_rng(1).standard_normal((10_000, enc.embed_dim), dtype=np.float32)
+        index.add_texts(items, embeddings=emb)
+    index = TextIndex.open(index_dir, encoder=enc)
+    pixels = torch.randn(batch, 3, *enc.image_size)
+
+    def encoder_alone() -> None:
+        for _ in range(0, n_images, batch):
+            enc.encode_image_batch(pixels)
+
+    t_encoder = timed(encoder_alone, dev, repeat=2)
+    out = tmp / f"out-{model}-{time.time_ns()}.csv"
+    with GpuUtilisation() as util:
+        t = time.perf_counter()
+        s = classify_folder(index, folder, out, batch_size=batch, progress=False)
+        sync(dev)
+        t_pipeline = time.perf_counter() - t
+    return {"model": model, "images": n_images, "batch": batch, "precision": enc.precision,
+            "encoder_alone_img_per_s": round(n_images / t_encoder, 1),
+            "pipeline_img_per_s": round(s.classified / t_pipeline, 1),
+            "pipeline_over_encoder": round((s.classified / t_pipeline) / (n_images / t_encoder), 3),
+            "gpu_utilisation": util.summary()}
+
+
+def bench_coder(n: int, k: int, n_classes: int, dev: torch.device) -> dict:
+    from coder_index import CoderClassifier
+    from coder_index.compute import exact_float32
+
+    rng = np.random.default_rng(0)
+    texts = rng.standard_normal((k, 512), dtype=np.float32)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    cls = np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, k - n_classes)])
+    kinds = np.array(["name"] * n_classes + ["attribute"] * (k - n_classes), dtype=object)
+    clf = CoderClassifier(texts, cls, kinds, n_classes, device=dev)
+    x = unit(torch.randn(n, 512, device=dev))
+    w = unit(torch.randn(k, 512, device=dev))
+
+    def gemm() -> None:
+        with exact_float32():
+            for s in range(0, n, 8192):
+                x[s:s + 8192] @ w.T
+
+    t_gemm = timed(gemm, dev)
+    t_coder = timed(lambda: clf.logits_on_device(x, normalized=True), dev)
+    flops = 2.0 * n * k * 512
+    r = {"n": n, "k": k, "classes": n_classes, "device": str(dev), "chunk_rows": clf.chunk_rows,
+         "text_rows": clf.text_rows, "gemm_tflops": round(flops / t_gemm / 1e12, 3),
+         "coder_tflops": round(flops / t_coder / 1e12, 3), "coder_over_gemm": round(t_gemm / t_coder, 3)}
+    if dev.type == "cpu":  # the former numpy path beside torch: kept only where faster
+        xn = x.numpy()
+
+        def numpy_gemm() -> None:
+            for s in range(0, n, 4096):
+                np.matmul(xn[s:s + 4096], texts.T)
+
+        r["numpy_gemm_over_torch_gemm"] = round(t_gemm / timed(numpy_gemm, dev), 3)
+    return r
+
+
+def bench_faiss(rows: int, queries: int, k: int) -> dict:
+    import faiss
+
+    from coder_index import faiss_gpu
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((rows, 512), dtype=np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    q = base[rng.integers(0, rows, queries)] + 0.1 * rng.standard_normal((queries, 512), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    out = {"rows": rows, "queries": queries, "k": k}
+    for factory in ("Flat", "IVF1024,SQ8"):
+        index = faiss.index_factory(512, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(base[: min(rows, 100_000)])
+        index.add(base)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = 16
+        cpu = timed(lambda index=index: index.search(q, k), torch.device("cpu"), repeat=2)
+        r = {"cpu_queries_per_s": round(queries / cpu)}
+        why = faiss_gpu.gpu_support()
+        if why is None:
+            gpu_index = faiss_gpu.index_for_device(index, torch.device("cuda", 0))
+            gpu = timed(lambda g=gpu_index: g.search(q, k), torch.device("cpu"), repeat=2)
+            r.update({"gpu_queries_per_s": round(queries / gpu), "gpu_over_cpu": round(cpu / gpu, 2),
+                      "same_top1": float((gpu_index.search(q, 1)[1] == index.search(q, 1)[1]).mean())})
+        else:
+            r["gpu"] = f"not measured: {why}"
+        out[factory] = r
+    return out
+
+
+def bench_rerank(n: int, c: int, dev: torch.device) -> dict:
+    from coder_index.pair_stage import top_pairs
+    from coder_index.rerank import rerank
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 512), dtype=np.float32)
+    logits = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+    pairs = top_pairs(logits, 5)
+    texts = {p: rng.standard_normal((3, 512), dtype=np.float32) for p in pairs}
+    on_dev = torch.from_numpy(logits).to(dev)
+    t_dev = timed(lambda: rerank(x, on_dev, texts), dev, repeat=1)
+    t_cpu = timed(lambda: rerank(x, logits, texts), torch.device("cpu"), repeat=1)
+    same = float((rerank(x, on_dev, texts) == rerank(x, logits, texts)).mean())
+    return {"images": n, "classes": c, "pairs": len(pairs), "device_s": round(t_dev, 2), "cpu_s": round(t_cpu, 2),
+            "same_final_class": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="small sizes: check that everything runs (any machine)")
+    ap.add_argument("--only", nargs="*", choices=["pipeline", "coder", "faiss", "rerank"])
+    ap.add_argument("--tmp", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/gpu.json"))
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = args.tmp or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    small = args.smoke
+    want = set(args.only or ["pipeline", "coder", "faiss", "rerank"])
+    results: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "smoke": small}
+    if dev.type != "cuda":
+        print("no CUDA device: CPU figures only (the GPU ones are not measured)", flush=True)
+    if "coder" in want:
+        results["coder"] = bench_coder(*((2048, 20_000, 2_000) if small else (65_536, 100_000, 10_000)), dev)
+        print(json.dumps(results["coder"]), flush=True)
+    if "rerank" in want:
+        results["rerank"] = bench_rerank(*((2_000, 200) if small else (100_000, 1_000)), dev)
+        print(json.dumps(results["rerank"]), flush=True)
+    if "faiss" in want:
+        results["faiss"] = bench_faiss(*((20_000, 1_000, 16) if small else (1_000_000, 10_000, 16)))
+        print(json.dumps(results["faiss"]), flush=True)
+    if "pipeline" in want:
+        models = ["ViT-B-32"] if small else ["ViT-B-32", "ViT-L-14"]
+        results["pipeline"] = [bench_pipeline(m, 128 if small else 20_000, 64 if small else 512, dev, tmp)
+                               for m in models]
+        print(json.dumps(results["pipeline"]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
