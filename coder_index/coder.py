@@ -18,6 +18,7 @@ import torch
 
 from .compute import exact_float32, on_device, resolve_device
 from .linalg import as_tensor, matmul_t
+from .pages import release_pages
 from .validation import (
     as_class_ids,
     as_float_matrix,
@@ -153,16 +154,17 @@ class TextLayout:
         return total.T.contiguous().numpy()
 
     def extra_sums(self, text_emb: Any, device: torch.device) -> torch.Tensor:
-        """``[C, D]`` sum of each class's attribute/analogous vectors of a sorted ``text_emb`` (zeros
-        for a class with none), accumulated in float64 a block of rows at a time, as float32 on
-        ``device``. The mean of cosines over a class's extra texts is ``x . (their sum) / count``."""
+        """``[C, D]`` float32 sum of each class's attribute/analogous vectors of a sorted ``text_emb``
+        (zeros for a class with none), a block of rows at a time, on ``device``. The mean of cosines
+        over a class's extra texts is ``x . (their sum) / count``."""
         _, extra_cls, _ = self._segments
-        sums = torch.zeros((self.n_classes, text_emb.shape[1]), dtype=torch.float64)
+        sums = torch.zeros((self.n_classes, text_emb.shape[1]), dtype=torch.float32)
         step = 16384
         for a in range(self.n_name, text_emb.shape[0], step):
-            rows = as_tensor(np.asarray(text_emb[a:a + step])).to(torch.float64)
-            sums.index_add_(0, extra_cls[a - self.n_name:a - self.n_name + len(rows)], rows)
-        return sums.to(torch.float32).to(device)
+            block = text_emb[a:a + step]
+            sums.index_add_(0, extra_cls[a - self.n_name:a - self.n_name + len(block)], as_tensor(block))
+            release_pages(block)  # classifying reads the name rows and these sums, never these rows again
+        return sums.to(device)
 
     def logits_by_text_blocks(self, text_emb: torch.Tensor, x: torch.Tensor, text_rows: int,
                               extra_sums: torch.Tensor) -> torch.Tensor:

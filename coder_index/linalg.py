@@ -26,3 +26,4 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 def matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b.T`` as float32, with neither operand copied."""
     return (as_tensor(a) @ as_tensor(b).T).numpy()
+

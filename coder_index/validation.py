@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from .pages import release_pages
+
 TEXT_KINDS = ("name", "attribute", "analogous", "synonym")
 
 
@@ -35,7 +37,9 @@ def as_float_matrix(x: Any, name: str, *, ndim: int = 2) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     for s in range(0, arr.shape[0], _CHECK_ROWS):
         block = arr[s:s + _CHECK_ROWS]
-        if not np.isfinite(block).all():
+        finite = bool(np.isfinite(block).all())
+        release_pages(block)
+        if not finite:
             bad = s + int(np.argwhere(~np.isfinite(block))[0][0])
             raise ValueError(f"{name} contains NaN or inf values (first in row {bad}); clean the input first")
     return arr
@@ -44,8 +48,12 @@ def as_float_matrix(x: Any, name: str, *, ndim: int = 2) -> np.ndarray:
 def row_norms(x: np.ndarray) -> np.ndarray:
     """L2 norms of the rows, computed in blocks; einsum makes no squared copy of a block (np.linalg.norm
     does), so checking the index's mapped matrix allocates only the norms."""
-    blocks = (x[s:s + _CHECK_ROWS] for s in range(0, len(x), _CHECK_ROWS))
-    return np.concatenate([np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float32)) for b in blocks])
+    out = []
+    for s in range(0, len(x), _CHECK_ROWS):
+        b = x[s:s + _CHECK_ROWS]
+        out.append(np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float32)))
+        release_pages(b)
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def l2_normalize(x: np.ndarray, name: str, *, copy_if_normalized: bool = True) -> np.ndarray:

@@ -256,3 +256,30 @@ def test_softmax_top_k_holds_a_block_not_the_matrix():
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, f"{peak} bytes: more than a block (the float64 probabilities are {256 * 20_000 * 8})"
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def test_release_pages_drops_a_read_memory_map_from_resident_memory(tmp_path):
+    from coder_index.pages import release_pages
+
+    path = tmp_path / "m.f32"
+    rows = np.random.default_rng(0).standard_normal((32768, 512)).astype(np.float32)  # 64 MB
+    rows.tofile(path)
+    m = np.memmap(path, dtype=np.float32, mode="r", offset=4 * 512 * 3, shape=(32765, 512))  # unaligned offset
+    before = _resident_bytes()
+    total = float(m.sum(dtype=np.float64))  # every page read
+    after_read = _resident_bytes()
+    assert after_read - before > 48 << 20
+    view = np.asarray(m)  # a plain ndarray view, as the checks see the index's matrix
+    for s in range(0, len(m), 1000):  # blocks that start and end inside pages
+        release_pages(view[s:s + 1000])
+    assert _resident_bytes() - before < 8 << 20
+    np.testing.assert_array_equal(m[100:200], rows[103:203])  # the data reads back unchanged
+    assert float(m.sum(dtype=np.float64)) == total
+    plain = rows.copy()
+    release_pages(plain)  # not a memory map: nothing happens
+    np.testing.assert_array_equal(plain, rows)
