@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,14 +38,20 @@ def softmax_top_k(logits: np.ndarray | torch.Tensor, k: int,
     ids, _ = top_k(t, k)
     ids_t = torch.from_numpy(ids).to(t.device)
     probs = torch.empty(ids.shape, dtype=torch.float64, device=t.device)
-    budget = block_bytes or block_budget(t.device, 16 << 20, 1 << 30)
-    rows = max(1, budget // (8 * max(1, t.shape[1])))
-    for s in range(0, len(t), rows):
-        z = t[s:s + rows].to(torch.float64)
-        z -= z.amax(dim=1, keepdim=True)
-        z.exp_()
-        probs[s:s + rows] = z.gather(1, ids_t[s:s + rows]) / z.sum(dim=1, keepdim=True)
+    for s, z in exp_blocks(t, block_bytes):
+        probs[s:s + len(z)] = z.gather(1, ids_t[s:s + len(z)]) / z.sum(dim=1, keepdim=True)
     return ids, probs.cpu().numpy()
+
+
+def exp_blocks(logits: torch.Tensor, block_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, ``exp(row - row max)`` in float64) a block of rows at a time, on the logits'
+    device: the unnormalised softmax, without an ``[N, C]`` float64 array."""
+    budget = block_bytes or block_budget(logits.device, 16 << 20, 1 << 30)
+    rows = max(1, budget // (8 * max(1, logits.shape[1])))
+    for s in range(0, len(logits), rows):
+        z = logits[s:s + rows].to(torch.float64)
+        z -= z.amax(dim=1, keepdim=True)
+        yield s, z.exp_()
 
 
 def _as_scores(scores: np.ndarray | torch.Tensor) -> torch.Tensor:

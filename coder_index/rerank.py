@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compute import block_budget, exact_float32, on_device
-from .predict import top_k
+from .compute import exact_float32, on_device
+from .predict import exp_blocks, top_k
 from .validation import as_float_matrix, l2_normalize, to_numpy
 
 
@@ -139,12 +139,8 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
 
 def top2_gap(logits: torch.Tensor, block_bytes: int | None = None) -> np.ndarray:
     """Softmax (float64) top-1 minus top-2 probability per row, a block of rows at a time."""
-    rows = max(1, (block_bytes or block_budget(logits.device, 16 << 20, 1 << 30)) // (8 * logits.shape[1]))
     out = []
-    for s in range(0, len(logits), rows):
-        z = logits[s:s + rows].to(torch.float64)
-        z -= z.amax(dim=1, keepdim=True)
-        z.exp_()
+    for _, z in exp_blocks(logits, block_bytes):
         z /= z.sum(dim=1, keepdim=True)
         best2 = torch.topk(z, 2, dim=1).values
         out.append((best2[:, 0] - best2[:, 1]).cpu().numpy())
