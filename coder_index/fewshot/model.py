@@ -32,7 +32,6 @@ from ..errors import IndexFormatError, ModelMismatchError
 from ..index.atomic import staged_directory
 from ..index.damage import read_manifest, reading
 from ..index.schema import make_engine
-from ..linalg import matmul_t
 from ..validation import l2_normalize
 from .adapter import CoderAdapter, TipAdapter
 
@@ -145,18 +144,14 @@ class FewShotModel:
 
         return LOGIT_SCALE * (np.asarray(x, dtype=np.float32) @ self.zs_weights.T)
 
-    def coder(self, x: np.ndarray) -> np.ndarray:
-        return matmul_t(x, self.text_emb)
-
     def logits(self, x: np.ndarray, method: str = "coder-adapter") -> np.ndarray:
         """Few-shot logits [N, C] for L2-normalised image embeddings."""
-        zs = self.zero_shot(x)
         if method == "coder-adapter":
-            return self._coder_adapter_logits(x)
+            return self._coder_adapter_logits(x)  # its zero-shot term is computed on the device
         if method == "tip-adapter":
             h = self.manifest["adapters"]["tip-adapter"]
             tip = TipAdapter(h["alpha"], h["beta"], h["T"]).fit(self.support_images, self.labels, self.n_classes)
-            return tip.logits(x, zs)
+            return tip.logits(x, self.zero_shot(x))
         raise ValueError(f"unknown few-shot method {method!r}: coder-adapter or tip-adapter")
 
     def _coder_adapter_logits(self, x: np.ndarray) -> np.ndarray:
