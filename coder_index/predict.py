@@ -131,28 +131,43 @@ def embed_images(index: TextIndex, images: Any, batch_size: int = 64) -> np.ndar
 
 
 def explain(index: TextIndex, image_emb: np.ndarray, k: int = 10, n_classes: int = 5) -> list[dict[str, Any]]:
-    """Per image: top classes with scores, the k nearest texts overall, and the best texts of the
-    predicted class, each text with its class, kind and cosine, sorted by score."""
+    """Per image: top classes with scores, the k nearest texts overall, the best texts of the
+    predicted class and of the runner-up, each text with its class, kind and cosine, sorted by
+    score; and, when the index holds one-to-one pair texts for its top classes, what the CODER*
+    rerank saw (``pair_evidence``: pair scores, totals, its pick), else ``"pairs": null``."""
+    from .pair_evidence import TOP, pair_evidence
+
     preds = Predictions(index.class_names(), index.classifier().logits(image_emb))
-    cls_idx, cls_prob = preds.top_k(n_classes)
+    cls_idx, cls_prob = preds.top_k(max(n_classes, TOP))
     cos, ids = index.search_texts(image_emb, k)
     table = index.text_table()
     sims = matmul_t(image_emb, table.embeddings)  # only the explained images: small N
     meta = index.texts_by_id({int(i) for i in ids.ravel() if i >= 0})
+    evidence = pair_evidence(index, image_emb, cls_idx, preds.class_names)
+    n_show = min(n_classes, cls_idx.shape[1])
     out = []
     for n in range(len(image_emb)):
         best = int(cls_idx[n, 0])
-        own = np.flatnonzero(table.class_ids == best)
-        own = own[np.argsort(-sims[n, own], kind="stable")[:k]]
-        own_meta = index.texts_by_id(table.ids[own])
+        second = int(cls_idx[n, 1]) if cls_idx.shape[1] > 1 else None
         out.append({
             "prediction": preds.class_names[best],
             "classes": [{"class": preds.class_names[c], "score": float(p), "logit": float(preds.logits[n, c])}
-                        for c, p in zip(cls_idx[n], cls_prob[n], strict=True)],
+                        for c, p in zip(cls_idx[n, :n_show], cls_prob[n, :n_show], strict=True)],
             "nearest_texts": [_hit(meta[int(i)], float(c)) for c, i in zip(cos[n], ids[n], strict=True) if i >= 0],
-            "class_texts": [_hit(own_meta[int(table.ids[j])], float(sims[n, j])) for j in own],
+            "class_texts": _class_texts(index, table, sims[n], best, k),
+            "runner_up": None if second is None else preds.class_names[second],
+            "runner_up_texts": [] if second is None else _class_texts(index, table, sims[n], second, k),
+            "pairs": evidence[n],
         })
     return out
+
+
+def _class_texts(index: TextIndex, table: Any, sims: np.ndarray, class_id: int, k: int) -> list[dict[str, Any]]:
+    """The k texts of one class nearest the image, best first."""
+    own = np.flatnonzero(table.class_ids == class_id)
+    own = own[np.argsort(-sims[own], kind="stable")[:k]]
+    own_meta = index.texts_by_id(table.ids[own])
+    return [_hit(own_meta[int(table.ids[j])], float(sims[j])) for j in own]
 
 
 def _hit(row: dict[str, Any], cosine: float) -> dict[str, Any]:

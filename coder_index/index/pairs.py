@@ -9,7 +9,7 @@ general texts; the rerank asks for the pairs that meet in some image's top-5, on
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select, tuple_
@@ -94,12 +94,7 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
             rows += conn.execute(q).all()
     if not rows:
         return {}
-    cached = index._cache.get("pair_order")
-    if cached is None or cached[0] is not all_ids:  # once per mapped generation
-        index._cache["pair_order"] = cached = (all_ids, np.argsort(all_ids))
-    order = cached[1]
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    pos = order[np.searchsorted(all_ids, ids, sorter=order)]
+    pos = _positions(index, all_ids, np.array([r[0] for r in rows], dtype=np.int64))
     keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)
     weights = np.array([r[3] for r in rows], dtype=np.int64)
     if (weights > 1).any():  # a repeated text counts as often in the rerank's mean (released behaviour)
@@ -111,3 +106,38 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
     for seg_keys, seg_pos in zip(np.split(keys, bounds), np.split(pos, bounds), strict=True):
         out[(int(seg_keys[0, 0]), int(seg_keys[0, 1]))] = np.asarray(vectors[seg_pos])
     return out
+
+
+def pair_text_rows(index: TextIndex, pairs: Iterable[tuple[int, int]]
+                   ) -> dict[tuple[int, int], tuple[list[dict[str, Any]], np.ndarray]]:
+    """``{(a, b): ([{text, feature}, ...], [K_ab, D] vectors)}`` of the requested ordered pairs that
+    have texts, each distinct text once (what an explanation shows; the rerank's means use
+    ``pair_embeddings``, which repeats weighted texts)."""
+    from .text_index import PAIR_VECTORS
+
+    wanted = list(dict.fromkeys((int(a), int(b)) for a, b in pairs))
+    t = schema.pair_texts
+    rows = []
+    with index.engine.connect() as conn:
+        all_ids, vectors = index.matrix(PAIR_VECTORS, conn)
+        for i in range(0, len(wanted), 400):
+            q = select(t.c.id, t.c.class_a, t.c.class_b, t.c.text, t.c.feature).where(
+                tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400])).order_by(t.c.id)
+            rows += conn.execute(q).all()
+    if not rows:
+        return {}
+    pos = _positions(index, all_ids, np.array([r[0] for r in rows], dtype=np.int64))
+    grouped: dict[tuple[int, int], list[int]] = {}
+    for n, r in enumerate(rows):
+        grouped.setdefault((int(r[1]), int(r[2])), []).append(n)
+    return {key: ([{"text": rows[n][3], "feature": rows[n][4]} for n in members], np.asarray(vectors[pos[members]]))
+            for key, members in grouped.items()}
+
+
+def _positions(index: TextIndex, all_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows of the mapped pair matrix holding the vectors of ``ids`` (sorted once per generation)."""
+    cached = index._cache.get("pair_order")
+    if cached is None or cached[0] is not all_ids:  # once per mapped generation
+        index._cache["pair_order"] = cached = (all_ids, np.argsort(all_ids))
+    order = cached[1]
+    return order[np.searchsorted(all_ids, ids, sorter=order)]

@@ -47,6 +47,12 @@ class IndexQueries:
                   "cosine": float(c)} for c, i in zip(cr, ir, strict=True) if i >= 0]
                 for cr, ir in zip(cos, ids, strict=True)]
 
+    def texts_near(self, query: str, k: int = 10) -> list[dict[str, Any]]:
+        """The k texts nearest to a text query (its CLIP text embedding): text, class, kind, cosine."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("the text query is empty; give a few words, e.g. 'a fluffy white dog'")
+        return self.nearest_texts(self.encoder.encode_texts([query.strip()]), k)[0]
+
     def explain(self, images: Any, k: int = 10) -> list[dict[str, Any]]:
         from ..predict import embed_images, explain
 

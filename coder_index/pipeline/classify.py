@@ -105,11 +105,7 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
                 counts["err"] += len(rows)
 
         def write(paths: list[str], ids: np.ndarray, scores: np.ndarray) -> None:
-            method = scorer.method
-            run.results.write([
-                {"path": prefix + p, "label": names[i[0]], "score": float(s[0]), "method": method,
-                 "top_k": [{"label": names[c], "score": float(v)} for c, v in zip(i, s, strict=True)]}
-                for p, i, s in zip(paths, ids, scores, strict=True)])
+            run.results.write(prediction_rows([prefix + p for p in paths], ids, scores, names, scorer.method))
             counts["ok"] += len(paths)
 
         def write_errors(errors: list[tuple[str, str]]) -> None:
@@ -136,6 +132,14 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
     return ClassifySummary(found.found, max(0, found.found + len(found.special) - classified_or_failed),
                            counts["ok"], counts["err"], found.other_files, time.perf_counter() - t0, str(out),
                            str(run.errors.path), found.hidden, len(found.special))
+
+
+def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names: list[str],
+                    method: str) -> list[dict[str, Any]]:
+    """One output row per image (what .jsonl holds; .csv flattens ``top_k``), best class first."""
+    return [{"path": p, "label": names[i[0]], "score": float(s[0]), "method": method,
+             "top_k": [{"label": names[c], "score": float(v)} for c, v in zip(i, s, strict=True)]}
+            for p, i, s in zip(paths, ids, scores, strict=True)]
 
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,

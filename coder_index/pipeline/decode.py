@@ -6,8 +6,10 @@ transparent pixels become black, EXIF-rotated photos stay sideways. Each case is
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,9 +41,39 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Decode ``path`` fully (truncation shows up here, not later) and return RGB."""
     try:
+        with open_regular_file(path) as fh:
+            return _decode(fh)
+    except NotARegularFile:
+        raise ImageDecodeError("not a regular file (FIFO, socket, device or directory); skipped") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found (deleted while running?)") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except OSError as exc:
+        raise _os_error(exc) from None
+
+
+class ImageTooLarge(ImageDecodeError):
+    """An image whose header declares more pixels than the caller accepts (nothing was decoded)."""
+
+
+def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image held in memory (an upload) exactly as ``load_image`` decodes a file. With
+    ``max_pixels``, an image declaring more is refused from its header, before any pixel is decoded."""
+    try:
+        return _decode(io.BytesIO(data), max_pixels)
+    except OSError as exc:
+        raise _os_error(exc) from None
+
+
+def _decode(fh: BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open_regular_file(path) as fh, Image.open(fh) as img:
+            with Image.open(fh) as img:
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    raise ImageTooLarge(f"image of {img.width} x {img.height} pixels is larger than the "
+                                        f"{max_pixels:,} pixels accepted; send a smaller image")
                 img.load()
                 if getattr(img, "is_animated", False):
                     img.seek(0)
@@ -50,19 +82,13 @@ def load_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (unrecognised file format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large to decode safely: {exc}") from None
-    except ImageDecodeError:
-        raise
-    except NotARegularFile:
-        raise ImageDecodeError("not a regular file (FIFO, socket, device or directory); skipped") from None
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found (deleted while running?)") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied") from None
-    except OSError as exc:
-        msg = str(exc) or exc.__class__.__name__
-        if "truncated" in msg:
-            raise ImageDecodeError(f"truncated image: {msg}") from None
-        raise ImageDecodeError(f"corrupt image: {msg}") from None
+        raise ImageTooLarge(f"image too large to decode safely: {exc}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageDecodeError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None
+
+
+def _os_error(exc: OSError) -> ImageDecodeError:
+    msg = str(exc) or exc.__class__.__name__
+    if "truncated" in msg:
+        return ImageDecodeError(f"truncated image: {msg}")
+    return ImageDecodeError(f"corrupt image: {msg}")
