@@ -27,6 +27,7 @@ from .corpus_command import register as register_corpus
 from .eval_command import register as register_eval_command
 from .fewshot_command import register as register_fewshot
 from .reproduce_command import register as register_reproduce
+from .serve_command import register as register_serve
 from .textgen_commands import (
     llm_client_options,
     llm_options,
@@ -49,6 +50,7 @@ def cli(verbose: bool) -> None:
           --model ViT-B-32 --pretrained openai
       coder-index classify photos/ --index my-index --out predictions.csv
       coder-index explain photos/cat.jpg --index my-index -k 10
+      coder-index serve my-index --predictions predictions.csv --images-root .
       coder-index info my-index
     """
     setup_logging(verbose)
@@ -383,7 +385,9 @@ def _check_requested_model(index, model: str | None, pretrained: str | None, dev
 @click.option("--device", default=None, help="cuda, mps or cpu.")
 @friendly_errors
 def explain(images: tuple[str, ...], index_dir: str, k: int, as_json: bool, device: str | None) -> None:
-    """Why an image gets its class: class scores and the k nearest texts.
+    """Why an image gets its class: class scores, the k nearest texts, the best texts of the
+    predicted class and of the runner-up, and (when the index holds pair texts) the CODER* pair
+    scores of its top-5 classes.
 
     \b
     Examples:
@@ -414,6 +418,43 @@ def explain(images: tuple[str, ...], index_dir: str, k: int, as_json: bool, devi
         click.echo(f"  best texts of {r['prediction']}:")
         for t in r["class_texts"]:
             click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
+        if r["runner_up"] is not None:
+            click.echo(f"  best texts of the runner-up, {r['runner_up']}:")
+            for t in r["runner_up_texts"]:
+                click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
+        if r["pairs"]:
+            ev = r["pairs"]
+            click.echo(f"  CODER* pairs (score > 0 favours the first class): rerank picks {ev['prediction']}"
+                       + (" (changed)" if ev["changed"] else ""))
+            for pair in ev["pairs"]:
+                if pair["has_texts"]:
+                    click.echo(f"    {pair['score']:+8.4f}  {pair['a']} vs {pair['b']}")
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The text index to search.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Texts to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--device", default=None, help="cuda, mps or cpu.")
+@friendly_errors
+def texts(query: str, index_dir: str, k: int, as_json: bool, device: str | None) -> None:
+    """The index's k texts nearest to a text QUERY (cosine of CLIP text embeddings).
+
+    \b
+    Examples:
+      coder-index texts "a fluffy white dog" --index pets-index
+      coder-index texts "striped fur" --index in1k -k 20 --json
+    """
+    from coder_index.index.text_index import TextIndex
+
+    hits = TextIndex.open(index_dir, device=device).texts_near(query, k)
+    if as_json:
+        print_json(hits)
+        return
+    for t in hits:
+        click.echo(f"{t['cosine']:8.4f}  {t['kind']:<9}  {t['class']}: {t['text']}")
 
 
 @cli.command()
@@ -494,6 +535,7 @@ register_eval_command(cli)
 register_fewshot(cli)
 register_corpus(cli)
 register_reproduce(cli)
+register_serve(cli)
 
 if __name__ == "__main__":
     cli()

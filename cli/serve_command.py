@@ -1,0 +1,119 @@
+"""`coder-index serve`: the HTTP API and web page (the `serve` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import GAP_THRESHOLD, friendly_errors, resolve_gap_threshold
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address to listen on. Anything but loopback exposes the API, with no authentication, to "
+                       "every machine that can reach this one.")
+    @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+                  help="Port (0: any free one, printed at start).")
+    @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Classes per row.")
+    @click.option("--method", "zs_method", type=click.Choice(["coder", "xmore", "coder+xmore"]), default="coder",
+                  show_default=True, help="Zero-shot method; xmore and coder+xmore need --corpus.")
+    @click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                  help="X-MoRe: an image-text corpus (from `coder-index corpus build`).")
+    @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
+                  help="Corpus images retrieved per image for X-MoRe.")
+    @click.option("--adapter", "adapter_dir", default=None,
+                  type=click.Path(exists=True, file_okay=False, path_type=Path),
+                  help="Few-shot: classify with this CODER-Adapter (from `coder-index fewshot fit`).")
+    @click.option("--rerank", is_flag=True, help="CODER*: rerank each image's top-5 with the pair texts stored in the "
+                                                  "index (the server makes no LLM requests).")
+    @click.option("--gap-threshold", default=None, type=GAP_THRESHOLD,
+                  help="Rerank only images whose softmax top-1 minus top-2 is below this; 'preset' as in classify.")
+    @click.option("--predictions", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="A classify output (.csv or .jsonl) to browse on the page; read again as it grows.")
+    @click.option("--images-root", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                  help="The folder the --predictions paths are relative to (where classify ran). Only images the "
+                       "file lists, inside this folder, are served.")
+    @click.option("--report", "report_dir", default=None,
+                  type=click.Path(exists=True, file_okay=False, path_type=Path),
+                  help="An `eval --out` folder: its per-class accuracy, confusions and t-SNE figure on the page.")
+    @click.option("--max-upload-mb", default=25.0, show_default=True, type=click.FloatRange(0.001),
+                  help="Largest uploaded image, in MB.")
+    @click.option("--max-files", default=32, show_default=True, type=click.IntRange(1),
+                  help="Most images per request.")
+    @click.option("--max-megapixels", default=40.0, show_default=True, type=click.FloatRange(0.001),
+                  help="Largest image, in millions of pixels (read from its header, before decoding).")
+    @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+    @friendly_errors
+    def serve(index_dir: Path, host: str, port: int, top_k: int, zs_method: str, corpus_dir: Path | None,
+              retrieve_k: int, adapter_dir: Path | None, rerank: bool, gap_threshold: float | str | None,
+              predictions: Path | None, images_root: Path | None, report_dir: Path | None, max_upload_mb: float,
+              max_files: int, max_megapixels: float, device: str | None) -> None:
+        """Serve INDEX_DIR over HTTP: a JSON API and a web page to see why an image gets its class.
+
+        The page (http://HOST:PORT/) classifies a dropped image and shows the class bars, the nearest
+        texts, the best texts of the prediction and of the runner-up, and the CODER* pair scores; with
+        --predictions it browses a classify output as thumbnails (filter by class and confidence, sort
+        by low confidence for review, click to explain); with --report it shows an eval report.
+        The API is described at /openapi.json (and on the page's API tab): POST /api/classify and
+        /api/explain (multipart field 'files', repeatable), GET /api/texts?q=..., /api/info,
+        /api/predictions. Needs the serve extra:
+        pip install 'coder-index[serve]'.
+
+        \b
+        Examples:
+          coder-index serve pets-index
+          coder-index serve pets-index --predictions preds.csv --images-root .
+          coder-index serve in1k --rerank --report eval-out/ --port 8080
+          coder-index serve pets-index --corpus my-corpus --method coder+xmore
+          curl -F files=@cat.jpg http://127.0.0.1:8000/api/classify
+        """
+        try:
+            import uvicorn
+
+            from coder_index.serve import ServeConfig, create_app
+            from coder_index.serve.app import LOOPBACK_NAMES
+        except ImportError as exc:
+            raise click.ClickException(f"serve needs its extra ({exc.name} is missing): pip install "
+                                       "'coder-index[serve]'") from None
+        config = ServeConfig(index=index_dir, device=device, top_k=top_k, method=zs_method, rerank=rerank,
+                             adapter=adapter_dir, corpus=corpus_dir, retrieve_k=retrieve_k, predictions=predictions,
+                             images_root=images_root, report=report_dir,
+                             max_file_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files,
+                             max_pixels=int(max_megapixels * 1_000_000))
+        try:
+            config.check()
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        sock = _bind(host, port)  # before the model loads: a taken port fails at once
+        if host not in LOOPBACK_NAMES:
+            click.secho(f"WARNING: listening on {host}, not loopback: every machine that can reach this one can "
+                        "use this API, upload images and read the index's texts and the listed images. There is "
+                        "no authentication. Use the default --host 127.0.0.1 unless you mean it.",
+                        err=True, fg="red", bold=True)
+        if gap_threshold is not None:
+            from coder_index.index.text_index import TextIndex
+
+            gap_threshold = resolve_gap_threshold(gap_threshold, TextIndex.open(index_dir))
+            from dataclasses import replace
+
+            config = replace(config, gap_threshold=gap_threshold)
+        app = create_app(config, bound_host=host, note=lambda m: click.echo(m, err=True))
+        from coder_index.serve.background import url_of
+
+        click.echo(f"serving {index_dir} at {url_of(host, sock)}/ (API: /openapi.json); Ctrl-C stops", err=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+
+
+
+def _bind(host: str, port: int):  # noqa: ANN202 - socket.socket
+    from coder_index.serve.background import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
+                                   "(or --port 0 for any free one)") from None

@@ -1,0 +1,231 @@
+"""Browse a predictions file (`classify --out`, .csv or .jsonl): filter, sort, page; find its images.
+
+The file is read once into arrays (labels as ids, scores as a matrix) and then only its new complete
+records as it grows (a classify run still writing to it); a file that shrank or was replaced is read
+afresh. Filters and sorting are array operations over all rows.
+
+Images are served only for paths the file lists, and only when the real path (symlinks resolved)
+lies inside ``images_root``: ``../``, absolute paths elsewhere and links out of the root are refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputFormatError
+from ..pipeline.output import last_record_end
+
+
+class NotListed(Exception):
+    """The path is not a row of the predictions file."""
+
+
+class OutsideRoot(Exception):
+    """The path resolves outside --images-root (``..``, an absolute path, or a symlink out of it)."""
+
+
+@dataclass
+class Page:
+    total: int
+    rows: list[dict[str, Any]]
+
+
+class PredictionsFile:
+    def __init__(self, path: Path, images_root: Path) -> None:
+        self.path = Path(path)
+        self.root = os.path.realpath(images_root)
+        self.format = self.path.suffix.lower().lstrip(".")
+        if self.format not in ("csv", "jsonl"):
+            raise InputFormatError(f"--predictions {self.path}: a classify output (.csv or .jsonl) is expected")
+        self._lock = threading.Lock()
+        self._reset()
+        self.refresh()
+
+    # ------------------------------------------------------------------ reading
+    def _reset(self) -> None:
+        self._ident: tuple[int, int] | None = None
+        self._offset = 0
+        self.paths: list[str] = []
+        self._where: dict[str, int] = {}
+        self.vocab: list[str] = []
+        self._vocab_ids: dict[str, int] = {}
+        self.methods: list[str] = []
+        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._header: list[str] | None = None
+
+    def refresh(self) -> None:
+        """Read what was appended since the last call (or everything, if the file was replaced)."""
+        with self._lock:
+            st = os.stat(self.path)
+            ident = (st.st_dev, st.st_ino)
+            if ident != self._ident or st.st_size < self._offset:
+                self._reset()
+                self._ident = ident
+            if st.st_size == self._offset:
+                return
+            end = last_record_end(self.path, quoted=self.format == "csv")
+            if end <= self._offset:
+                return
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(end - self._offset)
+            text = data.decode("utf-8", errors="surrogateescape")
+            records = self._parse_csv(text) if self.format == "csv" else self._parse_jsonl(text)
+            self._append(records)
+            self._offset = end
+
+    def _parse_csv(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        out = []
+        for row in reader:
+            if not row:
+                continue
+            if self._header is None:
+                if row[:4] != ["path", "label", "score", "method"]:
+                    raise InputFormatError(f"{self.path} is not a coder-index predictions file (its header is "
+                                           f"{row[:4]})")
+                self._header = row
+                continue
+            try:
+                top = [(row[i], float(row[i + 1])) for i in range(4, len(row) - 1, 2) if row[i] != ""]
+                out.append((row[0], row[1], row[3], [(row[1], float(row[2]))] + top))
+            except (ValueError, IndexError):
+                raise InputFormatError(f"{self.path}: a row that is not a prediction ({row[:2]}...)") from None
+        return out
+
+    def _parse_jsonl(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+        out = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                out.append((r["path"], r["label"], r["method"],
+                            [(t["label"], float(t["score"])) for t in r["top_k"]]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise InputFormatError(f"{self.path}: a line that is not a prediction ({line[:60]!r})") from None
+        return out
+
+    def _append(self, records: list[tuple[str, str, str, list[tuple[str, float]]]]) -> None:
+        if not records:
+            return
+        k = max(len(r[3]) for r in records)
+        ids = np.full((len(records), k), -1, np.int32)
+        scores = np.full((len(records), k), np.nan, np.float64)
+        methods = np.empty(len(records), np.int16)
+        for n, (path, _label, method, top) in enumerate(records):
+            self._where.setdefault(path, len(self.paths))
+            self.paths.append(path)
+            methods[n] = self._id(method, self.methods)
+            for j, (lab, s) in enumerate(top):
+                ids[n, j] = self._vocab_id(lab)
+                scores[n, j] = s
+        self._chunks.append((ids, scores, methods))
+        self._arrays = None
+
+    def _vocab_id(self, label: str) -> int:
+        i = self._vocab_ids.get(label)
+        if i is None:
+            i = self._vocab_ids[label] = len(self.vocab)
+            self.vocab.append(label)
+        return i
+
+    @staticmethod
+    def _id(value: str, values: list[str]) -> int:
+        if value not in values:
+            values.append(value)
+        return values.index(value)
+
+    def _matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            if not self._chunks:
+                self._arrays = (np.zeros((0, 1), np.int32), np.zeros((0, 1)), np.zeros(0, np.int16))
+            else:
+                k = max(c[0].shape[1] for c in self._chunks)
+                pad = [(np.pad(i, ((0, 0), (0, k - i.shape[1])), constant_values=-1),
+                        np.pad(s, ((0, 0), (0, k - s.shape[1])), constant_values=np.nan), m)
+                       for i, s, m in self._chunks]
+                self._arrays = (np.concatenate([p[0] for p in pad]), np.concatenate([p[1] for p in pad]),
+                                np.concatenate([p[2] for p in pad]))
+                self._chunks = [self._arrays]
+        return self._arrays
+
+    # ------------------------------------------------------------------ queries
+    def summary(self) -> dict[str, Any]:
+        self.refresh()
+        with self._lock:
+            ids, scores, methods = self._matrices()
+            counts = np.bincount(ids[:, 0], minlength=len(self.vocab)) if len(ids) else np.zeros(0, int)
+            return {"file": self.path.name, "rows": len(self.paths),
+                    "labels": [{"label": self.vocab[i], "count": int(counts[i])}
+                               for i in np.argsort(-counts, kind="stable") if counts[i]],
+                    "methods": list(self.methods), "changed_by_rerank": int(self._changed(scores).sum())}
+
+    def page(self, *, label: str | None = None, min_score: float | None = None, max_score: float | None = None,
+             method: str | None = None, changed: bool | None = None, path_contains: str | None = None,
+             sort: str = "file", offset: int = 0, limit: int = 60) -> Page:
+        self.refresh()
+        with self._lock:
+            ids, scores, methods = self._matrices()
+            keep = np.ones(len(ids), bool)
+            if label is not None:
+                keep &= ids[:, 0] == self._vocab_ids.get(label, -2)
+            if min_score is not None:
+                keep &= scores[:, 0] >= min_score
+            if max_score is not None:
+                keep &= scores[:, 0] <= max_score
+            if method is not None:
+                keep &= methods == (self.methods.index(method) if method in self.methods else -2)
+            if changed is not None:
+                keep &= self._changed(scores) == changed
+            if path_contains:
+                keep &= np.fromiter((path_contains in p for p in self.paths), bool, len(self.paths))
+            rows = np.flatnonzero(keep)
+            if sort in ("score", "-score"):
+                order = np.argsort(scores[rows, 0], kind="stable")
+                rows = rows[order[::-1]] if sort == "-score" else rows[order]
+            elif sort != "file":
+                raise ValueError(f"sort must be file, score (lowest first) or -score, got {sort!r}")
+            chosen = rows[offset:offset + limit]
+            changed_rows = self._changed(scores[chosen])
+            return Page(len(rows), [self._row(int(r), ids, scores, methods, bool(c))
+                                    for r, c in zip(chosen, changed_rows, strict=True)])
+
+    def _row(self, r: int, ids: np.ndarray, scores: np.ndarray, methods: np.ndarray, changed: bool) -> dict[str, Any]:
+        top = [{"label": self.vocab[i], "score": float(s)} for i, s in zip(ids[r], scores[r], strict=True) if i >= 0]
+        return {"path": self.paths[r], "label": top[0]["label"], "score": top[0]["score"],
+                "method": self.methods[methods[r]], "top_k": top, "changed": changed}
+
+    @staticmethod
+    def _changed(scores: np.ndarray) -> np.ndarray:
+        """Rows whose first class is not stage 1's best: the rerank put a class with a lower stage-1
+        probability first (the rest keep stage-1 order, so this is first < second)."""
+        if scores.shape[1] < 2:
+            return np.zeros(len(scores), bool)
+        return np.nan_to_num(scores[:, 0], nan=np.inf) < np.nan_to_num(scores[:, 1], nan=-np.inf)
+
+    # ------------------------------------------------------------------ images
+    def image_path(self, listed: str) -> str:
+        """The real path of a listed image inside the root; NotListed / OutsideRoot otherwise."""
+        self.refresh()
+        with self._lock:
+            if listed not in self._where:
+                raise NotListed(listed)
+        try:
+            full = listed if os.path.isabs(listed) else os.path.join(self.root, listed)
+            real = os.path.realpath(full)
+        except (ValueError, OSError):  # an embedded NUL byte, a loop of links
+            raise OutsideRoot(listed) from None
+        if os.path.commonpath([real, self.root]) != self.root:
+            raise OutsideRoot(listed)
+        return real

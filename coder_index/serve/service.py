@@ -1,0 +1,124 @@
+"""The loaded index and method behind the server: the same scorer and explanation as the CLI's.
+
+``classify`` rows are built exactly as ``pipeline.classify`` writes them (path, label, score,
+method, top_k), ``explain`` is ``predict.explain``, ``texts`` is ``TextIndex.texts_near``, ``info``
+is ``TextIndex.info`` plus the server's settings: a response equals the CLI's output for the same
+inputs.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..pipeline.classify import prediction_rows
+from ..pipeline.scorer_spec import ScorerSpec, build_scorer
+from .config import ServeConfig
+from .worker import Job, ModelWorker
+
+_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
+
+
+class ModelService:
+    def __init__(self, config: ServeConfig, note: Any = None) -> None:
+        from ..index.text_index import TextIndex
+
+        self.config = config
+        self.index = TextIndex.open(config.index, device=config.device)
+        self.names = self.index.class_names()
+        self.top_k = min(config.top_k, len(self.names))
+        self.spec = ScorerSpec(top_k=self.top_k, method=config.method, rerank=config.rerank,
+                               gap_threshold=config.gap_threshold,
+                               adapter=None if config.adapter is None else str(config.adapter),
+                               corpus=None if config.corpus is None else str(config.corpus),
+                               retrieve_k=config.retrieve_k)
+        self.scorer = build_scorer(self.index, self.spec, note=note)  # no LLM: the rerank uses stored pairs
+        self.method = self.scorer.method
+        self.preprocess = self.index.encoder.preprocess
+        self.worker = ModelWorker(self.index.encoder.encode_image_batch, max_batch=config.max_batch)
+        self._rowwise = self._score_rows  # one object: concurrent requests' rows are scored together
+
+    def close(self) -> None:
+        self.worker.close()
+
+    # ------------------------------------------------------------------ API
+    def classify(self, pixels: torch.Tensor, paths: list[str]) -> Future:
+        """Rows for the images, in order; X-MoRe's normalisers are over this request's images, as a
+        folder holding just them would give."""
+        if self.scorer.two_pass:
+            return self.worker.submit(Job(pixels=pixels, finish=lambda emb: self._rows(paths, *self._xmore(emb))))
+        fut: Future = Future()
+        inner = self.worker.submit(Job(pixels=pixels, rowwise=self._rowwise))
+        inner.add_done_callback(lambda f: _chain(f, fut, lambda scored: self._rows(paths, *_stack(scored))))
+        return fut
+
+    def explain(self, pixels: torch.Tensor, paths: list[str], k: int) -> Future:
+        from ..predict import explain
+
+        def finish(emb: np.ndarray) -> list[dict[str, Any]]:
+            results = explain(self.index, emb, k)
+            for path, r in zip(paths, results, strict=True):
+                r["path"] = path
+            return results
+
+        return self.worker.submit(Job(pixels=pixels, finish=finish))
+
+    def texts(self, query: str, k: int) -> Future:
+        return self.worker.submit(Job(call=lambda: self.index.texts_near(query, k)))
+
+    def info(self) -> dict[str, Any]:
+        data = redact(self.index.info())
+        data["server"] = {"method": self.method, "top_k": self.top_k, "explain_k": self.config.explain_k,
+                          "rerank_pairs": self.index.counts()["pair_texts"] if self.config.rerank else None,
+                          "limits": {"max_file_bytes": self.config.max_file_bytes,
+                                     "max_files": self.config.max_files, "max_pixels": self.config.max_pixels},
+                          "device": str(self.index.compute_device),
+                          "predictions": self.config.predictions is not None,
+                          "report": self.config.report is not None,
+                          "batches": self.worker.batches, "images": self.worker.images}
+        return data
+
+    # ------------------------------------------------------------------ scoring
+    def _score_rows(self, emb: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids, scores = self.scorer(emb)
+        return list(zip(ids, scores, strict=True))
+
+    def _xmore(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.scorer.normalizers = None
+        self.scorer.prepare(emb, {})
+        return self.scorer(emb)
+
+    def _rows(self, paths: list[str], ids: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
+        return prediction_rows(paths, ids, scores, self.names, self.method)
+
+
+def _stack(scored: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.stack([i for i, _ in scored]), np.stack([s for _, s in scored])
+
+
+def _chain(done: Future, out: Future, then: Any) -> None:
+    exc = done.exception()
+    if exc is not None:
+        out.set_exception(exc)
+        return
+    try:
+        out.set_result(then(done.result()))
+    except Exception as err:
+        out.set_exception(err)
+
+
+def redact(obj: Any) -> Any:
+    """A copy with every value under a key that names a secret replaced (no API key leaves the server,
+    whatever a manifest or setting may hold one day)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
