@@ -33,8 +33,8 @@ def run_cli(*args: object, cwd: Path | None = None) -> str:
 def knowledge(path: Path) -> Path:
     classes = {c: {"attribute": [f"{c} with fur pattern {i}" for i in range(3)], "analogous": [f"{c} look-alike"],
                    "synonym": [f"{c} pet"]} for c in PET_CLASSES}
-    pairs = {a: {b: [f"the ears of a {a} unlike a {b}", f"{a} markings"] for b in PET_CLASSES if b != a}
-             for a in PET_CLASSES}
+    # arbitrary wording, chosen so that the random tiny model's rerank both keeps and changes predictions
+    pairs = {a: {b: [f"a {len(a)} {b} thing", f"{a}"] for b in PET_CLASSES if b != a} for a in PET_CLASSES}
     path.write_text(json.dumps({"format": "coder-index/knowledge", "version": 1, "classes": classes, "pairs": pairs,
                                 "provenance": {}}))
     return path

@@ -42,7 +42,7 @@ def messy(tmp_path_factory):
 
 
 def test_every_command_has_help_with_examples():
-    for cmd in ("build", "classify", "explain", "info", "verify", "reproduce"):
+    for cmd in ("build", "classify", "explain", "texts", "info", "verify", "reproduce", "serve"):
         out = run(cmd, "--help").output
         assert "Examples:" in out and f"coder-index {cmd}" in out
 

@@ -440,7 +440,7 @@ def test_concurrent_requests_all_succeed_and_agree(server, env):
                                           for _ in range(n)])
 
     before = server.get("/api/info").json()["server"]
-    results = asyncio.run(burst(200))
+    results = asyncio.run(asyncio.wait_for(burst(200), timeout=300))  # bounded in count and in time
     assert [r.status_code for r in results] == [200] * 200
     for r in results:
         row = r.json()[0]
