@@ -508,3 +508,47 @@ def test_serve_refuses_a_taken_port_clearly(env):
         port = s.getsockname()[1]
         res = CliRunner().invoke(cli, ["serve", str(env["index"]), "--port", str(port)])
     assert res.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- odd files
+def test_names_that_are_not_utf8_or_hold_newlines_are_served_by_row(env, tmp_path):
+    root = tmp_path / "root"
+    (root / "photos").mkdir(parents=True)
+    odd = {"photos/caf\udce9.jpg": env["photos"] / "a/red_0.jpg",
+           "photos/new\nline, \"q\".jpg": env["photos"] / "gray.png"}
+    for name, src in odd.items():
+        (root / name).write_bytes(src.read_bytes())
+    for suffix in (".csv", ".jsonl"):
+        preds = tmp_path / f"odd{suffix}"
+        w = ResultWriter(preds, 2)
+        w.write([{"path": p, "label": "pug", "score": 0.9, "method": "coder",
+                  "top_k": [{"label": "pug", "score": 0.9}, {"label": "beagle", "score": 0.1}]} for p in odd])
+        w.close()
+        app = create_app(ServeConfig(index=env["index"], predictions=preds, images_root=root))
+        with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            rows = client.get("/api/predictions").json()["rows"]
+            assert [r["path"] for r in rows] == ["photos/caf\ufffd.jpg", "photos/new\nline, \"q\".jpg"]
+            for r in rows:
+                res = client.get("/api/predictions/image", params={"row": r["row"]})
+                assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
+                assert client.get("/api/predictions/explain", params={"row": r["row"], "k": 1}).status_code == 200
+            assert client.get("/api/predictions/image", params={"path": rows[1]["path"]}).status_code == 200
+            assert client.get("/api/predictions/image", params={"row": 2}).status_code == 404
+            assert client.get("/api/predictions/image").status_code == 422
+            name = "caf\xe9 \u732b.jpg"
+            res = client.post("/api/classify", files=[("files", (name, odd["photos/caf\udce9.jpg"].read_bytes(), "x"))])
+            assert res.status_code == 200 and res.json()[0]["path"] == name
+
+
+def test_a_predictions_file_deleted_or_replaced_while_served(env, tmp_path):
+    preds = tmp_path / "p.csv"
+    preds.write_bytes(env["preds"].read_bytes())
+    app = create_app(ServeConfig(index=env["index"], predictions=preds, images_root=env["root"]))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        n = client.get("/api/predictions/summary").json()["rows"]
+        preds.unlink()
+        assert client.get("/api/predictions/summary").json()["rows"] == n  # what was read stays served
+        preds.write_text("this is not a predictions file\n")
+        res = client.get("/api/predictions")
+        assert res.status_code == 422 and "not a coder-index predictions file" in res.json()["detail"]
+        assert client.get("/api/info").status_code == 200

@@ -23,10 +23,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from ..errors import InputFormatError
 from ..pipeline.decode import ImageDecodeError, load_image
 from ..untrusted import read_bytes
 from .config import ServeConfig
-from .predictions import NotListed, OutsideRoot, PredictionsFile
+from .predictions import NotListed, OutsideRoot, PredictionsFile, display_text
 from .service import ModelService, redact
 from .uploads import Upload, UploadRejected, check_count, preprocess_uploads
 
@@ -37,6 +38,8 @@ THUMB_SIZES = (128, 256, 512, 1024)
 # Module level: FastAPI resolves the (string) annotations of the routes in this module's namespace.
 Files = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
 K = Annotated[int, Query(ge=1, le=200, description="Nearest texts per image.")]
+PathArg = Annotated[str | None, Query(description="the image's path as the predictions file lists it")]
+RowArg = Annotated[int | None, Query(ge=0, description="or its row in the file (as /api/predictions gives it)")]
 
 
 class BodyTooLarge(Exception):
@@ -128,6 +131,10 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
     async def _rejected(_r: Request, exc: UploadRejected) -> JSONResponse:
         return JSONResponse({"detail": exc.detail, "errors": exc.errors}, status_code=exc.status)
 
+    @app.exception_handler(InputFormatError)
+    async def _bad_file(_r: Request, exc: InputFormatError) -> JSONResponse:  # e.g. the predictions file replaced
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
         response = await call_next(request)
@@ -141,7 +148,7 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
         uploads = []
         for i, f in enumerate(files):
             data = await f.read(config.max_file_bytes + 1)
-            name = os.path.basename(f.filename or f"upload-{i}")
+            name = display_text(os.path.basename(f.filename or f"upload-{i}"))
             if len(data) > config.max_file_bytes:
                 raise UploadRejected(413, f"{name!r} is larger than {config.max_file_bytes:,} bytes; send a smaller "
                                           "image", [{"file": name, "index": i, "reason": "too many bytes"}])
@@ -199,9 +206,11 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
                                        changed=changed, path_contains=q, sort=sort, offset=offset, limit=limit)
         return {"total": page.total, "offset": offset, "limit": limit, "rows": page.rows}
 
-    def listed_image(path: str) -> str:
+    def listed_image(path: str | None, row: int | None) -> tuple[str, str]:
+        if (path is None) == (row is None):
+            raise HTTPException(422, "name the image by path=... or by row=... (one of them)")
         try:
-            return need_predictions().image_path(path)
+            return need_predictions().image_path(path, row)
         except NotListed:
             raise HTTPException(404, "not an image of the predictions file") from None
         except OutsideRoot:
@@ -209,26 +218,28 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
 
     @app.get("/api/predictions/image", summary="A JPEG thumbnail of an image listed in the predictions file",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    async def image(path: str, size: Annotated[int, Query(description="longest side: 128, 256, 512 or 1024")]
-                    = 256) -> Response:
+    async def image(path: PathArg = None, row: RowArg = None,
+                    size: Annotated[int, Query(description="longest side: 128, 256, 512 or 1024")] = 256) -> Response:
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size must be one of {THUMB_SIZES}")
-        real = listed_image(path)
+        real, _ = listed_image(path, row)
         try:
             st = os.stat(real)
             data = await run_in_threadpool(_thumbnail, real, st.st_mtime_ns, st.st_size, size)
-        except (ImageDecodeError, OSError) as exc:
+        except ImageDecodeError as exc:
             raise HTTPException(422, f"cannot read this image: {exc}") from None
+        except OSError as exc:  # the reason, not the server's path
+            raise HTTPException(422, f"cannot read this image: {exc.strerror or type(exc).__name__}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
     @app.get("/api/predictions/explain", summary="Explain an image listed in the predictions file")
-    async def explain_listed(path: str, k: K = config.explain_k) -> list[dict[str, Any]]:
-        real = listed_image(path)
+    async def explain_listed(path: PathArg = None, row: RowArg = None, k: K = config.explain_k) -> list[dict[str, Any]]:
+        real, listed = listed_image(path, row)
         try:
             pixels = await run_in_threadpool(lambda: service.preprocess(load_image(real)).unsqueeze(0))
         except ImageDecodeError as exc:
             raise HTTPException(422, f"cannot read this image: {exc}") from None
-        return await _wait(service.explain(pixels, [path], k))
+        return await _wait(service.explain(pixels, [display_text(listed)], k))
 
     @app.get("/api/report", summary="The evaluation report given with --report (report.json of `eval --out`)")
     async def report() -> dict[str, Any]:

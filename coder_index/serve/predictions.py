@@ -66,7 +66,12 @@ class PredictionsFile:
     def refresh(self) -> None:
         """Read what was appended since the last call (or everything, if the file was replaced)."""
         with self._lock:
-            st = os.stat(self.path)
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                if self._ident is not None:  # moved or deleted while served: keep serving what was read
+                    return
+                raise
             ident = (st.st_dev, st.st_ino)
             if ident != self._ident or st.st_size < self._offset:
                 self._reset()
@@ -203,7 +208,7 @@ class PredictionsFile:
 
     def _row(self, r: int, ids: np.ndarray, scores: np.ndarray, methods: np.ndarray, changed: bool) -> dict[str, Any]:
         top = [{"label": self.vocab[i], "score": float(s)} for i, s in zip(ids[r], scores[r], strict=True) if i >= 0]
-        return {"path": self.paths[r], "label": top[0]["label"], "score": top[0]["score"],
+        return {"row": r, "path": display_text(self.paths[r]), "label": top[0]["label"], "score": top[0]["score"],
                 "method": self.methods[methods[r]], "top_k": top, "changed": changed}
 
     @staticmethod
@@ -215,11 +220,16 @@ class PredictionsFile:
         return np.nan_to_num(scores[:, 0], nan=np.inf) < np.nan_to_num(scores[:, 1], nan=-np.inf)
 
     # ------------------------------------------------------------------ images
-    def image_path(self, listed: str) -> str:
-        """The real path of a listed image inside the root; NotListed / OutsideRoot otherwise."""
+    def image_path(self, listed: str | None = None, row: int | None = None) -> tuple[str, str]:
+        """(real path, path as listed) of a listed image inside the root, named by its path or by its
+        row (rows name files whose names are not valid UTF-8); NotListed / OutsideRoot otherwise."""
         self.refresh()
         with self._lock:
-            if listed not in self._where:
+            if row is not None:
+                if not 0 <= row < len(self.paths):
+                    raise NotListed(str(row))
+                listed = self.paths[row]
+            elif listed is None or listed not in self._where:
                 raise NotListed(listed)
         try:
             full = listed if os.path.isabs(listed) else os.path.join(self.root, listed)
@@ -228,4 +238,19 @@ class PredictionsFile:
             raise OutsideRoot(listed) from None
         if os.path.commonpath([real, self.root]) != self.root:
             raise OutsideRoot(listed)
-        return real
+        return real, listed
+
+
+def display_text(text: str) -> str:
+    """``text`` as valid Unicode for JSON: bytes of a file name that were not UTF-8 (held as lone
+    surrogates, Python's surrogateescape) shown as U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _escaped_only(text) else "surrogatepass").decode(
+            "utf-8", "replace")
+
+
+def _escaped_only(text: str) -> bool:
+    return all(not 0xD800 <= ord(ch) <= 0xDFFF or 0xDC80 <= ord(ch) <= 0xDCFF for ch in text)

@@ -169,18 +169,19 @@ async function loadPredictions() {
   }
 }
 
-const imageUrl = (path, size) => `/api/predictions/image?${new URLSearchParams({ path, size })}`;
+// rows name their image by row number: a path that was not valid UTF-8 reaches the page as U+FFFD
+const imageUrl = (row, size) => `/api/predictions/image?${new URLSearchParams({ row, size })}`;
 
 function thumb(r) {
   return el("div", { class: "thumb", title: r.path, onclick: () => openDetail(r) },
-    el("img", { src: imageUrl(r.path, 256), alt: r.path, loading: "lazy" }),
+    el("img", { src: imageUrl(r.row, 256), alt: r.path, loading: "lazy" }),
     el("div", { class: "lab", text: r.label }),
     el("div", { class: "muted", text: `${fmt(r.score)} · ${r.method}` }),
     r.changed ? el("div", { class: "changed", text: "changed by the rerank" }) : null);
 }
 
 async function openDetail(r) {
-  $("#detail-img").src = imageUrl(r.path, 512);
+  $("#detail-img").src = imageUrl(r.row, 512);
   $("#detail-path").textContent = r.path;
   const body = $("#detail-body");
   const barBox = el("div");
@@ -188,7 +189,7 @@ async function openDetail(r) {
   body.replaceChildren(el("h2", { text: `${r.label} (${r.method})` }), barBox, el("p", { class: "muted", text: "explaining…" }));
   $("#detail").showModal();
   try {
-    const why = await api(`/api/predictions/explain?${new URLSearchParams({ path: r.path })}`);
+    const why = await api(`/api/predictions/explain?${new URLSearchParams({ row: r.row })}`);
     body.replaceChildren(el("h2", { text: `${r.label} (${r.method})` }), barBox, ...explanationView(why[0]));
   } catch (err) {
     body.append(el("p", { class: "error", text: err.message }));
