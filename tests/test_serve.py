@@ -552,3 +552,49 @@ def test_a_predictions_file_deleted_or_replaced_while_served(env, tmp_path):
         res = client.get("/api/predictions")
         assert res.status_code == 422 and "not a coder-index predictions file" in res.json()["detail"]
         assert client.get("/api/info").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- other methods
+@pytest.fixture(scope="module")
+def adapter_and_corpus(env, tmp_path_factory):
+    from conftest import PET_CLASSES
+
+    root = tmp_path_factory.mktemp("methods")
+    rng = np.random.default_rng(5)
+    for c in PET_CLASSES:
+        (root / "train" / c).mkdir(parents=True)
+        for j in range(4):  # 2 shots, 2 for the search's validation
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "train" / c / f"{j}.png")
+    run_cli("fewshot", "fit", root / "train", "--index", env["index"], "--shots", "2", "--out", root / "adapter",
+            "--augment-epochs", "1", "--workers", "0", "--search", "fast")
+    caps = root / "caps.csv"
+    caps.write_text("path,caption\n" + "".join(f"{c}/{j}.png,a photo of a {c}\n"
+                                               for c in PET_CLASSES for j in range(4)))
+    run_cli("corpus", "build", root / "corpus", "--images", root / "train", "--captions", caps, "--index",
+            env["index"], "--workers", "0")
+    return root
+
+
+@pytest.mark.parametrize("method", ["adapter", "xmore", "coder+xmore"])
+def test_adapter_and_xmore_servers_equal_the_cli(env, adapter_and_corpus, method):
+    root = adapter_and_corpus
+    files = [env["photos"] / g for g in GOOD[:6]]
+    if method == "adapter":
+        config, extra = ServeConfig(index=env["index"], adapter=root / "adapter"), ["--adapter", root / "adapter"]
+    else:
+        config = ServeConfig(index=env["index"], corpus=root / "corpus", method=method)
+        extra = ["--corpus", root / "corpus", "--method", method]
+    # the CLI over a folder holding exactly the uploaded images (X-MoRe normalises over the folder's)
+    folder = root / f"only-{method.replace('+', '-')}"
+    folder.mkdir()
+    for i, f in enumerate(files):
+        (folder / f"{i:02d}{f.suffix}").write_bytes(f.read_bytes())
+    out = root / f"{folder.name}.jsonl"
+    run_cli("classify", folder, "--index", env["index"], "--out", out, "--workers", "0", "-q", *extra)
+    cli_rows = [json.loads(x) for x in out.read_text().splitlines()]
+    cli_rows.sort(key=lambda r: r["path"])
+    app = create_app(config)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        rows = client.post("/api/classify", files=upload(*sorted(folder.iterdir()))).json()
+        assert client.get("/api/info").json()["server"]["method"] == cli_rows[0]["method"]
+    same_rows(rows, cli_rows)
