@@ -103,12 +103,9 @@ GAP_THRESHOLD = GapThreshold()
 
 def resolve_gap_threshold(value: float | str | None, index: Any) -> float | None:
     """'preset' -> the released threshold of the index's dataset (ImageNet 0.1, DTD 0.6, ...)."""
-    if value != "preset":
-        return value
-    from coder_index.presets import gap_threshold_preset
+    from coder_index.presets import resolve_gap_threshold as resolve
 
-    recipe = index.recipe
-    return gap_threshold_preset(recipe.released or recipe.dataset)
+    return resolve(value, index.recipe)
 
 
 def parallel_options(fn: Callable) -> Callable:

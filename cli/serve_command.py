@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import GAP_THRESHOLD, friendly_errors, resolve_gap_threshold
+from .common import GAP_THRESHOLD, friendly_errors
 
 
 def register(cli: click.Group) -> None:
@@ -79,6 +79,7 @@ def register(cli: click.Group) -> None:
             raise click.ClickException(f"serve needs its extra ({exc.name} is missing): pip install "
                                        "'coder-index[serve]'") from None
         config = ServeConfig(index=index_dir, device=device, top_k=top_k, method=zs_method, rerank=rerank,
+                             gap_threshold=gap_threshold,
                              adapter=adapter_dir, corpus=corpus_dir, retrieve_k=retrieve_k, predictions=predictions,
                              images_root=images_root, report=report_dir,
                              max_file_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files,
@@ -93,13 +94,6 @@ def register(cli: click.Group) -> None:
                         "use this API, upload images and read the index's texts and the listed images. There is "
                         "no authentication. Use the default --host 127.0.0.1 unless you mean it.",
                         err=True, fg="red", bold=True)
-        if gap_threshold is not None:
-            from coder_index.index.text_index import TextIndex
-
-            gap_threshold = resolve_gap_threshold(gap_threshold, TextIndex.open(index_dir))
-            from dataclasses import replace
-
-            config = replace(config, gap_threshold=gap_threshold)
         app = create_app(config, bound_host=host, note=lambda m: click.echo(m, err=True))
         from coder_index.serve.background import url_of
 

@@ -114,6 +114,14 @@ def released_dataset(dataset: str | None) -> tuple[str, dict[str, Any]]:
     return found
 
 
+def resolve_gap_threshold(value: float | str | None, recipe: Any) -> float | None:
+    """A --gap-threshold as given: a number, None (rerank every image), or 'preset': the released
+    threshold of the recipe's dataset (ImageNet 0.1, DTD 0.6, ...)."""
+    if value != "preset":
+        return value
+    return gap_threshold_preset(recipe.released or recipe.dataset)
+
+
 def gap_threshold_preset(dataset: str | None) -> float:
     """The released code's rerank gate for ``dataset`` (``--gap-threshold preset``)."""
     key, entry = released_dataset(dataset)

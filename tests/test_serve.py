@@ -598,3 +598,13 @@ def test_adapter_and_xmore_servers_equal_the_cli(env, adapter_and_corpus, method
         rows = client.post("/api/classify", files=upload(*sorted(folder.iterdir()))).json()
         assert client.get("/api/info").json()["server"]["method"] == cli_rows[0]["method"]
     same_rows(rows, cli_rows)
+
+
+def test_gap_threshold_preset_is_the_released_gate_of_the_index_dataset(env):
+    from coder_index.presets import gap_threshold_preset
+
+    app = create_app(ServeConfig(index=env["index"], rerank=True, gap_threshold="preset"))
+    try:
+        assert app.state.service.spec.gap_threshold == gap_threshold_preset("oxford_pets")
+    finally:
+        app.state.service.close()

@@ -19,7 +19,7 @@ class ServeConfig:
     top_k: int = 5
     method: str = "coder"                  # coder | xmore | coder+xmore (the latter two need corpus)
     rerank: bool = False                   # CODER*, with the pair texts stored in the index
-    gap_threshold: float | None = None
+    gap_threshold: float | str | None = None  # or "preset": the released threshold of the index's dataset
     adapter: Path | None = None
     corpus: Path | None = None
     retrieve_k: int = 16

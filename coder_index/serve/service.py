@@ -17,6 +17,7 @@ import torch
 
 from ..pipeline.classify import prediction_rows
 from ..pipeline.scorer_spec import ScorerSpec, build_scorer
+from ..presets import resolve_gap_threshold
 from .config import ServeConfig
 from .worker import Job, ModelWorker
 
@@ -31,8 +32,8 @@ class ModelService:
         self.index = TextIndex.open(config.index, device=config.device)
         self.names = self.index.class_names()
         self.top_k = min(config.top_k, len(self.names))
-        self.spec = ScorerSpec(top_k=self.top_k, method=config.method, rerank=config.rerank,
-                               gap_threshold=config.gap_threshold,
+        gap = resolve_gap_threshold(config.gap_threshold, self.index.recipe)
+        self.spec = ScorerSpec(top_k=self.top_k, method=config.method, rerank=config.rerank, gap_threshold=gap,
                                adapter=None if config.adapter is None else str(config.adapter),
                                corpus=None if config.corpus is None else str(config.corpus),
                                retrieve_k=config.retrieve_k)
