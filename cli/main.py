@@ -415,12 +415,11 @@ def explain(images: tuple[str, ...], index_dir: str, k: int, as_json: bool, devi
         click.echo("  nearest texts (cosine, kind, class):")
         for t in r["nearest_texts"]:
             click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['class']}: {t['text']}")
-        click.echo(f"  best texts of {r['prediction']}:")
-        for t in r["class_texts"]:
-            click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
-        if r["runner_up"] is not None:
-            click.echo(f"  best texts of the runner-up, {r['runner_up']}:")
-            for t in r["runner_up_texts"]:
+        for title, hits in ((f"best texts of {r['prediction']}", r["class_texts"]),
+                            (f"best texts of the runner-up, {r['runner_up']}", r["runner_up_texts"])):
+            if hits:
+                click.echo(f"  {title}:")
+            for t in hits:
                 click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
         if r["pairs"]:
             ev = r["pairs"]

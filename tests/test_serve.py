@@ -109,6 +109,9 @@ def test_explain_equals_explain_json(server, env):
         assert len(a["nearest_texts"]) == 4 and a["runner_up"] == a["classes"][1]["class"]
         assert a["runner_up_texts"] and {t["class"] for t in a["runner_up_texts"]} == {a["runner_up"]}
         assert a["pairs"] is not None  # the index holds pair texts for every pair of classes
+    human = run_cli("explain", files[0], "--index", env["index"], "-k", "2")
+    assert f"best texts of the runner-up, {api[0]['runner_up']}" in human
+    assert f"CODER* pairs (score > 0 favours the first class): rerank picks {api[0]['pairs']['prediction']}" in human
 
 
 def _rounded(obj):
