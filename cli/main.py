@@ -296,19 +296,21 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
 
 
 def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
+    """This run's work, then what each file holds now: the counts add up across resumed runs."""
     msg = (f"classified {summary.classified} images in {summary.seconds:.1f}s "
-           f"({summary.images_per_second:.1f} img/s) -> {summary.out}")
+           f"({summary.images_per_second:.1f} img/s), {summary.errors} unreadable")
     if summary.already_done:
         msg += f"; {summary.already_done} done in earlier runs"
-    msg += f"; {summary.errors} unreadable file(s)"
-    if summary.errors:
-        msg += f" listed in {summary.errors_file}"
     if summary.special:
-        msg += f" (of them {summary.special} FIFO/socket/device/broken link named like an image, skipped)"
+        msg += (f"; {summary.special} FIFO/socket/device/broken link named like an image skipped (listed as "
+                "unreadable)")
     if summary.other_files:
         msg += f"; {summary.other_files} non-image file(s) ignored"
     if summary.hidden:
         msg += f"; {summary.hidden} hidden file(s)/folder(s) skipped"
+    msg += f". {summary.out} holds {summary.rows_in_out} row(s)"
+    msg += (f", {summary.errors_file} lists {summary.errors_in_file} unreadable file(s)" if summary.errors_in_file
+            else "; no unreadable file")
     click.echo(msg, err=True)
 
 

@@ -45,8 +45,9 @@ def make_messy_folder(root: Path, seed: int = 0) -> Path:
     rgb((70, 80, 90)).save(root / "UPPER.JPG", format="JPEG")
 
     good = _jpeg_bytes(rng)
-    # valid JPEG headers, scrambled entropy-coded data
-    (root / "corrupt.jpg").write_bytes(good[:400] + bytes(rng.integers(0, 255, len(good) - 400, dtype=np.uint8)))
+    # valid JPEG headers and end marker, scrambled entropy-coded data in between
+    (root / "corrupt.jpg").write_bytes(good[:400] + bytes(rng.integers(0, 255, len(good) - 402, dtype=np.uint8))
+                                       + b"\xff\xd9")
     (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "fake.jpg").write_text("this is a text file with a .jpg name\n")
     (root / "notes.txt").write_text("not an image\n")

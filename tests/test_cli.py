@@ -82,17 +82,21 @@ def test_classify_messy_folder(cli_index, messy, tmp_path, fmt, workers):
     assert all(r["label"] in {"Abyssinian", "Bengal", "beagle", "pug", "samoyed"} for r in rows)
     assert all(s == sorted(s, reverse=True) and 0 < s[0] <= 1 for s in scores)
 
-    errors_file = tmp_path / "preds.errors.csv"
+    errors_file = tmp_path / f"preds.{fmt}.errors.csv"
     with open(errors_file, encoding="utf-8", newline="") as f:
         errors = {r["path"]: r["error"] for r in csv.DictReader(f)}
     assert set(errors) == {prefix + b for b in BAD}
     for name, reason in BAD.items():
         assert reason in errors[prefix + name]
-    assert "3 unreadable file(s)" in res.output and "1 non-image file(s) ignored" in res.output
+    assert f"{len(GOOD)} images" in res.output and "3 unreadable" in res.output
+    assert "1 non-image file(s) ignored" in res.output
+    assert f"{out} holds {len(GOOD)} row(s), {errors_file} lists 3 unreadable file(s)" in res.output
 
-    # a rerun finds everything done and writes nothing new
+    # a rerun finds everything done and writes nothing new; the files' totals are unchanged
     again = run("classify", messy, "--index", cli_index, "--out", out, "--workers", workers, "--top-k", "3")
     assert f"{len(GOOD) + len(BAD)} done in earlier runs" in again.output
+    assert "classified 0 images" in again.output and ", 0 unreadable" in again.output
+    assert f"{out} holds {len(GOOD)} row(s), {errors_file} lists 3 unreadable file(s)" in again.output
     n_lines = len(out.read_text(encoding="utf-8").splitlines())
     assert n_lines == len(GOOD) + (1 if fmt == "csv" else 0)
 

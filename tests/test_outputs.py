@@ -162,7 +162,7 @@ def test_only_regular_files_are_read(built_index, tmp_path):
         sock.close()
     assert proc.returncode == 0, proc.stderr
     assert sorted(Path(p).name for p in read_rows(out)) == ["inner.jpg", "link.jpg", "real.jpg"]
-    with open(out.with_name("p.errors.csv"), newline="") as f:
+    with open(out.with_name("p.csv.errors.csv"), newline="") as f:
         errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader(f)}
     assert set(errors) == {"fifo.jpg", "sock.png", "device.jpg", "dangling.jpg", "link-to-fifo.png"}
     assert "FIFO" in errors["fifo.jpg"] and "socket" in errors["sock.png"] and "device" in errors["device.jpg"]
@@ -266,12 +266,12 @@ def test_special_files_as_inputs_and_outputs_never_hang(built_index, tmp_path, t
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(folder / "pug" / "a.png")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    for name in ("out.csv", "out2.errors.csv", "classes.txt", "desc.json", "labels.csv"):
+    for name in ("out.csv", "out2.csv.errors.csv", "classes.txt", "desc.json", "labels.csv"):
         os.mkfifo(tmp_path / name)
     (tmp_path / "real-classes.txt").write_text("pug\n")
     cases = [
         (["classify", folder, "--index", built_index.path, "--out", tmp_path / "out.csv"], "out.csv"),
-        (["classify", folder, "--index", built_index.path, "--out", tmp_path / "out2.csv"], "out2.errors.csv"),
+        (["classify", folder, "--index", built_index.path, "--out", tmp_path / "out2.csv"], "out2.csv.errors.csv"),
         (["build", tmp_path / "i1", "--classes", tmp_path / "classes.txt", "--model", tiny_model], "classes.txt"),
         (["build", tmp_path / "i2", "--classes", tmp_path / "real-classes.txt", "--model", tiny_model,
           "--descriptors", tmp_path / "desc.json"], "desc.json"),
@@ -289,3 +289,64 @@ def test_special_files_as_inputs_and_outputs_never_hang(built_index, tmp_path, t
 
     with pytest.raises(Exception, match="no captions"):
         folder_captions(folder, None)
+
+
+def _messy(tmp_path):
+    from images import make_messy_folder
+
+    return make_messy_folder(tmp_path / "messy")
+
+
+def test_outputs_that_differ_by_extension_share_no_file(built_index, tmp_path):
+    """p.csv and p.jsonl in one folder: two runs, two errors files, two run records; removing one
+    output's files (rm p.csv*) leaves the other resumable and a fresh run of the first possible."""
+    from images import BAD, GOOD
+
+    folder = _messy(tmp_path)
+    outs = {fmt: tmp_path / f"p.{fmt}" for fmt in ("csv", "jsonl")}
+    for out in outs.values():
+        run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q")
+    for fmt, out in outs.items():
+        assert len(read_rows(out)) == len(GOOD)
+        with open(tmp_path / f"p.{fmt}.errors.csv", newline="") as f:
+            assert len(list(csv.DictReader(f))) == len(BAD)
+        assert (tmp_path / f"p.{fmt}.run.json").is_file()
+    assert not (tmp_path / "p.errors.csv").exists()
+    for p in tmp_path.glob("p.csv*"):
+        p.unlink()
+    res = run("classify", folder, "--index", built_index.path, "--out", outs["csv"], "--workers", "0", "-q")
+    assert "done in earlier runs" not in res.output and len(read_rows(outs["csv"])) == len(GOOD)
+    res = run("classify", folder, "--index", built_index.path, "--out", outs["jsonl"], "--workers", "0", "-q")
+    assert f"{len(GOOD) + len(BAD)} done in earlier runs" in res.output
+
+
+@pytest.mark.parametrize("holder", ["p.csv", "p.csv.errors.csv", "both"])
+def test_a_refusal_names_the_file_that_holds_the_rows(built_index, tmp_path, holder):
+    folder = _messy(tmp_path)
+    out = tmp_path / "p.csv"
+    run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q")
+    (tmp_path / "p.csv.run.json").unlink()
+    if holder != "both":
+        other = ({"p.csv", "p.csv.errors.csv"} - {holder}).pop()
+        (tmp_path / other).unlink()
+    res = run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q", ok=False)
+    assert res.exit_code == 1
+    names = ["p.csv", "p.csv.errors.csv"] if holder == "both" else [holder]
+    message = res.output.replace(str(tmp_path) + "/", "")
+    assert f"{' and '.join(names)} hold" in message and "--overwrite" in message, res.output
+    res = run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q", "--overwrite")
+    assert not (tmp_path / "p.errors.csv").exists()
+
+
+def test_an_errors_file_of_an_older_version_is_taken_over_on_resume(built_index, tmp_path):
+    """Runs begun by coder-index 0.2 listed errors in p.errors.csv: resuming keeps them (the bad
+    files are not read again) and moves them to p.csv.errors.csv."""
+    from images import BAD, GOOD
+
+    folder = _messy(tmp_path)
+    out = tmp_path / "p.csv"
+    run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q")
+    (tmp_path / "p.csv.errors.csv").rename(tmp_path / "p.errors.csv")
+    res = run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0")
+    assert f"{len(GOOD) + len(BAD)} done in earlier runs" in res.output
+    assert (tmp_path / "p.csv.errors.csv").is_file() and not (tmp_path / "p.errors.csv").exists()

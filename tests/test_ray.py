@@ -18,6 +18,7 @@ from coder_index_cli.main import cli
 
 from conftest import shared_path
 from images import BAD, GOOD, make_messy_folder
+from scores import assert_same_ranking, csv_ranking
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
 
@@ -70,19 +71,16 @@ def rows(path):
 
 
 def assert_same_rows(a, b):
+    """The same paths, methods and rankings (scores within SCORE_ATOL: see tests/scores.py)."""
     ra, rb = sorted(rows(a), key=lambda r: r["path"]), sorted(rows(b), key=lambda r: r["path"])
     assert [r["path"] for r in ra] == [r["path"] for r in rb]
     for x, y in zip(ra, rb, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            if key.endswith("score"):
-                assert abs(float(x[key]) - float(y[key])) < 1e-5, (x["path"], key)
-            else:
-                assert x[key] == y[key], (x["path"], key)
+        assert x.keys() == y.keys() and x["method"] == y["method"]
+        assert_same_ranking(*csv_ranking(x), *csv_ranking(y), what=x["path"])
 
 
 def error_paths(out):
-    errs = sorted(out.parent.glob(out.stem + ".errors*"))
+    errs = sorted(out.parent.glob(out.name + ".errors*"))
     assert errs, "no errors file"
     with open(errs[0], newline="") as f:
         return sorted(r["path"] for r in csv.DictReader(f))

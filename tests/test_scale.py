@@ -200,7 +200,7 @@ def test_streamed_discovery_in_small_chunks_writes_the_same_rows(index_dir, mess
     a, b = _rows(whole), _rows(small)
     assert a.keys() == b.keys()
     assert all(a[p]["label"] == b[p]["label"] for p in a)
-    errors = sorted(small.parent.glob("small.errors*"))
+    errors = sorted(small.parent.glob(small.name + ".errors*"))
     assert errors, "the unreadable files are reported"
     reported = errors[0].read_text()
     assert all(name in reported for name in BAD)

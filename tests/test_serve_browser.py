@@ -13,12 +13,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 import httpx  # noqa: E402
-from serve_env import make_serve_env  # noqa: E402
 
 from coder_index.serve import ServeConfig, create_app  # noqa: E402
 from coder_index.serve.background import BackgroundServer  # noqa: E402
 
 from conftest import shared_path  # noqa: E402
+from serve_env import make_serve_env  # noqa: E402
 
 CHROMIUM = os.environ.get("CODER_INDEX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("CODER_INDEX_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))

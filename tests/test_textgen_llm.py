@@ -219,7 +219,11 @@ def test_dry_run_sends_nothing(server, tmp_path, tiny_model):
     assert "would send 5 prompt(s)" in res.output and "1 already cached" in res.output
 
 
-def test_killed_run_resumes_from_cache(server, tmp_path, tiny_model):
+@pytest.mark.parametrize("key", [KEY, "x", "EMPTY"], ids=["secret-key", "placeholder-x", "placeholder-EMPTY"])
+def test_killed_run_resumes_from_cache(server, tmp_path, tiny_model, monkeypatch, key):
+    """Every answer received before a SIGKILL is in the cache (with a real key and with the
+    placeholders local servers take, whose letters appear in ordinary answers: 'texture')."""
+    monkeypatch.setenv("OPENAI_API_KEY", key)
     server.latency = 0.1
     n = 24
     classes = tmp_path / "classes.txt"
@@ -361,6 +365,35 @@ def test_an_answer_holding_the_key_is_never_stored(encoder, wordnet_texts, serve
     assert gen.llm.usage.unusable_answers == 1 and server.requests == 2
     for f in tmp_path.glob("c.sqlite*"):
         assert KEY.encode() not in f.read_bytes()
+
+
+PLACEHOLDERS = ["x", "X", "EMPTY", "none", "dummy", "sk-no-key-required", "not-needed", "ollama", "lm-studio",
+                "token-abc123", "sk-1234", "e", "text", "colour"]
+
+
+@pytest.mark.parametrize("placeholder", PLACEHOLDERS)
+def test_a_placeholder_key_inside_ordinary_answers_is_not_a_leak(encoder, wordnet_texts, server, tmp_path,
+                                                                  monkeypatch, placeholder):
+    """Local servers take any key; an answer that happens to contain it is kept and cached."""
+    from coder_index.textgen.llm import could_be_secret
+
+    assert not could_be_secret(placeholder)
+    monkeypatch.setenv("OPENAI_API_KEY", placeholder)
+    server.overrides[("attribute", "cat")] = f"- {placeholder} texture\n- fur with {placeholder}"
+    gen = make_gen(encoder, wordnet_texts, server, tmp_path / "c.sqlite")
+    k, stats = gen.generate(["cat", "dog"], ["attribute"])
+    assert k.get("cat", "attribute") == [f"{placeholder} texture", f"fur with {placeholder}"]
+    assert k.get("dog", "attribute") == ["dog shape", "dog colour", "dog texture"]
+    assert gen.llm.usage.unusable_answers == 0 and not stats.missing["attribute"]
+    assert gen.llm.scrub(f"error near {placeholder}") == f"error near {placeholder}"  # nothing to hide
+
+
+@pytest.mark.parametrize("secret", [KEY, "sk-proj-" + "a1B2c3D4" * 6, "0123456789abcdef0123456789abcdef",
+                                    "gsk_" + "Zx9" * 12])
+def test_keys_that_could_be_secrets_are_guarded(secret):
+    from coder_index.textgen.llm import could_be_secret
+
+    assert could_be_secret(secret)
 
 
 def test_generate_fails_clearly_when_classes_get_no_text(server, tmp_path, tiny_model):

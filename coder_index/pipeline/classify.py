@@ -42,6 +42,8 @@ class ClassifySummary:
     errors_file: str
     hidden: int = 0       # hidden files and folders skipped
     special: int = 0      # FIFOs, sockets, devices, broken links named like images: skipped, listed as errors
+    rows_in_out: int = 0      # rows OUT holds now (earlier runs' and this run's, any folder)
+    errors_in_file: int = 0   # files the errors file lists now
 
     @property
     def images_per_second(self) -> float:
@@ -59,7 +61,7 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
                     progress: bool = True, overwrite: bool = False, engine: Any | None = None,
                     on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` to ``out`` (.csv or .jsonl) and one
-    row per file that gave none to ``<out stem>.errors.csv``. Rows already there are kept and
+    row per file that gave none to ``OUT.errors.csv``. Rows already there are kept and
     skipped; a rerun with other settings is refused (``overwrite`` starts afresh). ``workers`` and
     ``threads`` default to a choice from the cores and the model (``parallelism.choose``).
     ``engine`` (e.g. ``engines.ray_engine.RayEngine``) decodes, encodes and scores elsewhere; rows
@@ -131,7 +133,8 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
     classified_or_failed = counts["ok"] + counts["err"]
     return ClassifySummary(found.found, max(0, found.found + len(found.special) - classified_or_failed),
                            counts["ok"], counts["err"], found.other_files, time.perf_counter() - t0, str(out),
-                           str(run.errors.path), found.hidden, len(found.special))
+                           str(run.errors.path), found.hidden, len(found.special),
+                           run.earlier["rows"] + counts["ok"], run.earlier["errors"] + counts["err"])
 
 
 def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names: list[str],

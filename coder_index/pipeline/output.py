@@ -230,5 +230,24 @@ class ErrorWriter(_AppendFile):
 
 
 def errors_path_for(out: str | Path) -> Path:
+    """``OUT.errors.csv`` (``p.csv`` -> ``p.csv.errors.csv``): outputs that differ only by their
+    extension (``p.csv``, ``p.jsonl``) never share an errors file."""
+    out = Path(out)
+    return out.with_name(out.name + ".errors.csv")
+
+
+def legacy_errors_path(out: str | Path) -> Path:
+    """Where coder-index 0.2 wrote OUT's errors (``p.errors.csv``, shared by ``p.csv`` and ``p.jsonl``)."""
     out = Path(out)
     return out.with_name(out.stem + ".errors.csv")
+
+
+def count_records(path: Path, quoted: bool = True) -> int:
+    """Complete records in a CSV (header excluded) or JSONL file, without holding them."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    if not quoted:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    with open(path, **_ENC) as f:
+        return max(0, sum(1 for row in csv.reader(f) if row) - 1)

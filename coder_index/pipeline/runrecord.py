@@ -1,7 +1,8 @@
 """Who owns an output file, and where its rows came from.
 
     OUT               the predictions (.csv or .jsonl)
-    OUT.errors.csv    files that produced no prediction
+    OUT.errors.csv    files that produced no prediction (p.csv -> p.csv.errors.csv: two outputs that
+                      differ by their extension never share it)
     OUT.run.json      provenance: index (id, text generation, recipe), model, method, top-k, and the
                       rerank / adapter / corpus settings; plus state a resumed run must reuse (the
                       X-MoRe normalisers)
@@ -15,13 +16,14 @@ settings is refused with what differs, so a resumed file never mixes rows of dif
 from __future__ import annotations
 
 import json
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputFormatError
 from ..index.atomic import OwnerLock, atomic_write_json, translate_disk_full
 from ..index.atomic import check_writable as _check_writable
-from .output import ErrorWriter, ResultWriter, errors_path_for
+from .output import ErrorWriter, ResultWriter, errors_path_for, legacy_errors_path
 
 FORMAT = "coder-index/predictions"
 IGNORED = {"index.path"}  # an index moved or copied elsewhere is still the same index
@@ -80,6 +82,7 @@ class OutputRun:
         self._lock = OwnerLock(lock_path(self.out), f"--out {self.out}")
         self.results: ResultWriter | None = None
         self.errors: ErrorWriter | None = None
+        self.earlier = {"rows": 0, "errors": 0}  # what the files held before this run
 
     def __enter__(self) -> OutputRun:
         ResultWriter(self.out, self.top_k)  # the file name is checked before anything else
@@ -104,7 +107,9 @@ class OutputRun:
         if self.overwrite:
             for p in (self.out, err, side):
                 p.unlink(missing_ok=True)
-        has_rows = any(p.exists() and p.stat().st_size > 0 for p in (self.out, err))
+        else:
+            self._adopt_legacy_errors(err)
+        holding = [p for p in (self.out, err) if p.exists() and p.stat().st_size > 0]
         if side.exists():
             try:
                 saved = json.loads(side.read_text(encoding="utf-8"))
@@ -119,13 +124,26 @@ class OutputRun:
                     f"{self.out} holds rows made with other settings ({'; '.join(diff[:6])}). Resuming would mix "
                     "them: rerun with --overwrite to start afresh, or choose another --out to keep both")
             self.state = saved.get("state", {})
-        elif has_rows:
-            raise InputFormatError(f"{self.out} holds rows of an unknown run (no {side.name}); rerun with --overwrite "
-                                   "to start afresh, or choose another --out")
+        elif holding:
+            what = " and ".join(str(p) for p in holding)
+            raise InputFormatError(f"{what} {'hold' if len(holding) > 1 else 'holds'} rows of an unknown run (no "
+                                   f"{side.name} beside {'them' if len(holding) > 1 else 'it'}); rerun with "
+                                   f"--overwrite to start afresh (it deletes {what}), or choose another --out")
         else:
             self._save()
         self.results = ResultWriter(self.out, self.top_k)
         self.errors = ErrorWriter(err)
+
+    def _adopt_legacy_errors(self, err: Path) -> None:
+        """A run begun by coder-index 0.2 listed its errors in ``p.errors.csv``; take that file over
+        when it can only be this output's (this OUT has a run record, no sibling output has one)."""
+        legacy = legacy_errors_path(self.out)
+        if legacy == err or err.exists() or not legacy.is_file() or not sidecar_path(self.out).is_file():
+            return
+        siblings = [p for p in self.out.parent.glob(glob_escape(self.out.stem) + ".*.run.json")
+                    if p != sidecar_path(self.out)]
+        if not siblings:
+            legacy.rename(err)
 
     def _save(self) -> None:
         atomic_write_json(sidecar_path(self.out), {"provenance": self.provenance, "state": self.state})
@@ -137,8 +155,11 @@ class OutputRun:
             self._save()
 
     def done_paths(self) -> set[str]:
+        """Paths with a row or an error already; also counts them (``earlier``) for the summary."""
         assert self.results is not None and self.errors is not None
-        return self.results.done_paths() | self.errors.done_paths()
+        rows, errors = self.results.done_paths(), self.errors.done_paths()
+        self.earlier = {"rows": len(rows), "errors": len(errors)}
+        return rows | errors
 
     def __exit__(self, *exc: Any) -> None:
         try:

@@ -44,8 +44,6 @@ def preprocess_uploads(uploads: list[Upload], preprocess: Callable[[Any], torch.
     status = 400
     for i, up in enumerate(uploads):
         try:
-            if not up.data:
-                raise ImageDecodeError("empty file")
             tensors.append(preprocess(decode_image_bytes(up.data, max_pixels)))
         except ImageTooLarge as exc:
             status = 413

@@ -153,6 +153,24 @@ class LLMUsage:
                 f"{self.completion_tokens} completion = {self.prompt_tokens + self.completion_tokens}")
 
 
+# Keys that local servers (vLLM, Ollama, llama.cpp, LM Studio, LiteLLM) take as "no key": not secrets.
+PLACEHOLDER_KEYS = frozenset({"", "x", "xx", "xxx", "none", "null", "empty", "dummy", "test", "key", "api-key",
+                              "not-needed", "no-key", "nokey", "sk-no-key-required", "sk-xxx", "sk-1234",
+                              "ollama", "lm-studio", "llama", "vllm", "token-abc123", "placeholder", "changeme"})
+
+
+def could_be_secret(key: str) -> bool:
+    """Whether an API key could be a secret worth guarding: not a known placeholder, at least 16
+    characters, and (being random) holding a digit, or at least 24 characters. Providers' keys are
+    32 characters and more; the placeholders local servers take ("x", "EMPTY", "sk-no-key-required")
+    are words. Only such keys are scrubbed from messages and refused in answers: with a placeholder
+    key "x", an answer mentioning "texture" is an answer, not a leak."""
+    key = key.strip()
+    if key.lower() in PLACEHOLDER_KEYS or len(key) < 16:
+        return False
+    return any(ch.isdigit() for ch in key) or len(key) >= 24
+
+
 class SecretFilter(logging.Filter):
     """Replaces a secret in every log record that passes through a handler."""
 
@@ -176,16 +194,18 @@ class LLMClient:
         self.cache = cache if cache is not None else LLMCache()  # an empty cache is falsy (__len__)
         self.usage = LLMUsage()
         self._key = os.environ.get(config.api_key_env, "")
+        # what must never appear in messages, logs or stored answers (a placeholder key is no secret)
+        self._secret = self._key if could_be_secret(self._key) else ""
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
         self._sent = 0
-        self._filter = SecretFilter(self._key)
+        self._filter = SecretFilter(self._secret)
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._filter)
 
     # -- secrets ---------------------------------------------------------------------------
     def scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return text.replace(self._secret, "***") if self._secret else text
 
     def _api_key(self) -> str:
         if self._key:
@@ -302,7 +322,7 @@ class LLMClient:
                 self.usage.truncated_answers += 1
                 cut = text[: self.config.max_answer_chars]
                 text = cut[: cut.rfind("\n")] if "\n" in cut else cut  # whole lines only
-            if self._key and self._key in text:
+            if self._secret and self._secret in text:
                 text = ""  # an answer that repeats the key is never stored (nor used): counted as unusable below
             if text and usable(text):
                 self.cache.put(key, self.config.model, messages, self.config.params, text, tokens)
