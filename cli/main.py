@@ -86,14 +86,16 @@ def cli(verbose: bool) -> None:
                                             "[default: ViT-B-32, or the index's model when adding to one].")
 @model_options
 @engine_options("texts are encoded")
+@click.option("--overwrite", is_flag=True, help="Delete the index already in INDEX_DIR first (damaged or not; only "
+                                               "an index's own files are deleted) and build afresh.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str | None, task: str | None,
           expert_knowledge: str | None, descriptors: tuple[str, ...], knowledge: tuple[str, ...],
           generate_kinds: str | None, model: str | None, pretrained: str | None, device: str | None,
-          engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, as_json: bool,
-          quiet: bool, dry_run: bool, **llm: Any) -> None:
+          engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, overwrite: bool,
+          as_json: bool, quiet: bool, dry_run: bool, **llm: Any) -> None:
     """Create INDEX_DIR (or add to it) from a class list and attribute files.
 
     Name texts come from the dataset's templates; descriptor files add attribute texts; knowledge
@@ -112,6 +114,8 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
       coder-index build in1k-cvpr24 --classes ImageNet.txt --dataset ImageNet --preset cvpr24 \\
           --expert-knowledge expert_knowledge/ --model ViT-B-32 --pretrained openai
       coder-index build in21k --classes in21k.txt --knowledge in21k-knowledge.json --engine ray --ray-address auto
+      coder-index build pets-index --overwrite --classes oxford-pet.txt --dataset oxford_pets \\
+          --descriptors descriptors_pets.json --model ViT-B-32 --pretrained openai   # a damaged index, afresh
     """
     from coder_index.build import build_index
     from coder_index.textgen.knowledge import load_knowledge
@@ -143,7 +147,7 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
     report = build_index(index_dir, classes_file, model=model, pretrained=pretrained, dataset=dataset, preset=preset,
                          task=task, descriptors=list(descriptors), device=device, knowledge=loaded,
                          expert_knowledge=expert_knowledge, generate=generate, progress=not quiet,
-                         encode_with=encode_with)
+                         encode_with=encode_with, overwrite=overwrite)
     if as_json:
         print_json(report.__dict__)
         return

@@ -42,7 +42,7 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
                 expert_knowledge: str | Path | None = None,
                 generate: Callable[[ClipEncoder, list[str]], Knowledge] | None = None,
                 progress: bool = False, encode: Callable[[list[str]], Any] | None = None,
-                encode_with: Callable[[ClipEncoder], Any] | None = None) -> BuildReport:
+                encode_with: Callable[[ClipEncoder], Any] | None = None, overwrite: bool = False) -> BuildReport:
     """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
     of ``classes_file``, attribute texts from each descriptor file, and all general kinds of each
     knowledge file. ``generate(encoder, classes)`` produces more knowledge on the fly.
@@ -51,6 +51,9 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
     index keeps its own and refuses another. ``expert_knowledge`` is the released
     ``expert_knowledge/`` folder (cvpr24 preset): attributes, analogous classes, synonyms and
     one-to-one features of ``dataset``.
+
+    ``overwrite`` deletes the index already in ``index_dir`` (damaged or not, never read) and builds
+    afresh: the fix for an index that ``verify`` finds damaged.
 
     ``encode(texts) -> [n, D]`` encodes the texts instead of the index's encoder (e.g. a
     ``RayTextEncoder``); ``encode_with(encoder)`` is a context manager giving such a function once the
@@ -63,7 +66,7 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
     check_writable(index_dir, "index directory", is_dir=True)  # before any model is loaded
     recipe = resolve_recipe(index_dir, preset, dataset, task)
     descriptor_data = [(Path(p), read_descriptor_file(p)) for p in descriptors or []]  # fail before work
-    exists = (index_dir / MANIFEST).exists()
+    exists = (index_dir / MANIFEST).exists() and not overwrite
     if exists and recipe is None:
         recipe = TextIndex.open(index_dir).recipe
     recipe = recipe or TextRecipe.make()
@@ -79,13 +82,13 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
             encoder = ClipEncoder(model or "ViT-B-32", pretrained, device=device)
     with encode_with(encoder) if encode_with is not None else nullcontext(encode) as encode:
         return _fill(index_dir, encoder, recipe, classes, classes_file, descriptor_data, knowledge, expert,
-                     expert_knowledge, generate, progress, encode)
+                     expert_knowledge, generate, progress, encode, overwrite)
 
 
 def _fill(index_dir: Path, encoder: ClipEncoder, recipe: TextRecipe, classes: list[str], classes_file: str | Path,
           descriptor_data: list, knowledge: list[Knowledge] | None, expert: Any, expert_knowledge: str | Path | None,
-          generate: Callable | None, progress: bool, encode: Callable | None) -> BuildReport:
-    index = TextIndex.create(index_dir, encoder, exist_ok=True, recipe=recipe)
+          generate: Callable | None, progress: bool, encode: Callable | None, overwrite: bool = False) -> BuildReport:
+    index = TextIndex.create(index_dir, encoder, exist_ok=True, recipe=recipe, overwrite=overwrite)
     index.add_classes(classes)
     report = BuildReport(str(index_dir), len(classes), recipe.describe())
 

@@ -318,3 +318,120 @@ def test_damaged_adapter_and_corpus_files(built_dirs, tmp_path, kind, damage):
         assert res.exit_code == 1, (name, damage, res.output)
         assert res.exception is None or isinstance(res.exception, SystemExit), (name, damage, repr(res.exception))
         assert name in res.output or "damaged" in res.output, (name, damage, res.output)
+
+
+# ---------------------------------------------------------------------------------------------- meta.sqlite
+PAGE = 4096
+
+
+def _built(tmp_path, tiny_model, name="idx"):
+    """An index built by the CLI, with the command that built it (the one a fix must repeat)."""
+    from conftest import PET_CLASSES, shared_path
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(PET_CLASSES) + "\n")
+    args = ["build", str(tmp_path / name), "--classes", str(classes), "--dataset", "oxford_pets", "--descriptors",
+            str(shared_path("data", "descriptors", "descriptors_pets.json")), "--model", tiny_model, "-q"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return tmp_path / name, args
+
+
+def _follow_the_fix(message, args):
+    """The fix a message names, followed literally: its command with the build's own options."""
+    assert "--overwrite" in message and "`coder-index build " in message, message
+    command = message.split("`coder-index build ")[1].split("`")[0].split()
+    assert command == [args[1], "--overwrite"], command
+    res = CliRunner().invoke(cli, ["build", *command, *args[2:]])
+    assert res.exit_code == 0, res.output
+
+
+def _answers(path, encoder, images):
+    index = TextIndex.open(path, encoder=encoder)
+    preds = index.classify(images)
+    return preds.labels, np.round(preds.logits, 4).tolist(), index.explain(images, k=3)[0]["prediction"]
+
+
+@pytest.mark.parametrize("mode", ["garbage", "zeros"])
+def test_every_damaged_page_of_meta_sqlite_is_one_clear_line_and_the_fix_works(tmp_path, tiny_model, encoder, mode):
+    """Each page of meta.sqlite overwritten in turn: opening, classifying and explaining either answer
+    exactly as the intact index does (a page they never read) or fail with one line naming the file
+    and a fix; `verify` finds every damaged page; the fix, followed literally, gives a working index."""
+    from PIL import Image
+
+    path, args = _built(tmp_path, tiny_model)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    intact = _answers(path, encoder, images)
+    pages = (path / "meta.sqlite").stat().st_size // PAGE
+    assert pages >= 10
+    pristine = tmp_path / "pristine"
+    shutil.copytree(path, pristine)
+    failed = 0
+    for page in range(pages):
+        shutil.rmtree(path)
+        shutil.copytree(pristine, path)
+        start = PAGE * page + (100 if page == 0 else 0)  # page 1 keeps SQLite's file header in one case
+        with open(path / "meta.sqlite", "r+b") as f:
+            f.seek(start if mode == "zeros" else PAGE * page)
+            f.write(bytes(PAGE * (page + 1) - start) if mode == "zeros" else rng.bytes(PAGE))
+        try:
+            got = _answers(path, encoder, images)
+            assert got == intact, page                  # an unused page: the same answers
+        except IndexFormatError as exc:
+            failed += 1
+            msg = str(exc)
+            assert "meta.sqlite" in msg and "\n" not in msg and "sqlalche" not in msg, (page, msg)
+            res = CliRunner().invoke(cli, ["info", str(path)])  # info reads fewer pages: it may still work
+            assert res.exit_code in (0, 1) and "Traceback" not in res.output and res.exception in (None,) or \
+                isinstance(res.exception, SystemExit), (page, res.output)
+            if res.exit_code:
+                assert "meta.sqlite" in res.output and "--overwrite" in res.output, res.output
+        rep = verify_index(path, check_model=False)
+        assert not rep.ok, page
+        fixes = {p.fix for p in rep.problems}
+        _follow_the_fix(next(iter(fixes)), args)
+        assert verify_index(path, check_model=False).ok, page
+        assert _answers(path, encoder, images) == intact
+    assert failed >= pages // 2
+
+
+@pytest.mark.parametrize("edit", [
+    "update texts set class_id = (class_id + 1) % 5",
+    "update texts set class_id = 4 - class_id where kind = 'attribute'",
+    "update texts set kind = 'synonym' where kind = 'attribute'",
+    "update texts set weight = 3 where id % 2 = 0",
+    "update classes set name = name || 'x' where id = 2",
+    "delete from texts where id = (select max(id) from texts)",
+])
+def test_edited_metadata_is_never_answered_from(tmp_path, tiny_model, encoder, edit):
+    """Metadata that decides a prediction, edited outside coder-index (the same number of rows, or
+    not): classify and explain refuse with the file and the fix; verify finds it; the fix works."""
+    path, args = _built(tmp_path, tiny_model)
+    con = sqlite3.connect(path / "meta.sqlite")
+    con.execute(edit)
+    con.commit()
+    con.close()
+    with pytest.raises(IndexFormatError) as err:
+        TextIndex.open(path, encoder=encoder).classify(np.eye(1, encoder.embed_dim, dtype=np.float32))
+    assert "meta.sqlite" in str(err.value) or "texts.faiss" in str(err.value)
+    for command in (["info", path], ["explain", shared_path_image(), "--index", path]):
+        assert "--overwrite" in cli_error(*command)
+    rep = verify_index(path, check_model=False)
+    assert not rep.ok
+    _follow_the_fix(str(err.value), args)
+    assert verify_index(path, check_model=False).ok
+
+
+def shared_path_image():
+    from conftest import shared_path
+
+    return shared_path("data", "imagenet-samples", "n01440764_tench.JPEG")
+
+
+def test_overwrite_deletes_only_an_index(tmp_path, tiny_model):
+    path, args = _built(tmp_path, tiny_model)
+    (path / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(cli, ["build", args[1], "--overwrite", *args[2:]])
+    assert res.exit_code == 1 and "notes.txt" in res.output and (path / "notes.txt").exists()
+    assert (path / "manifest.json").exists()

@@ -5,6 +5,7 @@ FAISS vector ids are the ``texts.id`` row ids, so one integer joins a search hit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import (
@@ -74,7 +75,23 @@ runs = Table(
 )
 
 
-def make_engine(path: Path, synchronous: str = "FULL", *, journal: str = "WAL", read_only: bool = False) -> Engine:
+def damaged_reason(exc: BaseException) -> str | None:
+    """SQLite's reason when ``exc`` says the file is damaged (not a database, malformed, text that is
+    not UTF-8); None for errors that are not damage (a lock held by a writer, a full disk)."""
+    import sqlite3
+
+    orig = getattr(exc, "orig", exc)
+    if not isinstance(orig, sqlite3.DatabaseError):
+        return None
+    reason = (str(orig).splitlines() or [orig.__class__.__name__])[0]
+    transient = ("locked", "busy", "disk is full", "unable to open", "readonly", "read-only", "interrupted")
+    if isinstance(orig, sqlite3.OperationalError) and any(t in reason.lower() for t in transient):
+        return None
+    return reason
+
+
+def make_engine(path: Path, synchronous: str = "FULL", *, journal: str = "WAL", read_only: bool = False,
+                on_damage: Callable[[str], Exception] | None = None) -> Engine:
     """SQLite engine. FULL fsyncs every commit (index metadata: a commit must be on disk before FAISS
     files are renamed); NORMAL suits caches, where losing the last answers to a power cut only costs
     a repeated request. Caches use WAL (many concurrent writers); index metadata uses a rollback
@@ -105,4 +122,20 @@ def make_engine(path: Path, synchronous: str = "FULL", *, journal: str = "WAL", 
     def _begin(conn):  # noqa: ANN001 - event hook signature
         conn.exec_driver_sql("BEGIN")
 
+    @event.listens_for(engine, "handle_error")
+    def _damaged(context):  # noqa: ANN001 - event hook signature
+        # A damaged file is the user's to fix: one line naming the file and the fix, from whichever
+        # query first meets the damage, instead of SQLAlchemy's traceback.
+        reason = damaged_reason(context.original_exception)
+        if reason is not None:
+            return (on_damage or _default_damage(path))(reason)
+        return None
+
     return engine
+
+
+def _default_damage(path: Path) -> Callable[[str], Exception]:
+    from ..errors import CoderIndexError
+
+    return lambda reason: CoderIndexError(f"{path} is damaged ({reason}); delete it (coder-index rebuilds what it "
+                                          "holds, at the cost of repeating the work) or restore it from a backup")

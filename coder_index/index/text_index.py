@@ -30,6 +30,7 @@ recorded one. ``verify`` (``coder-index verify``) adds the full sha256, the id s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -75,7 +76,43 @@ TEXTS_FAISS = "texts.faiss"
 PAIRS_FAISS = "pairs.faiss"
 META_DB = "meta.sqlite"
 LOCK = ".lock"
-REBUILD = "rebuild the index with `coder-index build` (or restore the directory from a backup)"
+REBUILD = ("rebuild it with `coder-index build INDEX_DIR --overwrite` and the options it was built with (or restore "
+           "the directory from a backup)")
+
+
+def rebuild_fix(path: str | Path) -> str:
+    """The fix for a damaged index, with its path: a command that works when followed literally
+    (the options are the ones the index was built with)."""
+    return REBUILD.replace("INDEX_DIR", str(path))
+
+
+META_DIGEST = "meta_digest"  # state key: sha256 of what decides a prediction (see ``metadata_digest``)
+
+
+def metadata_digest(conn: Any) -> str:
+    """sha256 of everything in meta.sqlite that decides a prediction: each class's id and name, each
+    text's id, class, kind and weight, each pair text's id, classes and weight. Recorded in the
+    transaction of every write, checked when an index is opened (about 1.5 s at a million texts,
+    milliseconds at ten thousand) and by ``verify``: metadata edited or damaged outside coder-index is
+    named, never answered from."""
+    h = hashlib.sha256()
+    kinds = " ".join(f"WHEN '{k}' THEN {i + 1}" for i, k in enumerate(TEXT_KINDS))
+    res = conn.exec_driver_sql("SELECT id, name FROM classes ORDER BY id")
+    while block := res.fetchmany(100_000):
+        h.update(np.array([r[0] for r in block], dtype=np.int64).tobytes())
+        h.update("".join(f"{r[1]}\x00" for r in block).encode("utf-8", "surrogatepass"))
+    for sql in (f"SELECT id, class_id, weight, CASE kind {kinds} ELSE -1 END FROM texts ORDER BY id",
+                "SELECT id, class_a, class_b, weight FROM pair_texts ORDER BY id"):
+        h.update(b"|")
+        res = conn.exec_driver_sql(sql)
+        while block := res.fetchmany(200_000):
+            h.update(np.array(block, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def record_metadata_digest(conn: Any) -> None:
+    """Store the digest of the rows this transaction sees (its own writes included)."""
+    conn.execute(insert(schema.state).prefix_with("OR REPLACE"), {"key": META_DIGEST, "value": metadata_digest(conn)})
 
 
 @dataclass(frozen=True)
@@ -149,7 +186,8 @@ class TextIndex(IndexQueries):
                  device: str | None = None, precision: str | None = None) -> None:
         self.path = path
         self.manifest = manifest
-        self.engine = schema.make_engine(path / META_DB, read_only=True)   # reads never create or modify
+        # reads never create or modify; a damaged file is one line naming it and the fix
+        self.engine = schema.make_engine(path / META_DB, read_only=True, on_damage=self._damaged)
         self._write_engine: Any = None
         self._encoder = encoder
         self._device = device
@@ -159,14 +197,24 @@ class TextIndex(IndexQueries):
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
         self._cache: dict[str, Any] = {}
 
+    @property
+    def fix(self) -> str:
+        """What to do about damage to this index (a literal command)."""
+        return rebuild_fix(self.path)
+
+    def _damaged(self, reason: str) -> IndexFormatError:
+        return IndexFormatError(f"{self.path / META_DB} is damaged ({reason}); {self.fix}")
+
     # ----------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | Path, encoder: ClipEncoder, *, exist_ok: bool = False,
-               recipe: TextRecipe | None = None) -> TextIndex:
+               recipe: TextRecipe | None = None, overwrite: bool = False) -> TextIndex:
         """A new, empty index for ``encoder``'s model whose texts follow ``recipe`` (default preset
         without a dataset if None). With ``exist_ok`` an existing index of the same model and recipe
-        is opened instead (another model or recipe is refused). Safe against concurrent creators:
-        the first creates, the others then find the index (and open it, or are refused)."""
+        is opened instead (another model or recipe is refused). ``overwrite`` first deletes the
+        index files already there, damaged or not, without reading them (a directory holding other
+        files is refused). Safe against concurrent creators: the first creates, the others then find
+        the index (and open it, or are refused)."""
         from ..presets import TextRecipe
 
         path = Path(path)
@@ -177,6 +225,8 @@ class TextIndex(IndexQueries):
         fp = encoder.fingerprint
         with exclusive_lock(path / LOCK), translate_disk_full(path):
             pause_point("index.create_locked")
+            if overwrite:
+                _delete_index_files(path)
             if (path / MANIFEST).exists():
                 if not exist_ok:
                     raise IndexFormatError(f"{path} already holds an index; open it, or choose another directory")
@@ -210,6 +260,7 @@ class TextIndex(IndexQueries):
                         {"key": "model", "value": json.dumps(fp.to_dict())},
                         {"key": "text_recipe", "value": json.dumps(recipe.to_dict())},
                         *({"key": k, "value": v} for k, v in files.items())])
+                    record_metadata_digest(conn)
             finally:
                 engine.dispose()
             manifest = {
@@ -246,13 +297,13 @@ class TextIndex(IndexQueries):
     def _state(self) -> dict[str, str]:
         meta = self.path / META_DB
         if not meta.is_file():
-            raise IndexFormatError(f"{meta} is missing: the texts and their ids are gone; {REBUILD}")
+            raise IndexFormatError(f"{meta} is missing: the texts and their ids are gone; {self.fix}")
         try:
             with self.engine.connect() as conn:
                 return dict(conn.execute(select(schema.state.c.key, schema.state.c.value)).all())
         except sa_exc.DBAPIError as exc:
             reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise IndexFormatError(f"{meta} cannot be read ({reason}); {REBUILD}") from None
+            raise IndexFormatError(f"{meta} cannot be read ({reason}); {self.fix}") from None
 
     def _check(self, full: bool = False) -> None:
         """Check the files against the state; a writer committing meanwhile (the state changed under
@@ -260,7 +311,12 @@ class TextIndex(IndexQueries):
         for attempt in range(4):
             state = self._state()
             try:
-                self._check_state(state, full)
+                try:
+                    self._check_state(state, full)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a state value that is garbage
+                    what = f"{exc.__class__.__name__}: {str(exc)[:100]}"
+                    raise IndexFormatError(f"{self.path / META_DB} holds a damaged state record ({what}); "
+                                           f"{self.fix}") from None
                 return
             except IndexFormatError:
                 if attempt == 3 or self._state() == state:
@@ -270,7 +326,7 @@ class TextIndex(IndexQueries):
         missing = [k for k in ("generation", "pairs_generation", "dim", "index_id", "model", "text_recipe",
                                *(vf.fingerprint_key for vf in VECTOR_FILES)) if k not in state]
         if missing:
-            raise IndexFormatError(f"{self.path / META_DB} has no {', '.join(missing)} record(s); {REBUILD}")
+            raise IndexFormatError(f"{self.path / META_DB} has no {', '.join(missing)} record(s); {self.fix}")
         model = json.loads(state["model"])
         if model != self.manifest["model"] or int(state["dim"]) != self.dim:
             raise IndexFormatError(f"{self.path / MANIFEST} names another model or width than {META_DB} records; "
@@ -280,6 +336,19 @@ class TextIndex(IndexQueries):
         for vf in VECTOR_FILES:
             self._files[vf.file] = self._committed_file(vf, int(state[vf.state_key]))
             self._check_vector_file(vf, json.loads(state[vf.fingerprint_key]), counts[vf.file], full)
+        self._check_metadata(state)
+
+    def _check_metadata(self, state: dict[str, str]) -> None:
+        """The classes, kinds and weights the texts have now are those recorded at the last write.
+        (An index written before coder-index 0.3 has no digest: ``verify --repair`` records one.)"""
+        recorded = state.get(META_DIGEST)
+        if recorded is None:
+            return
+        with self.engine.connect() as conn:
+            if metadata_digest(conn) != recorded:
+                raise IndexFormatError(
+                    f"{self.path / META_DB}: the classes, kinds or weights of its texts are not those this index "
+                    f"recorded at its last write (edited or damaged outside coder-index); {self.fix}")
 
     def _row_counts(self) -> dict[str, int]:
         try:
@@ -288,7 +357,7 @@ class TextIndex(IndexQueries):
                         for vf in VECTOR_FILES}
         except sa_exc.DBAPIError as exc:
             reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise IndexFormatError(f"{self.path / META_DB} cannot be read ({reason}); {REBUILD}") from None
+            raise IndexFormatError(f"{self.path / META_DB} cannot be read ({reason}); {self.fix}") from None
 
     def _committed_file(self, vf: VectorFile, generation: int) -> Path:
         """The file holding generation ``generation``: the pending one if a write was interrupted
@@ -302,24 +371,24 @@ class TextIndex(IndexQueries):
         try:
             info = read_info(p)
         except VectorFileError as exc:
-            raise IndexFormatError(f"{where}: {exc}; {REBUILD}") from None
+            raise IndexFormatError(f"{where}: {exc}; {self.fix}") from None
         if info.dim != self.dim:
             raise IndexFormatError(f"{where} holds vectors of width {info.dim}, the index's model has {self.dim}; "
-                                   f"the file comes from another index. {REBUILD}")
+                                   f"the file comes from another index. {self.fix}")
         if info.ntotal != rows:
             raise IndexFormatError(f"{where} holds {info.ntotal} vectors but {META_DB} {rows} rows; the files were "
-                                   f"changed outside coder-index. {REBUILD}")
+                                   f"changed outside coder-index. {self.fix}")
         if info.size != recorded.get("size") or digest(p, info) != recorded.get("quick") or \
                 (full and digest(p, info, full=True) != recorded.get("sha256")):
             raise IndexFormatError(f"{where} is not the file this index wrote (its content differs from the recorded "
                                    f"checksum: copied from another index, or its ids or vectors were changed). "
-                                   f"{REBUILD}")
+                                   f"{self.fix}")
 
     # ----------------------------------------------------------------- writing
     @property
     def write_engine(self) -> Any:
         if self._write_engine is None:
-            self._write_engine = schema.make_engine(self.path / META_DB, journal="DELETE")
+            self._write_engine = schema.make_engine(self.path / META_DB, journal="DELETE", on_damage=self._damaged)
         return self._write_engine
 
     @contextmanager
@@ -329,6 +398,7 @@ class TextIndex(IndexQueries):
         with exclusive_lock(self.path / LOCK), translate_disk_full(self.path):
             pause_point("index.write_locked")
             self._recover()
+            self._check_metadata(self._state())  # never record a digest over damaged metadata
             self._cache.clear()
             self._matrices.clear()
             yield
@@ -393,7 +463,7 @@ class TextIndex(IndexQueries):
     def _generation(self, vf: VectorFile) -> int:
         value = self._state().get(vf.state_key)
         if value is None:
-            raise IndexFormatError(f"{self.path / META_DB} has no {vf.state_key} record; {REBUILD}")
+            raise IndexFormatError(f"{self.path / META_DB} has no {vf.state_key} record; {self.fix}")
         return int(value)
 
     @property
@@ -449,11 +519,11 @@ class TextIndex(IndexQueries):
             except VectorFileError as exc:
                 if attempt < 2 and not path.exists():  # the pending file was renamed into place meanwhile
                     continue
-                raise IndexFormatError(f"{self.path / vf.file}: {exc}; {REBUILD}") from None
+                raise IndexFormatError(f"{self.path / vf.file}: {exc}; {self.fix}") from None
         if info.ntotal != rows or info.dim != self.dim:
             raise IndexFormatError(
                 f"{self.path / vf.file} holds {info.ntotal} vectors of width {info.dim} but {META_DB} has {rows} "
-                f"rows of width {self.dim}; the files were changed outside coder-index. {REBUILD}")
+                f"rows of width {self.dim}; the files were changed outside coder-index. {self.fix}")
         self._files[vf.file] = path
         self._matrices[vf.file] = (generation, ids, vectors)
         return ids, vectors
@@ -488,6 +558,7 @@ class TextIndex(IndexQueries):
                         next_id += 1
                 if new_rows:
                     conn.execute(insert(schema.classes), new_rows)
+                    record_metadata_digest(conn)
             if new_rows:
                 self._write_manifest_counts()
         return [existing[n] for n in clean]
@@ -636,6 +707,7 @@ class TextIndex(IndexQueries):
                 conn.execute(insert(vf.table), rows[i:i + 5000])
             for key, value in ((vf.state_key, str(generation)), (vf.fingerprint_key, json.dumps(file_fingerprint))):
                 conn.execute(schema.state.update().where(schema.state.c.key == key).values(value=value))
+            record_metadata_digest(conn)
 
     def _promote_pending_vectors(self, vf: VectorFile, pending: Path) -> None:
         os.replace(pending, self.path / vf.file)
@@ -712,6 +784,26 @@ class TextIndex(IndexQueries):
 
         sims, pos = knn(q, vectors, k, self.compute_device)
         return sims, np.where(pos >= 0, np.asarray(ids)[np.clip(pos, 0, None)], -1)
+
+
+def _delete_index_files(path: Path) -> None:
+    """What ``--overwrite`` removes: the index's own files only. Anything else in the directory means
+    it is not (only) an index, and nothing is deleted. The caller holds the lock."""
+    ours = (MANIFEST, META_DB, TEXTS_FAISS, PAIRS_FAISS)
+    foreign = sorted(p.name for p in path.iterdir()
+                     if p.name != LOCK and not p.name.startswith(ours) and not is_temp_name(p.name))
+    if foreign:
+        raise IndexFormatError(f"{path} holds files that are not an index's ({foreign[:5]}); --overwrite deletes "
+                               "only an index: choose an empty or new directory, or move those files away")
+    for p in path.iterdir():
+        if p.name != LOCK:
+            if p.is_dir() and not p.is_symlink():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    fsync_dir(path)
 
 
 def recover_interrupted_writes(path: Path, state: dict[str, str]) -> list[str]:

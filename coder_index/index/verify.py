@@ -33,12 +33,15 @@ from .text_index import (
     LOCK,
     MANIFEST,
     META_DB,
-    REBUILD,
+    META_DIGEST,
     VECTOR_FILES,
     TextIndex,
     _now,
     _pending_name,
+    metadata_digest,
     read_manifest,
+    rebuild_fix,
+    record_metadata_digest,
     recover_interrupted_writes,
 )
 
@@ -78,6 +81,7 @@ def verify_index(path: str | Path, *, check_model: bool = True, repair: bool = F
     state = _check_sqlite(meta, rep)
     if state is None:
         return rep
+    _check_metadata_digest(path, state, rep, repair)
     _check_manifest(path, state, rep, repair)
     if repair:
         _finish_interrupted_writes(path, state, rep)
@@ -97,25 +101,27 @@ def verify_index(path: str | Path, *, check_model: bool = True, repair: bool = F
 
 
 def _check_sqlite(meta: Path, rep: VerifyReport) -> dict[str, str] | None:
+    path = meta.parent
     if not meta.is_file():
-        rep.problems.append(Problem(str(meta), "missing: the texts and their ids are gone", REBUILD))
+        rep.problems.append(Problem(str(meta), "missing: the texts and their ids are gone", rebuild_fix(path)))
         return None
     engine = schema.make_engine(meta, read_only=True)
     try:
         with engine.connect() as conn:
             result = conn.execute(text("PRAGMA integrity_check")).scalar()
             if result != "ok":
-                rep.problems.append(Problem(str(meta), f"SQLite integrity check failed: {result}", REBUILD))
+                rep.problems.append(Problem(str(meta), f"SQLite integrity check failed: {result}",
+                                            rebuild_fix(path)))
                 return None
             tables = {r[0] for r in conn.execute(text("select name from sqlite_master where type = 'table'"))}
             missing = {"classes", "texts", "pair_texts", "state", "runs"} - tables
             if missing:
-                rep.problems.append(Problem(str(meta), f"tables {sorted(missing)} are missing", REBUILD))
+                rep.problems.append(Problem(str(meta), f"tables {sorted(missing)} are missing", rebuild_fix(path)))
                 return None
             state = dict(conn.execute(select(schema.state.c.key, schema.state.c.value)).all())
-    except sa_exc.DBAPIError as exc:
+    except (sa_exc.DBAPIError, CoderIndexError) as exc:
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-        rep.problems.append(Problem(str(meta), f"cannot be read: {reason}", REBUILD))
+        rep.problems.append(Problem(str(meta), f"cannot be read: {reason}", rebuild_fix(path)))
         return None
     finally:
         engine.dispose()
@@ -123,10 +129,44 @@ def _check_sqlite(meta: Path, rep: VerifyReport) -> dict[str, str] | None:
               *(vf.fingerprint_key for vf in VECTOR_FILES)]
     absent = [k for k in needed if k not in state]
     if absent:
-        rep.problems.append(Problem(str(meta), f"state records {absent} are missing", REBUILD))
+        rep.problems.append(Problem(str(meta), f"state records {absent} are missing", rebuild_fix(path)))
         return None
     rep.checked.append(f"{META_DB}: integrity check ok, tables and state records present")
     return state
+
+
+def _check_metadata_digest(path: Path, state: dict[str, str], rep: VerifyReport, repair: bool) -> None:
+    """The classes, kinds and weights of the texts against the digest recorded at the last write."""
+    meta = path / META_DB
+    engine = schema.make_engine(meta, read_only=True)
+    try:
+        with engine.connect() as conn:
+            now = metadata_digest(conn)
+    except (sa_exc.DBAPIError, CoderIndexError) as exc:
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        rep.problems.append(Problem(str(meta), f"its rows cannot be read: {reason}", rebuild_fix(path)))
+        return
+    finally:
+        engine.dispose()
+    recorded = state.get(META_DIGEST)
+    if recorded == now:
+        rep.checked.append(f"{META_DB}: classes, kinds and weights of the texts equal the digest of the last write")
+    elif recorded is not None:
+        rep.problems.append(Problem(str(meta), "the classes, kinds or weights of its texts are not those recorded at "
+                                               "its last write (edited or damaged outside coder-index)",
+                                    rebuild_fix(path)))
+    elif repair:
+        writer = schema.make_engine(meta, journal="DELETE")
+        try:
+            with exclusive_lock(path / LOCK), writer.begin() as conn:
+                record_metadata_digest(conn)
+        finally:
+            writer.dispose()
+        rep.repaired.append(f"{META_DB}: digest of the texts' classes, kinds and weights recorded (the index was "
+                            "written by an older coder-index)")
+    else:
+        rep.notes.append(f"{META_DB} records no digest of its texts' classes, kinds and weights (written by an older "
+                         f"coder-index): `coder-index verify {path} --repair` records one, so that edits are found")
 
 
 def manifest_from_state(path: Path, state: dict[str, str]) -> dict[str, Any]:
@@ -184,25 +224,27 @@ def _check_vector_file(path: Path, vf: Any, state: dict[str, str], engine: Any, 
     try:
         info = read_info(p)
     except VectorFileError as exc:
-        rep.problems.append(Problem(where, str(exc), REBUILD))
+        rep.problems.append(Problem(where, str(exc), rebuild_fix(path)))
         return
     dim = int(state["dim"])
     if info.dim != dim:
-        rep.problems.append(Problem(where, f"vectors of width {info.dim}; the model's is {dim}", REBUILD))
+        rep.problems.append(Problem(where, f"vectors of width {info.dim}; the model's is {dim}",
+                                    rebuild_fix(path)))
         return
     with engine.connect() as conn:
         ids = np.array([r[0] for r in conn.execute(select(vf.table.c.id).order_by(vf.table.c.id))], dtype=np.int64)
     if info.ntotal != len(ids):
-        rep.problems.append(Problem(where, f"{info.ntotal} vectors but {META_DB} has {len(ids)} rows", REBUILD))
+        rep.problems.append(Problem(where, f"{info.ntotal} vectors but {META_DB} has {len(ids)} rows",
+                                    rebuild_fix(path)))
         return
     full = digest(p, info, full=True)
     if info.size != recorded.get("size") or full != recorded.get("sha256"):
         rep.problems.append(Problem(where, "its content differs from the checksum recorded at its last write "
-                                           "(copied from another index, or changed)", REBUILD))
+                                           "(copied from another index, or changed)", rebuild_fix(path)))
         return
     file_ids = np.fromfile(p, dtype=np.int64, count=info.ntotal, offset=info.ids_offset)
     if not np.array_equal(np.sort(file_ids), ids):
-        rep.problems.append(Problem(where, "its ids are not the ids of the SQLite rows", REBUILD))
+        rep.problems.append(Problem(where, "its ids are not the ids of the SQLite rows", rebuild_fix(path)))
         return
     note = " (read from the committed pending file of an interrupted write)" if p == pending else ""
     rep.checked.append(f"{vf.file}: IndexIDMap2(IndexFlatIP), width {dim}, {info.ntotal} vectors, sha256 "
@@ -228,7 +270,7 @@ def _check_model(path: Path, device: str | None, rep: VerifyReport) -> None:
         bad = int(np.argmin(cos))
         rep.problems.append(Problem(str(path / "texts.faiss"), f"stored vectors are not this model's embeddings of "
                                     f"their texts (text {int(table.ids[sample][bad])}: cosine {cos[bad]:.4f})",
-                                    REBUILD))
+                                    rebuild_fix(path)))
         return
     rep.checked.append(f"model: {index.fingerprint.describe()}; {len(sample)} stored vectors re-encoded from their "
                        f"texts (cosine >= {cos.min():.6f})")
