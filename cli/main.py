@@ -387,53 +387,104 @@ def _check_requested_model(index, model: str | None, pretrained: str | None, dev
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The text index whose texts explain the prediction.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Nearest texts to show.")
+@click.option("--rerank", is_flag=True, help="Explain the CODER* prediction (the one-to-one rerank with the pair texts "
+                                              "stored in the index, as `classify --rerank --llm none`).")
+@click.option("--gap-threshold", default=None, type=GAP_THRESHOLD,
+              help="With --rerank: as in classify (rerank only images whose top-1 minus top-2 is below this).")
+@click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Explain the prediction of this CODER-Adapter (from `coder-index fewshot fit`).")
+@click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="X-MoRe: the image-text corpus for --method xmore/coder+xmore.")
+@click.option("--method", "zs_method", type=click.Choice(["coder", "xmore", "coder+xmore"]), default="coder",
+              show_default=True, help="Zero-shot method whose prediction is explained (X-MoRe's normalisers are "
+                                      "taken over the explained images, as `classify` of a folder holding them).")
+@click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
+              help="Corpus images retrieved per image for X-MoRe.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--device", default=None, help="cuda, mps or cpu.")
 @friendly_errors
-def explain(images: tuple[str, ...], index_dir: str, k: int, as_json: bool, device: str | None) -> None:
-    """Why an image gets its class: class scores, the k nearest texts, the best texts of the
-    predicted class and of the runner-up, and (when the index holds pair texts) the CODER* pair
-    scores of its top-5 classes.
+def explain(images: tuple[str, ...], index_dir: str, k: int, rerank: bool, gap_threshold: float | None,
+            adapter_dir: str | None, corpus_dir: str | None, zs_method: str, retrieve_k: int, as_json: bool,
+            device: str | None) -> None:
+    """Why an image gets its class, by the method that made the prediction (CODER by default;
+    --rerank, --adapter, --method xmore as in classify): the method's class scores, the k nearest
+    texts, the best texts of the predicted class and of the runner-up, for X-MoRe the captions of
+    the nearest corpus images, and (when the index holds pair texts) the CODER* pair scores of its
+    top-5 classes. Every readable image is explained; each unreadable one is named on stderr and
+    the exit status is 1.
 
     \b
     Examples:
       coder-index explain cat.jpg --index pets-index
       coder-index explain a.jpg b.png --index in1k -k 20 --json > why.json
+      coder-index explain cat.jpg --index pets-index --rerank
+      coder-index explain cat.jpg --index pets-index --adapter pets-adapter
+      coder-index explain cat.jpg --index in1k --corpus laion-corpus --method xmore
     """
     from coder_index.index.text_index import TextIndex
-    from coder_index.pipeline.decode import ImageDecodeError
+    from coder_index.pipeline.decode import ImageDecodeError, load_image
+    from coder_index.pipeline.scorer_spec import ScorerSpec, build_scorer
 
-    index = TextIndex.open(index_dir, device=device)
+    spec = ScorerSpec(top_k=5, method=zs_method, rerank=rerank, adapter=adapter_dir, corpus=corpus_dir,
+                      retrieve_k=retrieve_k)
     try:
-        results = index.explain(list(images), k=k)
-    except ImageDecodeError as exc:
-        raise click.ClickException(f"cannot read image: {exc}") from exc
-    for path, r in zip(images, results, strict=True):
-        r["path"] = path
+        spec.check()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    loaded, bad = [], []
+    for path in images:  # every file is read before the model loads: a bad one is named, the rest explained
+        try:
+            loaded.append((path, load_image(path)))
+        except ImageDecodeError as exc:
+            bad.append((path, str(exc)))
+    results = []
+    if loaded:
+        index = TextIndex.open(index_dir, device=device)
+        spec = replace(spec, top_k=min(5, len(index.class_names())),
+                       gap_threshold=resolve_gap_threshold(gap_threshold, index))
+        scorer = build_scorer(index, spec, note=lambda m: click.echo(m, err=True))
+        emb = index.encoder.encode_images([im for _, im in loaded])
+        if scorer.two_pass:
+            scorer.prepare(emb, {})
+        results = index.explain(emb, k=k, scorer=scorer)
+        for (path, _), r in zip(loaded, results, strict=True):
+            r["path"] = path
     if as_json:
         print_json(results)
-        return
-    for r in results:
-        click.echo(f"{r['path']}: {r['prediction']}")
-        click.echo("  classes:")
-        for c in r["classes"]:
-            click.echo(f"    {c['score']:8.4f}  {c['class']}")
-        click.echo("  nearest texts (cosine, kind, class):")
-        for t in r["nearest_texts"]:
-            click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['class']}: {t['text']}")
-        for title, hits in ((f"best texts of {r['prediction']}", r["class_texts"]),
-                            (f"best texts of the runner-up, {r['runner_up']}", r["runner_up_texts"])):
-            if hits:
-                click.echo(f"  {title}:")
-            for t in hits:
-                click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
-        if r["pairs"]:
-            ev = r["pairs"]
-            click.echo(f"  CODER* pairs (score > 0 favours the first class): rerank picks {ev['prediction']}"
-                       + (" (changed)" if ev["changed"] else ""))
-            for pair in ev["pairs"]:
-                if pair["has_texts"]:
-                    click.echo(f"    {pair['score']:+8.4f}  {pair['a']} vs {pair['b']}")
+    else:
+        for r in results:
+            _print_explanation(r)
+    for path, reason in bad:
+        click.echo(f"cannot read image {path}: {reason}", err=True)
+    if bad:
+        sys.exit(1)
+
+
+def _print_explanation(r: dict[str, Any]) -> None:
+    click.echo(f"{r['path']}: {r['prediction']} ({r['method']})")
+    click.echo("  classes (score, CODER stage-1 logit):")
+    for c in r["classes"]:
+        click.echo(f"    {c['score']:8.4f}  {c['logit']:8.3f}  {c['class']}")
+    click.echo("  nearest texts (cosine, kind, class):")
+    for t in r["nearest_texts"]:
+        click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['class']}: {t['text']}")
+    for title, hits in ((f"best texts of {r['prediction']}", r["class_texts"]),
+                        (f"best texts of the runner-up, {r['runner_up']}", r["runner_up_texts"])):
+        if hits:
+            click.echo(f"  {title}:")
+        for t in hits:
+            click.echo(f"    {t['cosine']:8.4f}  {t['kind']:<9}  {t['text']}")
+    if r.get("captions"):
+        click.echo("  captions of the nearest corpus images (cosine):")
+        for c in r["captions"]:
+            click.echo(f"    {c['cosine']:8.4f}  {c.get('caption', '')}")
+    if r["pairs"]:
+        ev = r["pairs"]
+        click.echo(f"  CODER* pairs (score > 0 favours the first class): rerank picks {ev['prediction']}"
+                   + (" (changed)" if ev["changed"] else ""))
+        for pair in ev["pairs"]:
+            if pair["has_texts"]:
+                click.echo(f"    {pair['score']:+8.4f}  {pair['a']} vs {pair['b']}")
 
 
 @cli.command()

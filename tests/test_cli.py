@@ -147,6 +147,28 @@ def test_explain_unreadable_image_is_clear(cli_index, messy):
     assert res.exit_code == 1 and "not an image" in res.output
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_explain_explains_every_readable_image_and_names_each_bad_one(cli_index, messy, as_json):
+    """explain a.jpg truncated.jpg b.png ...: the good ones are explained, in order, every bad one is
+    named with its reason, and the exit status says something was wrong."""
+    from images import BAD
+
+    files = [messy / "a/red_0.jpg", messy / "truncated.jpg", messy / "gray.png", messy / "corrupt.jpg",
+             messy / "fake.jpg", messy / "b/blue_1.bmp"]
+    res = CliRunner().invoke(cli, ["explain", *map(str, files), "--index", str(cli_index),
+                                   *(["--json"] if as_json else [])])
+    assert res.exit_code == 1, res.output
+    good = [f for f in files if f.name not in BAD]
+    if as_json:
+        assert [r["path"] for r in json.loads(res.stdout)] == [str(f) for f in good]
+    else:
+        assert [line.split(": ")[0] for line in res.stdout.splitlines() if not line.startswith(" ")] == \
+            [str(f) for f in good]
+    for f in files:
+        if f.name in BAD:
+            assert f"cannot read image {f}: " in res.stderr and BAD[f.name] in res.stderr
+
+
 def test_build_errors_are_clear(tmp_path, tiny_model):
     classes = tmp_path / "c.txt"
     classes.write_text("cat\ncat\n")

@@ -572,29 +572,47 @@ def adapter_and_corpus(env, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", ["adapter", "xmore", "coder+xmore"])
-def test_adapter_and_xmore_servers_equal_the_cli(env, adapter_and_corpus, method):
+@pytest.mark.parametrize("method", ["coder", "coder*", "adapter", "xmore", "coder+xmore"])
+def test_every_method_served_and_explained_equals_the_cli(env, adapter_and_corpus, method):
+    """For every method that can be served: /api/classify equals `classify`, and an explanation (the
+    server's and `explain --json`'s) explains that prediction: the same method, class, scores and
+    runner-up as the row."""
     root = adapter_and_corpus
     files = [env["photos"] / g for g in GOOD[:6]]
-    if method == "adapter":
-        config, extra = ServeConfig(index=env["index"], adapter=root / "adapter"), ["--adapter", root / "adapter"]
-    else:
-        config = ServeConfig(index=env["index"], corpus=root / "corpus", method=method)
-        extra = ["--corpus", root / "corpus", "--method", method]
+    extra = {"coder": [], "coder*": ["--rerank"], "adapter": ["--adapter", root / "adapter"],
+             "xmore": ["--corpus", root / "corpus", "--method", "xmore"],
+             "coder+xmore": ["--corpus", root / "corpus", "--method", "coder+xmore"]}[method]
+    config = {"coder": ServeConfig(index=env["index"]), "coder*": ServeConfig(index=env["index"], rerank=True),
+              "adapter": ServeConfig(index=env["index"], adapter=root / "adapter")}.get(method) or \
+        ServeConfig(index=env["index"], corpus=root / "corpus", method=method)
     # the CLI over a folder holding exactly the uploaded images (X-MoRe normalises over the folder's)
-    folder = root / f"only-{method.replace('+', '-')}"
+    folder = root / f"only-{method.replace('+', '-').replace('*', 'star')}"
     folder.mkdir()
     for i, f in enumerate(files):
         (folder / f"{i:02d}{f.suffix}").write_bytes(f.read_bytes())
     out = root / f"{folder.name}.jsonl"
-    run_cli("classify", folder, "--index", env["index"], "--out", out, "--workers", "0", "-q", *extra)
+    llm = ["--llm", "none"] if method == "coder*" else []
+    run_cli("classify", folder, "--index", env["index"], "--out", out, "--workers", "0", "-q", *extra, *llm)
     cli_rows = [json.loads(x) for x in out.read_text().splitlines()]
     cli_rows.sort(key=lambda r: r["path"])
+    uploads = sorted(folder.iterdir())
     app = create_app(config)
     with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=120) as client:
-        rows = client.post("/api/classify", files=upload(*sorted(folder.iterdir()))).json()
+        rows = client.post("/api/classify", files=upload(*uploads)).json()
+        why = client.post("/api/explain", files=upload(*uploads)).json()
         assert client.get("/api/info").json()["server"]["method"] == cli_rows[0]["method"]
     same_rows(rows, cli_rows)
+    cli_why = json.loads(run_cli("explain", *uploads, "--index", env["index"], "--json", *extra))
+    for explained in (why, cli_why):
+        for w, r in zip(explained, rows, strict=True):
+            assert w["method"] == r["method"] and w["prediction"] == r["label"], (w["prediction"], r)
+            assert_same_ranking([c["class"] for c in w["classes"]], [c["score"] for c in w["classes"]],
+                                [t["label"] for t in r["top_k"]], [t["score"] for t in r["top_k"]])
+            assert w["runner_up"] == r["top_k"][1]["label"]
+            assert ("captions" in w) == ("xmore" in method)
+    for w, c in zip(why, cli_why, strict=True):
+        w.pop("path"), c.pop("path")
+        assert_close_tree(w, c)
 
 
 def test_gap_threshold_preset_is_the_released_gate_of_the_index_dataset(env):

@@ -53,10 +53,11 @@ class IndexQueries:
             raise ValueError("the text query is empty; give a few words, e.g. 'a fluffy white dog'")
         return self.nearest_texts(self.encoder.encode_texts([query.strip()]), k)[0]
 
-    def explain(self, images: Any, k: int = 10) -> list[dict[str, Any]]:
+    def explain(self, images: Any, k: int = 10, scorer: Any = None) -> list[dict[str, Any]]:
+        """Why each image gets its class from ``scorer`` (default CODER): see ``predict.explain``."""
         from ..predict import embed_images, explain
 
-        return explain(self, embed_images(self, images), k)
+        return explain(self, embed_images(self, images), k, scorer=scorer)
 
     # ----------------------------------------------------------------- pair texts (rerank)
     def add_pair_texts(self, features: dict[tuple[str, str], list[str]], source: str = "llm") -> int:

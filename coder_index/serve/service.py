@@ -9,6 +9,7 @@ inputs.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ class ModelService:
                                retrieve_k=config.retrieve_k)
         self.scorer = build_scorer(self.index, self.spec, note=note)  # no LLM: the rerank uses stored pairs
         self.method = self.scorer.method
+        # explanations explain this method's prediction, with at least the top 5 and a runner-up
+        explain_top = min(max(5, self.top_k), len(self.names))
+        self.explain_scorer = self.scorer if explain_top == self.top_k else \
+            build_scorer(self.index, replace(self.spec, top_k=explain_top))
         self.preprocess = self.index.encoder.preprocess
         self.worker = ModelWorker(self.index.encoder.encode_image_batch, max_batch=config.max_batch)
         self._rowwise = self._score_rows  # one object: concurrent requests' rows are scored together
@@ -61,7 +66,10 @@ class ModelService:
         from ..predict import explain
 
         def finish(emb: np.ndarray) -> list[dict[str, Any]]:
-            results = explain(self.index, emb, k)
+            if self.explain_scorer.two_pass:  # X-MoRe: normalisers over this request's images, as classify
+                self.explain_scorer.normalizers = None
+                self.explain_scorer.prepare(emb, {})
+            results = explain(self.index, emb, k, scorer=self.explain_scorer)
             for path, r in zip(paths, results, strict=True):
                 r["path"] = path
             return results
