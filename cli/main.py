@@ -271,12 +271,12 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
         top_k = spec.candidates
     generator = None
     if rerank and llm["llm_kind"] != "none":
-        generator = make_generator(index.encoder, **llm)
+        generator = make_generator(LazyEncoder(index), **llm)
     scorer = build_scorer(index, spec, generator=generator, llm_model=llm.get("llm_model"), progress=not quiet,
                           note=lambda m: click.echo(m, err=True))
     reranker = getattr(scorer, "reranker", None)
     if not rerank:
-        index.encoder.release_text_tower()  # only images are encoded from here on: free a third of the model
+        index.images_only()  # only images are encoded from here on: a third of the model is never kept
     run_engine = None
     if engine == "ray":
         from coder_index.engines.ray_engine import RayEngine
@@ -297,6 +297,17 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
                    f"{'; ' + str(summary.hidden) + ' hidden' if summary.hidden else ''})", err=True)
     if strict and (summary.found == 0 or summary.errors):
         sys.exit(1)
+
+
+class LazyEncoder:
+    """The index's encoder, loaded when first used: refusals and a run with nothing left to do come
+    before the model loads (it takes seconds)."""
+
+    def __init__(self, index: Any) -> None:
+        self._index = index
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index.encoder, name)
 
 
 def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary

@@ -321,3 +321,33 @@ def test_readme_and_gitignore_for_a_first_run():
 def test_setup_wordnet_says_which_nltk_data(tmp_path, wordnet_reader):
     out = run("setup", "wordnet", "--target", tmp_path / "nltk").output
     assert f"export NLTK_DATA={(tmp_path / 'nltk').resolve()}" in out
+
+
+def _forbid_model_loads(monkeypatch):
+    from coder_index import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module.ClipEncoder, "__init__",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+
+
+@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"],
+                                   ["--rerank", "--base-url", "http://127.0.0.1:9/v1", "--max-retries", "0"]],
+                         ids=["coder", "coder*", "coder*-with-llm"])
+def test_refusals_and_nothing_to_do_never_load_the_model(built_index, tmp_path, monkeypatch, extra):
+    """Check and refuse first, load last: a rerun with everything done, a changed --top-k, an empty
+    folder and an unwritable --out all answer without loading the model (it takes seconds)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    data = _labelled(tmp_path / "data", 1)
+    out = tmp_path / "p.csv"
+    run("classify", data, "--index", built_index.path, "--out", out, "--workers", "0", "-q", *extra)
+    _forbid_model_loads(monkeypatch)  # each CLI call opens the index anew: no model is held from the first run
+    res = run("classify", data, "--index", built_index.path, "--out", out, "--workers", "0", *extra)
+    assert "done in earlier runs" in res.output
+    res = run("classify", data, "--index", built_index.path, "--out", out, "--top-k", "2", *extra, ok=False)
+    assert res.exit_code == 1 and "--top-k" in res.output and "the model was loaded" not in res.output
+    (tmp_path / "empty").mkdir()
+    res = run("classify", tmp_path / "empty", "--index", built_index.path, "--out", tmp_path / "e.csv", *extra)
+    assert "holds no image" in res.output
+    for bad in ("/proc/nope/p.csv", "/proc/p.csv", str(tmp_path / "p.csv" / "x.csv")):
+        res = run("classify", data, "--index", built_index.path, "--out", bad, *extra, ok=False)
+        assert res.exit_code == 1 and bad in res.output and "Errno" not in res.output, res.output

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,9 +103,21 @@ def check_writable(path: Path, what: str, *, is_dir: bool = False) -> None:
     else:
         if not existing.is_dir():
             raise InputFormatError(f"{what} {path}: {existing} is not a directory")
-        ok = os.access(existing, os.W_OK | os.X_OK)
+        ok = os.access(existing, os.W_OK | os.X_OK) and _can_create_in(existing)
     if not ok:
         raise InputFormatError(f"{what} {path}: {existing} is not writable; choose a location you can write to")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a file can really be created in ``directory`` (access() says yes to root in /proc, on a
+    read-only bind mount's parent, and so on): create one and remove it."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".coder-index-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 def temp_path(path: Path) -> Path:

@@ -196,6 +196,7 @@ class TextIndex(IndexQueries):
         self._matrices: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
         self._cache: dict[str, Any] = {}
+        self._images_only = False               # release the text tower as soon as the model loads
 
     @property
     def fix(self) -> str:
@@ -434,8 +435,17 @@ class TextIndex(IndexQueries):
             fp = self.fingerprint
             enc = ClipEncoder(fp.model, fp.pretrained, device=self._device, precision=self._precision)
             self.check_model(enc.fingerprint)
+            if self._images_only:
+                enc.release_text_tower()
             self._encoder = enc
         return self._encoder
+
+    def images_only(self) -> None:
+        """Only images will be encoded from here on: free the model's text tower now, or when the model
+        is loaded (which this does not cause: a run with nothing to encode never loads it)."""
+        self._images_only = True
+        if self._encoder is not None:
+            self._encoder.release_text_tower()
 
     # ----------------------------------------------------------------- texts recipe
     @property

@@ -3,6 +3,7 @@ the captions of the K nearest corpus images, ensembled by confidence (METHODS.md
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,8 +22,12 @@ IMAGE_MODALITIES = {"xmore": "clip", "coder+xmore": "coder"}
 class XMore:
     def __init__(self, index: TextIndex, corpus: Corpus, k: int = 16, chunk: int = 1024, prompts: str = "auto") -> None:
         corpus.check_model(index.fingerprint)
-        self.index, self.corpus, self.k, self.chunk = index, corpus, k, chunk
-        self.w = zero_shot_weights(index, prompts).weights  # the same W_cls as eval's clip row
+        self.index, self.corpus, self.k, self.chunk, self.prompts = index, corpus, k, chunk, prompts
+
+    @cached_property
+    def w(self) -> np.ndarray:
+        """The same W_cls as eval's clip row; computed on first use (it may load the model)."""
+        return zero_shot_weights(self.index, self.prompts).weights
 
     def image_logits(self, x: np.ndarray, modality: str) -> np.ndarray:
         if modality == "clip":
