@@ -159,7 +159,12 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE...", type=click.Path(exists=True, path_type=Path))
+@click.option("--files-from", "files_from", default=None, metavar="LIST",
+              help="Classify the image files LIST names, one path per line ('-': standard input), relative to the "
+                   "working directory; rows name them as listed.")
+@click.option("-0", "--null", "null_separated", is_flag=True,
+              help="With --files-from: paths are separated by NUL bytes (find -print0), for names holding newlines.")
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The text index to classify against.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -204,15 +209,17 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
                    "adapter always compute in float32, without TF32.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: int, workers: int | None,
+def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool, index_dir: str, out: Path,
+             top_k: int, batch_size: int, workers: int | None,
              threads: int | None, model: str | None, pretrained: str | None, device: str | None, rerank: bool,
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
              zs_method: str, retrieve_k: int, candidates: str | None, engine: str, ray_address: str | None,
              ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
              precision: str, quiet: bool, **llm: Any) -> None:
-    """Classify every image under FOLDER (recursively) with CODER zero-shot.
+    """Classify every image under FOLDER (recursively), or the IMAGE files named (and those of
+    --files-from), with CODER zero-shot.
 
-    Writes one row per image to --out (path as FOLDER/relative path, label, score = softmax
+    Writes one row per image to --out (path as FOLDER/relative path, or as the file was named; label, score = softmax
     probability, method, then the next top-k classes). Files that cannot be decoded, and FIFOs,
     sockets or devices named like images, are listed with the reason in OUT.errors.csv; hidden
     files are not classified (counted in the summary). Interrupted runs resume: rerun the same
@@ -222,6 +229,9 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     \b
     Examples:
       coder-index classify photos/ --index pets-index --out preds.csv
+      coder-index classify cat.jpg dog.png --index pets-index --out preds.csv
+      find /data -name '*.jpg' -newer last-run -print0 | \\
+          coder-index classify --files-from - -0 --index in1k --out new.csv
       coder-index classify /data/images --index in1k --out preds.jsonl --top-k 10 --batch-size 256 --workers 8
       coder-index classify photos/ --index pets-index --out preds.csv --rerank --llm-model gpt-4o-mini
       coder-index classify photos/ --index pets-index --out preds.csv --rerank --gap-threshold 0.3 \\
@@ -238,6 +248,7 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
     from coder_index.pipeline.runrecord import check_writable
     from coder_index.pipeline.scorer_spec import ScorerSpec, build_scorer
 
+    source = _classify_source(inputs, files_from, null_separated)
     spec = ScorerSpec(top_k=top_k, method=zs_method, rerank=rerank, rerank_chunk=rerank_chunk, adapter=adapter_dir,
                       corpus=corpus_dir, retrieve_k=retrieve_k,
                       candidates=0 if candidates in (None, "auto") else int(candidates))
@@ -283,7 +294,7 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
 
         run_engine = RayEngine(index, spec, address=ray_address, actors=ray_actors, batch_size=batch_size,
                                gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet)
-    summary = classify_folder(index, folder, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
+    summary = classify_folder(index, source, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
                               workers=workers, threads=threads, progress=not quiet, overwrite=overwrite,
                               engine=run_engine)
     if isinstance(reranker, PairReranker):
@@ -292,11 +303,57 @@ def classify(folder: Path, index_dir: str, out: Path, top_k: int, batch_size: in
             click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
     _print_summary(summary)
     if summary.found == 0:
+        folder = inputs[0] if isinstance(source, Path) else "the listed files"
         click.echo(f"warning: {folder} holds no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
                    f"{'; ' + str(summary.other_files) + ' other file(s)' if summary.other_files else ''}"
                    f"{'; ' + str(summary.hidden) + ' hidden' if summary.hidden else ''})", err=True)
     if strict and (summary.found == 0 or summary.errors):
         sys.exit(1)
+
+
+def _classify_source(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool) -> Any:
+    """One folder, or image files (arguments and/or --files-from): what classify_folder reads."""
+    from coder_index.pipeline.discover import ListedFiles, read_file_list
+
+    folders = [p for p in inputs if p.is_dir()]
+    if folders and (len(inputs) > 1 or files_from):
+        raise click.UsageError(f"{folders[0]} is a folder: classify one folder, or image files (arguments and/or "
+                               "--files-from), in one run")
+    if folders:
+        return folders[0]
+    if not inputs and not files_from:
+        raise click.UsageError("name a FOLDER, image files, or --files-from LIST")
+    if null_separated and not files_from:
+        raise click.UsageError("-0/--null applies to --files-from")
+
+    def paths() -> Any:
+        yield from (str(p) for p in inputs)
+        if files_from == "-":
+            yield from read_file_list(sys.stdin.buffer, null_separated)
+        elif files_from:
+            from coder_index.untrusted import open_regular_file
+
+            with open_regular_file(files_from) as f:
+                yield from read_file_list(f, null_separated)
+
+    if files_from and files_from != "-":
+        _check_file_list(files_from)
+    return ListedFiles(paths())
+
+
+def _check_file_list(path: str) -> None:
+    from coder_index.errors import InputFormatError
+    from coder_index.untrusted import NotARegularFile, open_regular_file
+
+    try:
+        open_regular_file(path).close()
+    except NotARegularFile:
+        raise InputFormatError(f"--files-from {path} is not a regular file (a FIFO, socket, device or directory); "
+                               "pipe the list in with --files-from -") from None
+    except FileNotFoundError:
+        raise InputFormatError(f"--files-from {path} does not exist") from None
+    except PermissionError:
+        raise InputFormatError(f"--files-from {path} cannot be read (permission denied)") from None
 
 
 class LazyEncoder:

@@ -350,3 +350,70 @@ def test_an_errors_file_of_an_older_version_is_taken_over_on_resume(built_index,
     res = run("classify", folder, "--index", built_index.path, "--out", out, "--workers", "0")
     assert f"{len(GOOD) + len(BAD)} done in earlier runs" in res.output
     assert (tmp_path / "p.csv.errors.csv").is_file() and not (tmp_path / "p.errors.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------- listed files
+def test_single_files_and_file_lists_classify_like_the_folder(built_index, weird_folder, tmp_path, monkeypatch):
+    """An image file, several, or a --files-from list (newline- or NUL-separated, from a file or
+    stdin, names with newlines and bytes that are not UTF-8): rows name the files as listed and
+    equal the folder's rows; a listed path that is missing, a folder or a FIFO is an error row;
+    a rerun resumes."""
+    from scores import assert_same_ranking
+
+    monkeypatch.chdir(weird_folder)
+    names = sorted(p.name for p in weird_folder.iterdir() if p.name != WEIRD[-1])
+    folder_out = tmp_path / "folder.jsonl"
+    run("classify", ".", "--index", built_index.path, "--out", folder_out, "--workers", "0", "-q")
+    by_name = {Path(r["path"]).name: r for r in map(json.loads, folder_out.read_text().splitlines())}
+
+    def rows_of(out):
+        return {r["path"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+
+    one = tmp_path / "one.jsonl"
+    run("classify", "plain.jpg", "--index", built_index.path, "--out", one, "--workers", "0", "-q")
+    assert list(rows_of(one)) == ["plain.jpg"]
+    os.mkfifo(tmp_path / "fifo.jpg")
+    listing = b"\0".join([os.fsencode(n) for n in names] + [b"missing.png", b"..", os.fsencode(tmp_path / "fifo.jpg"),
+                                                             os.fsencode(names[0])])  # a repeat: one row
+    (tmp_path / "list0").write_bytes(listing + b"\0")
+    for how, out in (("file", tmp_path / "l.jsonl"), ("stdin", tmp_path / "s.jsonl")):
+        args = ["classify", "--files-from", str(tmp_path / "list0") if how == "file" else "-", "-0", "--index",
+                str(built_index.path), "--out", str(out), "--workers", "0", "-q"]
+        res = CliRunner().invoke(cli, args, input=listing if how == "stdin" else None, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        got = rows_of(out)
+        assert sorted(got) == names
+        for n in names:
+            a, b = got[n], by_name[n]
+            assert_same_ranking([t["label"] for t in a["top_k"]], [t["score"] for t in a["top_k"]],
+                                [t["label"] for t in b["top_k"]], [t["score"] for t in b["top_k"]])
+        with open(out.with_name(out.name + ".errors.csv"), newline="") as f:
+            errors = {r["path"]: r["error"] for r in csv.DictReader(f)}
+        assert set(errors) == {"missing.png", "..", str(tmp_path / "fifo.jpg")}
+        assert "no such file" in errors["missing.png"] and "directory" in errors[".."] and "FIFO" in errors[
+            str(tmp_path / "fifo.jpg")]
+    # newline-separated lists (names without newlines) and a resumed run
+    plain = [n for n in names if "\n" not in n and "\r" not in n]
+    (tmp_path / "list").write_bytes(b"\n".join(os.fsencode(n) for n in plain) + b"\n")
+    out = tmp_path / "nl.csv"
+    run("classify", "--files-from", tmp_path / "list", "--index", built_index.path, "--out", out, "--workers", "0",
+        "-q")
+    assert sorted(read_rows(out)) == sorted(plain)
+    lines = out.read_bytes().split(b"\n")
+    out.write_bytes(b"\n".join(lines[:3]) + b"\n" + lines[3][:5])  # interrupted: rows lost, one torn
+    res = run("classify", "--files-from", tmp_path / "list", "--index", built_index.path, "--out", out, "--workers",
+              "0")
+    assert "2 done in earlier runs" in res.output
+    assert sorted(read_rows(out)) == sorted(plain)
+
+
+def test_file_inputs_are_checked_before_work(built_index, weird_folder, tmp_path):
+    res = run("classify", weird_folder, weird_folder / "plain.jpg", "--index", built_index.path, "--out",
+              tmp_path / "p.csv", ok=False)
+    assert res.exit_code == 2 and "one folder" in res.output
+    res = run("classify", "--index", built_index.path, "--out", tmp_path / "p.csv", ok=False)
+    assert res.exit_code == 2 and "--files-from" in res.output
+    os.mkfifo(tmp_path / "list.fifo")
+    res = run("classify", "--files-from", tmp_path / "list.fifo", "--index", built_index.path, "--out",
+              tmp_path / "p.csv", ok=False)
+    assert res.exit_code == 1 and "not a regular file" in res.output and "--files-from -" in res.output

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..faults import pause_point
 from ..index.atomic import translate_disk_full
 from ..parallelism import parallel_encoding
-from .discover import Discovery, walk_images
+from .discover import Discovery, ListedFiles, walk_images, walk_listed
 from .loader import iterate_batches
 from .runrecord import OutputRun
 from .scorers import CoderScorer
@@ -56,11 +56,12 @@ class ClassifySummary:
 PENDING_CHUNK = 16384  # images handed to the loader at a time: the file list is streamed, never held whole
 
 
-def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, scorer: Any | None = None,
+def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str | Path, *, scorer: Any | None = None,
                     top_k_n: int = 5, batch_size: int = 64, workers: int | None = None, threads: int | None = None,
                     progress: bool = True, overwrite: bool = False, engine: Any | None = None,
                     on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
-    """Write one prediction row per decodable image of ``folder`` to ``out`` (.csv or .jsonl) and one
+    """Write one prediction row per decodable image of ``folder`` (or of the files a ``ListedFiles``
+    names, each row naming its file as given) to ``out`` (.csv or .jsonl) and one
     row per file that gave none to ``OUT.errors.csv``. Rows already there are kept and
     skipped; a rerun with other settings is refused (``overwrite`` starts afresh). ``workers`` and
     ``threads`` default to a choice from the cores and the model (``parallelism.choose``).
@@ -75,19 +76,26 @@ def classify_folder(index: TextIndex, folder: str | Path, out: str | Path, *, sc
     provenance = {"index": index.provenance(), "top_k": top_k_n, **scorer.provenance()}
     with OutputRun(out, top_k_n, provenance, overwrite=overwrite) as run:
         pause_point("classify.locked")
-        root = Path(folder)
-        if not root.is_dir():
-            raise NotADirectoryError(f"{root} is not a directory; pass the folder that holds the images")
-        found = Discovery(root, [], 0)
-        # Rows name files as FOLDER/relative so that one --out reused for another folder cannot collide.
-        prefix = Path(os.path.normpath(folder)).as_posix().rstrip("/") + "/"
+        if isinstance(folder, ListedFiles):
+            root, prefix = Path.cwd(), ""  # listed paths are read as given, relative to the working directory
+            found = Discovery(root, [], 0)
+            listed = walk_listed(folder.paths, found)
+        else:
+            root = Path(folder)
+            if not root.is_dir():
+                raise NotADirectoryError(f"{root} is not a directory; pass the folder that holds the images, or "
+                                         "image files")
+            found = Discovery(root, [], 0)
+            listed = walk_images(root, found)
+            # Rows name files as FOLDER/relative so that one --out reused for another folder cannot collide.
+            prefix = Path(os.path.normpath(folder)).as_posix().rstrip("/") + "/"
         done = run.done_paths()
         names = index.class_names()
         counts = {"ok": 0, "err": 0, "special_seen": 0}
 
         def todo_chunks() -> Iterator[list[str]]:
             chunk: list[str] = []
-            for rel in walk_images(root, found):
+            for rel in listed:
                 if prefix + rel not in done:
                     chunk.append(rel)
                     if len(chunk) >= PENDING_CHUNK:

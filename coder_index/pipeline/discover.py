@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .decode import IMAGE_EXTENSIONS
 
@@ -71,6 +72,64 @@ def walk_images(root: Path, stats: Discovery) -> Iterator[str]:
                 stats.special.append((r, f"skipped: {exc.strerror or exc}"))
 
     yield from walk(str(root), "")
+
+
+@dataclass
+class ListedFiles:
+    """Image files named one by one (command-line arguments, ``--files-from``), read relative to the
+    working directory; a row names each file as given (normalised). ``paths`` may be a stream (the
+    lines of a file list): it is read once, as the run goes."""
+
+    paths: Iterable[str]
+
+
+def walk_listed(paths: Iterable[str], stats: Discovery) -> Iterator[str]:
+    """The listed paths that are regular files (or links to one), normalised, each once; what is
+    missing or not a regular file goes to ``stats.special`` with the reason (the errors file lists
+    it). The extension is not checked: the user named the file."""
+    seen: set[str] = set()
+    for given in paths:
+        if not given:
+            continue
+        path = os.path.normpath(given)
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            why = "a broken symbolic link" if os.path.islink(path) else "no such file"
+            stats.special.append((path, f"skipped: {why}"))
+            continue
+        except OSError as exc:
+            stats.special.append((path, f"skipped: {exc.strerror or exc}"))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            stats.found += 1
+            yield path
+        else:
+            stats.special.append((path, f"skipped: {_kind(st.st_mode)}, not a regular file"))
+
+
+def read_file_list(source: BinaryIO, null_separated: bool = False) -> Iterator[str]:
+    """Paths from a file list, one per line (or NUL-separated, as ``find -print0`` writes them, for
+    names holding newlines), streamed; bytes that are not UTF-8 become the surrogate escapes Python
+    uses for such file names, so every name on disk can be listed."""
+    sep = b"\0" if null_separated else b"\n"
+    tail = b""
+    for block in iter(lambda: source.read(1 << 20), b""):
+        parts = (tail + block).split(sep)
+        tail = parts.pop()
+        for raw in parts:
+            yield _decode_listed(raw, null_separated)
+    if tail:
+        yield _decode_listed(tail, null_separated)
+
+
+def _decode_listed(raw: bytes, null_separated: bool) -> str:
+    if not null_separated and raw.endswith(b"\r"):  # a list written on Windows
+        raw = raw[:-1]
+    return os.fsdecode(raw)
 
 
 def discover_images(root: str | Path) -> Discovery:
