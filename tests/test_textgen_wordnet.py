@@ -50,6 +50,28 @@ def test_sense_choice_uses_clip(wordnet_texts, encoder):
     assert differs >= 1  # so this test tells "first sense" apart from "CLIP's choice"
 
 
+def test_untrained_weights_take_wordnets_sense_order_and_say_so(encoder, wordnet_reader, caplog):
+    """With --pretrained random (the README's offline trial) CLIP cannot judge senses: 'dog' is not
+    'a pawl', 'cat' not 'a spiteful woman gossip'; WordNet's first sense is taken, and said."""
+    import copy
+
+    from coder_index.textgen.wordnet import WordNetTexts
+
+    untrained = copy.copy(encoder)
+    untrained.pretrained = "random"
+    texts = WordNetTexts(untrained, wordnet_reader)
+    words = ["dog", "cat", "crane", "bass", "mouse", "seal", "kite"]
+    with caplog.at_level("WARNING"):
+        chosen = texts.choose_senses(words)
+    assert all(chosen[w] == texts.synsets(w)[0] for w in words)
+    assert chosen["dog"].name() == "dog.n.01" and chosen["cat"].name() == "cat.n.01"
+    assert "untrained" in caplog.text and "first" in caplog.text
+    gen = AutoTextGenerator(untrained, None, analogous_threshold=0.999, wordnet=texts)
+    k, _ = gen.generate(["dog"], ["synonym"])
+    assert k.provenance["wordnet_senses"] == "wordnet-order"
+    assert WordNetTexts(encoder, wordnet_reader).sense_choice == "clip"  # trained (or unknown) weights: CLIP
+
+
 def test_offline_generator_on_imagenet_classes(encoder, wordnet_texts):
     gen = AutoTextGenerator(encoder, None, analogous_threshold=0.999, wordnet=wordnet_texts)
     k, stats = gen.generate(IMAGENET_FIRST + ["not a real class xyz"])

@@ -161,6 +161,8 @@ class AutoTextGenerator:
             stats.with_kind[k] = len(have)
             stats.missing[k] = [c for c in classes if c not in have]
         knowledge.provenance["not_in_wordnet"] = stats.not_in_wordnet
+        if self._wordnet is not None:  # how senses were chosen: by CLIP, or WordNet's order for untrained weights
+            knowledge.provenance["wordnet_senses"] = self._wordnet.sense_choice
         stats.seconds = time.perf_counter() - t0
         return knowledge, stats
 

@@ -132,9 +132,14 @@ class WordNetTexts:
     """Senses chosen in CLIP space, and texts derived from them."""
 
     def __init__(self, encoder: ClipEncoder, reader: Any | None = None, max_sisters: int = 40) -> None:
+        from ..encoder import RANDOM_WEIGHTS
+
         self.encoder = encoder
         self.wn = reader or load_wordnet()
         self.max_sisters = max_sisters
+        # Untrained weights cannot tell 'dog' the animal from 'dog' the pawl: WordNet's own order
+        # (its most frequent sense first) is then the better judge.
+        self.sense_choice = "wordnet-order" if getattr(encoder, "pretrained", None) == RANDOM_WEIGHTS else "clip"
 
     def synsets(self, name: str) -> list[Any]:
         return self.wn.synsets(name.strip().replace(" ", "_"), pos="n")
@@ -147,6 +152,10 @@ class WordNetTexts:
         queries = [n for n in names if cands[n]]
         if not queries:
             return {n: None for n in names}
+        if self.sense_choice == "wordnet-order":
+            log.warning("WordNet senses: the model's weights are untrained (--pretrained random), so each name takes "
+                        "WordNet's first (most frequent) sense instead of the one CLIP finds nearest a photo of it")
+            return {n: (cands[n][0] if cands[n] else None) for n in names}
         defs = [s.definition() for n in queries for s in cands[n]]
         q_emb = self.encoder.encode_texts([f"a photo of a {n}." for n in queries])
         d_emb = self.encoder.encode_texts(defs)
