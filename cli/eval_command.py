@@ -85,8 +85,9 @@ def register(cli: click.Group) -> None:
 
         \b
         Examples:
-          coder-index eval cifar10-test/ --index cifar-index --out cifar-report
-          coder-index eval labels.csv --index in1k --methods clip,coder,coder* --llm-model gpt-4o-mini
+          coder-index eval cifar10-test/ --index cifar-index --out cifar-report --llm none   # offline
+          OPENAI_API_KEY=... coder-index eval labels.csv --index in1k --methods clip,coder,coder* \\
+              --llm-model gpt-4o-mini                  # coder* generates missing pair texts with the LLM
           coder-index eval data/ --index idx --mapping names.csv --llm none --tsne-samples 0
           coder-index eval test/ --index pets-index --adapter pets-16shot
           coder-index eval test/ --index pets-index --corpus my-corpus        # clip, xmore, coder, coder+xmore

@@ -183,6 +183,21 @@ def test_xmore_scores_are_probabilities(tmp_path, built_index, encoder):
 
 
 # ------------------------------------------------------------------------------ 5. common mistakes
+def test_eval_help_first_example_runs_offline_as_written(built_index, tmp_path, monkeypatch):
+    """The first example of `eval --help` works on a machine without a key or a network."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    help_text = run("eval", "--help").output
+    first = next(line for line in help_text.splitlines() if line.strip().startswith("coder-index eval "))
+    words = first.split("#")[0].split()[2:]  # after 'coder-index eval'
+    data = _labelled(tmp_path / "data")
+    words[0] = str(data)
+    words[words.index("--index") + 1] = str(built_index.path)
+    run("eval", *words, "--workers", "0", "--tsne-samples", "0", "-q")
+    assert (tmp_path / words[words.index("--out") + 1] / "report.json").is_file()
+
+
 def test_top_k_above_the_classes_warns_and_clamps(built_index, tmp_path):
     data = _labelled(tmp_path / "data", 1)
     res = run("classify", data, "--index", built_index.path, "--out", tmp_path / "p.csv", "--top-k", "9",
