@@ -33,13 +33,21 @@ HUB_HINTS = {
 }
 
 
-def _hub_hints() -> list[str] | None:
+# Commands whose rerun picks up where an interrupted run stopped (outputs resumed, caches kept).
+RESUMABLE = {"build", "classify", "generate", "eval", "corpus build", "fewshot fit", "reproduce"}
+
+
+def _command_name() -> str:
     ctx = click.get_current_context(silent=True)
     names = []
     while ctx is not None and ctx.parent is not None:  # the command's names below the root group
         names.append(ctx.info_name)
         ctx = ctx.parent
-    return HUB_HINTS.get(" ".join(reversed(names)))
+    return " ".join(reversed(names))
+
+
+def _hub_hints() -> list[str] | None:
+    return HUB_HINTS.get(_command_name())
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -57,7 +65,8 @@ def friendly_errors(fn: Callable) -> Callable:
                 exc = exc.with_hints(hints)
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; rerun the same command to resume", err=True)
+            resumable = _command_name() in RESUMABLE
+            click.echo("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), err=True)
             sys.exit(130)
         except Exception as exc:
             # A full disk or a refused write anywhere (SQLite caches included) is the user's to fix,

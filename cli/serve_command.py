@@ -99,7 +99,11 @@ def register(cli: click.Group) -> None:
 
         click.echo(f"serving {index_dir} at {url_of(host, sock)}/ (API: /openapi.json); Ctrl-C stops", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error, nothing to resume
+            pass
+        click.echo("server stopped", err=True)
 
 
 

@@ -507,6 +507,29 @@ def test_serve_refuses_a_taken_port_clearly(env):
     assert res.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in res.output
 
 
+def test_ctrl_c_stops_the_server_without_talk_of_resuming(env):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "coder_index_cli.main", "serve", str(env["index"]), "--port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        line = ""
+        while "serving" not in line and time.time() < deadline and proc.poll() is None:
+            line = proc.stderr.readline()
+        assert "serving" in line, line
+        url = line.split(" at ")[1].split("/ ")[0]
+        assert httpx.get(url + "/api/info", timeout=30).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "server stopped" in err and "resume" not in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------------------------- odd files
 def test_names_that_are_not_utf8_or_hold_newlines_are_served_by_row(env, tmp_path):
     root = tmp_path / "root"
