@@ -20,7 +20,15 @@ from .common import (
 def register(cli: click.Group) -> None:
     @cli.group()
     def corpus() -> None:
-        """An image-text corpus for retrieval-augmented zero-shot (X-MoRe)."""
+        """An image-text corpus for retrieval-augmented zero-shot (X-MoRe).
+
+        \b
+        Examples:
+          coder-index corpus build my-corpus --images photos/ --captions captions.csv --index pets-index
+          coder-index corpus info my-corpus
+          coder-index corpus search my-corpus cat.jpg -k 5
+          coder-index classify photos/ --index pets-index --corpus my-corpus --method xmore --out preds.csv
+        """
 
     @corpus.command("build")
     @click.argument("corpus_dir", type=click.Path(file_okay=False, path_type=Path))

@@ -12,7 +12,14 @@ from .common import friendly_errors, parallel_options, print_json, torch_threads
 def register(cli: click.Group) -> None:
     @cli.group()
     def fewshot() -> None:
-        """Few-shot classification with a handful of labelled images per class."""
+        """Few-shot classification with a handful of labelled images per class.
+
+        \b
+        Examples:
+          coder-index fewshot fit train/ --index pets-index --shots 16 --out pets-16shot
+          coder-index classify photos/ --index pets-index --adapter pets-16shot --out preds.csv
+          coder-index explain cat.jpg --index pets-index --adapter pets-16shot
+        """
 
     @fewshot.command("fit")
     @click.argument("support_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))

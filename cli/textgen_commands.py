@@ -182,7 +182,13 @@ def register(cli: click.Group) -> None:
 
     @cli.group()
     def setup() -> None:
-        """Prepare data files coder-index reads (WordNet)."""
+        """Prepare data files coder-index reads (WordNet).
+
+        \b
+        Examples:
+          apt-get install wordnet-base wordnet-sense-index && coder-index setup wordnet
+          coder-index setup wordnet --download        # online: nltk.download('wordnet')
+        """
 
     @setup.command("wordnet")
     @click.option("--from", "source", default=None, type=click.Path(exists=True, file_okay=False),

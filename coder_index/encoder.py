@@ -7,6 +7,7 @@ to its longest real length instead of always running the full 77-token context.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
@@ -138,6 +139,38 @@ def _check_local_dir(model: str) -> None:
                              "copy open_clip_pytorch_model.bin next to open_clip_config.json")
 
 
+class _DropRandomNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_random_notice():  # noqa: ANN202 - a context manager
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger for
+    every model built without weights; coder-index says it once, in its own words."""
+    root = logging.getLogger()
+    flt = _DropRandomNotice()
+    root.addFilter(flt)
+    for handler in root.handlers:
+        handler.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+        for handler in root.handlers:
+            handler.removeFilter(flt)
+
+
+_SAID_UNTRAINED: set[str] = set()
+
+
+def _say_untrained_once(model: str) -> None:
+    if model not in _SAID_UNTRAINED:
+        _SAID_UNTRAINED.add(model)
+        log.warning("%s has untrained (seeded) weights (--pretrained random): the whole pipeline runs, the labels "
+                    "mean nothing; pass --pretrained openai or a checkpoint file for real predictions", model)
+
+
 TEXT_GROUP = 32768  # texts tokenized at a time (int64 tokens: 20 MB), then sorted by token length
 # Images per forward pass on the CPU. Activations of 64 ViT-B-32 images held 0.19 GB more at peak than
 # four passes of 16, and the smaller passes were no slower (11.7 s against 12.7 s for 256 images).
@@ -169,7 +202,8 @@ class ClipEncoder:
         try:
             # 'random' weights are seeded so that an index built with them can be reopened later;
             # the caller's RNG state is left as it was.
-            with torch.random.fork_rng(devices=[]), fetch_policy(model, self.pretrained, cache_dir):
+            with torch.random.fork_rng(devices=[]), fetch_policy(model, self.pretrained, cache_dir), \
+                    _quiet_open_clip_random_notice():
                 torch.manual_seed(0)
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model, pretrained=None if self.pretrained == RANDOM_WEIGHTS else self.pretrained,
@@ -182,6 +216,8 @@ class ClipEncoder:
                 reason = "the checkpoint needs code to load, which is refused (not a plain state dict)"
             raise ModelLoadError(f"Could not load CLIP model {model} (pretrained={self.pretrained}): "
                                  f"{reason}. {_OFFLINE_HELP}.") from exc
+        if self.pretrained == RANDOM_WEIGHTS:
+            _say_untrained_once(model)
         net.train(False)  # inference mode for dropout/batch-norm layers
         embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
         self.fingerprint = ModelFingerprint(model, self.pretrained, weights_checksum(net), embed_dim)

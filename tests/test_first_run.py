@@ -62,13 +62,19 @@ def test_unreachable_hub_fails_once_fast_with_the_commands_fixes(tmp_path, how):
         assert took < 40, took  # the old path spent ~50 s in retries; this is the import time plus one probe
 
 
-def test_cached_weights_load_without_the_network(tmp_path, monkeypatch):
-    """Weights already in the hub cache load offline, without asking the (unreachable) hub."""
+def test_cached_weights_load_without_the_network(tmp_path, monkeypatch, caplog):
+    """Weights already in the hub cache load offline, without asking the (unreachable) hub. (And a
+    model with untrained weights is said once, in coder-index's words, not by open_clip each time.)"""
+    import logging
+
     import open_clip
     import torch
 
     from coder_index import ClipEncoder
+    from coder_index.encoder import _SAID_UNTRAINED
     from coder_index.hub import in_cache
+
+    _SAID_UNTRAINED.clear()
 
     cfg = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
     repo = cfg["hf_hub"].rstrip("/")
@@ -76,7 +82,12 @@ def test_cached_weights_load_without_the_network(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("abc123")
-    random = ClipEncoder("ViT-B-32", "random", device="cpu")
+    with caplog.at_level(logging.INFO):
+        random = ClipEncoder("ViT-B-32", "random", device="cpu")
+        random.release_text_tower()
+        random._ensure_text_tower()  # built a second time in this process: nothing more is said
+    assert "No pretrained weights loaded" not in caplog.text
+    assert caplog.text.count("untrained (seeded) weights (--pretrained random)") == 1
     torch.save({k: v.float() for k, v in random.model.state_dict().items()}, snap / "open_clip_pytorch_model.bin")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
@@ -108,6 +119,13 @@ def _commands(group, path=()):
             yield from _commands(cmd, (*path, name))
         else:
             yield (*path, name), cmd
+
+
+def _groups(group, path=()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield (*path, name), cmd
+            yield from _groups(cmd, (*path, name))
 
 
 def test_help_imports_no_heavy_library():
@@ -247,6 +265,8 @@ def test_class_names_and_descriptor_keys_compare_after_nfc(tmp_path, encoder):
 
 # ------------------------------------------------------------------------------ 6. a consistent CLI
 def test_every_option_has_help_and_every_command_examples():
+    for path, group in _groups(cli):  # setup, fewshot, corpus: their own --help shows examples too
+        assert "Examples:" in (group.help or ""), path
     for path, cmd in _commands(cli):
         assert "Examples:" in (cmd.help or ""), path
         missing = [p.opts[0] for p in cmd.params if isinstance(p, click.Option) and not p.help]
@@ -278,6 +298,11 @@ def test_progress_bars_name_what_they_count(tmp_path, tiny_model):
                            str(tmp_path / "classes.txt"), "--model", tiny_model], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "encoding name texts" in proc.stderr
+    data = _labelled(tmp_path / "data", 1)
+    proc = subprocess.run([sys.executable, "-m", "coder_index_cli.main", "classify", str(data), "--index",
+                           str(tmp_path / "idx"), "--out", str(tmp_path / "p.csv"), "--workers", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and " 0img " not in proc.stderr, proc.stderr  # no bar before its total is known
 
 
 def test_corpus_info_reads_as_lines_with_the_pretrained_tag(tmp_path, encoder):

@@ -122,8 +122,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
             run.errors.write([(prefix + p, reason) for p, reason in errors])
             counts["err"] += len(errors)
 
+        # delay: the bar appears once its total is known (no stray "0img" line before it)
         bar = tqdm(unit="img", desc="classifying images" if not scorer.two_pass else "encoding images",
-                   disable=not progress, smoothing=0.1)
+                   disable=not progress, smoothing=0.1, delay=1.0)
         try:
             with translate_disk_full(out):
                 if engine is not None:
