@@ -417,3 +417,24 @@ def test_file_inputs_are_checked_before_work(built_index, weird_folder, tmp_path
     res = run("classify", "--files-from", tmp_path / "list.fifo", "--index", built_index.path, "--out",
               tmp_path / "p.csv", ok=False)
     assert res.exit_code == 1 and "not a regular file" in res.output and "--files-from -" in res.output
+
+
+@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"]], ids=["coder", "coder*"])
+def test_scores_do_not_depend_on_the_batch_beyond_the_stated_tolerance(built_index, tmp_path, extra):
+    """The promise of tests/scores.py and the README: batch sizes 1, 3 and 64 give every image the
+    same ranking, scores within SCORE_ATOL."""
+    from images import make_messy_folder
+    from scores import assert_same_ranking, csv_ranking
+
+    folder = make_messy_folder(tmp_path / "messy")
+    results = {}
+    for bs in ("1", "3", "64"):
+        out = tmp_path / f"b{bs}.csv"
+        run("classify", folder, "--index", built_index.path, "--out", out, "--batch-size", bs, "--workers", "0",
+            "--top-k", "3", "-q", *extra)
+        with open(out, newline="") as f:
+            results[bs] = {r["path"]: csv_ranking(r) for r in csv.DictReader(f)}
+    for bs in ("1", "3"):
+        assert results[bs].keys() == results["64"].keys()
+        for path, (labels, scores) in results[bs].items():
+            assert_same_ranking(labels, scores, *results["64"][path], what=(bs, path))
