@@ -4,6 +4,11 @@ Reports p50/p99/max latency, requests/s, failures, and the mean number of images
 (the model thread batches concurrent requests).
 
     python benchmarks/bench_serve.py [--requests 200] [--model tiny|ViT-B-32]
+    python benchmarks/bench_serve.py --memory    # decoded pixels in flight: the server's peak RSS
+
+--memory sends 16 black 36-megapixel PNGs (about 100 KiB each) in 4 concurrent requests and asks
+for a 256 px thumbnail of a listed 36-megapixel JPEG, and reports how much the server's peak
+resident memory (VmHWM, Linux) grew for each.
 """
 
 from __future__ import annotations
@@ -72,13 +77,78 @@ def report(name: str, lat: list[float], status: list[int], wall: float, passes: 
     return row
 
 
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc: --memory needs Linux")
+
+
+def memory(index: Path, tmp: Path) -> None:
+    import io
+    import threading
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000)).save(buf, "PNG", compress_level=9)
+    png = buf.getvalue()
+    Image.new("RGB", (6000, 6000), (10, 200, 10)).save(tmp / "big.jpg", "JPEG", quality=80)
+    (tmp / "p.csv").write_text('"path","label","score","method"\n"big.jpg","a",0.9,"coder"\n')
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "coder_index_cli.main", "serve", str(index), "--port", str(port),
+                               "--predictions", str(tmp / "p.csv"), "--images-root", str(tmp)],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, server)
+        small = (SHARED / "imagenet-samples" / "n01440764_tench.JPEG").read_bytes()
+        httpx.post(url + "/api/classify", files=[("files", ("w.jpg", small, "image/jpeg"))], timeout=600)
+        base = peak_rss_mb(server.pid)
+        httpx.get(url + "/api/predictions/image", params={"path": "big.jpg", "size": 256}, timeout=600)
+        after_thumb = peak_rss_mb(server.pid)
+
+        def send() -> None:
+            httpx.post(url + "/api/classify", files=[("files", (f"{i}.png", png, "image/png")) for i in range(4)],
+                       timeout=600).raise_for_status()
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after_uploads = peak_rss_mb(server.pid)
+        print(json.dumps({"png_kib": round(len(png) / 1024), "peak_rss_before_mb": round(base),
+                          "grown_by_a_256px_thumbnail_of_36mp_jpeg_mb": round(after_thumb - base),
+                          "grown_by_16_pngs_in_4_requests_mb": round(after_uploads - after_thumb)}))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def wait_for(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            httpx.get(url + "/api/info", timeout=5).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--model", default="tiny", help="tiny (the tests' model) or an open_clip name (random weights)")
+    ap.add_argument("--memory", action="store_true", help="measure the peak RSS under large decoded images instead")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     index = build_index(tmp, args.model)
+    if args.memory:
+        memory(index, tmp)
+        return
     samples = sorted((SHARED / "imagenet-samples").glob("*.JPEG"))
     images = [(samples[i % len(samples)].name, samples[i % len(samples)].read_bytes()) for i in range(args.requests)]
     port = free_port()
@@ -86,15 +156,7 @@ def main() -> None:
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                httpx.get(url + "/api/info", timeout=5).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.5)
+        wait_for(url, server)
 
         def passes() -> int:
             return httpx.get(url + "/api/info").json()["server"]["batches"]

@@ -45,12 +45,19 @@ def register(cli: click.Group) -> None:
                   help="Most images per request.")
     @click.option("--max-megapixels", default=40.0, show_default=True, type=click.FloatRange(0.001),
                   help="Largest image, in millions of pixels (read from its header, before decoding).")
+    @click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
+                  help="Seconds a client has to send a request's line and headers; a slower one is disconnected.")
+    @click.option("--body-timeout", default=120.0, show_default=True, type=click.FloatRange(0.1),
+                  help="Seconds a client has to send a request's whole body (the uploads).")
+    @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
+                  help="Open connections at most; one more is closed at once.")
     @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
     @friendly_errors
     def serve(index_dir: Path, host: str, port: int, top_k: int, zs_method: str, corpus_dir: Path | None,
               retrieve_k: int, adapter_dir: Path | None, rerank: bool, gap_threshold: float | str | None,
               predictions: Path | None, images_root: Path | None, report_dir: Path | None, max_upload_mb: float,
-              max_files: int, max_megapixels: float, device: str | None) -> None:
+              max_files: int, max_megapixels: float, header_timeout: float, body_timeout: float,
+              max_connections: int, device: str | None) -> None:
         """Serve INDEX_DIR over HTTP: a JSON API and a web page to see why an image gets its class.
 
         The page (http://HOST:PORT/) classifies a dropped image and shows the class bars, the nearest
@@ -69,12 +76,14 @@ def register(cli: click.Group) -> None:
           coder-index serve in1k --rerank --report eval-out/ --port 8080
           coder-index serve pets-index --corpus my-corpus --method coder+xmore
           curl -F files=@cat.jpg http://127.0.0.1:8000/api/classify
+          coder-index serve pets-index --header-timeout 5 --body-timeout 60 --max-connections 64
         """
         try:
             import uvicorn
 
             from coder_index.serve import ServeConfig, create_app
-            from coder_index.serve.app import LOOPBACK_NAMES
+            from coder_index.serve.background import server_config
+            from coder_index.serve.guard import is_loopback
         except ImportError as exc:
             raise click.ClickException(f"serve needs its extra ({exc.name} is missing): pip install "
                                        "'coder-index[serve]'") from None
@@ -83,13 +92,14 @@ def register(cli: click.Group) -> None:
                              adapter=adapter_dir, corpus=corpus_dir, retrieve_k=retrieve_k, predictions=predictions,
                              images_root=images_root, report=report_dir,
                              max_file_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files,
-                             max_pixels=int(max_megapixels * 1_000_000))
+                             max_pixels=int(max_megapixels * 1_000_000), header_timeout=header_timeout,
+                             body_timeout=body_timeout, max_connections=max_connections)
         try:
             config.check()
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         sock = _bind(host, port)  # before the model loads: a taken port fails at once
-        if host not in LOOPBACK_NAMES:
+        if not is_loopback(host):
             click.secho(f"WARNING: listening on {host}, not loopback: every machine that can reach this one can "
                         "use this API, upload images and read the index's texts and the listed images. There is "
                         "no authentication. Use the default --host 127.0.0.1 unless you mean it.",
@@ -98,7 +108,7 @@ def register(cli: click.Group) -> None:
         from coder_index.serve.background import url_of
 
         click.echo(f"serving {index_dir} at {url_of(host, sock)}/ (API: /openapi.json); Ctrl-C stops", err=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        server = uvicorn.Server(server_config(app, config))
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error, nothing to resume

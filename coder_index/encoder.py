@@ -354,14 +354,12 @@ def _pick_precision(device: torch.device, precision: str | None) -> str:
 
 def _return_freed_memory() -> None:
     """Hand memory freed by Python and torch back to the system (glibc keeps freed heap otherwise)."""
-    import ctypes
     import gc
 
+    from .pages import trim_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the freed memory is still reused by this process
+    trim_heap()
 
 
 def _probe_embed_dim(net: torch.nn.Module) -> int:

@@ -26,3 +26,26 @@ def release_pages(block: np.ndarray) -> None:
             mm.madvise(mmap_module.MADV_DONTNEED, lo, hi - lo)
     except (ValueError, OSError, TypeError):
         pass  # not a plain mapping of ours: keep the pages
+
+
+_LIBC: object | None = None
+
+
+def trim_heap() -> None:
+    """Hand the heap memory this process has freed back to the system (glibc's malloc_trim: every
+    arena). glibc keeps freed memory in per-thread arenas, so a large image decoded in one thread and
+    freed still counts in resident memory while the next is decoded in another; trimming after each
+    large decode keeps the peak at what is live. A no-op where the C library is not glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        try:
+            _LIBC.malloc_trim(0)  # type: ignore[attr-defined]
+        except AttributeError:
+            pass

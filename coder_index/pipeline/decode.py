@@ -81,6 +81,56 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         raise ImageDecodeError(f"could not be read: {exc.strerror or exc.__class__.__name__}") from None
 
 
+def load_image_from(fh: BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Decode an already opened file (e.g. one opened once and checked, so that what was checked is
+    what is decoded) exactly as ``load_image`` decodes a path."""
+    return _decode(fh, max_pixels)
+
+
+def declared_pixels(fh: BinaryIO) -> int:
+    """width x height from the image's header, without decoding it (0 when it has none)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(fh) as img:
+                return int(img.width) * int(img.height)
+    except Exception:  # not an image, or a header Pillow refuses: the decoder will say why
+        return 0
+    finally:
+        fh.seek(0)
+
+
+def decode_thumbnail(fh: BinaryIO, size: int, max_pixels: int | None = None) -> Image.Image:
+    """An RGB image whose longest side is at most ``size``, decoded reduced where the format allows
+    (JPEG draft: the DCT scaled by 1/2 to 1/8 while decoding), so that a 36-megapixel photo is never
+    whole in memory for a thumbnail; ``max_pixels`` refuses larger images from their header."""
+    pil_format = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fh) as img:
+                pil_format = img.format
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    raise ImageTooLarge(f"image of {img.width} x {img.height} pixels is larger than the "
+                                        f"{max_pixels:,} pixels accepted")
+                img.draft("RGB", (size, size))  # JPEG only; a no-op elsewhere
+                img.load()
+                if getattr(img, "is_animated", False):
+                    img.seek(0)
+                img = ImageOps.exif_transpose(img)
+                img.thumbnail((size, size))
+                return to_rgb(img)
+    except ImageTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(f"image too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels)") \
+            from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError,
+            TypeError, KeyError, ZeroDivisionError, struct_error):
+        raise ImageDecodeError(failure_reason(fh, pil_format)) from None
+
+
 def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode an image held in memory (an upload) exactly as ``load_image`` decodes a file. With
     ``max_pixels``, an image declaring more is refused from its header, before any pixel is decoded."""

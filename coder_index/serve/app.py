@@ -11,9 +11,10 @@ import io
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,16 +25,17 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputFormatError
-from ..pipeline.decode import ImageDecodeError, load_image
-from ..untrusted import read_bytes
+from ..pipeline.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_thumbnail, load_image_from
+from ..untrusted import NotARegularFile, read_bytes
+from .budget import PixelBudget
 from .config import ServeConfig
+from .guard import HostCheck, OriginCheck, SecurityHeaders, is_loopback
 from .predictions import NotListed, OutsideRoot, PredictionsFile, display_text
 from .service import ModelService, redact
 from .uploads import Upload, UploadRejected, check_count, preprocess_uploads
 
 log = logging.getLogger(__name__)
 STATIC = resources.files("coder_index.serve") / "static"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 THUMB_SIZES = (128, 256, 512, 1024)
 # Module level: FastAPI resolves the (string) annotations of the routes in this module's namespace.
 Files = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
@@ -91,28 +93,14 @@ def _too_large(limit: int) -> JSONResponse:
                         status_code=413)
 
 
-class HostCheck:
-    """Bound to loopback, answer only requests addressed to a loopback name: a web page elsewhere
-    cannot reach the API through DNS rebinding."""
-
-    def __init__(self, app: Any, allowed: tuple[str, ...] | None) -> None:
-        self.app, self.allowed = app, allowed
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.allowed is not None:
-            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name not in self.allowed:
-                return await JSONResponse({"detail": f"host {host!r} is not served (bound to loopback)"},
-                                          status_code=400)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
 def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any = None) -> FastAPI:
     """The app over ``config``; the index, model and scorer load here, before any request."""
     config.check()
     service = ModelService(config, note=note)
     preds = None if config.predictions is None else PredictionsFile(config.predictions, config.images_root)
+    # decoded pixels in flight across every request: one image at the pixel limit, or several smaller
+    budget = PixelBudget(config.max_pixels)
+    thumbnails = _ThumbnailCache()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202
@@ -126,6 +114,7 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
                   description="Classify uploaded images with the served index, explain predictions with the texts "
                               "nearest to them, search texts, and browse a predictions file.")
     app.state.service = service
+    app.state.config = config
 
     @app.exception_handler(UploadRejected)
     async def _rejected(_r: Request, exc: UploadRejected) -> JSONResponse:
@@ -134,14 +123,6 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
     @app.exception_handler(InputFormatError)
     async def _bad_file(_r: Request, exc: InputFormatError) -> JSONResponse:  # e.g. the predictions file replaced
         return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' blob: data:; "
-                                                       "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
-        return response
 
     async def images_of(files: list[UploadFile]) -> tuple[Any, list[str]]:
         check_count(len(files), config.max_files)
@@ -153,7 +134,7 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
                 raise UploadRejected(413, f"{name!r} is larger than {config.max_file_bytes:,} bytes; send a smaller "
                                           "image", [{"file": name, "index": i, "reason": "too many bytes"}])
             uploads.append(Upload(name, data))
-        pixels = await run_in_threadpool(preprocess_uploads, uploads, service.preprocess, config.max_pixels)
+        pixels = await run_in_threadpool(preprocess_uploads, uploads, service.preprocess, config.max_pixels, budget)
         return pixels, [u.name for u in uploads]
 
     # -------------------------------------------------------------- the page
@@ -206,15 +187,31 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
                                        changed=changed, path_contains=q, sort=sort, offset=offset, limit=limit)
         return {"total": page.total, "offset": offset, "limit": limit, "rows": page.rows}
 
-    def listed_image(path: str | None, row: int | None) -> tuple[str, str]:
+    def open_listed(path: str | None, row: int | None) -> tuple[Any, str]:
         if (path is None) == (row is None):
             raise HTTPException(422, "name the image by path=... or by row=... (one of them)")
         try:
-            return need_predictions().image_path(path, row)
+            return need_predictions().open_image(path, row)
         except NotListed:
             raise HTTPException(404, "not an image of the predictions file") from None
         except OutsideRoot:
             raise HTTPException(403, "this image lies outside --images-root; it is not served") from None
+        except (NotARegularFile, IsADirectoryError):
+            raise HTTPException(422, "cannot read this image: not a regular file") from None
+        except OSError as exc:  # the reason, not the server's path
+            raise HTTPException(422, f"cannot read this image: {exc.strerror or type(exc).__name__}") from None
+
+    def decoded(work: Any, fh: Any) -> Any:
+        """Decode an opened listed image within the pixel budget; a refusal is a 4xx naming why."""
+        try:
+            with fh, budget.hold(declared_pixels(fh)):
+                return work(fh)
+        except ImageTooLarge as exc:
+            raise HTTPException(413, f"cannot read this image: {exc}") from None
+        except ImageDecodeError as exc:
+            raise HTTPException(422, f"cannot read this image: {exc}") from None
+        except OSError as exc:
+            raise HTTPException(422, f"cannot read this image: {exc.strerror or type(exc).__name__}") from None
 
     @app.get("/api/predictions/image", summary="A JPEG thumbnail of an image listed in the predictions file",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
@@ -222,23 +219,22 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
                     size: Annotated[int, Query(description="longest side: 128, 256, 512 or 1024")] = 256) -> Response:
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size must be one of {THUMB_SIZES}")
-        real, _ = listed_image(path, row)
-        try:
-            st = os.stat(real)
-            data = await run_in_threadpool(_thumbnail, real, st.st_mtime_ns, st.st_size, size)
-        except ImageDecodeError as exc:
-            raise HTTPException(422, f"cannot read this image: {exc}") from None
-        except OSError as exc:  # the reason, not the server's path
-            raise HTTPException(422, f"cannot read this image: {exc.strerror or type(exc).__name__}") from None
+        fh, _ = await run_in_threadpool(open_listed, path, row)
+        st = os.fstat(fh.fileno())
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, size)
+        data = thumbnails.get(key)
+        if data is None:
+            data = await run_in_threadpool(decoded, lambda f: _jpeg(decode_thumbnail(f, size, config.max_pixels)), fh)
+            thumbnails.put(key, data)
+        else:
+            fh.close()
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
     @app.get("/api/predictions/explain", summary="Explain an image listed in the predictions file")
     async def explain_listed(path: PathArg = None, row: RowArg = None, k: K = config.explain_k) -> list[dict[str, Any]]:
-        real, listed = listed_image(path, row)
-        try:
-            pixels = await run_in_threadpool(lambda: service.preprocess(load_image(real)).unsqueeze(0))
-        except ImageDecodeError as exc:
-            raise HTTPException(422, f"cannot read this image: {exc}") from None
+        fh, listed = await run_in_threadpool(open_listed, path, row)
+        pixels = await run_in_threadpool(
+            decoded, lambda f: service.preprocess(load_image_from(f, config.max_pixels)).unsqueeze(0), fh)
         return await _wait(service.explain(pixels, [display_text(listed)], k))
 
     @app.get("/api/report", summary="The evaluation report given with --report (report.json of `eval --out`)")
@@ -260,8 +256,11 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
             raise HTTPException(404, "the served report has no t-SNE figure")
         return FileResponse(p, media_type="image/png")
 
+    # outermost last: every response, these layers' refusals included, gets the security headers
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
-    app.add_middleware(HostCheck, allowed=LOOPBACK_NAMES if bound_host in LOOPBACK_NAMES else None)
+    app.add_middleware(OriginCheck)
+    app.add_middleware(HostCheck, loopback_only=is_loopback(bound_host))
+    app.add_middleware(SecurityHeaders)
     return app
 
 
@@ -285,11 +284,29 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-@lru_cache(maxsize=512)
-def _thumbnail(real: str, _mtime_ns: int, _bytes: int, size: int) -> bytes:
-    """JPEG of the image's longest side at ``size``; cached per file version (mtime and size in the key)."""
-    img = load_image(real)
-    img.thumbnail((size, size))
+def _jpeg(img: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     return buf.getvalue()
+
+
+class _ThumbnailCache:
+    """The last 512 thumbnails, per file version (device, inode, mtime, size) and thumbnail size."""
+
+    def __init__(self, entries: int = 512) -> None:
+        self.entries = entries
+        self._data: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self._lock:
+            self._data[key] = data
+            while len(self._data) > self.entries:
+                self._data.popitem(last=False)

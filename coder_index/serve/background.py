@@ -29,15 +29,29 @@ def url_of(host: str, sock: socket.socket) -> str:
     return f"http://{shown}:{sock.getsockname()[1]}"
 
 
+def server_config(app: Any, config: Any = None) -> Any:
+    """uvicorn's settings for ``app``: its h11 protocol with the time limits for slow senders and the
+    cap on connections of ``config`` (a ``ServeConfig``; its defaults when None)."""
+    import uvicorn
+
+    from .config import ServeConfig
+    from .guard import protocol_class
+
+    c = config or ServeConfig(index=None)  # type: ignore[arg-type]
+    return uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                          http=protocol_class(c.header_timeout, c.body_timeout, c.max_connections))
+
+
 class BackgroundServer:
-    """``with BackgroundServer(app) as url: ...``: uvicorn serving ``app`` on 127.0.0.1 in a thread."""
+    """``with BackgroundServer(app) as url: ...``: uvicorn serving ``app`` on 127.0.0.1 in a thread,
+    with the limits of ``app.state.config`` (the ``ServeConfig`` it was made from)."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
         self.sock = bind_socket(host, port)
         self.url = url_of(host, self.sock)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(server_config(app, getattr(app.state, "config", None)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:

@@ -31,6 +31,9 @@ class ServeConfig:
     max_files: int = MAX_FILES
     max_pixels: int = MAX_PIXELS
     max_batch: int = MAX_BATCH
+    header_timeout: float = 10.0           # seconds for a request's line and headers (slow senders cut off)
+    body_timeout: float = 120.0            # seconds for a request's whole body
+    max_connections: int = 256             # open connections at once; one more is closed at once
 
     @property
     def max_request_bytes(self) -> int:
@@ -50,6 +53,7 @@ class ServeConfig:
         if self.report is not None and not (Path(self.report) / "report.json").is_file():
             raise FileNotFoundError(f"--report {self.report} holds no report.json: give the folder passed to "
                                     "`coder-index eval --out`")
-        for name in ("max_file_bytes", "max_files", "max_pixels", "max_batch", "top_k", "explain_k"):
+        for name in ("max_file_bytes", "max_files", "max_pixels", "max_batch", "top_k", "explain_k", "header_timeout",
+                     "body_timeout", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -4,8 +4,16 @@ The file is read once into arrays (labels as ids, scores as a matrix) and then o
 records as it grows (a classify run still writing to it); a file that shrank or was replaced is read
 afresh. Filters and sorting are array operations over all rows.
 
-Images are served only for paths the file lists, and only when the real path (symlinks resolved)
-lies inside ``images_root``: ``../``, absolute paths elsewhere and links out of the root are refused.
+Images are served only for paths the file lists, and only when the file actually opened lies inside
+``images_root``: the image is opened once, and the real path of the opened descriptor is checked
+(not the name before opening), so ``../``, absolute paths elsewhere, links out of the root and a
+folder swapped for such a link while a request runs are all refused, and what was checked is what
+is read.
+
+Every state of the predictions file is an answer, never a server error: rows that are not
+predictions (a garbage line appended) are skipped and counted (``bad_lines``); a file deleted,
+replaced by a directory or a FIFO while served keeps the rows already read, and says so
+(``problem``); a file that was never readable is a clear 422.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import csv
 import io
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,7 @@ import numpy as np
 
 from ..errors import InputFormatError
 from ..pipeline.output import last_record_end
+from ..untrusted import NotARegularFile, open_regular_file
 
 
 class NotListed(Exception):
@@ -62,32 +72,47 @@ class PredictionsFile:
         self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._header: list[str] | None = None
+        self.bad_lines = 0               # records that are not predictions: skipped, counted
+        self.problem: str | None = None  # what happened to the file, when the rows served are older than it
 
     def refresh(self) -> None:
-        """Read what was appended since the last call (or everything, if the file was replaced)."""
+        """Read what was appended since the last call (or everything, if the file was replaced). The
+        file is opened once (never followed into a FIFO); all reads come from that descriptor."""
         with self._lock:
             try:
-                st = os.stat(self.path)
-            except OSError:
-                if self._ident is not None:  # moved or deleted while served: keep serving what was read
-                    return
-                raise
-            ident = (st.st_dev, st.st_ino)
-            if ident != self._ident or st.st_size < self._offset:
-                self._reset()
-                self._ident = ident
-            if st.st_size == self._offset:
-                return
-            end = last_record_end(self.path, quoted=self.format == "csv")
-            if end <= self._offset:
-                return
-            with open(self.path, "rb") as f:
+                f = open_regular_file(self.path)
+            except (NotARegularFile, IsADirectoryError):
+                return self._unreadable("it is no longer a regular file (a directory, FIFO, socket or device)")
+            except FileNotFoundError:
+                return self._unreadable("it was deleted or moved")
+            except OSError as exc:
+                return self._unreadable(f"it cannot be opened ({exc.strerror or exc.__class__.__name__})")
+            with f:
+                st = os.fstat(f.fileno())
+                ident = (st.st_dev, st.st_ino)
+                if ident != self._ident or st.st_size < self._offset:
+                    self._reset()
+                    self._ident = ident
+                self.problem = None
+                if st.st_size == self._offset:
+                    return None
+                end = last_record_end(f, quoted=self.format == "csv")
+                if end <= self._offset:
+                    return None
                 f.seek(self._offset)
                 data = f.read(end - self._offset)
             text = data.decode("utf-8", errors="surrogateescape")
             records = self._parse_csv(text) if self.format == "csv" else self._parse_jsonl(text)
             self._append(records)
             self._offset = end
+            return None
+
+    def _unreadable(self, why: str) -> None:
+        """The file cannot be read now: keep serving the rows already read, saying why; with none read
+        yet, a clear error (the API answers 422)."""
+        if self._ident is None:
+            raise InputFormatError(f"the predictions file {self.path.name} cannot be read: {why}")
+        self.problem = f"{self.path.name}: {why}; showing the {len(self.paths)} rows read before"
 
     def _parse_csv(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
         reader = csv.reader(io.StringIO(text, newline=""))
@@ -97,15 +122,17 @@ class PredictionsFile:
                 continue
             if self._header is None:
                 if row[:4] != ["path", "label", "score", "method"]:
-                    raise InputFormatError(f"{self.path} is not a coder-index predictions file (its header is "
-                                           f"{row[:4]})")
+                    raise InputFormatError(f"{self.path.name} is not a coder-index predictions file (its header "
+                                           f"is {[display_text(c)[:40] for c in row[:4]]})")
                 self._header = row
                 continue
             try:
-                top = [(row[i], float(row[i + 1])) for i in range(4, len(row) - 1, 2) if row[i] != ""]
-                out.append((row[0], row[1], row[3], [(row[1], float(row[2]))] + top))
+                if len(row) != len(self._header):
+                    raise ValueError("another number of columns")
+                top = [(row[i], _score(row[i + 1])) for i in range(4, len(row) - 1, 2) if row[i] != ""]
+                out.append((row[0], row[1], row[3], [(row[1], _score(row[2]))] + top))
             except (ValueError, IndexError):
-                raise InputFormatError(f"{self.path}: a row that is not a prediction ({row[:2]}...)") from None
+                self.bad_lines += 1  # skipped: the good rows stay browsable
         return out
 
     def _parse_jsonl(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
@@ -115,10 +142,12 @@ class PredictionsFile:
                 continue
             try:
                 r = json.loads(line)
-                out.append((r["path"], r["label"], r["method"],
-                            [(t["label"], float(t["score"])) for t in r["top_k"]]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise InputFormatError(f"{self.path}: a line that is not a prediction ({line[:60]!r})") from None
+                top = [(str(t["label"]), _score(t["score"])) for t in r["top_k"]]
+                if not top or not all(isinstance(r[k], str) for k in ("path", "label", "method")):
+                    raise ValueError("not a prediction")
+                out.append((r["path"], r["label"], r["method"], top))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
+                self.bad_lines += 1  # skipped: the good rows stay browsable
         return out
 
     def _append(self, records: list[tuple[str, str, str, list[tuple[str, float]]]]) -> None:
@@ -171,7 +200,8 @@ class PredictionsFile:
         with self._lock:
             ids, scores, methods = self._matrices()
             counts = np.bincount(ids[:, 0], minlength=len(self.vocab)) if len(ids) else np.zeros(0, int)
-            return {"file": self.path.name, "rows": len(self.paths),
+            return {"file": self.path.name, "rows": len(self.paths), "bad_lines": self.bad_lines,
+                    "problem": self.problem,
                     "labels": [{"label": self.vocab[i], "count": int(counts[i])}
                                for i in np.argsort(-counts, kind="stable") if counts[i]],
                     "methods": list(self.methods), "changed_by_rerank": int(self._changed(scores).sum())}
@@ -220,25 +250,69 @@ class PredictionsFile:
         return np.nan_to_num(scores[:, 0], nan=np.inf) < np.nan_to_num(scores[:, 1], nan=-np.inf)
 
     # ------------------------------------------------------------------ images
-    def image_path(self, listed: str | None = None, row: int | None = None) -> tuple[str, str]:
-        """(real path, path as listed) of a listed image inside the root, named by its path or by its
-        row (rows name files whose names are not valid UTF-8); NotListed / OutsideRoot otherwise."""
+    def listed_path(self, listed: str | None = None, row: int | None = None) -> str:
+        """A listed image's path as the file lists it, named by its path or by its row (rows name
+        files whose names are not valid UTF-8); NotListed otherwise."""
         self.refresh()
         with self._lock:
             if row is not None:
                 if not 0 <= row < len(self.paths):
                     raise NotListed(str(row))
-                listed = self.paths[row]
-            elif listed is None or listed not in self._where:
+                return self.paths[row]
+            if listed is None or listed not in self._where:
                 raise NotListed(listed)
+            return listed
+
+    def open_image(self, listed: str | None = None, row: int | None = None) -> tuple[Any, str]:
+        """(open binary file, path as listed) of a listed image that lies inside the root. The file is
+        opened once, then the real path of the opened descriptor is checked against the root: a link
+        or folder swapped in between cannot make it read anything else. NotListed / OutsideRoot
+        otherwise; OSError (missing, unreadable) and NotARegularFile pass through."""
+        listed = self.listed_path(listed, row)
+        full = listed if os.path.isabs(listed) else os.path.join(self.root, listed)
+        if not os.path.isabs(listed) and os.path.commonpath([os.path.normpath(full), self.root]) != self.root:
+            raise OutsideRoot(listed)  # '..' leads out of the root by its letters alone: nothing is opened
         try:
-            full = listed if os.path.isabs(listed) else os.path.join(self.root, listed)
-            real = os.path.realpath(full)
-        except (ValueError, OSError):  # an embedded NUL byte, a loop of links
+            f = open_regular_file(full)
+        except ValueError:  # an embedded NUL byte
             raise OutsideRoot(listed) from None
-        if os.path.commonpath([real, self.root]) != self.root:
-            raise OutsideRoot(listed)
-        return real, listed
+        try:
+            real = _real_path_of(f.fileno(), full)
+            if real is None or os.path.commonpath([real, self.root]) != self.root:
+                raise OutsideRoot(listed)
+        except BaseException:
+            f.close()
+            raise
+        return f, listed
+
+
+def _real_path_of(fd: int, opened: str) -> str | None:
+    """Where the opened descriptor's file is, from the kernel (Linux /proc, macOS F_GETPATH); else
+    None unless the name still leads to the very file opened (same device and inode)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    import fcntl
+
+    if hasattr(fcntl, "F_GETPATH"):
+        try:
+            return fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0").decode("utf-8", "surrogateescape")
+        except OSError:
+            return None
+    real = os.path.realpath(opened)
+    a, b = os.fstat(fd), os.stat(real)
+    return real if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and stat.S_ISREG(b.st_mode) else None
+
+
+def _score(value: Any) -> float:
+    """A score as the file holds it: a finite number (a bool or a string is not one)."""
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    x = float(value)
+    if not np.isfinite(x):
+        raise ValueError("not finite")
+    return x
 
 
 def display_text(text: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,9 +19,8 @@ from ..pipeline.classify import prediction_rows
 from ..pipeline.scorer_spec import ScorerSpec, build_scorer
 from ..presets import resolve_gap_threshold
 from .config import ServeConfig
+from .redaction import redact
 from .worker import Job, ModelWorker
-
-_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
 
 
 class ModelService:
@@ -118,16 +116,3 @@ def _chain(done: Future, out: Future, then: Any) -> None:
         out.set_result(then(done.result()))
     except Exception as err:
         out.set_exception(err)
-
-
-def redact(obj: Any) -> Any:
-    """A copy with every value under a key that names a secret replaced (no API key leaves the server,
-    whatever a manifest or setting may hold one day)."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

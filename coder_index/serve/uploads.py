@@ -7,13 +7,14 @@ same file in a folder give the same row.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..pipeline.decode import ImageDecodeError, ImageTooLarge, decode_image_bytes
+from ..pipeline.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_image_bytes
 
 
 class UploadRejected(Exception):
@@ -38,13 +39,18 @@ def check_count(n: int, max_files: int) -> None:
 
 
 def preprocess_uploads(uploads: list[Upload], preprocess: Callable[[Any], torch.Tensor],
-                       max_pixels: int) -> torch.Tensor:
-    """``[N, 3, H, W]`` for the uploads, in order; every bad file is named in one 4xx."""
+                       max_pixels: int, budget: Any = None) -> torch.Tensor:
+    """``[N, 3, H, W]`` for the uploads, in order; every bad file is named in one 4xx. With
+    ``budget`` (a ``PixelBudget``), each image's decoded pixels are held from it until preprocessed."""
     tensors, errors = [], []
     status = 400
     for i, up in enumerate(uploads):
         try:
-            tensors.append(preprocess(decode_image_bytes(up.data, max_pixels)))
+            if budget is None:
+                tensors.append(preprocess(decode_image_bytes(up.data, max_pixels)))
+            else:
+                with budget.hold(declared_pixels(io.BytesIO(up.data))):
+                    tensors.append(preprocess(decode_image_bytes(up.data, max_pixels)))
         except ImageTooLarge as exc:
             status = 413
             errors.append({"file": up.name, "index": i, "reason": str(exc)})
