@@ -161,6 +161,25 @@ def _quiet_open_clip_random_notice():  # noqa: ANN202 - a context manager
             handler.removeFilter(flt)
 
 
+@contextlib.contextmanager
+def _skip_weight_init():  # noqa: ANN202 - a context manager
+    """Building a model whose every parameter a checkpoint then overwrites: torch.nn.init's functions
+    (which layers' reset_parameters and open_clip's init_parameters call) leave tensors as allocated.
+    open_clip loads checkpoints strictly, so a parameter the file lacks is an error, never left
+    uninitialised."""
+    import torch.nn.init as init
+
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    for n in names:
+        setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
 _SAID_UNTRAINED: set[str] = set()
 
 
@@ -202,8 +221,12 @@ class ClipEncoder:
         try:
             # 'random' weights are seeded so that an index built with them can be reopened later;
             # the caller's RNG state is left as it was.
+            # Weights read from a checkpoint overwrite every parameter: their random initialisation (most
+            # of building a model: 0.76 of 1.36 s for ViT-B-32 here) is skipped. 'random' weights keep it,
+            # seeded, exactly as before (indexes built with them record their fingerprint).
+            init = contextlib.nullcontext() if self.pretrained == RANDOM_WEIGHTS else _skip_weight_init()
             with torch.random.fork_rng(devices=[]), fetch_policy(model, self.pretrained, cache_dir), \
-                    _quiet_open_clip_random_notice():
+                    _quiet_open_clip_random_notice(), init:
                 torch.manual_seed(0)
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model, pretrained=None if self.pretrained == RANDOM_WEIGHTS else self.pretrained,

@@ -153,3 +153,25 @@ def test_released_text_tower_refuses_weights_changed_on_disk(tmp_path, tiny_mode
     shutil.copy(Path(other_tiny_model.removeprefix("local-dir:")) / weights, local / weights)
     with pytest.raises(ModelLoadError, match="changed on disk"):
         enc.encode_texts(["a photo of a cat"])
+
+
+def test_checkpoint_loads_skip_the_random_init_and_load_every_weight_exactly(tmp_path, tiny_model, encoder):
+    """A model read from a checkpoint is built without initialising its weights (the file overwrites
+    them all); every tensor equals the file's, the init functions work again afterwards, and a
+    checkpoint that lacks a weight is refused rather than left uninitialised."""
+    folder = tiny_model[len("local-dir:"):]
+    saved = torch.load(f"{folder}/open_clip_pytorch_model.bin", weights_only=True)
+    enc = ClipEncoder(tiny_model, device="cpu")
+    got = enc.model.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(got[name].float(), tensor.float()), name
+    t = torch.zeros(1000)
+    torch.nn.init.normal_(t)
+    assert t.std() > 0.5  # torch.nn.init is itself again
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "coder-tiny-missing.json").write_text(json.dumps(TINY_CONFIG["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    partial = {k: v for k, v in saved.items() if k != "ln_final.weight"}
+    torch.save(partial, tmp_path / "partial.bin")
+    with pytest.raises(ModelLoadError):
+        ClipEncoder("coder-tiny-missing", pretrained=str(tmp_path / "partial.bin"), device="cpu")
