@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .rerank import PairTable
 from .validation import l2_normalize
 
 if TYPE_CHECKING:
@@ -33,10 +32,9 @@ def pair_evidence(index: TextIndex, image_emb: np.ndarray, top_ids: np.ndarray, 
         return [None] * len(x)
     ii, jj = np.triu_indices(t, k=1)
     wanted = {(int(r[i]), int(r[j])) for r in top for i in range(t) for j in range(t) if i != j}
-    weighted = index.pair_embeddings(wanted)
-    if not weighted:
+    table = index.pair_table(wanted)
+    if not len(table.keys):
         return [None] * len(x)
-    table = PairTable(weighted, x.shape[1], len(names))
     a, b = top[:, ii], top[:, jj]
     pos, sign, valid = table.lookup(a, b)
     scores = np.einsum("nd,npd->np", x, table.diff[pos]) * sign if len(table.keys) else np.zeros(a.shape)

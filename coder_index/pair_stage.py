@@ -77,7 +77,7 @@ class PairReranker:
     def __call__(self, image_emb: np.ndarray, logits: np.ndarray) -> np.ndarray:
         pairs = top_pairs(logits, self.top)
         self.ensure_pairs(pairs)
-        return rerank(image_emb, logits, self.index.pair_embeddings(pairs), top=self.top,
+        return rerank(image_emb, logits, self.index.pair_table(pairs), top=self.top,
                       gap_threshold=self.gap_threshold)
 
     def summary(self) -> str:

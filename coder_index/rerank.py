@@ -27,11 +27,12 @@ class PairTable:
     """Difference vectors of the unordered pairs that have texts in both directions.
 
     Built with array operations over all texts at once (one concatenation, one normalisation, one
-    segment mean), not per pair.
+    segment mean), not per pair: from a ``{(a, b): [K_ab, D]}`` mapping, or from arrays of the texts'
+    ordered pairs and vectors (``from_arrays``, what the index gives without a dict per pair). The
+    rerank looks pairs up as tensors on its device (``on``): a sorted key column and a gather.
     """
 
     def __init__(self, pair_texts: Mapping[tuple[int, int], Any], dim: int, n_classes: int) -> None:
-        self.n_classes = n_classes
         keys_a, keys_b, arrays = [], [], []
         for key, emb in pair_texts.items():
             if not (isinstance(key, tuple) and len(key) == 2):
@@ -47,33 +48,47 @@ class PairTable:
             arrays.append(arr)
         a = np.asarray(keys_a, dtype=np.int64)
         b = np.asarray(keys_b, dtype=np.int64)
-        bad = (a < 0) | (a >= n_classes) | (b < 0) | (b >= n_classes) | (a == b)
+        counts = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
+        texts = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
+        self._build(np.repeat(a, counts), np.repeat(b, counts), texts, dim, n_classes)
+
+    @classmethod
+    def from_arrays(cls, text_a: np.ndarray, text_b: np.ndarray, texts: np.ndarray, n_classes: int) -> PairTable:
+        """The table of texts given as arrays: text i describes class ``text_a[i]`` as different from
+        ``text_b[i]`` (a text of weight w appears w times)."""
+        table = cls.__new__(cls)
+        table._build(np.asarray(text_a, np.int64), np.asarray(text_b, np.int64), np.asarray(texts),
+                     int(np.asarray(texts).shape[1]), n_classes)
+        return table
+
+    def _build(self, text_a: np.ndarray, text_b: np.ndarray, texts: np.ndarray, dim: int, n_classes: int) -> None:
+        self.n_classes = n_classes
+        self._device_copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        bad = (text_a < 0) | (text_a >= n_classes) | (text_b < 0) | (text_b >= n_classes) | (text_a == text_b)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"pair_texts key {(int(a[i]), int(b[i]))} must name two different classes "
+            raise ValueError(f"pair_texts key {(int(text_a[i]), int(text_b[i]))} must name two different classes "
                              f"in [0, {n_classes})")
-        if not arrays:
+        if len(texts) == 0:
             self.keys = np.zeros(0, np.int64)
             self.diff = np.zeros((0, dim), np.float32)
             return
-        counts = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
-        texts = l2_normalize(as_float_matrix(np.concatenate(arrays), "pair_texts"), "pair_texts")
+        codes = text_a * n_classes + text_b
+        ordered, segment = np.unique(codes, return_inverse=True)  # one segment per ordered pair, sorted
+        counts = np.bincount(segment, minlength=len(ordered))
+        texts = l2_normalize(as_float_matrix(texts, "pair_texts"), "pair_texts")
         # segment means with torch's index_add_ (multi-threaded; numpy's reduceat is ~20x slower here)
-        segment = torch.from_numpy(np.repeat(np.arange(len(arrays)), counts))
-        sums = torch.zeros((len(arrays), dim), dtype=torch.float32).index_add_(0, segment, torch.from_numpy(texts))
+        sums = torch.zeros((len(ordered), dim), dtype=torch.float32).index_add_(
+            0, torch.from_numpy(segment.astype(np.int64)), torch.from_numpy(texts))
         means = sums.numpy() / counts[:, None].astype(np.float32)
+        a, b = ordered // n_classes, ordered % n_classes
         # keep unordered pairs {a, b} that have both directions: d = mean(T(lo,hi)) - mean(T(hi,lo))
-        ordered = a * n_classes + b
         reverse = b * n_classes + a
-        sorter = np.argsort(ordered)
-        pos = np.clip(np.searchsorted(ordered, reverse, sorter=sorter), 0, len(ordered) - 1)
-        partner = sorter[pos]
-        has_both = ordered[partner] == reverse
+        pos = np.clip(np.searchsorted(ordered, reverse), 0, len(ordered) - 1)
+        has_both = ordered[pos] == reverse
         keep = has_both & (a < b)
-        self.keys = ordered[keep]
-        self.diff = (means[keep] - means[partner[keep]]).astype(np.float32)
-        order = np.argsort(self.keys)
-        self.keys, self.diff = self.keys[order], np.ascontiguousarray(self.diff[order])
+        self.keys = ordered[keep]                       # sorted, as ``ordered`` is
+        self.diff = np.ascontiguousarray((means[keep] - means[pos[keep]]).astype(np.float32))
 
     def lookup(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row in ``diff`` for each (a, b), its sign (+1 if a < b, -1 otherwise) and validity."""
@@ -86,17 +101,40 @@ class PairTable:
         sign = np.where(a < b, 1.0, -1.0).astype(np.float32)
         return pos, sign, valid
 
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, diff) as tensors on ``device``, copied there once."""
+        name = str(device)
+        if name not in self._device_copies:
+            self._device_copies[name] = (torch.from_numpy(self.keys).to(device), on_device(self.diff, device))
+        return self._device_copies[name]
 
-def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any], top: int = 5,
+    def lookup_on(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``lookup`` on tensors, where they are: no class pair travels to the host."""
+        keys, _ = self.on(a.device)
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        key = lo * self.n_classes + hi
+        if len(self.keys) == 0:
+            zeros = torch.zeros_like(key)
+            return zeros, zeros.float(), zeros.bool()
+        pos = torch.searchsorted(keys, key).clamp_(max=len(self.keys) - 1)
+        valid = (keys[pos] == key) & (a != b)
+        sign = torch.where(a < b, 1.0, -1.0)
+        return pos, sign, valid
+
+
+def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any] | PairTable, top: int = 5,
            gap_threshold: float | None = None, *, chunk: int = 1024) -> np.ndarray:
     """Final class id per image after the one-to-one rerank of its ``top`` stage-1 classes.
 
     ``pair_texts[(a, b)]`` are ``[K_ab, D]`` embeddings of texts describing class a as different from
-    class b. With ``gap_threshold`` only images whose softmax top-1 minus top-2 probability is below
-    it are reranked (the released code's gate); by default every image is.
+    class b (or a ``PairTable`` of them, as ``TextIndex.pair_table`` gives). With ``gap_threshold``
+    only images whose softmax top-1 minus top-2 probability is below it are reranked (the released
+    code's gate); by default every image is.
 
-    Runs where ``logits`` are (a tensor on a GPU: there, with the pair vectors copied to it; an array:
-    the CPU); the ``[N, C]`` logits never leave that device, only top lists and scores per pair do.
+    Runs where ``logits`` are (a tensor on a GPU: there; an array: the CPU): the pair lookup (a sorted
+    key column), the gather of difference vectors, the scores, the totals and the pick all happen on
+    that device; only the stage-1 top lists come to the host (to break exact ties by class id) and
+    only the final class per image comes back.
     """
     o = _logits_tensor(logits)
     dev = o.device
@@ -108,8 +146,10 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     if gap_threshold is not None and not np.isfinite(gap_threshold):
         raise ValueError("gap_threshold must be a finite number or None")
     n, c = o.shape
-    table = PairTable(pair_texts, x.shape[1], c)
-    idx, _ = top_k(o, min(top, c))  # stage-1 order, best first
+    table = pair_texts if isinstance(pair_texts, PairTable) else PairTable(pair_texts, x.shape[1], c)
+    if table.n_classes != c:
+        raise ValueError(f"the pair table is over {table.n_classes} classes, the logits over {c}")
+    idx, _ = top_k(o, min(top, c))  # stage-1 order, best first (exact ties: lower class id first)
     final = idx[:, 0].copy()
     todo = np.arange(n)
     if gap_threshold is not None and c > 1:
@@ -117,24 +157,36 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     t = idx.shape[1]
     if t < 2 or len(table.keys) == 0 or todo.size == 0:
         return final
-    x_dev, diff = on_device(x, dev), on_device(table.diff, dev)
-    ii, jj = np.triu_indices(t, k=1)  # the t(t-1)/2 unordered pairs of top positions, i < j
+    x_dev, (_, diff) = on_device(x, dev), table.on(dev)
+    idx_dev = torch.from_numpy(idx).to(dev)
+    ii_np, jj_np = np.triu_indices(t, k=1)  # the t(t-1)/2 unordered pairs of top positions, i < j
+    ii, jj = torch.from_numpy(ii_np).to(dev), torch.from_numpy(jj_np).to(dev)
+    picked = torch.empty(todo.size, dtype=torch.int64, device=dev)
+    todo_dev = torch.from_numpy(todo).to(dev)
     for start in range(0, todo.size, chunk):
-        rows = todo[start:start + chunk]
-        cand = idx[rows]                                  # [n, t]
-        pos, sign, valid = table.lookup(cand[:, ii], cand[:, jj])
+        rows = todo_dev[start:start + chunk]
+        cand = idx_dev[rows]                              # [n, t]
+        pos, sign, valid = table.lookup_on(cand[:, ii], cand[:, jj])
         # s = score(c_i vs c_j); score(c_j vs c_i) = -s exactly
         with exact_float32():
-            dots = torch.einsum("nd,npd->np", x_dev[torch.from_numpy(rows).to(dev)],
-                                diff[torch.from_numpy(pos).to(dev)])
-        s = dots.cpu().numpy() * sign
-        s[~valid] = 0.0
-        pair_scores = np.zeros((len(rows), t, t), np.float64)
+            dots = torch.einsum("nd,npd->np", x_dev[rows], diff[pos])
+        s = torch.where(valid, dots * sign, torch.zeros((), dtype=dots.dtype, device=dev)).double()
+        pair_scores = torch.zeros((len(rows), t, t), dtype=torch.float64, device=dev)
         pair_scores[:, ii, jj] = s
         pair_scores[:, jj, ii] = -s
-        totals = pair_scores.sum(axis=2)
-        final[rows] = cand[np.arange(len(rows)), totals.argmax(axis=1)]  # first max = stage-1 order
+        totals = pair_scores.sum(dim=2)
+        best = _first_argmax(totals)                     # first max = stage-1 order
+        picked[start:start + len(rows)] = cand.gather(1, best[:, None])[:, 0]
+    final[todo] = picked.cpu().numpy()
     return final
+
+
+def _first_argmax(totals: torch.Tensor) -> torch.Tensor:
+    """The first column holding each row's maximum (numpy's argmax rule; torch's is unspecified on
+    ties on some devices)."""
+    is_max = totals == totals.amax(dim=1, keepdim=True)
+    cols = torch.arange(totals.shape[1], device=totals.device).expand_as(totals)
+    return torch.where(is_max, cols, totals.shape[1]).amin(dim=1)
 
 
 def top2_gap(logits: torch.Tensor, block_bytes: int | None = None) -> np.ndarray:

@@ -104,3 +104,40 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         rerank(**args)
+
+
+def _table_from_dict(pairs, d, c):
+    from coder_index.rerank import PairTable
+
+    keys = [(a, b) for (a, b), v in pairs.items() for _ in range(len(v))]
+    vecs = np.concatenate([v for v in pairs.values()]) if pairs else np.zeros((0, d), np.float32)
+    ka = np.array([k[0] for k in keys], np.int64)
+    kb = np.array([k[1] for k in keys], np.int64)
+    return PairTable.from_arrays(ka, kb, vecs, c)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_pair_table_from_arrays_on_device_tensors_equals_every_image(seed):
+    """The on-device rerank (pairs looked up as tensors, gathered by index), run on CPU tensors, picks
+    the class of the per-image reference on every image, with ties broken by stage-1 order."""
+    import torch
+
+    from coder_index.rerank import PairTable
+
+    x, logits, pairs = random_case(seed, n=2000, c=30, d=16)
+    logits = np.round(logits)  # many exact ties in the stage-1 order
+    table = _table_from_dict(pairs, 16, 30)
+    old = PairTable(pairs, 16, 30)
+    np.testing.assert_array_equal(table.keys, old.keys)
+    np.testing.assert_array_equal(table.diff, old.diff)
+    want = reference_rerank(x, logits, pairs)
+    np.testing.assert_array_equal(rerank(x, torch.from_numpy(logits), table), want)
+    np.testing.assert_array_equal(rerank(x, logits, pairs, chunk=7), want)
+
+
+def test_exactly_tied_totals_keep_stage_one_order():
+    x = np.ones((3, 4), np.float32)
+    logits = np.array([[3, 2, 1], [1, 3, 2], [2, 1, 3]], np.float32)
+    same = np.eye(1, 4, dtype=np.float32)
+    pairs = {(a, b): same for a in range(3) for b in range(3) if a != b}  # every score exactly 0
+    np.testing.assert_array_equal(rerank(x, logits, pairs, top=3), [0, 1, 2])

@@ -79,8 +79,9 @@ def add_pair_texts(index: TextIndex, features: Mapping[tuple[str, str], list[str
     return len(rows)
 
 
-def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-    """``{(a, b): [K_ab, D]}`` for the requested ordered pairs that have texts (rerank's input)."""
+def _pair_rows(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ordered pairs [N, 2], vectors [N, D], in one array) of the texts of the requested pairs, a text
+    of weight w repeated w times (it counts as often in the rerank's mean: released behaviour)."""
     from .text_index import PAIR_VECTORS
 
     wanted = list(dict.fromkeys((int(a), int(b)) for a, b in pairs))
@@ -92,13 +93,34 @@ def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[
             q = select(t.c.id, t.c.class_a, t.c.class_b, t.c.weight).where(
                 tuple_(t.c.class_a, t.c.class_b).in_(wanted[i:i + 400]))
             rows += conn.execute(q).all()
-    if not rows:
+        if not rows:
+            return np.zeros((0, 2), np.int64), np.zeros((0, index.dim), np.float32), np.zeros(0, np.int64)
+        table = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        pos = _positions(index, all_ids, table[:, 0])
+        keys, weights = table[:, 1:3], table[:, 3]
+        if (weights > 1).any():
+            pos, keys = np.repeat(pos, weights), np.repeat(keys, weights, axis=0)
+        return keys, np.asarray(vectors[pos]), pos
+
+
+def pair_table(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> Any:
+    """The rerank's ``PairTable`` of the requested ordered pairs, built from arrays: the texts' pairs
+    and vectors gathered by position from the memory-mapped pair matrix, no dict per pair."""
+    from ..rerank import PairTable
+
+    keys, vectors, _ = _pair_rows(index, pairs)
+    return PairTable.from_arrays(keys[:, 0], keys[:, 1], vectors, len(index.class_names())) if len(keys) else \
+        PairTable({}, index.dim, len(index.class_names()))
+
+
+def pair_embeddings(index: TextIndex, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+    """``{(a, b): [K_ab, D]}`` for the requested ordered pairs that have texts."""
+    keys, _, pos = _pair_rows(index, pairs)
+    if not len(keys):
         return {}
-    pos = _positions(index, all_ids, np.array([r[0] for r in rows], dtype=np.int64))
-    keys = np.array([(r[1], r[2]) for r in rows], dtype=np.int64)
-    weights = np.array([r[3] for r in rows], dtype=np.int64)
-    if (weights > 1).any():  # a repeated text counts as often in the rerank's mean (released behaviour)
-        pos, keys = np.repeat(pos, weights), np.repeat(keys, weights, axis=0)
+    from .text_index import PAIR_VECTORS
+
+    _, vectors = index.matrix(PAIR_VECTORS)
     grouping = np.lexsort((keys[:, 1], keys[:, 0]))
     keys, pos = keys[grouping], pos[grouping]
     bounds = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1

@@ -75,3 +75,9 @@ class IndexQueries:
         from .pairs import pair_embeddings
 
         return pair_embeddings(self, pairs)
+
+    def pair_table(self, pairs: Iterable[tuple[int, int]]) -> Any:  # -> rerank.PairTable
+        """The rerank's table of difference vectors for these ordered pairs, built from arrays."""
+        from .pairs import pair_table
+
+        return pair_table(self, pairs)
