@@ -207,6 +207,11 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Encoder precision on a GPU (auto: fp16 on CUDA, fp32 on the CPU). CODER, the rerank and the "
                    "adapter always compute in float32, without TF32.")
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
+              help="cpu: open_clip's reference preprocessing (Pillow in the workers), byte for byte; gpu: JPEGs "
+                   "decoded in batches where the encoder runs (nvJPEG on a GPU, libjpeg-turbo on the CPU), resized "
+                   "and normalised there, other files the reference way; auto: gpu on a CUDA device, else cpu "
+                   "(always cpu for a --preset cvpr24 index). See README: Decoding.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool, index_dir: str, out: Path,
@@ -215,7 +220,7 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
              zs_method: str, retrieve_k: int, candidates: str | None, engine: str, ray_address: str | None,
              ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
-             precision: str, quiet: bool, **llm: Any) -> None:
+             precision: str, decode: str, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively), or the IMAGE files named (and those of
     --files-from), with CODER zero-shot.
 
@@ -239,6 +244,7 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
       coder-index classify photos/ --index pets-index --corpus my-corpus --method xmore --out preds.csv
       coder-index classify /data/images --index in21k --out preds.csv --candidates 64
       coder-index classify /data/images --index in1k --out preds.csv --device cuda --precision bf16 --batch-size 512
+      coder-index classify /data/images --index in1k --out preds.csv --decode cpu    # the reference pixels on a GPU
       coder-index classify /shared/images --index /shared/in1k --out preds.csv --engine ray --ray-address auto
     """
     from coder_index.index.text_index import TextIndex
@@ -294,9 +300,11 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
 
         run_engine = RayEngine(index, spec, address=ray_address, actors=ray_actors, batch_size=batch_size,
                                gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet)
+    if decode == "auto" and index.recipe.is_released:
+        decode = "cpu"  # the cvpr24 preset reproduces the released numbers: the reference preprocessing
     summary = classify_folder(index, source, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
                               workers=workers, threads=threads, progress=not quiet, overwrite=overwrite,
-                              engine=run_engine)
+                              engine=run_engine, decode=decode)
     if isinstance(reranker, PairReranker):
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:

@@ -22,7 +22,7 @@ from ..faults import pause_point
 from ..index.atomic import translate_disk_full
 from ..parallelism import parallel_encoding
 from .discover import Discovery, ListedFiles, walk_images, walk_listed
-from .loader import iterate_batches
+from .feed import make_feed
 from .runrecord import OutputRun
 from .scorers import CoderScorer
 
@@ -59,14 +59,16 @@ PENDING_CHUNK = 16384  # images handed to the loader at a time: the file list is
 def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str | Path, *, scorer: Any | None = None,
                     top_k_n: int = 5, batch_size: int = 64, workers: int | None = None, threads: int | None = None,
                     progress: bool = True, overwrite: bool = False, engine: Any | None = None,
-                    on_batch: Callable[[int], None] | None = None) -> ClassifySummary:
+                    on_batch: Callable[[int], None] | None = None, decode: str = "cpu") -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` (or of the files a ``ListedFiles``
     names, each row naming its file as given) to ``out`` (.csv or .jsonl) and one
     row per file that gave none to ``OUT.errors.csv``. Rows already there are kept and
     skipped; a rerun with other settings is refused (``overwrite`` starts afresh). ``workers`` and
     ``threads`` default to a choice from the cores and the model (``parallelism.choose``).
     ``engine`` (e.g. ``engines.ray_engine.RayEngine``) decodes, encodes and scores elsewhere; rows
-    are written here, by this one process, so resume and one row per image hold for every engine."""
+    are written here, by this one process, so resume and one row per image hold for every engine.
+    ``decode`` chooses the feed (``feed.make_feed``): ``cpu`` open_clip's reference preprocessing,
+    ``gpu`` JPEGs decoded in batches where the encoder runs, ``auto`` the latter on a CUDA device."""
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
     if batch_size < 1:
@@ -74,6 +76,10 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
     t0 = time.perf_counter()
     scorer = scorer or CoderScorer(index, top_k_n)
     provenance = {"index": index.provenance(), "top_k": top_k_n, **scorer.provenance()}
+    if decode == "gpu" or (decode == "auto" and index.compute_device.type == "cuda"):
+        # the tensor decoder's pixels differ from the reference's by rounding: a resumed run must not mix
+        # them (the reference, as every earlier version used, is not recorded: old runs resume)
+        provenance["decode"] = "gpu"
     with OutputRun(out, top_k_n, provenance, overwrite=overwrite) as run:
         pause_point("classify.locked")
         if isinstance(folder, ListedFiles):
@@ -133,10 +139,10 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
                     todo = [p for chunk in todo_chunks() for p in chunk]  # X-MoRe needs them all first
                     bar.reset(total=len(todo))
                     _two_passes(run, scorer, index, root, todo, batch_size, workers, threads, write, write_errors,
-                                bar, on_batch, counts, progress)
+                                bar, on_batch, counts, progress, decode)
                 else:
                     _streaming(scorer, index, root, todo_chunks(), batch_size, workers, threads, write,
-                               write_errors, bar, on_batch, counts)
+                               write_errors, bar, on_batch, counts, decode)
         finally:
             bar.close()
     classified_or_failed = counts["ok"] + counts["err"]
@@ -155,10 +161,10 @@ def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names
 
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
-                   write_errors: Callable) -> Iterator[tuple[list[str], np.ndarray]]:
+                   write_errors: Callable, decode: str = "cpu") -> Iterator[tuple[list[str], np.ndarray]]:
     encoder = index.encoder
-    for batch in iterate_batches(root, todo, encoder.preprocess, batch_size=batch_size, workers=plan.workers,
-                                 pin_memory=encoder.device.type == "cuda"):
+    feed = make_feed(decode, encoder.preprocess, encoder.device)
+    for batch in feed.batches(root, todo, batch_size=batch_size, workers=plan.workers):
         if batch.errors:
             write_errors(batch.errors)
         if batch.pixels is not None:
@@ -169,7 +175,7 @@ def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: in
 
 def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,
                workers: int | None, threads: int | None, write: Callable, write_errors: Callable, bar: Any,
-               on_batch: Any, counts: dict[str, int]) -> None:
+               on_batch: Any, counts: dict[str, int], decode: str = "cpu") -> None:
     """Decode and encode here, chunk after chunk of the streamed file list; score as batches arrive
     (a scorer with ``chunk`` > 1, the rerank, gets that many images at once). The model is loaded
     only when there is something to encode: a rerun with everything done costs the listing alone."""
@@ -190,7 +196,7 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
                 plan = plan_ctx.__enter__()
             bar.total = (bar.total or 0) + len(todo)
             bar.refresh()
-            for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors):
+            for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode):
                 if emb is not None:
                     buffered.append((paths, emb))
                 if sum(len(ps) for ps, _ in buffered) >= scorer.chunk:
@@ -206,7 +212,7 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
 
 def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo: list[str], batch_size: int,
                 workers: int | None, threads: int | None, write: Callable, write_errors: Callable, bar: Any,
-                on_batch: Any, counts: dict[str, int], progress: bool) -> None:
+                on_batch: Any, counts: dict[str, int], progress: bool, decode: str = "cpu") -> None:
     """Encode everything to a memory-mapped scratch file, let the scorer see all of it (X-MoRe's
     normalisers, saved with the run), then score in chunks and write."""
     if not todo:
@@ -217,7 +223,7 @@ def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo:
         emb_all = np.lib.format.open_memmap(Path(tmp) / "emb.npy", mode="w+", dtype=np.float32,
                                             shape=(len(todo), encoder.embed_dim))
         paths: list[str] = []
-        for batch_paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors):
+        for batch_paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode):
             if emb is not None:
                 emb_all[len(paths):len(paths) + len(batch_paths)] = emb
                 paths += batch_paths

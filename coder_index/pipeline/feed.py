@@ -1,0 +1,297 @@
+"""The feed: files -> model-ready pixels on the encoder's device, as one swappable stage of the runner.
+
+Two feeds, chosen by ``--decode``:
+
+* ``ReferenceFeed`` (``cpu``): open_clip's own preprocessing, byte for byte. Worker processes decode
+  with Pillow (``decode.load_image``: every odd file handled, every failure a reason) and apply the
+  model's geometric transforms (resize, crop, RGB); the 8-bit result crosses to this process and to
+  the device as uint8; ``ToTensor`` and ``Normalize`` (a division and two elementwise operations,
+  exact in IEEE float32 on any device) run there. The result equals ``preprocess(image)`` exactly.
+* ``TensorFeed`` (``gpu``): complete baseline/progressive RGB or grayscale JPEGs are read as bytes
+  by the workers and decoded in batches where the encoder runs (torchvision's ``decode_jpeg``:
+  nvJPEG on a GPU, libjpeg-turbo on the CPU), EXIF orientation applied, then resized (bicubic,
+  antialiased), center-cropped and normalised there. Every other file (PNG, WebP, BMP, 16-bit,
+  CMYK JPEGs, palette images, truncated or broken JPEGs, anything the tensor decoder refuses) goes
+  through the reference path, so it keeps its exact pixels, row and error reason. Agreement with
+  the reference is measured in ``benchmarks/bench_gpu.py --only agreement`` and stated in the README.
+
+Pixels never cross a process boundary or the PCIe bus as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .decode import ImageDecodeError, load_image
+
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+
+
+@dataclass
+class FedBatch:
+    paths: list[str]               # relative paths of the images in ``pixels``, in order
+    pixels: torch.Tensor | None    # [n, 3, H, W] float32, normalised, on the feed's device
+    errors: list[tuple[str, str]]  # (relative path, reason)
+
+
+@dataclass(frozen=True)
+class PreprocessParts:
+    """open_clip's preprocessing split where it turns into a tensor: ``geometry`` (PIL -> PIL: resize,
+    crop, RGB), then ToTensor and ``normalize`` (a torchvision Normalize, applied to batches)."""
+
+    geometry: Callable[[Any], Any]
+    normalize: Any
+    shortest_side: int | None      # Resize(int) to the shorter side, bicubic (what TensorFeed reproduces)
+    crop: tuple[int, int] | None   # CenterCrop size
+
+
+def split_preprocess(preprocess: Any) -> PreprocessParts | None:
+    """The parts of an open_clip ``Compose`` (Resize, CenterCrop, MaybeConvertMode, ToTensor,
+    Normalize); None when it has another shape (then pixels travel as the full preprocess makes them)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    at = next((i for i, s in enumerate(steps) if isinstance(s, T.ToTensor)), None)
+    if at is None or len(steps) != at + 2 or not isinstance(steps[at + 1], T.Normalize):
+        return None
+    geometry = T.Compose(steps[:at])
+    side, crop = None, None
+    if len(steps[:at]) >= 2 and isinstance(steps[0], T.Resize) and isinstance(steps[1], T.CenterCrop):
+        size, mode = steps[0].size, steps[0].interpolation
+        if (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1)) and \
+                mode == T.InterpolationMode.BICUBIC and steps[0].max_size is None:
+            side = int(size if isinstance(size, int) else size[0])
+            crop = tuple(int(v) for v in steps[1].size)  # type: ignore[assignment]
+    return PreprocessParts(geometry, steps[at + 1], side, crop)
+
+
+def to_uint8_chw(image: Any) -> torch.Tensor:
+    """A PIL RGB image as a uint8 [3, H, W] tensor (what ToTensor reads, before its division)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def normalized(pixels: torch.Tensor, parts: PreprocessParts) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> ToTensor's float32 (x / 255) -> Normalize: the ops of the reference."""
+    return parts.normalize(pixels.to(torch.float32).div(255))
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _is_plain_jpeg(data: bytes) -> bool:
+    """A complete JPEG of 1 or 3 components (grayscale, YCbCr): what the tensor decoder takes. CMYK
+    and YCCK JPEGs (4 components) and files that stop before their end marker go the reference way."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return False
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame
+            return i + 9 < n and data[i + 9] in (1, 3)
+        if marker == 0xDA:  # start of scan before any frame header: not a JPEG we know
+            return False
+        i += 2 + length
+    return False
+
+
+class _FeedFiles(Dataset):
+    """What a worker hands over for one file: ``("jpeg", bytes)`` for the tensor decoder,
+    ``("pixels", uint8 [3, H, W])`` after the reference geometry, or ``("error", reason)``."""
+
+    def __init__(self, root: Path, rel_paths: list[str], preprocess: Any, parts: PreprocessParts | None,
+                 jpeg_bytes: bool) -> None:
+        self.root, self.rel_paths, self.preprocess, self.parts = root, rel_paths, preprocess, parts
+        self.jpeg_bytes = jpeg_bytes
+
+    def __len__(self) -> int:
+        return len(self.rel_paths)
+
+    def __getitem__(self, i: int) -> tuple[str, str, Any]:
+        rel = self.rel_paths[i]
+        path = self.root / rel
+        try:
+            if self.jpeg_bytes and rel.lower().endswith((".jpg", ".jpeg", ".jpe", ".jfif")):
+                data = _read_regular(path)
+                if data is not None and _is_plain_jpeg(data):
+                    return rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return rel, "pixels", reference_pixels(load_image(path), self.preprocess, self.parts)
+        except ImageDecodeError as exc:
+            return rel, "error", str(exc)
+        except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
+            return rel, "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The file's bytes if it is a regular file (else None: the reference path gives the reason)."""
+    from ..untrusted import NotARegularFile, open_regular_file
+
+    try:
+        with open_regular_file(path) as f:
+            return f.read()
+    except (NotARegularFile, OSError):
+        return None
+
+
+def reference_pixels(image: Any, preprocess: Any, parts: PreprocessParts | None) -> torch.Tensor:
+    """The reference preprocessing of a decoded image, stopped before ToTensor: uint8 [3, H, W]
+    (float32 only for a preprocess of another shape, which cannot be split)."""
+    if parts is None:
+        return preprocess(image)
+    return to_uint8_chw(parts.geometry(image))
+
+
+def _collate(samples: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
+    return samples
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode; the main process owns the cores for encoding
+
+
+def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                      worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
+                      persistent_workers=False)
+
+
+# ---------------------------------------------------------------------------------------------- feeds
+class ReferenceFeed:
+    """open_clip's preprocessing, exactly; uint8 from the workers and over the bus."""
+
+    name = "cpu"
+
+    def __init__(self, preprocess: Any, device: torch.device) -> None:
+        self.preprocess, self.device = preprocess, torch.device(device)
+        self.parts = split_preprocess(preprocess)
+
+    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int) -> Iterator[FedBatch]:
+        files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=False)
+        for samples in _loader(files, batch_size, workers):
+            yield self._assemble(samples, [])
+
+    def _assemble(self, samples: list[tuple[str, str, Any]], decoded: list[tuple[str, torch.Tensor]]
+                  ) -> FedBatch:
+        errors = [(rel, payload) for rel, kind, payload in samples if kind == "error"]
+        ready = [(rel, payload) for rel, kind, payload in samples if kind == "pixels"]
+        pieces = []
+        if ready:
+            stacked = torch.stack([p for _, p in ready])
+            if self.device.type == "cuda":
+                stacked = stacked.pin_memory()
+            stacked = stacked.to(self.device, non_blocking=True)
+            pieces.append(normalized(stacked, self.parts) if self.parts is not None and stacked.dtype == torch.uint8
+                          else stacked.float())
+        if decoded:
+            pieces.append(torch.stack([t for _, t in decoded]))
+        # rows in the order of the files: reference and tensor-decoded images interleave as listed
+        order = {rel: i for i, (rel, _, _) in enumerate(samples)}
+        paths = [rel for rel, _ in ready] + [rel for rel, _ in decoded]
+        if not paths:
+            return FedBatch([], None, errors)
+        pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        perm = sorted(range(len(paths)), key=lambda k: order[paths[k]])
+        if perm != list(range(len(paths))):
+            pixels = pixels[torch.tensor(perm, device=pixels.device)]
+            paths = [paths[k] for k in perm]
+        return FedBatch(paths, pixels, errors)
+
+
+class TensorFeed(ReferenceFeed):
+    """JPEGs decoded in batches on the device (nvJPEG on a GPU, libjpeg-turbo on the CPU), resized,
+    cropped and normalised there; every other file the reference way."""
+
+    name = "gpu"
+
+    def __init__(self, preprocess: Any, device: torch.device) -> None:
+        super().__init__(preprocess, device)
+        if self.parts is None or self.parts.shortest_side is None:
+            raise ValueError("--decode gpu reproduces a Resize(shorter side, bicubic) + CenterCrop preprocessing; "
+                             "this model's preprocessing has another shape: use --decode cpu")
+
+    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int) -> Iterator[FedBatch]:
+        files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
+        for samples in _loader(files, batch_size, workers):
+            jpegs = [(i, rel, data) for i, (rel, kind, data) in enumerate(samples) if kind == "jpeg"]
+            decoded, refused = self._decode(jpegs)
+            for i in refused:  # the tensor decoder said no: the reference path decides (pixels or reason)
+                rel = samples[i][0]
+                try:
+                    samples[i] = (rel, "pixels", reference_pixels(load_image(root / rel), self.preprocess,
+                                                                  self.parts))
+                except ImageDecodeError as exc:
+                    samples[i] = (rel, "error", str(exc))
+            yield self._assemble(samples, decoded)
+
+    def _decode(self, jpegs: list[tuple[int, str, torch.Tensor]]) -> tuple[list[tuple[str, torch.Tensor]], list[int]]:
+        """(rel, normalised [3, S, S]) of the JPEGs decoded on the device, and the sample positions of
+        those it refused."""
+        if not jpegs:
+            return [], []
+        import warnings
+
+        with warnings.catch_warnings():  # torchvision 0.29 announces TorchCodec as its successor: noted in README
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._decode_jpegs(jpegs)
+
+    def _decode_jpegs(self, jpegs: list[tuple[int, str, torch.Tensor]]
+                      ) -> tuple[list[tuple[str, torch.Tensor]], list[int]]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [d for _, _, d in jpegs]
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            ok = list(range(len(jpegs)))
+        except RuntimeError:  # one bad file fails the batch: decode them one by one to find it
+            images, ok = [], []
+            for k, d in enumerate(data):
+                try:
+                    images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device,
+                                              apply_exif_orientation=True))
+                    ok.append(k)
+                except RuntimeError:
+                    pass
+        refused = [jpegs[k][0] for k in range(len(jpegs)) if k not in set(ok)]
+        # Sizes differ from image to image, so each is resized on its own (one kernel each, on the
+        # device); the batch is then one tensor for the normalisation and the encoder.
+        out = [(jpegs[k][1], self._geometry(img)) for k, img in zip(ok, images, strict=True)]
+        if not out:
+            return [], refused
+        pixels = normalized(torch.stack([t for _, t in out]), self.parts)  # type: ignore[arg-type]
+        return [(rel, px) for (rel, _), px in zip(out, pixels, strict=True)], refused
+
+    def _geometry(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize the shorter side (bicubic, antialiased, as PIL does) and center-crop: uint8 [3, S, S]."""
+        from torchvision.transforms.v2 import functional as F
+
+        parts = self.parts
+        assert parts is not None and parts.shortest_side is not None and parts.crop is not None
+        image = F.resize(image, [parts.shortest_side], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        return F.center_crop(image, list(parts.crop))
+
+
+def make_feed(mode: str, preprocess: Any, device: torch.device) -> ReferenceFeed:
+    """The feed for ``--decode``: ``cpu`` the reference, ``gpu`` the tensor decoder on the encoder's
+    device (libjpeg-turbo when that is the CPU), ``auto`` the tensor decoder on a CUDA device and the
+    reference elsewhere."""
+    if mode not in DECODE_CHOICES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {mode!r}")
+    device = torch.device(device)
+    if mode == "auto":
+        mode = "gpu" if device.type == "cuda" and split_ok(preprocess) else "cpu"
+    return TensorFeed(preprocess, device) if mode == "gpu" else ReferenceFeed(preprocess, device)
+
+
+def split_ok(preprocess: Any) -> bool:
+    parts = split_preprocess(preprocess)
+    return parts is not None and parts.shortest_side is not None
