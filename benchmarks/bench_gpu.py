@@ -85,22 +85,53 @@ class GpuUtilisation:
         return {"mean_percent": round(float(np.mean(s)), 1), "samples": len(s)} if s else {"mean_percent": None}
 
 
-def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp: Path) -> dict:
-    from PIL import Image
+SAMPLES = REPO.parent / "shared" / "data" / "imagenet-samples"
 
-    from coder_index import ClipEncoder, TextIndex
-    from coder_index.index.records import TextItem
-    from coder_index.pipeline.classify import classify_folder
-    from coder_index.presets import TextRecipe
 
-    folder = tmp / f"images-{n_images}"
+def photo_folder(tmp: Path, n_images: int) -> Path:
+    """``n_images`` real photos: hard links of the shared ImageNet samples (copies where links fail)."""
+    import os
+    import shutil
+
+    folder = tmp / f"photos-{n_images}"
     if not folder.exists():
-        rng = np.random.default_rng(0)
+        samples = sorted(SAMPLES.glob("*.JPEG"))
         for i in range(n_images):
             d = folder / f"d{i // 1000:03d}"
             d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
+            src, dst = samples[i % len(samples)], d / f"{i:06d}.jpg"
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+    return folder
+
+
+def feed_alone(feed, folder: Path, batch: int, workers: int, dev: torch.device) -> float:
+    """Images/s of a feed by itself: files to model-ready pixels on the device, nothing encoded."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    t = time.perf_counter()
+    n = 0
+    for b in feed.batches(folder, names, batch_size=batch, workers=workers):
+        n += 0 if b.pixels is None else len(b.pixels)
+    sync(dev)
+    return n / (time.perf_counter() - t)
+
+
+def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp: Path) -> dict:
+    import os
+
+    from coder_index import ClipEncoder, TextIndex
+    from coder_index.index.records import TextItem
+    from coder_index.parallelism import choose
+    from coder_index.pipeline.classify import classify_folder
+    from coder_index.pipeline.feed import ReferenceFeed, TensorFeed
+    from coder_index.presets import TextRecipe
+
+    folder = photo_folder(tmp, n_images)
+    t = time.perf_counter()
     enc = ClipEncoder(model, "random", device=str(dev))
+    t_model = time.perf_counter() - t
     index_dir = tmp / f"index-{model}"
     if not index_dir.exists():
         index = TextIndex.create(index_dir, enc, recipe=TextRecipe.make())
@@ -118,17 +149,57 @@ def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp
             enc.encode_image_batch(pixels)
 
     t_encoder = timed(encoder_alone, dev, repeat=2)
-    out = tmp / f"out-{model}-{time.time_ns()}.csv"
-    with GpuUtilisation() as util:
-        t = time.perf_counter()
-        s = classify_folder(index, folder, out, batch_size=batch, progress=False)
-        sync(dev)
-        t_pipeline = time.perf_counter() - t
+    cores = os.cpu_count() or 1
+    workers = choose(enc).workers
+    limits = {"encoder_alone_img_per_s": round(n_images / t_encoder, 1),
+              "cpu_decode_one_process_per_core_img_per_s": round(
+                  feed_alone(ReferenceFeed(enc.preprocess, dev), folder, batch, cores, dev), 1)}
+    try:
+        limits["tensor_decode_alone_img_per_s"] = round(
+            feed_alone(TensorFeed(enc.preprocess, dev), folder, batch, max(1, workers), dev), 1)
+    except (RuntimeError, ValueError) as exc:
+        limits["tensor_decode_alone_img_per_s"] = f"not measured: {exc}"
+    runs = {}
+    for decode in ("cpu", "gpu"):
+        out = tmp / f"out-{model}-{decode}-{time.time_ns()}.csv"
+        with GpuUtilisation() as util:
+            t = time.perf_counter()
+            s = classify_folder(index, folder, out, batch_size=batch, progress=False, decode=decode)
+            sync(dev)
+            t_pipeline = time.perf_counter() - t
+        runs[decode] = {"img_per_s": round(s.classified / t_pipeline, 1),
+                        "over_encoder": round((s.classified / t_pipeline) / (n_images / t_encoder), 3),
+                        "gpu_utilisation": util.summary()}
     return {"model": model, "images": n_images, "batch": batch, "precision": enc.precision,
-            "encoder_alone_img_per_s": round(n_images / t_encoder, 1),
-            "pipeline_img_per_s": round(s.classified / t_pipeline, 1),
-            "pipeline_over_encoder": round((s.classified / t_pipeline) / (n_images / t_encoder), 3),
-            "gpu_utilisation": util.summary()}
+            "model_build_s": round(t_model, 2), **limits, "classify": runs}
+
+
+def bench_agreement(dev: torch.device) -> dict:
+    """The tensor feed against the reference on the 250 shared ImageNet photos: the largest pixel
+    difference after preprocessing (normalised units), the lowest cosine between the two ViT-B-32
+    embeddings (seeded weights), and how many zero-shot top-1 classes (1,000 ImageNet names) differ."""
+    from coder_index import ClipEncoder
+    from coder_index.pipeline.feed import ReferenceFeed, TensorFeed
+
+    enc = ClipEncoder("ViT-B-32", "random", device=str(dev))
+    names = sorted(p.name for p in SAMPLES.glob("*.JPEG"))
+    got = {}
+    for feed in (ReferenceFeed(enc.preprocess, dev), TensorFeed(enc.preprocess, dev)):
+        px = {}
+        for b in feed.batches(SAMPLES, names, batch_size=50, workers=0):
+            px.update(zip(b.paths, b.pixels, strict=True))
+        got[feed.name] = torch.stack([px[n] for n in names])
+    diff = (got["gpu"] - got["cpu"]).abs()
+    emb = {k: torch.from_numpy(enc.encode_image_batch(v)) for k, v in got.items()}
+    cos = (emb["gpu"] * emb["cpu"]).sum(dim=1)
+    classes = (REPO.parent / "shared" / "data" / "classnames" / "ImageNet.txt").read_text().splitlines()
+    w = torch.from_numpy(enc.encode_texts([f"a photo of a {c}." for c in classes]))
+    top1 = {k: (e @ w.T).argmax(dim=1) for k, e in emb.items()}
+    return {"images": len(names), "max_pixel_diff": round(float(diff.max()), 4),
+            "mean_pixel_diff": round(float(diff.mean()), 5), "max_pixel_diff_grey_levels":
+                round(float(diff.max()) * 255 * 0.2613, 2),
+            "min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6),
+            "top1_differ": int((top1["gpu"] != top1["cpu"]).sum())}
 
 
 def bench_coder(n: int, k: int, n_classes: int, dev: torch.device) -> dict:
@@ -227,20 +298,24 @@ def bench_rerank(n: int, c: int, dev: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small sizes: check that everything runs (any machine)")
-    ap.add_argument("--only", nargs="*", choices=["pipeline", "coder", "faiss", "rerank"])
+    ap.add_argument("--only", nargs="*", choices=["pipeline", "coder", "faiss", "rerank", "agreement"])
     ap.add_argument("--rerank-size", nargs=2, type=int, default=None, metavar=("IMAGES", "CLASSES"),
                     help="rerank shape [default: 100,000 x 1,000; --smoke 2,000 x 200]")
+    ap.add_argument("--images", type=int, default=None, help="photos for the pipeline [default 10,000; --smoke 128]")
     ap.add_argument("--tmp", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("bench-out/gpu.json"))
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = args.tmp or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     small = args.smoke
-    want = set(args.only or ["pipeline", "coder", "faiss", "rerank"])
+    want = set(args.only or ["agreement", "pipeline", "coder", "faiss", "rerank"])
     results: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__, "smoke": small}
     if dev.type != "cuda":
         print("no CUDA device: CPU figures only (the GPU ones are not measured)", flush=True)
+    if "agreement" in want:
+        results["agreement"] = bench_agreement(dev)
+        print(json.dumps(results["agreement"]), flush=True)
     if "coder" in want:
         results["coder"] = bench_coder(*((2048, 20_000, 2_000) if small else (65_536, 100_000, 10_000)), dev)
         print(json.dumps(results["coder"]), flush=True)
@@ -252,7 +327,8 @@ def main() -> None:
         print(json.dumps(results["faiss"]), flush=True)
     if "pipeline" in want:
         models = ["ViT-B-32"] if small else ["ViT-B-32", "ViT-L-14"]
-        results["pipeline"] = [bench_pipeline(m, 128 if small else 20_000, 64 if small else 512, dev, tmp)
+        results["pipeline"] = [bench_pipeline(m, args.images or (128 if small else 10_000),
+                                              64 if small else 512 if dev.type == "cuda" else 64, dev, tmp)
                                for m in models]
         print(json.dumps(results["pipeline"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
