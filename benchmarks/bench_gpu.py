@@ -124,7 +124,7 @@ def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp
     from coder_index import ClipEncoder, TextIndex
     from coder_index.index.records import TextItem
     from coder_index.parallelism import choose
-    from coder_index.pipeline.classify import classify_folder
+    from coder_index.pipeline.classify import StageClock, classify_folder
     from coder_index.pipeline.feed import ReferenceFeed, TensorFeed
     from coder_index.presets import TextRecipe
 
@@ -170,6 +170,14 @@ def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp
         runs[decode] = {"img_per_s": round(s.classified / t_pipeline, 1),
                         "over_encoder": round((s.classified / t_pipeline) / (n_images / t_encoder), 3),
                         "gpu_utilisation": util.summary()}
+        # where the time goes: the same run again with the device synchronised between stages
+        clock = StageClock(dev)
+        t = time.perf_counter()
+        classify_folder(index, folder, tmp / f"prof-{model}-{decode}-{time.time_ns()}.csv", batch_size=batch,
+                        progress=False, decode=decode, clock=clock)
+        total = time.perf_counter() - t
+        runs[decode]["stage_seconds"] = {k: round(v, 2) for k, v in clock.seconds.items()}
+        runs[decode]["stage_seconds"]["other"] = round(total - sum(clock.seconds.values()), 2)
     return {"model": model, "images": n_images, "batch": batch, "precision": enc.precision,
             "model_build_s": round(t_model, 2), **limits, "classify": runs}
 

@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,13 +54,48 @@ class ClassifySummary:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
 
+class StageClock:
+    """Seconds spent per stage of a run: ``feed`` (read, decode, preprocess, pixels to the device),
+    ``encode``, ``score`` (CODER and the rest of the method, top-k back to the host) and ``write``
+    (rows formatted, written, fsynced). The device is synchronised at each boundary so that
+    asynchronous GPU work is charged to the stage that queued it: only for measuring (benchmarks),
+    since the synchronisation itself removes overlap."""
+
+    def __init__(self, device: Any = None) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def _sync(self) -> None:
+        if self.device is not None and getattr(self.device, "type", "cpu") == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+
+class _NoClock:
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+
 PENDING_CHUNK = 16384  # images handed to the loader at a time: the file list is streamed, never held whole
 
 
 def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str | Path, *, scorer: Any | None = None,
                     top_k_n: int = 5, batch_size: int = 64, workers: int | None = None, threads: int | None = None,
                     progress: bool = True, overwrite: bool = False, engine: Any | None = None,
-                    on_batch: Callable[[int], None] | None = None, decode: str = "cpu") -> ClassifySummary:
+                    on_batch: Callable[[int], None] | None = None, decode: str = "cpu",
+                    clock: StageClock | None = None) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` (or of the files a ``ListedFiles``
     names, each row naming its file as given) to ``out`` (.csv or .jsonl) and one
     row per file that gave none to ``OUT.errors.csv``. Rows already there are kept and
@@ -68,7 +104,8 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
     ``engine`` (e.g. ``engines.ray_engine.RayEngine``) decodes, encodes and scores elsewhere; rows
     are written here, by this one process, so resume and one row per image hold for every engine.
     ``decode`` chooses the feed (``feed.make_feed``): ``cpu`` open_clip's reference preprocessing,
-    ``gpu`` JPEGs decoded in batches where the encoder runs, ``auto`` the latter on a CUDA device."""
+    ``gpu`` JPEGs decoded in batches where the encoder runs, ``auto`` the latter on a CUDA device.
+    ``clock`` (a ``StageClock``) collects the seconds per stage of the local engine's streaming run."""
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
     if batch_size < 1:
@@ -142,7 +179,7 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
                                 bar, on_batch, counts, progress, decode)
                 else:
                     _streaming(scorer, index, root, todo_chunks(), batch_size, workers, threads, write,
-                               write_errors, bar, on_batch, counts, decode)
+                               write_errors, bar, on_batch, counts, decode, clock or _NoClock())
         finally:
             bar.close()
     classified_or_failed = counts["ok"] + counts["err"]
@@ -161,32 +198,46 @@ def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names
 
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
-                   write_errors: Callable, decode: str = "cpu") -> Iterator[tuple[list[str], np.ndarray]]:
+                   write_errors: Callable, decode: str = "cpu", clock: Any = None
+                   ) -> Iterator[tuple[list[str], np.ndarray]]:
     encoder = index.encoder
+    clock = clock or _NoClock()
     feed = make_feed(decode, encoder.preprocess, encoder.device)
-    for batch in feed.batches(root, todo, batch_size=batch_size, workers=plan.workers):
+    batches = feed.batches(root, todo, batch_size=batch_size, workers=plan.workers)
+    while True:
+        with clock.stage("feed"):
+            batch = next(batches, None)
+        if batch is None:
+            return
         if batch.errors:
-            write_errors(batch.errors)
+            with clock.stage("write"):
+                write_errors(batch.errors)
         if batch.pixels is not None:
-            yield batch.paths, encoder.encode_image_batch(batch.pixels), len(batch.errors)
+            with clock.stage("encode"):
+                emb = encoder.encode_image_batch(batch.pixels)
+            yield batch.paths, emb, len(batch.errors)
         elif batch.errors:
             yield [], None, len(batch.errors)
 
 
 def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,
                workers: int | None, threads: int | None, write: Callable, write_errors: Callable, bar: Any,
-               on_batch: Any, counts: dict[str, int], decode: str = "cpu") -> None:
+               on_batch: Any, counts: dict[str, int], decode: str = "cpu", clock: Any = None) -> None:
     """Decode and encode here, chunk after chunk of the streamed file list; score as batches arrive
     (a scorer with ``chunk`` > 1, the rerank, gets that many images at once). The model is loaded
     only when there is something to encode: a rerun with everything done costs the listing alone."""
     buffered: list[tuple[list[str], np.ndarray]] = []
+    clock = clock or _NoClock()
 
     def flush() -> None:
         if buffered:
             paths = [p for ps, _ in buffered for p in ps]
             emb = np.concatenate([e for _, e in buffered])
             buffered.clear()
-            write(paths, *scorer(emb))
+            with clock.stage("score"):
+                ids, scores = scorer(emb)
+            with clock.stage("write"):
+                write(paths, ids, scores)
 
     plan_ctx = None
     try:
@@ -196,7 +247,8 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
                 plan = plan_ctx.__enter__()
             bar.total = (bar.total or 0) + len(todo)
             bar.refresh()
-            for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode):
+            for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode,
+                                                    clock):
                 if emb is not None:
                     buffered.append((paths, emb))
                 if sum(len(ps) for ps, _ in buffered) >= scorer.chunk:
