@@ -288,8 +288,39 @@ def make_feed(mode: str, preprocess: Any, device: torch.device) -> ReferenceFeed
         raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {mode!r}")
     device = torch.device(device)
     if mode == "auto":
-        mode = "gpu" if device.type == "cuda" and split_ok(preprocess) else "cpu"
+        mode = "gpu" if device.type == "cuda" and split_ok(preprocess) and tensor_decoder_works(device) else "cpu"
+    elif mode == "gpu" and not tensor_decoder_works(device):
+        raise ValueError(f"--decode gpu: torchvision cannot decode JPEGs on {device} here ({_PROBED[str(device)]}); "
+                         "use --decode cpu")
     return TensorFeed(preprocess, device) if mode == "gpu" else ReferenceFeed(preprocess, device)
+
+
+_PROBED: dict[str, str | None] = {}
+
+
+def tensor_decoder_works(device: torch.device) -> bool:
+    """Whether torchvision decodes a JPEG on ``device`` in this installation (probed once per device
+    with an 8 x 8 image: a build without nvJPEG says so here, not file after file)."""
+    key = str(device)
+    if key not in _PROBED:
+        import io
+        import warnings
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchvision.io import ImageReadMode, decode_jpeg
+
+                decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                            device=device, apply_exif_orientation=True)
+            _PROBED[key] = None
+        except Exception as exc:
+            _PROBED[key] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return _PROBED[key] is None
 
 
 def split_ok(preprocess: Any) -> bool:
