@@ -155,3 +155,17 @@ def test_plain_jpeg_check_routes_cmyk_and_truncated_files(folder):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "PNG")
     assert not _is_plain_jpeg(buf.getvalue())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none): nvJPEG decoding")
+def test_gpu_decoding_agrees_with_the_reference(vit_preprocess, folder):
+    """On a GPU: nvJPEG-decoded, GPU-resized pixels against the reference (bounds wider than the
+    CPU path's: nvJPEG's IDCT and upsampling are not libjpeg-turbo's); odd files identical."""
+    dev = torch.device("cuda")
+    names = _names(folder)
+    ref, ref_err = _all(ReferenceFeed(vit_preprocess, dev), folder, names)
+    gpu, gpu_err = _all(TensorFeed(vit_preprocess, dev), folder, names, batch_size=7)
+    assert gpu_err == ref_err and set(gpu) == set(ref)
+    for name in ref:
+        diff = (gpu[name] - ref[name]).abs()
+        assert gpu[name].device.type == "cuda" and diff.mean() < 0.05, (name, float(diff.mean()))
