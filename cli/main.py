@@ -294,14 +294,17 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
     reranker = getattr(scorer, "reranker", None)
     if not rerank:
         index.images_only()  # only images are encoded from here on: a third of the model is never kept
+    if decode == "auto" and index.recipe.is_released:
+        decode = "cpu"  # the cvpr24 preset reproduces the released numbers: the reference preprocessing
     run_engine = None
     if engine == "ray":
         from coder_index.engines.ray_engine import RayEngine
 
+        if decode == "auto":  # where the actors encode decides, not this driver's device
+            decode = "gpu" if ray_gpus else "cpu"
         run_engine = RayEngine(index, spec, address=ray_address, actors=ray_actors, batch_size=batch_size,
-                               gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet)
-    if decode == "auto" and index.recipe.is_released:
-        decode = "cpu"  # the cvpr24 preset reproduces the released numbers: the reference preprocessing
+                               gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet,
+                               decode=decode)
     summary = classify_folder(index, source, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
                               workers=workers, threads=threads, progress=not quiet, overwrite=overwrite,
                               engine=run_engine, decode=decode)

@@ -86,7 +86,8 @@ def error_paths(out):
         return sorted(r["path"] for r in csv.DictReader(f))
 
 
-@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"]], ids=["coder", "coder*"])
+@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"], ["--decode", "gpu"]],
+                         ids=["coder", "coder*", "tensor-decoder"])
 def test_ray_rows_equal_the_local_engine(index_dir, folder, tmp_path, extra):
     local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
     run("classify", folder, "--index", index_dir, "--out", local, "--top-k", "3", *extra, "-q")

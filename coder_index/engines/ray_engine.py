@@ -37,9 +37,10 @@ class ClassifyWorker:
     """A Ray Data actor: open the index, build the scorer, then turn batches of paths into rows."""
 
     def __init__(self, source: str, expect: dict[str, Any], spec: dict[str, Any], root: str,
-                 device: str | None, threads: int) -> None:
+                 device: str | None, threads: int, decode: str = "cpu") -> None:
         import torch
 
+        from ..pipeline.feed import make_feed
         from ..pipeline.scorer_spec import ScorerSpec, build_scorer
 
         torch.set_num_threads(max(1, threads))
@@ -49,13 +50,12 @@ class ClassifyWorker:
         if not self.spec.rerank:
             self.index.encoder.release_text_tower()  # this actor encodes images only
         self.root = Path(root)
+        # the same feed as the local engine: on a GPU actor, JPEGs decoded on its GPU (--decode gpu)
+        self.feed = make_feed(decode, self.index.encoder.preprocess, self.index.encoder.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..pipeline.loader import _collate, _ImageFiles
-
         paths = [str(p) for p in batch["path"]]
-        files = _ImageFiles(self.root, paths, self.index.encoder.preprocess)
-        loaded = _collate([files[i] for i in range(len(paths))])
+        loaded = next(self.feed.batches(self.root, paths, batch_size=max(1, len(paths)), workers=0))
         crash_once("ray.worker.batch")  # tests: a worker killed with a batch in hand
         k = self.spec.top_k
         ids = np.full((len(paths), k), -1, np.int64)
@@ -83,8 +83,10 @@ class RayEngine:
 
     def __init__(self, index: TextIndex, spec: ScorerSpec, *, address: str | None = None, actors: int | None = None,
                  batch_size: int = 64, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                 index_source: str | None = None, progress: bool = True, chunk: int = RAY_CHUNK) -> None:
+                 index_source: str | None = None, progress: bool = True, chunk: int = RAY_CHUNK,
+                 decode: str = "cpu") -> None:
         require_ray()
+        self.decode = decode
         self.index, self.spec = index, spec
         self.address, self.actors, self.batch_size = address, actors, batch_size
         self.gpus, self.cpus = gpus_per_actor, cpus_per_actor
@@ -104,7 +106,8 @@ class RayEngine:
                       "weights_sha256": self.index.fingerprint.weights_sha256}
             device = "cuda" if self.gpus else "cpu"
             kwargs = {"source": self.source, "expect": expect, "spec": self.spec.to_dict(),
-                      "root": str(Path(root).resolve()), "device": device, "threads": max(1, int(self.cpus))}
+                      "root": str(Path(root).resolve()), "device": device, "threads": max(1, int(self.cpus)),
+                      "decode": self.decode}
             log.info("Ray engine: %d actor(s), %s CPU / %s GPU each", n_actors, self.cpus, self.gpus)
             for todo in _with_first(first, chunks):
                 bar.total = (bar.total or 0) + len(todo)
