@@ -438,3 +438,29 @@ def test_scores_do_not_depend_on_the_batch_beyond_the_stated_tolerance(built_ind
         assert results[bs].keys() == results["64"].keys()
         for path, (labels, scores) in results[bs].items():
             assert_same_ranking(labels, scores, *results["64"][path], what=(bs, path))
+
+
+def test_the_writer_thread_writes_in_order_and_hands_back_a_failed_write():
+    import errno
+
+    from coder_index.pipeline.classify import _WriterThread
+
+    seen = []
+    w = _WriterThread(lambda *a: seen.append(a), depth=2)
+    for i in range(50):
+        w.put(i)
+    w.close()
+    assert seen == [(i,) for i in range(50)]
+
+    def full(i):
+        if i == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        seen.append(i)
+
+    seen.clear()
+    w = _WriterThread(full, depth=1)
+    with pytest.raises(OSError) as err:
+        for i in range(100):
+            w.put(i)
+        w.close()
+    assert err.value.errno == errno.ENOSPC and seen == [0, 1, 2]

@@ -82,6 +82,44 @@ class StageClock:
             torch.cuda.synchronize(self.device)
 
 
+class _WriterThread:
+    """Rows formatted and written (appended, fsynced) by one thread while the next batch decodes,
+    encodes and scores: writing is off the critical path. Batches are written in order; at most
+    ``depth`` wait. A failed write (a full disk) stops the run at the next batch, with its own error."""
+
+    def __init__(self, write: Callable, depth: int = 4) -> None:
+        import queue
+        import threading
+
+        self.write, self.error = write, None
+        self.queue: Any = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="coder-index-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.write(*item)
+                except BaseException as exc:  # handed to the main thread at its next put or at close
+                    self.error = exc
+
+    def put(self, *args: Any) -> None:
+        self._raise()
+        self.queue.put(args)
+
+    def close(self) -> None:
+        """Write what is queued (rows already computed are kept, even when the run stops), then raise
+        a write's error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class _NoClock:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -228,6 +266,9 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
     only when there is something to encode: a rerun with everything done costs the listing alone."""
     buffered: list[tuple[list[str], np.ndarray]] = []
     clock = clock or _NoClock()
+    # rows are written by a thread while the next batch computes; measured runs write in line, so that
+    # the time of each stage is its own
+    writer = _WriterThread(write) if isinstance(clock, _NoClock) else None
 
     def flush() -> None:
         if buffered:
@@ -236,10 +277,14 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
             buffered.clear()
             with clock.stage("score"):
                 ids, scores = scorer(emb)
-            with clock.stage("write"):
-                write(paths, ids, scores)
+            if writer is not None:
+                writer.put(paths, ids, scores)
+            else:
+                with clock.stage("write"):
+                    write(paths, ids, scores)
 
     plan_ctx = None
+    failed = False
     try:
         for todo in chunks:
             if plan_ctx is None:
@@ -257,9 +302,20 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
                 if on_batch is not None:
                     on_batch(counts["ok"] + counts["err"])
         flush()
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if plan_ctx is not None:
-            plan_ctx.__exit__(None, None, None)
+        try:
+            if writer is not None:
+                try:
+                    writer.close()
+                except BaseException:
+                    if not failed:  # the run's own error, if it has one, is the one to report
+                        raise
+        finally:
+            if plan_ctx is not None:
+                plan_ctx.__exit__(None, None, None)
 
 
 def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo: list[str], batch_size: int,
