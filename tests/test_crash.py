@@ -111,6 +111,7 @@ FIT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 20 s: opt in with -m slow (the default run stays under 10 minutes on 2 cores)
 def test_killed_adapter_and_corpus_builds(tmp_path, tiny_model):
     (tmp_path / "classes.txt").write_text("red\ngreen\n")
     assert CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(tmp_path / "classes.txt"),

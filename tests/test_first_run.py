@@ -37,7 +37,7 @@ def closed_port_url() -> str:
 
 
 # ------------------------------------------------------------------------------ 1. the model hub
-@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", pytest.param("unreachable", marks=pytest.mark.slow)])
 def test_unreachable_hub_fails_once_fast_with_the_commands_fixes(tmp_path, how):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
            "HF_HUB_OFFLINE": "1" if how == "HF_HUB_OFFLINE" else "0", "HF_ENDPOINT": closed_port_url()}
@@ -299,10 +299,8 @@ def test_progress_bars_name_what_they_count(tmp_path, tiny_model):
                           timeout=300)
     assert proc.returncode == 0 and "encoding name texts" in proc.stderr
     data = _labelled(tmp_path / "data", 1)
-    proc = subprocess.run([sys.executable, "-m", "coder_index_cli.main", "classify", str(data), "--index",
-                           str(tmp_path / "idx"), "--out", str(tmp_path / "p.csv"), "--workers", "0"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and " 0img " not in proc.stderr, proc.stderr  # no bar before its total is known
+    res = run("classify", data, "--index", tmp_path / "idx", "--out", tmp_path / "p.csv", "--workers", "0")
+    assert " 0img " not in res.output, res.output  # no bar before its total is known
 
 
 def test_corpus_info_reads_as_lines_with_the_pretrained_tag(tmp_path, encoder):

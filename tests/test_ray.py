@@ -86,7 +86,8 @@ def error_paths(out):
         return sorted(r["path"] for r in csv.DictReader(f))
 
 
-@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"], ["--decode", "gpu"]],
+@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"],
+                                   pytest.param(["--decode", "gpu"], marks=pytest.mark.slow)],
                          ids=["coder", "coder*", "tensor-decoder"])
 def test_ray_rows_equal_the_local_engine(index_dir, folder, tmp_path, extra):
     local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
@@ -131,6 +132,7 @@ def test_resume_and_settings(index_dir, folder, tmp_path):
     assert res.exit_code != 0 and "top" in res.output.lower()
 
 
+@pytest.mark.slow  # 20 s: opt in with -m slow (the default run stays under 10 minutes on 2 cores)
 def test_index_copied_to_workers_from_a_uri(index_dir, folder, tmp_path, tiny_model):
     out, local = tmp_path / "uri.csv", tmp_path / "local.csv"
     run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray",
@@ -168,6 +170,7 @@ def test_build_on_ray_equals_local(tmp_path, tiny_model):
     np.testing.assert_allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=1e-5)
 
 
+@pytest.mark.slow  # 30 s: opt in with -m slow (the default run stays under 10 minutes on 2 cores)
 def test_corpus_embeddings_on_ray_equal_local(tmp_path, index_dir, encoder):
     import pyarrow as pa
     import pyarrow.parquet as pq

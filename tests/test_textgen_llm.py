@@ -219,7 +219,7 @@ def test_dry_run_sends_nothing(server, tmp_path, tiny_model):
     assert "would send 5 prompt(s)" in res.output and "1 already cached" in res.output
 
 
-@pytest.mark.parametrize("key", [KEY, "x"], ids=["secret-key", "placeholder-x"])
+@pytest.mark.parametrize("key", [pytest.param(KEY, marks=pytest.mark.slow), "x"], ids=["secret-key", "placeholder-x"])
 def test_killed_run_resumes_from_cache(server, tmp_path, tiny_model, monkeypatch, key):
     """Every answer received before a SIGKILL is in the cache (with a real key and with the
     placeholders local servers take, whose letters appear in ordinary answers: 'texture')."""
