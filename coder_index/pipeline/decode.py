@@ -104,31 +104,7 @@ def decode_thumbnail(fh: BinaryIO, size: int, max_pixels: int | None = None) -> 
     """An RGB image whose longest side is at most ``size``, decoded reduced where the format allows
     (JPEG draft: the DCT scaled by 1/2 to 1/8 while decoding), so that a 36-megapixel photo is never
     whole in memory for a thumbnail; ``max_pixels`` refuses larger images from their header."""
-    pil_format = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fh) as img:
-                pil_format = img.format
-                if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise ImageTooLarge(f"image of {img.width} x {img.height} pixels is larger than the "
-                                        f"{max_pixels:,} pixels accepted")
-                img.draft("RGB", (size, size))  # JPEG only; a no-op elsewhere
-                img.load()
-                if getattr(img, "is_animated", False):
-                    img.seek(0)
-                img = ImageOps.exif_transpose(img)
-                img.thumbnail((size, size))
-                return to_rgb(img)
-    except ImageTooLarge:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(f"image too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels)") \
-            from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError,
-            TypeError, KeyError, ZeroDivisionError, struct_error):
-        raise ImageDecodeError(failure_reason(fh, pil_format)) from None
+    return _decode(fh, max_pixels, thumbnail=size)
 
 
 def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -223,7 +199,9 @@ def failure_reason(fh: BinaryIO, pil_format: str | None = None) -> str:
     return f"corrupt {fmt} image (the image data cannot be decoded)"
 
 
-def _decode(fh: BinaryIO, max_pixels: int | None = None) -> Image.Image:
+def _decode(fh: BinaryIO, max_pixels: int | None = None, thumbnail: int | None = None) -> Image.Image:
+    """The one decoder: header checks, full decode (or, for a ``thumbnail`` of that many pixels on
+    its longest side, a reduced one), EXIF orientation, 8-bit RGB; every failure a reason."""
     pil_format = None
     try:
         with warnings.catch_warnings():
@@ -234,10 +212,14 @@ def _decode(fh: BinaryIO, max_pixels: int | None = None) -> Image.Image:
                 if max_pixels is not None and img.width * img.height > max_pixels:
                     raise ImageTooLarge(f"image of {img.width} x {img.height} pixels is larger than the "
                                         f"{max_pixels:,} pixels accepted; send a smaller image")
+                if thumbnail is not None:
+                    img.draft("RGB", (thumbnail, thumbnail))  # JPEG only; a no-op elsewhere
                 img.load()
                 if getattr(img, "is_animated", False):
                     img.seek(0)
                 img = ImageOps.exif_transpose(img)
+                if thumbnail is not None:
+                    img.thumbnail((thumbnail, thumbnail))
                 return to_rgb(img)
     except ImageTooLarge:
         raise
