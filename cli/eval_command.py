@@ -129,7 +129,7 @@ def register(cli: click.Group) -> None:
             if llm["llm_kind"] == "none" and index.counts()["pair_texts"] == 0:
                 return None
             if llm["llm_kind"] != "none" and generator is None:
-                generator = make_generator(index.encoder, **llm)
+                generator = make_generator(index.encoder, **llm, prompts=index.recipe.preset)
             return PairReranker(index, generator, gap_threshold=gap, progress=not quiet)
 
         report = evaluate(index, labelled, out_dir, methods=wanted, reranker_factory=reranker_factory,

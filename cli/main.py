@@ -134,8 +134,8 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
     if generate_kinds:
         kinds = parse_kinds(generate_kinds)
 
-        def generate(encoder, classes):  # noqa: ANN001, ANN202 - callback of build_index
-            gen = make_generator(encoder, **llm)
+        def generate(encoder, classes, recipe):  # noqa: ANN001, ANN202 - callback of build_index
+            gen = make_generator(encoder, **llm, prompts=recipe.preset)
             if dry_run:
                 d = gen.dry_run(classes, kinds)
                 raise click.ClickException(f"dry run: would send {d.prompts} prompt(s) ({d.cached} cached); "
@@ -288,7 +288,7 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
         top_k = spec.candidates
     generator = None
     if rerank and llm["llm_kind"] != "none":
-        generator = make_generator(LazyEncoder(index), **llm)
+        generator = make_generator(LazyEncoder(index), **llm, prompts=index.recipe.preset)
     scorer = build_scorer(index, spec, generator=generator, llm_model=llm.get("llm_model"), progress=not quiet,
                           note=lambda m: click.echo(m, err=True))
     reranker = getattr(scorer, "reranker", None)

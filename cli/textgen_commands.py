@@ -69,7 +69,9 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
                    concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
                    max_answer_chars: int = 4000, max_retries: int = 6,
                    synonyms_from: str = "wordnet", analogous_threshold: float = 0.9, filter_model: str | None = None,
-                   filter_pretrained: str | None = None) -> Any:
+                   filter_pretrained: str | None = None, prompts: str = "default") -> Any:
+    """The Auto Text Generator the LLM options describe; ``prompts='cvpr24'`` sends the released
+    generator's prompts and reads its answers the released way (the ``cvpr24`` preset)."""
     from coder_index.textgen.generator import AutoTextGenerator
     from coder_index.textgen.llm import LLMCache, LLMClient, LLMConfig
 
@@ -86,7 +88,7 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
 
         filter_encoder = ClipEncoder(filter_model, filter_pretrained, device=str(encoder.device))
     return AutoTextGenerator(encoder, llm, synonym_source=synonyms_from, analogous_threshold=analogous_threshold,
-                             filter_encoder=filter_encoder)
+                             filter_encoder=filter_encoder, prompts=prompts)
 
 
 def parse_kinds(kinds: str) -> list[str]:
@@ -124,6 +126,10 @@ def register(cli: click.Group) -> None:
                   help="Knowledge file to write (JSON).")
     @click.option("--kinds", default="attribute,analogous,synonym", show_default=True,
                   help="Comma-separated kinds to generate.")
+    @click.option("--preset", type=click.Choice(["default", "cvpr24"]), default="default", show_default=True,
+                  help="Prompts and answer reading: coder-index's, or cvpr24: the released generator's, word for "
+                       "word (one user message per request, '_' bullets, its analogous follow-up loop). "
+                       "See README: Fidelity.")
     @llm_options
     @click.option("--model", default="ViT-B-32", show_default=True,
                   help="CLIP model for the analogous filter and WordNet sense choice.")
@@ -134,7 +140,7 @@ def register(cli: click.Group) -> None:
     @model_options
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
-    def generate(classes_file: str, out: Path, kinds: str, model: str, index_dir: str | None,
+    def generate(classes_file: str, out: Path, kinds: str, preset: str, model: str, index_dir: str | None,
                  pretrained: str | None, device: str | None, quiet: bool, dry_run: bool, **llm: Any) -> None:
         """Generate attribute, analogous and synonym texts for a vocabulary into a knowledge file.
 
@@ -148,6 +154,7 @@ def register(cli: click.Group) -> None:
           coder-index generate --classes classes.txt --out k.json --base-url http://localhost:8000/v1 \\
               --llm-model Qwen2.5-7B-Instruct --concurrency 32 --max-requests 5000
           coder-index generate --classes classes.txt --out k.json --llm none     # offline, WordNet
+          coder-index generate --classes classes.txt --out k.json --preset cvpr24  # the authors' prompts
           coder-index generate --classes classes.txt --out k.json --dry-run
         """
         from coder_index.encoder import ClipEncoder
@@ -160,7 +167,7 @@ def register(cli: click.Group) -> None:
         kind_list = parse_kinds(kinds)
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
             ClipEncoder(model, pretrained, device=device)
-        gen = make_generator(encoder, **llm)
+        gen = make_generator(encoder, **llm, prompts=preset)
         if dry_run:
             d = gen.dry_run(classes, kind_list)
             click.echo(f"would send {d.prompts} prompt(s) for {len(classes)} classes ({d.cached} already cached)"

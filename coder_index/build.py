@@ -40,12 +40,13 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
                 task: str | None = None, descriptors: list[str | Path] | None = None, device: str | None = None,
                 encoder: ClipEncoder | None = None, knowledge: list[Knowledge] | None = None,
                 expert_knowledge: str | Path | None = None,
-                generate: Callable[[ClipEncoder, list[str]], Knowledge] | None = None,
+                generate: Callable[[ClipEncoder, list[str], TextRecipe], Knowledge] | None = None,
                 progress: bool = False, encode: Callable[[list[str]], Any] | None = None,
                 encode_with: Callable[[ClipEncoder], Any] | None = None, overwrite: bool = False) -> BuildReport:
     """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
     of ``classes_file``, attribute texts from each descriptor file, and all general kinds of each
-    knowledge file. ``generate(encoder, classes)`` produces more knowledge on the fly.
+    knowledge file. ``generate(encoder, classes, recipe)`` produces more knowledge on the fly (given
+    the index's recipe: a ``cvpr24`` index asks the released generator's prompts).
 
     ``preset`` ('default' or 'cvpr24'), ``dataset`` and ``task`` choose the text recipe; an existing
     index keeps its own and refuses another. ``expert_knowledge`` is the released
@@ -112,7 +113,7 @@ def _fill(index_dir: Path, encoder: ClipEncoder, recipe: TextRecipe, classes: li
         sources.append((expert[0], True))  # the released lookups are exact: no loose name matching
         report.warnings += [f"expert knowledge: {m}" for m in expert[1]]
     if generate is not None:
-        sources.append((generate(encoder, classes), False))
+        sources.append((generate(encoder, classes, index.recipe), False))
     for k, exact in sources:
         items = k.text_items(classes, recipe, exact=exact)
         for kind in ("attribute", "analogous", "synonym"):

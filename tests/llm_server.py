@@ -21,9 +21,18 @@ from typing import Any
 
 
 def prompt_kind(text: str) -> tuple[str, tuple[str, ...]]:
-    """(kind, class names) of a prompt written by coder_index.textgen.prompts (last question wins)."""
+    """(kind, class names) of a prompt written by coder_index.textgen.prompts or .released (the
+    cvpr24 preset's), the last question winning."""
     if m := re.search(r"different visual features between a (.+?) and a (.+?) in a photo", text):
         return "one_to_one", (m.group(1), m.group(2))
+    if m := list(re.finditer(r"different visual features between the (.+?) and the (.+?) in a photo", text)):
+        return "one_to_one", (m[-1].group(1), m[-1].group(2))
+    if m := list(re.finditer(r"visually similar to (.+?)\. Give me the class name", text)):
+        return "analogous_more", (m[-1].group(1),)
+    if m := list(re.finditer(r"What other objects are (.+?) visually similar to\?", text)):
+        return "analogous", (m[-1].group(1),)
+    if m := list(re.finditer(r"What are the synonyms for (.+?)\?", text)):
+        return "synonym", (m[-1].group(1),)
     if m := list(re.finditer(r"distinguishing a (.+?) in a photo\?", text)):
         return "attribute", (m[-1].group(1),)
     if m := list(re.finditer(r"What other categories are a (.+?) visually similar to\?", text)):
@@ -31,6 +40,21 @@ def prompt_kind(text: str) -> tuple[str, tuple[str, ...]]:
     if m := re.search(r"other names \(synonyms\) for a (.+?),", text):
         return "synonym", (m.group(1),)
     return "unknown", ()
+
+
+def released_style(text: str) -> bool:
+    """The released generator's prompts end with the '_' bullet the answer continues."""
+    return text.endswith("\n_")
+
+
+def default_released_answer(kind: str, names: tuple[str, ...]) -> str:
+    """An answer in the released prompts' format ('_' bullets, the first one given by the prompt)."""
+    if kind == "one_to_one":
+        a, b = names
+        return f"{a} trait one\n_{a} trait two\nFor {b}:\n_{b} trait one"
+    c = names[0] if names else "?"
+    return {"attribute": f"{c} shape\n_{c} colour\n_{c} texture", "synonym": f"{c} alias"}.get(
+        kind, f"{c} lookalike\n_{c} cousin")
 
 
 def default_answer(kind: str, names: tuple[str, ...]) -> str:
@@ -58,6 +82,8 @@ class FakeLLMServer:
         self.requests = 0
         self.by_kind: Counter[str] = Counter()
         self.prompts: list[str] = []
+        self.messages: list[list[dict[str, str]]] = []  # every request's messages, as sent
+        self.queues: dict[tuple[str, str], list[str]] = {}  # (kind, class) -> answers, one per request
         self.auth_headers: set[str] = set()
         self.usage_total = [0, 0]
         self.in_flight = 0
@@ -121,7 +147,10 @@ class FakeLLMServer:
                 kind, names = prompt_kind(text)
                 with server._lock:
                     server.prompts.append(text)
+                    server.messages.append(list(body.get("messages", [])))
                     server.by_kind[kind] += 1
+                    queue = server.queues.get((kind, names[0] if names else ""))
+                    queued = queue.pop(0) if queue else None
                 if fault == "429":
                     return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                                       {"retry-after": server.retry_after})
@@ -141,7 +170,9 @@ class FakeLLMServer:
                     self.end_headers()
                     self.wfile.write(data)
                     return None
-                answer = server.overrides.get((kind, names[0] if names else ""))
+                answer = queued if queued is not None else server.overrides.get((kind, names[0] if names else ""))
+                if answer is None and released_style(text) and server.answer is default_answer:
+                    answer = default_released_answer(kind, names)
                 if answer is None:
                     answer = server.answer(kind, names)
                 if fault == "empty":

@@ -3,27 +3,35 @@
 With an LLM: attributes (few-shot prompt), analogous classes (then the CLIP filter, asking again
 for replacements), synonyms (WordNet by default, or the LLM), one-to-one pair features on demand.
 Without one (``llm=None``): an offline generator from WordNet alone, labelled ``source=wordnet``.
+
+Two prompt sets: coder-index's own (``prompts="default"``: a system message asking for plain lists,
+answers read by the tolerant ``parse`` module) and the released generator's (``prompts="cvpr24"``:
+its messages and answer reading word for word, ``released`` module), which the ``cvpr24`` preset
+uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import released
 from .knowledge import Knowledge
 from .llm import BudgetExhausted, LLMClient, redact_url
-from .parse import parse_list, parse_pair
+from .parse import is_refusal, parse_list, parse_pair
 from .prompts import analogous_prompt, attribute_prompt, one_to_one_prompt, synonym_prompt
 
 if TYPE_CHECKING:
     from ..encoder import ClipEncoder
 
 GENERAL_KINDS = ("attribute", "analogous", "synonym")
+PROMPT_SETS = ("default", "cvpr24")
 
 
 class AnalogousFilter:
@@ -53,6 +61,16 @@ class AnalogousFilter:
             sims[:, self.col[cls]] = -np.inf
         ok = sims.max(axis=1) <= self.threshold if sims.shape[1] else np.ones(len(fresh), bool)
         return [c for c, keep in zip(fresh, ok, strict=True) if keep]
+
+    def too_close(self, cls: str, names: list[str]) -> np.ndarray:
+        """Per name: is ``a photo of {name}`` within the threshold of another class? No other test
+        (the released filter: names equal to a class, or repeated, are judged by CLIP alone)."""
+        if not names or not self.classes:
+            return np.zeros(len(names), dtype=bool)
+        sims = self.encoder.encode_texts([f"a photo of {c}" for c in names]) @ self.class_emb.T
+        if cls in self.col:
+            sims[:, self.col[cls]] = -np.inf  # its own class is not 'another class'
+        return sims.max(axis=1) > self.threshold
 
     def rank(self, cls: str, names: list[str]) -> list[str]:
         """``names`` ordered by CLIP similarity to ``cls`` (most confusable first)."""
@@ -95,9 +113,14 @@ async def _settle(tasks: list[asyncio.Future]) -> None:
 class AutoTextGenerator:
     def __init__(self, encoder: ClipEncoder, llm: LLMClient | None = None, *, synonym_source: str = "wordnet",
                  analogous_threshold: float = 0.9, max_rounds: int = 6, max_analogous: int = 8,
-                 wordnet: Any | None = None, filter_encoder: ClipEncoder | None = None) -> None:
+                 wordnet: Any | None = None, filter_encoder: ClipEncoder | None = None,
+                 prompts: str = "default") -> None:
         """``filter_encoder`` is the CLIP model of the analogous filter; by default the target model
-        (``encoder``). The released code always filters with ViT-L-14 whatever the target model."""
+        (``encoder``). The released code always filters with ViT-L-14 whatever the target model.
+        ``prompts``: ``default`` (coder-index's) or ``cvpr24`` (the released generator's messages,
+        answer reading and analogous follow-up loop)."""
+        if prompts not in PROMPT_SETS:
+            raise ValueError(f"prompts must be one of {', '.join(PROMPT_SETS)}, got {prompts!r}")
         if synonym_source not in ("wordnet", "llm"):
             raise ValueError("synonym_source must be 'wordnet' or 'llm'")
         if synonym_source == "llm" and llm is None:
@@ -110,6 +133,27 @@ class AutoTextGenerator:
         self.max_rounds = max_rounds
         self.max_analogous = max_analogous
         self._wordnet = wordnet
+        self.prompts = prompts
+
+    @property
+    def released(self) -> bool:
+        return self.prompts == "cvpr24"
+
+    def _prompt(self, kind: str, c: str) -> list[dict[str, str]]:
+        """The first prompt of a kind for class ``c`` in this generator's prompt set."""
+        if self.released:
+            return {"attribute": released.attribute_prompt, "analogous": released.analogous_prompt,
+                    "synonym": released.synonym_prompt}[kind](c)
+        return {"attribute": attribute_prompt, "analogous": analogous_prompt, "synonym": synonym_prompt}[kind](c)
+
+    def _read(self, answer: str | None, kind: str) -> list[str]:
+        if self.released:
+            return released.read_list(answer)
+        return parse_list(answer, names=kind != "attribute")
+
+    def _usable(self, kind: str) -> Any:
+        """Whether an answer is worth keeping (else it is asked again): a refusal never is."""
+        return lambda t: not is_refusal(t) and bool(self._read(t, kind))
 
     @property
     def source(self) -> str:
@@ -131,13 +175,12 @@ class AutoTextGenerator:
     # ------------------------------------------------------------------ planning
     def dry_run(self, classes: list[str], kinds: Iterable[str] = GENERAL_KINDS) -> DryRun:
         """How many prompts a run would send now (first rounds; analogous follow-ups come on top)."""
-        prompts = {"attribute": attribute_prompt, "analogous": analogous_prompt, "synonym": synonym_prompt}
         llm_kinds = self._llm_kinds(kinds)
         total = cached = 0
         for c in classes:
             for k in llm_kinds:
                 total += 1
-                cached += self.llm.cached(prompts[k](c)) is not None  # type: ignore[union-attr]
+                cached += self.llm.cached(self._prompt(k, c)) is not None  # type: ignore[union-attr]
         return DryRun(total - cached, cached, llm_kinds)
 
     # ------------------------------------------------------------------ generation
@@ -147,7 +190,11 @@ class AutoTextGenerator:
         t0 = time.perf_counter()
         knowledge = Knowledge(provenance=self._provenance(kinds))
         stats = GenerationStats(len(classes))
-        filt = AnalogousFilter(self.filter_encoder, classes, self.threshold) if "analogous" in kinds else None
+        filt = None
+        if "analogous" in kinds:
+            # the released generator speaks (and filters) class names with '_' as a space
+            names = [released.spoken(c) for c in classes] if self.released else classes
+            filt = AnalogousFilter(self.filter_encoder, names, self.threshold)
 
         wordnet_kinds = [k for k in kinds if k not in self._llm_kinds(kinds)]
         if wordnet_kinds:
@@ -173,6 +220,7 @@ class AutoTextGenerator:
                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "clip_model": self.encoder.fingerprint.to_dict(),
                                 "analogous_threshold": self.threshold, "synonym_source": self.synonym_source,
+                                "prompts": self.prompts,
                                 "filter_model": self.filter_encoder.fingerprint.to_dict()}
         if self.llm:
             prov["llm"] = {"model": self.llm.config.model, "base_url": redact_url(self.llm.config.base_url),
@@ -206,11 +254,10 @@ class AutoTextGenerator:
         async def one(c: str, kind: str) -> tuple[str, str, list[str] | None]:
             try:
                 if kind == "analogous":
-                    return c, kind, await self._analogous(c, filt, stats)  # type: ignore[arg-type]
-                prompt = attribute_prompt(c) if kind == "attribute" else synonym_prompt(c)
-                names = kind == "synonym"
-                answer = await self.llm.complete(prompt, usable=lambda t: bool(parse_list(t, names=names)))
-                return c, kind, parse_list(answer, names=names) if answer else None
+                    find = self._analogous_released if self.released else self._analogous
+                    return c, kind, await find(c, filt, stats)  # type: ignore[arg-type]
+                answer = await self.llm.complete(self._prompt(kind, c), usable=self._usable(kind))
+                return c, kind, self._read(answer, kind) if answer else None
             except BudgetExhausted:
                 stats.stopped_by_budget = True
                 return c, kind, None
@@ -258,6 +305,39 @@ class AutoTextGenerator:
             candidates = parse_list(answer, names=True)
         return kept
 
+    async def _analogous_released(self, c: str, filt: AnalogousFilter, stats: GenerationStats) -> list[str] | None:
+        """The released loop: names too close to another class are refused and named in a follow-up
+        prompt; once any was refused, it asks 6 follow-ups whatever they bring (the released loop
+        never clears its flag). Every round's kept names are added, repeats included."""
+        answer = await self.llm.complete(released.analogous_prompt(c),  # type: ignore[union-attr]
+                                         usable=self._usable("analogous"))
+        if answer is None:
+            return None
+        spoken = released.spoken(c)
+        kept: list[str] = []
+
+        async def judge(answer: str) -> list[str]:
+            items = released.raw_items(answer)
+            close = await asyncio.to_thread(filt.too_close, spoken, items)
+            kept.extend(it for it, bad in zip(items, close, strict=True) if not bad)
+            stats.analogous_dropped += int(close.sum())
+            return [it for it, bad in zip(items, close, strict=True) if bad]
+
+        refused = await judge(answer)
+        if refused:
+            asked: Counter[str] = Counter()  # a prompt asked again is a fresh request, as released
+            for _ in range(6):
+                stats.analogous_followups += 1
+                prompt = released.analogous_followup_prompt(c, refused)
+                text = prompt[0]["content"]
+                answer = await self.llm.complete(  # type: ignore[union-attr]
+                    prompt, usable=lambda t: not is_refusal(t), repeat=asked[text])
+                asked[text] += 1
+                if answer is None:
+                    break
+                refused = await judge(answer)
+        return released.clean(kept)
+
     # ------------------------------------------------------------------ one-to-one
     def one_to_one(self, pairs: Iterable[tuple[str, str]], progress: bool = False
                    ) -> tuple[dict[tuple[str, str], list[str]], bool]:
@@ -275,16 +355,20 @@ class AutoTextGenerator:
         out: dict[tuple[str, str], list[str]] = {}
         stopped = False
 
+        def read(answer: str, a: str, b: str) -> tuple[list[str], list[str]]:
+            return released.read_pair(answer) if self.released else parse_pair(answer, a, b)
+
         async def one(a: str, b: str) -> None:
             nonlocal stopped
+            prompt = released.one_to_one_prompt(a, b) if self.released else one_to_one_prompt(a, b)
             try:
                 answer = await self.llm.complete(  # type: ignore[union-attr]
-                    one_to_one_prompt(a, b), usable=lambda t: all(parse_pair(t, a, b)))
+                    prompt, usable=lambda t: not is_refusal(t) and all(read(t, a, b)))
             except BudgetExhausted:
                 stopped = True
                 return
             if answer:
-                fa, fb = parse_pair(answer, a, b)
+                fa, fb = read(answer, a, b)
                 out[(a, b)], out[(b, a)] = fa, fb
 
         tasks = [asyncio.ensure_future(one(a, b)) for a, b in canonical]

@@ -90,11 +90,15 @@ class LLMCache:
             _meta.create_all(self.engine)
 
     @staticmethod
-    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any], endpoint: str | None = None) -> str:
+    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any], endpoint: str | None = None,
+            repeat: int = 0) -> str:
         """One entry per endpoint, model, prompt and sampling parameters: the same model name at
-        another server is another model."""
-        blob = json.dumps({"endpoint": endpoint or DEFAULT_ENDPOINT, "model": model, "messages": messages,
-                           "params": params}, sort_keys=True, ensure_ascii=False)
+        another server is another model. ``repeat`` n > 0 is the n-th fresh asking of the same
+        prompt (the released analogous loop asks one prompt several times)."""
+        entry = {"endpoint": endpoint or DEFAULT_ENDPOINT, "model": model, "messages": messages, "params": params}
+        if repeat:
+            entry["repeat"] = repeat  # absent for 0: keys of earlier releases stay valid
+        blob = json.dumps(entry, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -234,8 +238,9 @@ class LLMClient:
             self._client = None
 
     # -- cache -----------------------------------------------------------------------------
-    def cache_key(self, messages: list[dict[str, str]]) -> str:
-        return LLMCache.key(self.config.model, messages, self.config.params, endpoint_id(self.config.base_url))
+    def cache_key(self, messages: list[dict[str, str]], repeat: int = 0) -> str:
+        return LLMCache.key(self.config.model, messages, self.config.params, endpoint_id(self.config.base_url),
+                            repeat)
 
     def cached(self, messages: list[dict[str, str]]) -> str | None:
         return self.cache.get(self.cache_key(messages))
@@ -267,15 +272,16 @@ class LLMClient:
             return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
     async def complete(self, messages: list[dict[str, str]],
-                       usable: Callable[[str], bool] = bool) -> str | None:
+                       usable: Callable[[str], bool] = bool, *, repeat: int = 0) -> str | None:
         """The answer to ``messages`` (from cache if there), or None when no usable answer came.
+        ``repeat`` n > 0 asks the same messages afresh for the n-th time (cached apart).
 
         Raises BudgetExhausted before a request that would exceed the budget, LLMError on
         non-retryable errors (the key scrubbed from the message).
         """
         import openai
 
-        key = self.cache_key(messages)
+        key = self.cache_key(messages, repeat)
         hit = self.cache.get(key)
         if hit is not None:
             self.usage.cache_hits += 1
