@@ -70,7 +70,7 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
     exists = (index_dir / MANIFEST).exists() and not overwrite
     if exists and recipe is None:
         recipe = TextIndex.open(index_dir).recipe
-    recipe = recipe or TextRecipe.make()
+    recipe = (recipe or TextRecipe.make()).for_classes(classes)  # class names in texts, per label
     expert = None
     if expert_knowledge is not None:
         if not recipe.is_released:

@@ -20,7 +20,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -140,6 +140,39 @@ def few_shot_defaults(dataset: str | None) -> dict[str, Any]:
             "init_beta": float(fs.get("init_beta", 1.0)), "released": found[0] if found else None}
 
 
+def tip_adapter_config(dataset: str | None) -> dict[str, Any] | None:
+    """Tip-Adapter's own released config for ``dataset`` (gaopengcuhk/Tip-Adapter configs/*.yaml):
+    ``config``, ``search_scale`` and ``search_step`` ([beta, alpha]; one search round),
+    ``init_beta``, ``init_alpha``; None for a dataset it has no config for."""
+    found = _released_entry(dataset) if dataset else None
+    tip = ((found[1].get("few_shot") or {}).get("tip_adapter") if found else None)
+    return dict(tip) if tip else None
+
+
+def _by_label(names: list[str], classes: list[str], what: str, key: str) -> list[str]:
+    if len(names) != len(classes):
+        raise InputFormatError(f"the released {what} of {key} has {len(names)} classes, the index {len(classes)}; "
+                               "build the index from the released class list (same classes, same order)")
+    return list(names)
+
+
+def loader_class_names(dataset: str | None, classes: list[str]) -> list[str]:
+    """The class names the released few-shot code's data loader gives its zero-shot term, by label:
+    ImageNet's loader differs from ImageNet.txt at 4 labels (eft -> newt, ...), EuroSAT's loader has
+    eurosat1's names; elsewhere the index's own names (the loaders read them from the dataset's split
+    file, which the released repository does not hold)."""
+    found = _released_entry(dataset) if dataset else None
+    fs = (found[1].get("few_shot") or {}) if found else {}
+    if "loader_class_names" in fs:
+        return _by_label(fs["loader_class_names"], classes, "data loader", found[0])  # type: ignore[index]
+    out = list(classes)
+    for label, listed, loader in fs.get("loader_renames", []):
+        # only where the index holds the released list's name at that label
+        if label < len(out) and out[label].replace("_", " ") == listed:
+            out[label] = loader
+    return out
+
+
 def clip_prompts(dataset: str | None) -> tuple[str, list[str]]:
     """CLIP's published zero-shot prompt list for ``dataset`` ('imagenet''s 80 where it has none, as
     CLIP_benchmark does), with the name of the list used."""
@@ -167,6 +200,9 @@ class TextRecipe:
     attribute_template: str = "{c} which has {a}"
     analogous_template: str = "a {c} similar to {a}"
     pair_templates: tuple[str, ...] = (DEFAULT_PAIR_TEMPLATE,)
+    # (class, name written in its texts) where they differ: the released few-shot EuroSAT texts say
+    # "Annual Crop Land" for the class listed as "annual crop land" (datasets/class_name/eurosat1.txt)
+    text_names: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def make(cls, preset: str = "default", dataset: str | None = None, task: str = "zero-shot") -> TextRecipe:
@@ -183,17 +219,31 @@ class TextRecipe:
         return cls("default", key, task, None, tuple(entry["name"]), entry["attribute"], entry["analogous"],
                    (DEFAULT_PAIR_TEMPLATE,))
 
+    def for_classes(self, classes: list[str]) -> TextRecipe:
+        """This recipe with the class names its texts use for ``classes`` (by label): under cvpr24 the
+        released few-shot EuroSAT texts take eurosat1's names; otherwise the classes' own."""
+        if not (self.is_released and self.task == "few-shot"):
+            return self
+        fs = data_file("cvpr24.json")[self.released].get("few_shot") or {}
+        if "text_class_names" not in fs:
+            return self
+        names = _by_label(fs["text_class_names"], classes, "few-shot text class list", self.released or "")
+        return replace(self, text_names=tuple((c, n) for c, n in zip(classes, names, strict=True) if c != n))
+
     # ---- persistence
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, "dataset": self.dataset, "task": self.task, "released": self.released,
-                "name_templates": list(self.name_templates), "attribute_template": self.attribute_template,
-                "analogous_template": self.analogous_template, "pair_templates": list(self.pair_templates)}
+        d = {"preset": self.preset, "dataset": self.dataset, "task": self.task, "released": self.released,
+             "name_templates": list(self.name_templates), "attribute_template": self.attribute_template,
+             "analogous_template": self.analogous_template, "pair_templates": list(self.pair_templates)}
+        if self.text_names:  # absent otherwise: recipes of earlier indexes read and compare the same
+            d["text_names"] = [list(p) for p in self.text_names]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextRecipe:
         return cls(d["preset"], d.get("dataset"), d.get("task", "zero-shot"), d.get("released"),
                    tuple(d["name_templates"]), d["attribute_template"], d["analogous_template"],
-                   tuple(d["pair_templates"]))
+                   tuple(d["pair_templates"]), tuple((str(a), str(b)) for a, b in d.get("text_names", [])))
 
     def describe(self) -> str:
         where = self.released or self.dataset or "no dataset"
@@ -209,10 +259,14 @@ class TextRecipe:
         return data_file("cvpr24.json")[self.released]["knowledge"] if self.released else None
 
     # ---- class names inside texts
+    def _spelled(self, c: str) -> str:
+        """The class name written in its texts (the class itself unless ``text_names`` says otherwise)."""
+        return dict(self.text_names).get(c, c) if self.text_names else c
+
     def _name_in_name_text(self, c: str) -> str:
         # The released code replaces '_' by ' ' for name texts only; attribute, analogous and pair
         # texts get the class name verbatim.
-        return c.replace("_", " ") if self.is_released else c
+        return self._spelled(c).replace("_", " ") if self.is_released else c
 
     # ---- texts
     def name_texts(self, classes: Iterable[str]) -> list[TextItem]:
@@ -220,11 +274,11 @@ class TextRecipe:
                 for c in classes for t in self.name_templates]
 
     def attribute_texts(self, c: str, attributes: Iterable[str], source: str) -> list[TextItem]:
-        return _weighted(c, "attribute", (fill(self.attribute_template, c, a) for a in attributes),
+        return _weighted(c, "attribute", (fill(self.attribute_template, self._spelled(c), a) for a in attributes),
                          self.attribute_template, source, self.is_released)
 
     def analogous_texts(self, c: str, names: Iterable[str], source: str) -> list[TextItem]:
-        return _weighted(c, "analogous", (fill(self.analogous_template, c, a) for a in names),
+        return _weighted(c, "analogous", (fill(self.analogous_template, self._spelled(c), a) for a in names),
                          self.analogous_template, source, self.is_released)
 
     def synonym_texts(self, c: str, synonyms: Iterable[str], source: str) -> list[TextItem]:
@@ -239,7 +293,8 @@ class TextRecipe:
 
     def pair_texts(self, a: str, b: str, features: Iterable[str]) -> list[tuple[str, str, int]]:
         """(feature, text, weight) of every template for every feature of ``a`` against ``b``."""
-        texts = [(f, " ".join(fill(t, a=a, b=b, f=f).split())) for f in features for t in self.pair_templates]
+        sa, sb = self._spelled(a), self._spelled(b)
+        texts = [(f, " ".join(fill(t, a=sa, b=sb, f=f).split())) for f in features for t in self.pair_templates]
         if not self.is_released:
             texts = [(f, t) for f, t in texts if f.strip()]
         counts = Counter(t for _, t in texts)

@@ -19,7 +19,7 @@ from sqlalchemy import Column, LargeBinary, MetaData, String, Table, Text, inser
 
 from .index.atomic import cache_dir, translate_disk_full
 from .index.schema import make_engine
-from .presets import clip_prompts, data_file, fill
+from .presets import clip_prompts, data_file, fill, loader_class_names
 from .validation import l2_normalize
 
 if TYPE_CHECKING:
@@ -121,6 +121,9 @@ def zero_shot_weights(index: TextIndex, prompts: str = "auto", *, cache: TextEmb
         return index._cache[key]
     name, templates = prompt_templates(index, prompts)
     classes = index.class_names()
+    if name.startswith("cvpr24-few-shot:"):
+        # the released few-shot zero-shot term names the classes as its data loader does
+        classes = loader_class_names(index.recipe.released, classes)
     if templates is None:
         table = index.text_table(("name",))
         counts = np.bincount(table.class_ids, minlength=len(classes))

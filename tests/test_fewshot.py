@@ -277,3 +277,48 @@ def test_released_defaults_per_dataset(fewshot_env):
     init = m["adapters"]["coder-adapter"]["init"]
     assert (init["alpha"], init["beta"]) == (1.0, 1.0) and 0 <= init["val_accuracy"] <= 1
     assert m["zero_shot_prompts"].startswith("clip:imagenet")
+
+
+def test_cvpr24_tip_adapter_is_searched_on_tip_adapters_own_grid():
+    from coder_index.fewshot.fit import tip_adapter_search
+    from coder_index.presets import TextRecipe
+
+    recipe = TextRecipe.make("cvpr24", "caltech-101", "few-shot")
+    grid, init, source = tip_adapter_search(recipe, "released", (100.0, 24.76))
+    # gaopengcuhk/Tip-Adapter configs/caltech101.yaml: search_scale [12, 5], search_step [200, 20], init 1 / 3
+    assert (grid.beta_range, grid.alpha_range, grid.beta_steps, grid.alpha_steps, grid.rounds) == \
+        ((0.1, 12.0), (0.1, 5.0), 200, 20, 1)
+    assert init == (3.0, 1.0) and source == "Tip-Adapter configs/caltech101.yaml"
+    for seed in range(3):
+        _, val, y, zs = _case(seed, n=40)
+        rng = np.random.default_rng(seed + 100)
+        keys = rng.standard_normal((24, val.shape[1]))
+        labels = np.repeat(np.arange(6), 4)
+        tip = TipAdapter(*init).fit(keys, labels, 6)
+        expected = released_loop(tip.affinity(val), tip.values_.astype(np.float64), zs, y, grid)
+        got = search_hyperparameters(tip, val, y, zs, search=grid, init=init)
+        assert (got["beta"], got["alpha"], round(got["val_accuracy"] * len(y))) == expected
+    # the default preset, and --search fast, keep CODER-Adapter's grid
+    assert tip_adapter_search(TextRecipe.make("default", "caltech101"), "released", (1.0, 2.0)) == \
+        ("released", (1.0, 2.0), "released (CODER-Adapter's grid)")
+    assert tip_adapter_search(recipe, "fast", (1.0, 2.0))[0] == "fast"
+
+
+def test_fit_reports_the_chosen_tip_adapter_point(fewshot_env, tiny_model):
+    (fewshot_env / "c.txt").write_text("red\ngreen\nblue\n")
+    res = CliRunner().invoke(cli, ["build", str(fewshot_env / "cv"), "--classes", str(fewshot_env / "c.txt"),
+                                   "--model", tiny_model, "--preset", "cvpr24", "--dataset", "caltech-101",
+                                   "--task", "few-shot"])
+    assert res.exit_code == 0, res.output
+    base = ["fewshot", "fit", str(fewshot_env / "train"), "--index", str(fewshot_env / "cv"), "--shots", "4",
+            "--augment-epochs", "1", "--workers", "0"]
+    res = CliRunner().invoke(cli, [*base, "--out", str(fewshot_env / "t1"), "--method", "tip-adapter"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stdout.splitlines() if "alpha=" in ln]
+    assert len(lines) == 1 and lines[0].startswith("tip-adapter: alpha=")
+    assert "grid: Tip-Adapter configs/caltech101.yaml" in lines[0]
+    m = json.loads((fewshot_env / "t1" / "manifest.json").read_text())
+    tip = m["adapters"]["tip-adapter"]
+    assert f"alpha={tip['alpha']:.4g} beta={tip['beta']:.4g}" in lines[0]
+    assert (tip["init"]["alpha"], tip["init"]["beta"]) == (3.0, 1.0)
+    assert m["search"]["tip-adapter"][0]["betas"][2] == 200 and len(m["search"]["tip-adapter"]) == 1

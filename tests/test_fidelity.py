@@ -224,3 +224,50 @@ def test_cli_cvpr24_build_and_preset_gate(tmp_path, tiny_model):
     r = CliRunner().invoke(cli, ["classify", str(tmp_path / "imgs"), "--index", str(tmp_path / "idx"), "--out",
                                  str(tmp_path / "p2.csv"), "--rerank", "--llm", "none", "--gap-threshold", "1.5"])
     assert r.exit_code != 0 and "not in [0, 1]" in r.output
+
+
+def _shared_classes(name):
+    from conftest import shared_path
+
+    return [ln.strip() for ln in shared_path("data", "classnames", name).read_text().splitlines() if ln.strip()]
+
+
+def test_few_shot_zero_shot_term_names_classes_as_the_released_loader():
+    from coder_index.presets import loader_class_names
+
+    imagenet = _shared_classes("ImageNet.txt")
+    loader = loader_class_names("ImageNet", imagenet)
+    changed = {i: (imagenet[i], loader[i]) for i in range(len(imagenet)) if imagenet[i] != loader[i]}
+    # datasets/few_shot_dataset/imagenet.py's imagenet_classes against datasets/class_name/ImageNet.txt
+    assert changed == {27: ("eft", "newt"), 638: ("maillot", "tights"), 744: ("projectile", "missile"),
+                       836: ("sunglass", "sunglasses")}
+    # a renamed vocabulary is left alone: only the released name at that label is replaced
+    assert loader_class_names("ImageNet", ["a", "b"]) == ["a", "b"]
+    assert loader_class_names("eurosat", _shared_classes("eurosat.txt")) == _shared_classes("eurosat1.txt")
+    assert loader_class_names("DTD", ["banded", "blotchy"]) == ["banded", "blotchy"]
+    with pytest.raises(InputFormatError, match="10 classes, the index 2"):
+        loader_class_names("eurosat", ["a", "b"])
+
+
+def test_cvpr24_few_shot_eurosat_texts_use_eurosat1_names(tmp_path, encoder):
+    eurosat, eurosat1 = _shared_classes("eurosat.txt"), _shared_classes("eurosat1.txt")
+    few = TextRecipe.make("cvpr24", "eurosat", "few-shot").for_classes(eurosat)
+    # CODER.update_class_names: the few-shot EuroSAT texts say eurosat1's names, by label
+    assert [it.text for it in few.name_texts(eurosat[:2])] == [
+        f"a photo of {n}, satellite domain." for n in eurosat1[:2]]
+    item = few.attribute_texts(eurosat[0], ["rows"], "s")[0]
+    assert item.text == f"A satellite photo of {eurosat1[0]} which has rows."
+    assert item.class_name == eurosat[0]  # the label stays the index's class
+    assert TextRecipe.from_dict(few.to_dict()) == few
+    zero = TextRecipe.make("cvpr24", "eurosat", "zero-shot").for_classes(eurosat)
+    assert zero.name_texts(eurosat[:1])[0].text == f"a photo of {eurosat[0]}, satellite domain."
+    assert "text_names" not in zero.to_dict()
+    classes = tmp_path / "eurosat.txt"
+    classes.write_text("\n".join(eurosat) + "\n")
+    build_index(tmp_path / "idx", classes, encoder=encoder, preset="cvpr24", dataset="eurosat", task="few-shot")
+    idx = TextIndex.open(tmp_path / "idx", encoder=encoder)
+    assert idx.class_names() == eurosat
+    table = idx.text_table(("name",))
+    texts = idx.texts_by_id(table.ids.tolist())
+    assert sorted(texts[i]["text"] for i in table.ids.tolist()) == sorted(
+        f"a photo of {n}, satellite domain." for n in eurosat1)

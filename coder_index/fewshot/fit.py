@@ -14,9 +14,9 @@ from ..evaluation.data import LabelledSet
 from ..evaluation.embcache import EmbeddingCache
 from ..evaluation.run import embed_labelled
 from ..linalg import matmul_t
-from ..presets import few_shot_defaults
+from ..presets import few_shot_defaults, tip_adapter_config
 from ..zeroshot import zero_shot_weights
-from .adapter import CoderAdapter, TipAdapter, search_hyperparameters
+from .adapter import CoderAdapter, SearchGrid, TipAdapter, search_hyperparameters
 from .model import new_manifest, save_adapter
 from .support import augmented_embeddings, sample_shots
 
@@ -93,8 +93,10 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     coder = CoderAdapter(*init, cfg.T).fit(support_coder, labels, n_classes)
     coder_search = search_hyperparameters(coder, matmul_t(val_x, table.embeddings), val_y, val_zs, search=cfg.search,
                                           init=init)
-    tip = TipAdapter(*init, cfg.T).fit(emb, labels, n_classes)
-    tip_search = search_hyperparameters(tip, val_x, val_y, val_zs, search=cfg.search, init=init)
+    tip_grid, tip_init, tip_source = tip_adapter_search(recipe, cfg.search, init)
+    tip = TipAdapter(*tip_init, cfg.T).fit(emb, labels, n_classes)
+    tip_search = search_hyperparameters(tip, val_x, val_y, val_zs, search=tip_grid, init=tip_init)
+    tip_search["grid_source"] = tip_source
 
     manifest = new_manifest(index, list(cfg.kinds), table.ids, shots=cfg.shots, seed=cfg.seed,
                             augment_epochs=epochs, support_images=int(len(paths)),
@@ -102,7 +104,7 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
                             zero_shot_prompts=zs_weights.prompts,
                             adapters={"coder-adapter": _summary(coder_search), "tip-adapter": _summary(tip_search)},
                             search={"grid": cfg.search, "coder-adapter": coder_search["rounds"],
-                                    "tip-adapter": tip_search["rounds"]},
+                                    "tip-adapter": tip_search["rounds"], "tip-adapter grid": tip_source},
                             skipped=errors)
     rows = [{"path": str(p), "label": int(y), "shot": int(s), "augment_epochs": epochs}
             for p, y, s in zip(paths, labels, shot_no, strict=True)]
@@ -110,6 +112,22 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     return manifest
 
 
+def tip_adapter_search(recipe: Any, search: str, init: tuple[float, float]
+                       ) -> tuple[str | SearchGrid, tuple[float, float], str]:
+    """(grid, initial (alpha, beta), where the grid comes from) of the Tip-Adapter baseline.
+
+    Under the cvpr24 preset with the released grid, Tip-Adapter is searched as Tip-Adapter's own
+    release does for the dataset: ``search_step`` values on [0.1, ``search_scale``) for beta and
+    alpha, one round, from its own initial values. Otherwise it shares CODER-Adapter's grid."""
+    tip = tip_adapter_config(recipe.released) if recipe.is_released and search == "released" else None
+    if tip is None:
+        return search, init, f"{search} (CODER-Adapter's grid)"
+    (beta_hi, alpha_hi), (beta_steps, alpha_steps) = tip["search_scale"], tip["search_step"]
+    grid = SearchGrid(beta_range=(0.1, float(beta_hi)), alpha_range=(0.1, float(alpha_hi)),
+                      beta_steps=int(beta_steps), alpha_steps=int(alpha_steps), rounds=1)
+    return grid, (float(tip["init_alpha"]), float(tip["init_beta"])), f"Tip-Adapter configs/{tip['config']}.yaml"
+
+
 def _summary(search: dict[str, Any]) -> dict[str, Any]:
-    keys = ("alpha", "beta", "T", "val_accuracy", "val_zero_shot_accuracy", "val_images", "init")
+    keys = ("alpha", "beta", "T", "val_accuracy", "val_zero_shot_accuracy", "val_images", "init", "grid_source")
     return {k: search[k] for k in keys if k in search}
