@@ -32,9 +32,9 @@ class PairStageStats:
     notes: list[str] = field(default_factory=list)
 
 
-def top_pairs(logits: np.ndarray, top: int = 5) -> set[tuple[int, int]]:
+def top_pairs(logits: np.ndarray, top: int = 5, ties: str = "index") -> set[tuple[int, int]]:
     """Distinct ordered class pairs within the images' stage-1 top lists (vectorised)."""
-    idx, _ = top_k(logits, min(top, logits.shape[1]))
+    idx, _ = top_k(logits, min(top, logits.shape[1]), ties=ties)
     t = idx.shape[1]
     ii, jj = np.nonzero(~np.eye(t, dtype=bool))
     pairs = np.unique(np.stack([idx[:, ii].ravel(), idx[:, jj].ravel()], axis=1), axis=0)
@@ -53,6 +53,8 @@ class PairReranker:
         self.progress = progress
         self.stats = PairStageStats()
         self._seen: set[tuple[int, int]] = set()
+        # the cvpr24 preset orders exact ties at the top-k cut as the released code's torch.topk
+        self.ties = "torch" if index.recipe.is_released else "index"
 
     def ensure_pairs(self, pairs: set[tuple[int, int]]) -> None:
         new = pairs - self._seen
@@ -75,10 +77,10 @@ class PairReranker:
         self.stats.pairs_without_texts += len(missing) - len(got)
 
     def __call__(self, image_emb: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        pairs = top_pairs(logits, self.top)
+        pairs = top_pairs(logits, self.top, self.ties)
         self.ensure_pairs(pairs)
         return rerank(image_emb, logits, self.index.pair_table(pairs), top=self.top,
-                      gap_threshold=self.gap_threshold)
+                      gap_threshold=self.gap_threshold, ties=self.ties)
 
     def summary(self) -> str:
         s = self.stats

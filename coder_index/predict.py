@@ -60,8 +60,11 @@ def _as_scores(scores: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scores))
 
 
-def top_k(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest scores per row, best first; ties: lower index first.
+def top_k(scores: np.ndarray | torch.Tensor, k: int, *, ties: str = "index") -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first; ties: lower index first
+    (``ties="torch"``: torch.topk's own order, which the released code inherits; on the CPU it is
+    deterministic per row, the same at any thread count or batch, but neither lower nor higher
+    index first).
     ``scores`` may be a tensor on a GPU: the selection runs there and only k + 1 columns per row
     (and the rare tied row) come back; both results are host arrays.
 
@@ -72,6 +75,11 @@ def top_k(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.nda
     t = _as_scores(scores)
     n, c = t.shape
     k = min(k, c)
+    if ties == "torch":
+        vals, idx = torch.topk(t, k, dim=1, sorted=True)
+        return idx.cpu().numpy(), vals.cpu().numpy()
+    if ties != "index":
+        raise ValueError(f"ties must be 'index' or 'torch', got {ties!r}")
     extra = min(k + 1, c)
     vals, idx = torch.topk(t, extra, dim=1, sorted=True)
     vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
@@ -146,6 +154,8 @@ def explain(index: TextIndex, image_emb: np.ndarray, k: int = 10, n_classes: int
     names = index.class_names()
     coder_logits = index.classifier().logits(image_emb)
     stage1, _ = top_k(coder_logits, max(n_classes, TOP))
+    # the rerank's own top-5 (exact ties at the cut in torch.topk's order under cvpr24): its pairs are shown
+    rerank_top = stage1 if not index.recipe.is_released else top_k(coder_logits, TOP, ties="torch")[0]
     if scorer is None:
         from .pipeline.scorers import CoderScorer
 
@@ -155,7 +165,7 @@ def explain(index: TextIndex, image_emb: np.ndarray, k: int = 10, n_classes: int
     table = index.text_table()
     sims = matmul_t(image_emb, table.embeddings)  # only the explained images: small N
     meta = index.texts_by_id({int(i) for i in ids.ravel() if i >= 0})
-    evidence = pair_evidence(index, image_emb, stage1, names)
+    evidence = pair_evidence(index, image_emb, rerank_top, names)
     captions = _corpus_captions(scorer, image_emb, k)
     n_show = min(n_classes, cls_idx.shape[1])
     out = []

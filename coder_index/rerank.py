@@ -123,7 +123,7 @@ class PairTable:
 
 
 def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any] | PairTable, top: int = 5,
-           gap_threshold: float | None = None, *, chunk: int = 1024) -> np.ndarray:
+           gap_threshold: float | None = None, *, chunk: int = 1024, ties: str = "index") -> np.ndarray:
     """Final class id per image after the one-to-one rerank of its ``top`` stage-1 classes.
 
     ``pair_texts[(a, b)]`` are ``[K_ab, D]`` embeddings of texts describing class a as different from
@@ -135,6 +135,10 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     key column), the gather of difference vectors, the scores, the totals and the pick all happen on
     that device; only the stage-1 top lists come to the host (to break exact ties by class id) and
     only the final class per image comes back.
+
+    ``ties``: how exact ties of stage-1 logits are ordered, at the top-``top`` cut, among the
+    candidates and for images not reranked: ``index`` (lower class id first) or ``torch``
+    (``torch.topk``'s order, as the released code; the ``cvpr24`` preset).
     """
     o = _logits_tensor(logits)
     dev = o.device
@@ -149,8 +153,10 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     table = pair_texts if isinstance(pair_texts, PairTable) else PairTable(pair_texts, x.shape[1], c)
     if table.n_classes != c:
         raise ValueError(f"the pair table is over {table.n_classes} classes, the logits over {c}")
-    idx, _ = top_k(o, min(top, c))  # stage-1 order, best first (exact ties: lower class id first)
-    final = idx[:, 0].copy()
+    idx, _ = top_k(o, min(top, c), ties=ties)  # stage-1 order, best first
+    # not reranked: the stage-1 top-1 (the released code takes it with topk(1), whose tie order can
+    # differ from topk(5)'s first column)
+    final = idx[:, 0].copy() if ties == "index" else top_k(o, 1, ties=ties)[0][:, 0].copy()
     todo = np.arange(n)
     if gap_threshold is not None and c > 1:
         todo = np.flatnonzero(top2_gap(o) < gap_threshold)

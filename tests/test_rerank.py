@@ -141,3 +141,41 @@ def test_exactly_tied_totals_keep_stage_one_order():
     same = np.eye(1, 4, dtype=np.float32)
     pairs = {(a, b): same for a in range(3) for b in range(3) if a != b}  # every score exactly 0
     np.testing.assert_array_equal(rerank(x, logits, pairs, top=3), [0, 1, 2])
+
+
+def test_ties_at_the_top5_cut_follow_torch_topk_under_ties_torch():
+    """Two classes exactly tied for fifth place: ties='index' keeps the lower class id, ties='torch'
+    the one torch.topk keeps (the released code's order); the kept one wins the rerank here."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    d, c = 16, 12
+    found = 0
+    for _ in range(200):
+        x = rng.standard_normal((1, d)).astype(np.float32)
+        o = rng.standard_normal((1, c)).astype(np.float32)
+        top5 = np.argsort(-o[0], kind="stable")[:5]
+        out = int(rng.choice([k for k in range(c) if k not in top5]))
+        o[0, out] = o[0, top5[4]]                       # an exact tie at the cut
+        kept = int(torch.topk(torch.from_numpy(o), 5, dim=1, sorted=True).indices[0, 4])
+        lower = min(out, int(top5[4]))
+        if kept == lower:
+            continue                                     # torch agrees with the index rule on this row
+        found += 1
+        unit = x / np.linalg.norm(x)
+        pairs = {}
+        for winner in (out, int(top5[4])):              # either tied class beats every other class
+            for other in range(c):
+                if other != winner:
+                    pairs[(winner, other)] = unit
+                    pairs[(other, winner)] = -unit
+        assert rerank(x, o, pairs, top=5, ties="index")[0] == lower
+        assert rerank(x, o, pairs, top=5, ties="torch")[0] == kept
+        # the same inside a batch (torch's CPU order is per row)
+        batch = np.repeat(o, 7, axis=0) + np.zeros((7, 1), np.float32)
+        assert set(rerank(np.repeat(x, 7, axis=0), batch, pairs, top=5, ties="torch").tolist()) == {kept}
+        if found >= 5:
+            break
+    assert found >= 5
+    with pytest.raises(ValueError, match="ties must be"):
+        rerank(x, o, pairs, top=5, ties="random")
