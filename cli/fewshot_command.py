@@ -37,9 +37,10 @@ def register(cli: click.Group) -> None:
                        "index's dataset: 20, Oxford Pets 10, ImageNet 1].")
     @click.option("--search", type=click.Choice(["released", "fast"]), default="released", show_default=True,
                   help="Hyper-parameter grid: the released 3 rounds of 500 beta x 50 alpha, or a coarser 100 x 20.")
-    @click.option("--method", "report", type=click.Choice(["both", "coder-adapter", "tip-adapter"]), default="both",
-                  show_default=True, help="Which adapter's chosen point to report (both are always fitted and "
-                                          "saved; classify and eval pick one with their --method).")
+    @click.option("--method", "report", type=click.Choice(["both", "coder-adapter", "tip-adapter", "coder", "tip"]),
+                  default="both", show_default=True,
+                  help="Which adapter's chosen point to report (coder and tip are short for coder-adapter and "
+                       "tip-adapter; both are always fitted and saved, classify and eval pick one with --method).")
     @click.option("--prompts", type=click.Choice(["auto", "clip", "names", "cvpr24"]), default="auto",
                   show_default=True, help="Prompts of the zero-shot logits o_zs (see `coder-index eval --help`).")
     @click.option("--seed", default=1, show_default=True, type=int, help="Seed of the shot sampling and augmentation.")
@@ -98,6 +99,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(manifest)
             return
+        report = {"coder": "coder-adapter", "tip": "tip-adapter"}.get(report, report)
         for name, h in manifest["adapters"].items():
             if report not in ("both", name):
                 continue

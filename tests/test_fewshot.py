@@ -312,7 +312,7 @@ def test_fit_reports_the_chosen_tip_adapter_point(fewshot_env, tiny_model):
     assert res.exit_code == 0, res.output
     base = ["fewshot", "fit", str(fewshot_env / "train"), "--index", str(fewshot_env / "cv"), "--shots", "4",
             "--augment-epochs", "1", "--workers", "0"]
-    res = CliRunner().invoke(cli, [*base, "--out", str(fewshot_env / "t1"), "--method", "tip-adapter"])
+    res = CliRunner().invoke(cli, [*base, "--out", str(fewshot_env / "t1"), "--method", "tip"])
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.stdout.splitlines() if "alpha=" in ln]
     assert len(lines) == 1 and lines[0].startswith("tip-adapter: alpha=")
