@@ -72,9 +72,9 @@ def bench_coder(text_emb: np.ndarray, text_class: np.ndarray, text_kind: np.ndar
 
 def bench_classify(encoder, shared: Path, n: int, workers: int) -> dict:
     from coder_index import TextIndex
+    from coder_index.core.decode import load_image
+    from coder_index.core.presets import TextRecipe
     from coder_index.pipeline.classify import classify_folder
-    from coder_index.pipeline.decode import load_image
-    from coder_index.presets import TextRecipe
 
     cifar = shared / "data" / "cifar10-test"
     classes = sorted(p.name for p in cifar.iterdir())

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from coder_index import CoderAdapter
-from coder_index.fewshot.adapter import SEARCHES, SearchGrid, grid_values, search_hyperparameters
+from coder_index.methods.fewshot.adapter import SEARCHES, SearchGrid, grid_values, search_hyperparameters
 
 
 def make_case(n_val=1000, classes=100, shots=16, k=2000, seed=0):
@@ -105,8 +105,8 @@ def main() -> None:
     # top-k affinity (a search of the support index) vs exact, at the searched alpha/beta
     import faiss
 
-    from coder_index.fewshot.adapter import neighbour_cache_logits
-    from coder_index.validation import l2_normalize
+    from coder_index.core.validation import l2_normalize
+    from coder_index.methods.fewshot.adapter import neighbour_cache_logits
 
     keys = l2_normalize(sup, "support")
     index = faiss.IndexFlatIP(keys.shape[1])

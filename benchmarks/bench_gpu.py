@@ -122,11 +122,11 @@ def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp
     import os
 
     from coder_index import ClipEncoder, TextIndex
-    from coder_index.index.records import TextItem
-    from coder_index.parallelism import choose
+    from coder_index.core.parallelism import choose
+    from coder_index.core.presets import TextRecipe
+    from coder_index.core.records import TextItem
     from coder_index.pipeline.classify import StageClock, classify_folder
     from coder_index.pipeline.feed import ReferenceFeed, TensorFeed
-    from coder_index.presets import TextRecipe
 
     folder = photo_folder(tmp, n_images)
     t = time.perf_counter()
@@ -212,7 +212,7 @@ def bench_agreement(dev: torch.device) -> dict:
 
 def bench_coder(n: int, k: int, n_classes: int, dev: torch.device) -> dict:
     from coder_index import CoderClassifier
-    from coder_index.compute import exact_float32
+    from coder_index.model.compute import exact_float32
 
     rng = np.random.default_rng(0)
     texts = rng.standard_normal((k, 512), dtype=np.float32)
@@ -248,7 +248,7 @@ def bench_coder(n: int, k: int, n_classes: int, dev: torch.device) -> dict:
 def bench_faiss(rows: int, queries: int, k: int) -> dict:
     import faiss
 
-    from coder_index import faiss_gpu
+    from coder_index.model import faiss_gpu
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((rows, 512), dtype=np.float32)
@@ -282,8 +282,9 @@ def bench_rerank(n: int, c: int, dev: torch.device) -> dict:
     """The rerank as classify runs it: the pair table built once from arrays (what
     ``TextIndex.pair_table`` gives: no dict per pair), then looked up and scored on the device; beside
     it the same on the CPU, and the table's build. Every image must get the same final class."""
-    from coder_index.pair_stage import top_pairs
-    from coder_index.rerank import PairTable, rerank
+    from coder_index.methods.pair_stage import top_pairs
+    from coder_index.methods.rerank import rerank
+    from coder_index.stores.pairs import PairTable
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, 512), dtype=np.float32)

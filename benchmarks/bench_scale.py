@@ -40,8 +40,8 @@ MAKE_INDEX = r"""
 import sys, numpy as np
 from pathlib import Path
 from coder_index import ClipEncoder, TextIndex
-from coder_index.index.records import TextItem
-from coder_index.presets import TextRecipe
+from coder_index.core.records import TextItem
+from coder_index.core.presets import TextRecipe
 path, k, per_class = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 enc = ClipEncoder("ViT-B-32", "random", device="cpu")
 index = TextIndex.create(path, enc, recipe=TextRecipe.make())
@@ -191,8 +191,8 @@ def bench_noop(files: list[int], tmp: Path) -> list[dict]:
 def bench_candidates(n_classes: int, per_class: int, ms: list[int], n_images: int) -> dict:
     import numpy as np
 
-    from coder_index.candidates import CandidateClassifier
-    from coder_index.coder import CoderClassifier
+    from coder_index.methods.candidates import CandidateClassifier
+    from coder_index.methods.coder import CoderClassifier
 
     rng = np.random.default_rng(0)
     d = 512
@@ -238,7 +238,7 @@ RAY_RUN = r"""
 import json, sys, time
 from coder_index import TextIndex
 from coder_index.pipeline.classify import classify_folder
-from coder_index.pipeline.scorer_spec import ScorerSpec, build_scorer
+from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
 index_dir, folder, out, engine = sys.argv[1:5]
 index = TextIndex.open(index_dir, device="cpu")
 spec = ScorerSpec(top_k=5)
@@ -277,8 +277,8 @@ def bench_ray(n_images: int, tmp: Path, model: str) -> dict:
 TEXT_ENCODE = r"""
 import json, sys, time, types
 import torch
-from coder_index.encoder import ClipEncoder
-from coder_index.index.text_index import TextIndex
+from coder_index.model.encoder import ClipEncoder
+from coder_index import TextIndex
 texts = json.load(open(sys.argv[1]))
 batch = None if sys.argv[2] == "default" else int(sys.argv[2])
 enc = ClipEncoder("ViT-B-32", "random", device="cpu")

@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from coder_index import ClipEncoder
-    from coder_index.sources import read_class_list
+    from coder_index.core.sources import read_class_list
 
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     encoder = ClipEncoder(model, device="cpu")

@@ -22,9 +22,9 @@ RUN = r"""
 import json, sys, time, tempfile, torch
 from pathlib import Path
 from coder_index import ClipEncoder, TextIndex
-from coder_index.parallelism import choose
+from coder_index.core.parallelism import choose
 from coder_index.pipeline.classify import classify_folder
-from coder_index.presets import TextRecipe
+from coder_index.core.presets import TextRecipe
 folder, model, mode = sys.argv[1:4]
 enc = ClipEncoder(model, None if model.startswith("local-dir:") else "random", device="cpu")
 tmp = Path(tempfile.mkdtemp())

@@ -47,7 +47,7 @@ def make_data(root: Path, rows: int, dim: int, shards: int, seed: int = 0) -> tu
 CHILD = """
 import json, resource, sys, time
 from coder_index import ClipEncoder
-from coder_index.xmore.ingest import ingest_laion
+from coder_index.pipeline.ingest_corpus import ingest_laion
 root, out, factory = sys.argv[1:4]
 enc = ClipEncoder("ViT-B-32", "random", device="cpu")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("bench-out/bench_xmore.json"))
     args = ap.parse_args()
-    from coder_index.xmore.corpus import Corpus
+    from coder_index.stores.corpus import Corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-xmore-"))
     t0 = time.perf_counter()

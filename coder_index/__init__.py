@@ -10,20 +10,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+from coder_index import _moved
+
+__version__ = "0.3.0"
 
 _EXPORTS = {
-    "coder_features": ".coder", "coder_feature_chunks": ".coder", "heuristic_logits": ".coder",
-    "CoderClassifier": ".coder",
-    "ClipEncoder": ".encoder", "ModelFingerprint": ".encoder",
-    "CoderIndexError": ".errors", "IndexFormatError": ".errors", "InputFormatError": ".errors",
-    "ModelLoadError": ".errors", "ModelMismatchError": ".errors",
-    "CoderAdapter": ".fewshot.adapter", "TipAdapter": ".fewshot.adapter",
-    "TextIndex": ".index.text_index", "TextItem": ".index.records",
-    "Predictions": ".predict", "rerank": ".rerank", "xmore_ensemble": ".xmore.ensemble",
+    "coder_features": ".methods.coder", "coder_feature_chunks": ".methods.coder",
+    "heuristic_logits": ".methods.coder", "CoderClassifier": ".methods.coder",
+    "ClipEncoder": ".model.encoder", "ModelFingerprint": ".model.encoder",
+    "CoderIndexError": ".core.errors", "IndexFormatError": ".core.errors", "InputFormatError": ".core.errors",
+    "ModelLoadError": ".core.errors", "ModelMismatchError": ".core.errors",
+    "CoderAdapter": ".methods.fewshot.adapter", "TipAdapter": ".methods.fewshot.adapter",
+    "TextIndex": ".methods.text_index", "TextStore": ".stores.text_index", "TextItem": ".core.records",
+    "Predictions": ".methods.predict", "rerank": ".methods.rerank", "xmore_ensemble": ".methods.xmore.ensemble",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
+
+_moved.install()  # coder-index 0.2's import paths, with a DeprecationWarning, until 0.4
 
 
 def __getattr__(name: str) -> Any:

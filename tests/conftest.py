@@ -55,7 +55,7 @@ def classes_file(tmp_path_factory) -> Path:
 @pytest.fixture
 def built_index(tmp_path, encoder, classes_file):
     """A fresh index with name texts and the published pet descriptors for five classes."""
-    from coder_index.build import build_index
+    from coder_index.pipeline.build import build_index
 
     build_index(tmp_path / "idx", classes_file, encoder=encoder, dataset="oxford_pets",
                 descriptors=[shared_path("data", "descriptors", "descriptors_pets.json")])

@@ -17,9 +17,9 @@ import torch
 from test_rerank import random_case
 
 from coder_index import CoderClassifier
-from coder_index.compute import exact_float32, precision_switches
-from coder_index.predict import softmax_top_k, top_k
-from coder_index.rerank import rerank
+from coder_index.methods.predict import softmax_top_k, top_k
+from coder_index.methods.rerank import rerank
+from coder_index.model.compute import exact_float32, precision_switches
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                           reason="needs a CUDA GPU (this machine has none); the CPU tests above cover the same code")
@@ -149,7 +149,7 @@ def test_top_k_and_probabilities_from_tensors_equal_arrays():
 
 
 def test_faiss_without_gpu_falls_back_and_says_so_once(monkeypatch, caplog):
-    from coder_index import faiss_gpu
+    from coder_index.model import faiss_gpu
 
     monkeypatch.setattr(faiss_gpu, "_said", set())
     if faiss_gpu.gpu_support() is None:
@@ -158,7 +158,7 @@ def test_faiss_without_gpu_falls_back_and_says_so_once(monkeypatch, caplog):
     vectors = unit(rng.standard_normal((500, 32))).astype(np.float32)
     q = unit(rng.standard_normal((20, 32))).astype(np.float32)
     cuda0 = torch.device("cuda", 0)
-    with caplog.at_level(logging.WARNING, logger="coder_index.faiss_gpu"):
+    with caplog.at_level(logging.WARNING, logger="coder_index.model.faiss_gpu"):
         for _ in range(3):
             sims, pos = faiss_gpu.knn(q, vectors, 5, cuda0)
             index = faiss.IndexFlatIP(32)

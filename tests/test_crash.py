@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import TextIndex, TextItem
-from coder_index.index.verify import verify_index
+from coder_index.stores.verify import verify_index
 from coder_index_cli.main import cli
 
 from images import make_messy_folder

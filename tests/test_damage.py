@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import TextIndex
-from coder_index.errors import IndexFormatError
-from coder_index.index.faissfile import read_info
-from coder_index.index.verify import verify_index
+from coder_index.core.errors import IndexFormatError
+from coder_index.stores.faissfile import read_info
+from coder_index.stores.verify import verify_index
 from coder_index_cli.main import cli
 
 
@@ -115,7 +115,7 @@ def test_every_damage_is_one_clear_line_and_reading_writes_nothing(built_index, 
 
 
 def test_texts_copied_from_another_models_index_are_refused(built_index, tmp_path, other_tiny_model, classes_file):
-    from coder_index.build import build_index
+    from coder_index.pipeline.build import build_index
 
     build_index(tmp_path / "other", classes_file, model=other_tiny_model, dataset="oxford_pets",
                 descriptors=[str(p) for p in []])
@@ -159,7 +159,7 @@ def test_verify_finds_vectors_of_another_model(built_index, encoder):
     v = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32)
     fake.add_with_ids(v / np.linalg.norm(v, axis=1, keepdims=True), ids)
     faiss.write_index(fake, str(path / "texts.faiss"))
-    from coder_index.index.faissfile import fingerprint
+    from coder_index.stores.faissfile import fingerprint
 
     con = sqlite3.connect(path / "meta.sqlite")
     con.execute("update state set value = ? where key = 'file:texts.faiss'", (json.dumps(fingerprint(
@@ -236,8 +236,8 @@ def test_a_reader_during_writes_never_sees_a_mixed_state(built_index, tiny_model
 
 
 def test_hostile_knowledge_and_descriptor_files(tmp_path, encoder, classes_file):
-    from coder_index.build import build_index
-    from coder_index.errors import InputFormatError
+    from coder_index.core.errors import InputFormatError
+    from coder_index.pipeline.build import build_index
     from coder_index.textgen.knowledge import load_knowledge
 
     deep = tmp_path / "deep.json"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coder_index.pipeline.decode import ImageDecodeError, load_image, to_rgb
+from coder_index.core.decode import ImageDecodeError, load_image, to_rgb
 from coder_index.pipeline.discover import discover_images
 
 from images import BAD, GOOD, make_messy_folder
@@ -64,7 +64,7 @@ def test_every_cut_of_every_format_gives_one_reason_from_the_bytes_for_files_and
     """A file cut at every byte offset: the reason names the format and says 'truncated' (or 'empty',
     or 'not an image' before the format's signature is complete), never Pillow's own wording, and
     the file on disk and the same bytes uploaded give the same answer."""
-    from coder_index.pipeline.decode import decode_image_bytes
+    from coder_index.core.decode import decode_image_bytes
 
     data = _encoded(fmt)
     name = {"WEBP": "WebP"}.get(fmt, fmt)
@@ -91,7 +91,7 @@ def test_every_cut_of_every_format_gives_one_reason_from_the_bytes_for_files_and
 
 
 def test_a_complete_file_with_broken_data_is_corrupt_not_truncated(tmp_path):
-    from coder_index.pipeline.decode import decode_image_bytes
+    from coder_index.core.decode import decode_image_bytes
 
     good = _encoded("PNG")
     idat = good.index(b"IDAT")
@@ -105,7 +105,7 @@ def test_a_complete_file_with_broken_data_is_corrupt_not_truncated(tmp_path):
 
 @pytest.mark.parametrize("data", [b"", b"hello", b"<html></html>", b"\x00" * 100, b"PK\x03\x04rest"])
 def test_non_images_and_empty_files_have_one_reason_everywhere(tmp_path, data):
-    from coder_index.pipeline.decode import decode_image_bytes
+    from coder_index.core.decode import decode_image_bytes
 
     (tmp_path / "x.jpg").write_bytes(data)
     expect = REASONS[0] if not data else REASONS[1]

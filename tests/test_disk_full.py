@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from coder_index import TextIndex
-from coder_index.index.verify import verify_index
+from coder_index.stores.verify import verify_index
 from coder_index_cli.main import cli
 
 from conftest import shared_path
@@ -147,7 +147,7 @@ def test_unwritable_locations_fail_before_any_model_loads(tmp_path, built_index,
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here ({proc.stderr.strip()})")
     try:
-        from coder_index import encoder as encoder_module
+        from coder_index.model import encoder as encoder_module
 
         def no_model(*a, **k):
             raise AssertionError("the model must not load before the output is checked")

@@ -113,7 +113,7 @@ def test_random_weights_are_reproducible_across_loads(tmp_path):
 
 
 def test_image_batches_larger_than_one_cpu_pass_match_open_clip(encoder):
-    from coder_index.encoder import CPU_IMAGE_ROWS
+    from coder_index.model.encoder import CPU_IMAGE_ROWS
 
     pixels = torch.from_numpy(np.random.default_rng(5).standard_normal((2 * CPU_IMAGE_ROWS + 5, 3, 32, 32),
                                                                        dtype=np.float32))

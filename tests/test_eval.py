@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import TextIndex, coder_features, heuristic_logits, rerank
-from coder_index.pair_stage import top_pairs
-from coder_index.pipeline.decode import load_image
+from coder_index.core.decode import load_image
+from coder_index.methods.pair_stage import top_pairs
 from coder_index_cli.main import cli
 
 from llm_server import FakeLLMServer
@@ -94,7 +94,7 @@ def test_report_matches_direct_computation(env):
     assert got["P"]["top1"] == pytest.approx((p_only.argmax(1) == y).mean())
 
     # clip: CLIP's published prompt ensemble (the index has no dataset: ImageNet's 80 templates, as CLIP_benchmark)
-    from coder_index.presets import clip_prompts
+    from coder_index.core.presets import clip_prompts
 
     name, templates = clip_prompts(None)
     assert name == "clip:imagenet" and len(templates) == 80 and rep["prompts"].startswith("clip:imagenet")
@@ -182,8 +182,8 @@ def test_clip_weights_equal_a_clip_benchmark_style_classifier(tmp_path, encoder)
     import torch
     import torch.nn.functional as F
 
-    from coder_index.presets import TextRecipe, clip_prompts
-    from coder_index.zeroshot import zero_shot_weights
+    from coder_index.core.presets import TextRecipe, clip_prompts
+    from coder_index.methods.zeroshot import zero_shot_weights
 
     from conftest import shared_path
 

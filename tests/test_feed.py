@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from coder_index.pipeline.decode import load_image
+from coder_index.core.decode import load_image
 from coder_index.pipeline.feed import ReferenceFeed, TensorFeed, make_feed, split_preprocess
 from coder_index_cli.main import cli
 

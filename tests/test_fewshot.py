@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import CoderAdapter, TextIndex, TipAdapter
-from coder_index.fewshot.adapter import SEARCHES, CacheLogits, SearchGrid, count_correct, search_hyperparameters
-from coder_index.fewshot.model import FewShotModel
+from coder_index.methods.fewshot.adapter import SEARCHES, CacheLogits, SearchGrid, count_correct, search_hyperparameters
+from coder_index.methods.fewshot.model import FewShotModel
 from coder_index_cli.main import cli
 
 
@@ -174,8 +174,8 @@ def fit(env, out, *extra):
 
 
 def test_fit_never_reads_test_images(fewshot_env, monkeypatch):
-    from coder_index.fewshot import support
     from coder_index.pipeline import loader
+    from coder_index.pipeline import support_views as support
 
     seen = []
     for module in (support, loader):
@@ -197,7 +197,7 @@ def test_round_trip_determinism_and_prediction(fewshot_env):
     np.testing.assert_allclose(f1.support_images, f2.support_images, atol=1e-6)
     assert not np.allclose(f1.support_images, f3.support_images)
 
-    from coder_index.pipeline.decode import load_image
+    from coder_index.core.decode import load_image
 
     x = index.encoder.encode_images([load_image(p) for p in sorted((fewshot_env / "test").rglob("*.png"))])
     h = m1["adapters"]["coder-adapter"]
@@ -244,7 +244,7 @@ def test_support_embedding_is_the_normalised_mean_of_raw_views(fewshot_env):
     """As the released build_cache: mean over augment epochs of the raw features, then normalise."""
     import torch
 
-    from coder_index.fewshot.support import _Augmented, augmentation, augmented_embeddings
+    from coder_index.pipeline.support_views import _Augmented, augmentation, augmented_embeddings
 
     index = TextIndex.open(fewshot_env / "idx")
     enc = index.encoder
@@ -261,7 +261,7 @@ def test_support_embedding_is_the_normalised_mean_of_raw_views(fewshot_env):
 
 
 def test_released_defaults_per_dataset(fewshot_env):
-    from coder_index.presets import few_shot_defaults
+    from coder_index.core.presets import few_shot_defaults
 
     assert few_shot_defaults("oxford_pets") == {"augment_epochs": 10, "init_alpha": 1.0, "init_beta": 26.0,
                                                  "released": "oxford-pet"}
@@ -280,8 +280,8 @@ def test_released_defaults_per_dataset(fewshot_env):
 
 
 def test_cvpr24_tip_adapter_is_searched_on_tip_adapters_own_grid():
-    from coder_index.fewshot.fit import tip_adapter_search
-    from coder_index.presets import TextRecipe
+    from coder_index.core.presets import TextRecipe
+    from coder_index.pipeline.fit_adapter import tip_adapter_search
 
     recipe = TextRecipe.make("cvpr24", "caltech-101", "few-shot")
     grid, init, source = tip_adapter_search(recipe, "released", (100.0, 24.76))

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import TextIndex, heuristic_logits, rerank
-from coder_index.build import build_index
-from coder_index.errors import IndexFormatError, InputFormatError
-from coder_index.presets import TextRecipe, gap_threshold_preset, resolve_dataset
+from coder_index.core.errors import IndexFormatError, InputFormatError
+from coder_index.core.presets import TextRecipe, gap_threshold_preset, resolve_dataset
+from coder_index.pipeline.build import build_index
 from coder_index.textgen.expert import load_expert_knowledge, load_plain_pickle
 from coder_index_cli.main import cli
 
@@ -233,7 +233,7 @@ def _shared_classes(name):
 
 
 def test_few_shot_zero_shot_term_names_classes_as_the_released_loader():
-    from coder_index.presets import loader_class_names
+    from coder_index.core.presets import loader_class_names
 
     imagenet = _shared_classes("ImageNet.txt")
     loader = loader_class_names("ImageNet", imagenet)

@@ -71,8 +71,8 @@ def test_cached_weights_load_without_the_network(tmp_path, monkeypatch, caplog):
     import torch
 
     from coder_index import ClipEncoder
-    from coder_index.encoder import _SAID_UNTRAINED
-    from coder_index.hub import in_cache
+    from coder_index.model.encoder import _SAID_UNTRAINED
+    from coder_index.model.hub import in_cache
 
     _SAID_UNTRAINED.clear()
 
@@ -149,7 +149,7 @@ def _labelled(root: Path, per_class=3):
 
 
 def test_eval_without_a_key_fails_before_any_model_or_image(built_index, tmp_path, monkeypatch):
-    from coder_index import encoder as encoder_module
+    from coder_index.model import encoder as encoder_module
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(encoder_module.ClipEncoder, "__init__",
@@ -178,7 +178,7 @@ def test_readme_eval_example_runs_offline(built_index, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ 4. honest scores
 def test_xmore_scores_are_probabilities(tmp_path, built_index, encoder):
-    from coder_index.xmore.corpus import build_corpus, laion_chunks, laion_shards
+    from coder_index.stores.corpus import build_corpus, laion_chunks, laion_shards
 
     root = tmp_path / "laion"
     (root / "img_emb").mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_a_corpus_given_as_index_is_named(tmp_path, built_index):
 
 def test_class_names_and_descriptor_keys_compare_after_nfc(tmp_path, encoder):
     from coder_index import TextIndex
-    from coder_index.build import build_index
+    from coder_index.pipeline.build import build_index
 
     nfd = unicodedata.normalize("NFD", "Café")
     nfc = unicodedata.normalize("NFC", "Café")
@@ -304,7 +304,7 @@ def test_progress_bars_name_what_they_count(tmp_path, tiny_model):
 
 
 def test_corpus_info_reads_as_lines_with_the_pretrained_tag(tmp_path, encoder):
-    from coder_index.xmore.corpus import Chunk, build_corpus
+    from coder_index.stores.corpus import Chunk, build_corpus
 
     rng = np.random.default_rng(0)
     chunk = Chunk(rng.standard_normal((3, encoder.embed_dim)).astype(np.float32), ["a", "b", "c"], ["1", "2", "3"])
@@ -328,7 +328,7 @@ def test_eval_report_names_its_throughput_column(built_index, tmp_path, monkeypa
 # ------------------------------------------------------------------------------ 8. threads
 def test_threads_and_workers_follow_the_model(encoder):
     from coder_index import ClipEncoder
-    from coder_index.parallelism import choose, cpu_count, image_gflops, torch_threads
+    from coder_index.core.parallelism import choose, cpu_count, image_gflops, torch_threads
 
     small = choose(encoder)
     assert image_gflops(encoder) < 1 and small.threads == 1 and small.workers == max(1, cpu_count())
@@ -362,7 +362,7 @@ def test_setup_wordnet_says_which_nltk_data(tmp_path, wordnet_reader):
 
 
 def _forbid_model_loads(monkeypatch):
-    from coder_index import encoder as encoder_module
+    from coder_index.model import encoder as encoder_module
 
     monkeypatch.setattr(encoder_module.ClipEncoder, "__init__",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from coder_index import ClipEncoder, IndexFormatError, ModelMismatchError, TextIndex, TextItem
-from coder_index.sources import InputFormatError, read_class_list, read_descriptor_file
+from coder_index.core.sources import InputFormatError, read_class_list, read_descriptor_file
 
 from conftest import PET_CLASSES
 

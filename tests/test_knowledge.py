@@ -6,9 +6,9 @@ import pickle
 import pytest
 
 from coder_index import TextIndex
-from coder_index.build import build_index
-from coder_index.errors import InputFormatError
-from coder_index.presets import TextRecipe
+from coder_index.core.errors import InputFormatError
+from coder_index.core.presets import TextRecipe
+from coder_index.pipeline.build import build_index
 from coder_index.textgen.knowledge import Knowledge, load_knowledge
 
 from conftest import shared_path

@@ -171,7 +171,7 @@ def test_only_regular_files_are_read(built_index, tmp_path):
 
 
 def test_a_file_swapped_for_a_fifo_after_discovery_is_skipped(tmp_path):
-    from coder_index.pipeline.decode import ImageDecodeError, load_image
+    from coder_index.core.decode import ImageDecodeError, load_image
 
     os.mkfifo(tmp_path / "x.jpg")
     t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def test_one_writer_per_out(built_index, weird_folder, tmp_path):
 
 
 def test_resume_refuses_other_settings(built_index, weird_folder, tmp_path, encoder, classes_file, other_tiny_model):
-    from coder_index.build import build_index
+    from coder_index.pipeline.build import build_index
 
     out = tmp_path / "p.csv"
     base = ["classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", "-q"]
@@ -245,7 +245,7 @@ def test_resume_refuses_other_settings(built_index, weird_folder, tmp_path, enco
 
 
 def test_unwritable_out_fails_before_any_model_loads(built_index, weird_folder, tmp_path, monkeypatch):
-    from coder_index import encoder as encoder_module
+    from coder_index.model import encoder as encoder_module
 
     def no_model(*a, **k):
         raise AssertionError("the model must not load before the output is checked")
@@ -285,7 +285,7 @@ def test_special_files_as_inputs_and_outputs_never_hang(built_index, tmp_path, t
         assert "Traceback" not in proc.stderr
     (folder / "pug" / "a.txt").unlink(missing_ok=True)
     os.mkfifo(folder / "pug" / "a.txt")  # an img2dataset-style caption sidecar that is a FIFO: no caption
-    from coder_index.xmore.corpus import folder_captions
+    from coder_index.pipeline.ingest_corpus import folder_captions
 
     with pytest.raises(Exception, match="no captions"):
         folder_captions(folder, None)

@@ -175,7 +175,7 @@ def test_corpus_embeddings_on_ray_equal_local(tmp_path, index_dir, encoder):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from coder_index.xmore.corpus import Corpus
+    from coder_index.stores.corpus import Corpus
 
     rng = np.random.default_rng(0)
     (tmp_path / "laion" / "img_emb").mkdir(parents=True)

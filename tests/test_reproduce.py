@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from coder_index import TextIndex
-from coder_index.errors import InputFormatError
+from coder_index.core.errors import InputFormatError
 from coder_index.evaluation.layouts import locate_test_split
 from coder_index_cli.main import cli
 

@@ -107,7 +107,7 @@ def test_bad_input(kwargs, match):
 
 
 def _table_from_dict(pairs, d, c):
-    from coder_index.rerank import PairTable
+    from coder_index.stores.pairs import PairTable
 
     keys = [(a, b) for (a, b), v in pairs.items() for _ in range(len(v))]
     vecs = np.concatenate([v for v in pairs.values()]) if pairs else np.zeros((0, d), np.float32)
@@ -122,7 +122,7 @@ def test_pair_table_from_arrays_on_device_tensors_equals_every_image(seed):
     the class of the per-image reference on every image, with ties broken by stage-1 order."""
     import torch
 
-    from coder_index.rerank import PairTable
+    from coder_index.stores.pairs import PairTable
 
     x, logits, pairs = random_case(seed, n=2000, c=30, d=16)
     logits = np.round(logits)  # many exact ties in the stage-1 order

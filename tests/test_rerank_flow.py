@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import TextIndex, rerank
-from coder_index.pair_stage import top_pairs
-from coder_index.pipeline.decode import load_image
+from coder_index.core.decode import load_image
+from coder_index.methods.pair_stage import top_pairs
 from coder_index_cli.main import cli
 
 from images import GOOD, make_messy_folder

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from coder_index.candidates import CandidateClassifier
-from coder_index.coder import CoderClassifier, coder_feature_chunks, coder_features, heuristic_logits
+from coder_index.methods.candidates import CandidateClassifier
+from coder_index.methods.coder import CoderClassifier, coder_feature_chunks, coder_features, heuristic_logits
 from coder_index_cli.main import cli
 
 from images import BAD, GOOD, make_messy_folder
@@ -213,7 +213,7 @@ def test_streamed_discovery_in_small_chunks_writes_the_same_rows(index_dir, mess
 def test_text_encoding_in_groups_keeps_input_order(encoder, monkeypatch):
     """Texts are sorted by length across the whole input and tokenized a group at a time; the
     embeddings still come back in input order, equal to encoding each text alone."""
-    import coder_index.encoder as encoder_mod
+    import coder_index.model.encoder as encoder_mod
 
     texts = [f"a photo of a {'very ' * (i % 7)}thing number {i}" for i in range(53)][::-1] + ["x", "x"]
     alone = np.concatenate([encoder.encode_texts([t]) for t in texts])
@@ -229,7 +229,7 @@ def test_softmax_top_k_is_the_full_softmax_then_top_k(block_bytes):
     """The scorer's probabilities without an [N, C] float64 array: the same classes and the same
     probabilities (float64 rounding), for blocks of one row, one row exactly, a few rows and all rows;
     ties (equal logits) keep the lower id."""
-    from coder_index.predict import softmax, softmax_top_k, top_k
+    from coder_index.methods.predict import softmax, softmax_top_k, top_k
 
     rng = np.random.default_rng(3)
     logits = (rng.standard_normal((23, 40)) * 30).astype(np.float32)
@@ -246,7 +246,7 @@ def test_softmax_top_k_is_the_full_softmax_then_top_k(block_bytes):
 
 
 def test_softmax_top_k_holds_a_block_not_the_matrix():
-    from coder_index.predict import softmax_top_k
+    from coder_index.methods.predict import softmax_top_k
 
     logits = np.random.default_rng(4).standard_normal((256, 20_000)).astype(np.float32)
     tracemalloc.start()
@@ -264,7 +264,7 @@ def _resident_bytes() -> int:
 
 
 def test_release_pages_drops_a_read_memory_map_from_resident_memory(tmp_path):
-    from coder_index.pages import release_pages
+    from coder_index.core.pages import release_pages
 
     path = tmp_path / "m.f32"
     rows = np.random.default_rng(0).standard_normal((32768, 512)).astype(np.float32)  # 64 MB

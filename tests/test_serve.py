@@ -120,7 +120,7 @@ def test_pair_evidence_agrees_with_the_rerank(rerank_server, env):
     """The explanation's pick is the rerank's pick for every image, and its pair scores are the
     differences of mean cosines, recomputed here from the index's pair texts."""
     from coder_index import TextIndex
-    from coder_index.pipeline.decode import load_image
+    from coder_index.core.decode import load_image
 
     files = [env["photos"] / g for g in GOOD]
     rows = rerank_server.post("/api/classify", files=upload(*files)).json()
@@ -639,7 +639,7 @@ def test_every_method_served_and_explained_equals_the_cli(env, adapter_and_corpu
 
 
 def test_gap_threshold_preset_is_the_released_gate_of_the_index_dataset(env):
-    from coder_index.presets import gap_threshold_preset
+    from coder_index.core.presets import gap_threshold_preset
 
     app = create_app(ServeConfig(index=env["index"], rerank=True, gap_threshold="preset"))
     try:

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from coder_index import ModelMismatchError, TextIndex, xmore_ensemble
-from coder_index.errors import InputFormatError
-from coder_index.pipeline.decode import load_image
-from coder_index.xmore.corpus import Corpus
-from coder_index.xmore.ingest import ingest_folder, ingest_laion
-from coder_index.xmore.predict import XMore
+from coder_index.core.decode import load_image
+from coder_index.core.errors import InputFormatError
+from coder_index.methods.xmore.predict import XMore
+from coder_index.pipeline.ingest_corpus import ingest_folder, ingest_laion
+from coder_index.stores.corpus import Corpus
 from coder_index_cli.main import cli
 
 from images import GOOD, make_messy_folder

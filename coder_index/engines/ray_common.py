@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import CoderIndexError
+from coder_index.core.errors import CoderIndexError
 
 RAY_EXTRA = "pip install 'coder-index[ray]'"
 

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..faults import crash_once
-from .ray_common import pool_size, ray_session, rechunk, require_ray, worker_env
-from .worker_index import open_worker_index
+from coder_index.core.faults import crash_once
+from coder_index.engines.ray_common import pool_size, ray_session, rechunk, require_ray, worker_env
+from coder_index.engines.worker_index import open_worker_index
 
 if TYPE_CHECKING:
-    from ..index.text_index import TextIndex
-    from ..pipeline.scorer_spec import ScorerSpec
+    from coder_index.methods.scorer_spec import ScorerSpec
+    from coder_index.methods.text_index import TextIndex
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class ClassifyWorker:
                  device: str | None, threads: int, decode: str = "cpu") -> None:
         import torch
 
-        from ..pipeline.feed import make_feed
-        from ..pipeline.scorer_spec import ScorerSpec, build_scorer
+        from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
+        from coder_index.pipeline.feed import make_feed
 
         torch.set_num_threads(max(1, threads))
         self.index = open_worker_index(source, expect, device)

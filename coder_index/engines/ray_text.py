@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CoderIndexError
-from .ray_common import pool_size, ray_session, require_ray, worker_env
+from coder_index.core.errors import CoderIndexError
+from coder_index.engines.ray_common import pool_size, ray_session, require_ray, worker_env
 
 if TYPE_CHECKING:
-    from ..encoder import ClipEncoder
+    from coder_index.model.encoder import ClipEncoder
 
 
 class TextWorker:
@@ -29,7 +29,7 @@ class TextWorker:
 
         import torch
 
-        from ..encoder import ClipEncoder
+        from coder_index.model.encoder import ClipEncoder
 
         torch.set_num_threads(max(1, threads))
         self.encoder = ClipEncoder(model, pretrained, device=device)

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CoderIndexError
+from coder_index.core.errors import CoderIndexError
 
 if TYPE_CHECKING:
-    from ..index.text_index import TextIndex
+    from coder_index.methods.text_index import TextIndex
 
 
 def cache_root() -> Path:
@@ -24,7 +24,7 @@ def cache_root() -> Path:
 
 
 def open_worker_index(source: str, expect: dict[str, Any], device: str | None) -> TextIndex:
-    from ..index.text_index import TextIndex
+    from coder_index.methods.text_index import TextIndex
 
     key = f"{expect['index_id']}-g{expect['generation']}-p{expect['pairs_generation']}"
     path = _local_copy(source, key) if "://" in source else Path(source)

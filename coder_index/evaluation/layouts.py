@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFormatError
-from ..pipeline.discover import discover_images
-from ..presets import data_file, norm_key
-from ..sources import match_classes
-from .data import LabelledSet, load_labelled
+from coder_index.core.errors import InputFormatError
+from coder_index.core.presets import data_file, norm_key
+from coder_index.core.sources import match_classes
+from coder_index.pipeline.discover import discover_images
+from coder_index.pipeline.labelled import LabelledSet, load_labelled
 
 # Folder names the released DATASET.md uses, per released key (besides the key itself).
 FOLDERS = {

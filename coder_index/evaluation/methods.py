@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..coder import LOGIT_SCALE, CoderClassifier
-from ..zeroshot import zero_shot_weights
+from coder_index.methods.coder import LOGIT_SCALE, CoderClassifier
+from coder_index.methods.zeroshot import zero_shot_weights
 
 if TYPE_CHECKING:
-    from ..index.text_index import TextIndex
+    from coder_index.methods.text_index import TextIndex
 
-from ..choices import ABLATIONS, ALL_METHODS, RERANK_METHODS, STAGE1_METHODS  # noqa: F401 - re-exported
+from coder_index.core.choices import ABLATIONS, ALL_METHODS, RERANK_METHODS, STAGE1_METHODS  # noqa: F401 - re-exported
 
 
 def clip_classifier(index: TextIndex, prompts: str = "auto", progress: bool = False

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..index.atomic import atomic_write_json, atomic_write_text
-from ..predict import top_k
+from coder_index.core.atomic import atomic_write_json, atomic_write_text
+from coder_index.methods.predict import top_k
 
 
 def accuracy(logits: np.ndarray | None, preds: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputFormatError
-from ..index.atomic import atomic_write_json, atomic_write_text
-from ..presets import data_file, gap_threshold_preset
-from ..sources import read_class_list
-from .layouts import dataset_present, locate_test_split, normalise_key
+from coder_index.core.atomic import atomic_write_json, atomic_write_text
+from coder_index.core.errors import InputFormatError
+from coder_index.core.presets import data_file, gap_threshold_preset
+from coder_index.core.sources import read_class_list
+from coder_index.evaluation.layouts import dataset_present, locate_test_split, normalise_key
 
 # The released zero-shot experiments (exp_zero_shot.sh), in the paper's column order.
 ZERO_SHOT_DATASETS = ("ImageNet", "ImageNet-V2", "CUB200", "DTD", "eurosat", "food-101", "caltech-101",
@@ -51,11 +51,11 @@ def reproduce(data_root: str | Path, expert_knowledge: str | Path, class_names: 
               model: str, pretrained: str | None = None, datasets: list[str] | None = None, device: str | None = None,
               batch_size: int = 64, workers: int | None = None, progress: bool = False, encoder: Any = None
               ) -> ReproduceResult:
-    from ..build import build_index
-    from ..encoder import ClipEncoder
-    from ..index.text_index import TextIndex
-    from ..pair_stage import PairReranker
-    from .run import evaluate
+    from coder_index.evaluation.run import evaluate
+    from coder_index.methods.pair_stage import PairReranker
+    from coder_index.methods.text_index import TextIndex
+    from coder_index.model.encoder import ClipEncoder
+    from coder_index.pipeline.build import build_index
 
     data_root, class_dir, out = Path(data_root), Path(class_names), Path(out)
     keys = list(ZERO_SHOT_DATASETS)

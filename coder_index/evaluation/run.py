@@ -8,16 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
-from ..coder import coder_features
-from ..parallelism import parallel_encoding
-from ..pipeline.loader import iterate_batches
-from ..zeroshot import zero_shot_weights
-from .data import LabelledSet
-from .embcache import EmbeddingCache
-from .methods import ALL_METHODS, RERANK_METHODS, stage1_classifier
-from .report import (
+from coder_index.evaluation.methods import ALL_METHODS, RERANK_METHODS, stage1_classifier
+from coder_index.evaluation.report import (
     accuracy,
     most_confused,
     per_class_accuracy,
@@ -26,47 +19,15 @@ from .report import (
     write_clip_benchmark,
     write_reports,
 )
+from coder_index.methods.coder import coder_features
+from coder_index.methods.zeroshot import zero_shot_weights
+from coder_index.pipeline.labelled import LabelledSet, embed_labelled
+from coder_index.stores.embcache import EmbeddingCache
 
 if TYPE_CHECKING:
-    from ..index.text_index import TextIndex
+    from coder_index.methods.text_index import TextIndex
 
-from ..choices import FEWSHOT_METHODS, XMORE_METHODS
-
-
-def embed_labelled(index: TextIndex, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
-                   workers: int | None = None, threads: int | None = None, progress: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Embeddings of the decodable images (cache first), a keep-mask over ``data``, and stats."""
-    t0 = time.perf_counter()
-    hit, emb = cache.lookup(data.paths)
-    keep = np.ones(len(data), bool)
-    misses = np.flatnonzero(~hit)
-    errors: list[tuple[str, str]] = []
-    if misses.size:
-        encoder = index.encoder
-        where: dict[str, list[int]] = {}  # resolved file -> rows of data (a CSV may list a file twice)
-        for i in misses:
-            where.setdefault(str(data.paths[i].resolve()), []).append(int(i))
-        done_paths, done_vecs = [], []
-        with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
-                parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-            for batch in iterate_batches(Path("/"), list(where), encoder.preprocess, batch_size=batch_size,
-                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
-                if batch.pixels is not None:
-                    vecs = encoder.encode_image_batch(batch.pixels)
-                    for p, v in zip(batch.paths, vecs, strict=True):
-                        emb[where[p]] = v
-                        done_paths.append(Path(p))
-                        done_vecs.append(v)
-                for p, reason in batch.errors:
-                    keep[where[p]] = False
-                    errors.append((p, reason))
-                bar.update(len(batch.paths) + len(batch.errors))
-        if done_paths:
-            cache.store(done_paths, np.stack(done_vecs))
-    stats = {"encode_seconds": time.perf_counter() - t0, "embeddings_from_cache": int(hit.sum()),
-             "encoded": int((~hit).sum() - (~keep).sum()), "skipped": int((~keep).sum()), "errors": errors[:50]}
-    return emb[keep], keep, stats
+from coder_index.core.choices import FEWSHOT_METHODS, XMORE_METHODS
 
 
 def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, methods: Sequence[str] = ALL_METHODS,

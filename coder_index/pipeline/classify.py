@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from ..faults import pause_point
-from ..index.atomic import translate_disk_full
-from ..parallelism import parallel_encoding
-from .discover import Discovery, ListedFiles, walk_images, walk_listed
-from .feed import make_feed
-from .runrecord import OutputRun
-from .scorers import CoderScorer
+from coder_index.core.atomic import translate_disk_full
+from coder_index.core.faults import pause_point
+from coder_index.core.parallelism import parallel_encoding
+from coder_index.methods.scorers import CoderScorer
+from coder_index.pipeline.discover import Discovery, ListedFiles, walk_images, walk_listed
+from coder_index.pipeline.feed import make_feed
+from coder_index.pipeline.runrecord import OutputRun
 
 if TYPE_CHECKING:
-    from ..index.text_index import TextIndex
+    from coder_index.methods.text_index import TextIndex
 
 
 @dataclass

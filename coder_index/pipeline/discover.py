@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .decode import IMAGE_EXTENSIONS
+from coder_index.core.decode import IMAGE_EXTENSIONS
 
 
 @dataclass

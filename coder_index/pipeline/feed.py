@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import ImageDecodeError, load_image
+from coder_index.core.decode import ImageDecodeError, load_image
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 
@@ -134,7 +134,7 @@ class _FeedFiles(Dataset):
 
 def _read_regular(path: Path) -> bytes | None:
     """The file's bytes if it is a regular file (else None: the reference path gives the reason)."""
-    from ..untrusted import NotARegularFile, open_regular_file
+    from coder_index.core.untrusted import NotARegularFile, open_regular_file
 
     try:
         with open_regular_file(path) as f:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import ImageDecodeError, load_image
+from coder_index.core.decode import ImageDecodeError, load_image
 
 
 @dataclass

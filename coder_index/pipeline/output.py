@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import InputFormatError
-from ..faults import armed
-from ..index.atomic import translate_disk_full
+from coder_index.core.atomic import translate_disk_full
+from coder_index.core.errors import InputFormatError
+from coder_index.core.faults import armed
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 _SURROGATE = re.compile("[\ud800-\udfff]")

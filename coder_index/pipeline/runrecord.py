@@ -20,10 +20,10 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputFormatError
-from ..index.atomic import OwnerLock, atomic_write_json, translate_disk_full
-from ..index.atomic import check_writable as _check_writable
-from .output import ErrorWriter, ResultWriter, errors_path_for, legacy_errors_path
+from coder_index.core.atomic import OwnerLock, atomic_write_json, translate_disk_full
+from coder_index.core.atomic import check_writable as _check_writable
+from coder_index.core.errors import InputFormatError
+from coder_index.pipeline.output import ErrorWriter, ResultWriter, errors_path_for, legacy_errors_path
 
 FORMAT = "coder-index/predictions"
 IGNORED = {"index.path"}  # an index moved or copied elsewhere is still the same index

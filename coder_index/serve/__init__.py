@@ -6,12 +6,12 @@ Needs the ``serve`` extra (``pip install 'coder-index[serve]'``: FastAPI, uvicor
 
 from __future__ import annotations
 
-from .config import ServeConfig
+from coder_index.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app"]
 
 
 def create_app(config: ServeConfig, **kwargs):  # noqa: ANN003, ANN201 - fastapi.FastAPI, an optional extra
-    from .app import create_app as _create
+    from coder_index.serve.app import create_app as _create
 
     return _create(config, **kwargs)

@@ -24,15 +24,15 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InputFormatError
-from ..pipeline.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_thumbnail, load_image_from
-from ..untrusted import NotARegularFile, read_bytes
-from .budget import PixelBudget
-from .config import ServeConfig
-from .guard import HostCheck, OriginCheck, SecurityHeaders, is_loopback
-from .predictions import NotListed, OutsideRoot, PredictionsFile, display_text
-from .service import ModelService, redact
-from .uploads import Upload, UploadRejected, check_count, preprocess_uploads
+from coder_index.core.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_thumbnail, load_image_from
+from coder_index.core.errors import InputFormatError
+from coder_index.core.untrusted import NotARegularFile, read_bytes
+from coder_index.serve.budget import PixelBudget
+from coder_index.serve.config import ServeConfig
+from coder_index.serve.guard import HostCheck, OriginCheck, SecurityHeaders, is_loopback
+from coder_index.serve.predictions import NotListed, OutsideRoot, PredictionsFile, display_text
+from coder_index.serve.service import ModelService, redact
+from coder_index.serve.uploads import Upload, UploadRejected, check_count, preprocess_uploads
 
 log = logging.getLogger(__name__)
 STATIC = resources.files("coder_index.serve") / "static"

@@ -34,8 +34,8 @@ def server_config(app: Any, config: Any = None) -> Any:
     cap on connections of ``config`` (a ``ServeConfig``; its defaults when None)."""
     import uvicorn
 
-    from .config import ServeConfig
-    from .guard import protocol_class
+    from coder_index.serve.config import ServeConfig
+    from coder_index.serve.guard import protocol_class
 
     c = config or ServeConfig(index=None)  # type: ignore[arg-type]
     return uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5,

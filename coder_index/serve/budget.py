@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..pages import trim_heap
+from coder_index.core.pages import trim_heap
 
 LARGE = 4_000_000  # pixels: after an image this large, freed memory is handed back to the system
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputFormatError
-from ..pipeline.output import last_record_end
-from ..untrusted import NotARegularFile, open_regular_file
+from coder_index.core.errors import InputFormatError
+from coder_index.core.untrusted import NotARegularFile, open_regular_file
+from coder_index.pipeline.output import last_record_end
 
 
 class NotListed(Exception):

@@ -1,7 +1,7 @@
 """The loaded index and method behind the server: the same scorer and explanation as the CLI's.
 
 ``classify`` rows are built exactly as ``pipeline.classify`` writes them (path, label, score,
-method, top_k), ``explain`` is ``predict.explain``, ``texts`` is ``TextIndex.texts_near``, ``info``
+method, top_k), ``explain`` is ``methods.explain.explain``, ``texts`` is ``TextIndex.texts_near``, ``info``
 is ``TextIndex.info`` plus the server's settings: a response equals the CLI's output for the same
 inputs.
 """
@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pipeline.classify import prediction_rows
-from ..pipeline.scorer_spec import ScorerSpec, build_scorer
-from ..presets import resolve_gap_threshold
-from .config import ServeConfig
-from .redaction import redact
-from .worker import Job, ModelWorker
+from coder_index.core.presets import resolve_gap_threshold
+from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
+from coder_index.pipeline.classify import prediction_rows
+from coder_index.serve.config import ServeConfig
+from coder_index.serve.redaction import redact
+from coder_index.serve.worker import Job, ModelWorker
 
 
 class ModelService:
     def __init__(self, config: ServeConfig, note: Any = None) -> None:
-        from ..index.text_index import TextIndex
+        from coder_index.methods.text_index import TextIndex
 
         self.config = config
         self.index = TextIndex.open(config.index, device=config.device)
@@ -61,7 +61,7 @@ class ModelService:
         return fut
 
     def explain(self, pixels: torch.Tensor, paths: list[str], k: int) -> Future:
-        from ..predict import explain
+        from coder_index.methods.explain import explain
 
         def finish(emb: np.ndarray) -> list[dict[str, Any]]:
             if self.explain_scorer.two_pass:  # X-MoRe: normalisers over this request's images, as classify

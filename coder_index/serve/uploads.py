@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..pipeline.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_image_bytes
+from coder_index.core.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_image_bytes
 
 
 class UploadRejected(Exception):

@@ -18,8 +18,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputFormatError
-from .knowledge import Knowledge
+from coder_index.core.errors import InputFormatError
+from coder_index.textgen.knowledge import Knowledge
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 FILES = {
@@ -57,7 +57,7 @@ def load_plain_pickle(path: Path) -> Any:
 
 
 def _read_json(path: Path) -> Any:
-    from ..untrusted import read_json
+    from coder_index.core.untrusted import read_json
 
     return read_json(path)
 
@@ -68,7 +68,7 @@ def _per_class_lists(data: Any, path: Path, n: int, what: str) -> list[list[str]
     if len(data) != n:
         raise InputFormatError(f"{path} has {len(data)} entries but the class list has {n}; the file must be "
                                "aligned with the class list it was made for (same order, same length)")
-    from ..untrusted import MAX_TEXT
+    from coder_index.core.untrusted import MAX_TEXT
 
     out = []
     for i, row in enumerate(data):
@@ -105,14 +105,14 @@ def load_expert_knowledge(root: str | Path, knowledge_key: str, classes: list[st
                                                      n, "analogous class"), strict=True):
             k.set(c, "analogous", items, source)
     if "synonym" in present:
-        from ..untrusted import EXPERT_SYNONYMS, check
+        from coder_index.core.untrusted import EXPERT_SYNONYMS, check
 
         data = check(_read_json(present["synonym"]), EXPERT_SYNONYMS, str(present["synonym"]))
         rows = [r["syno"] for r in data]
         for c, items in zip(classes, _per_class_lists(rows, present["synonym"], n, "synonym"), strict=True):
             k.set(c, "synonym", items, source)
     if "pairs" in present:
-        from ..untrusted import EXPERT_PAIRS, check
+        from coder_index.core.untrusted import EXPERT_PAIRS, check
 
         data = check(_read_json(present["pairs"]), EXPERT_PAIRS, str(present["pairs"]))
         for a, row in data.items():

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import released
-from .knowledge import Knowledge
-from .llm import BudgetExhausted, LLMClient, redact_url
-from .parse import is_refusal, parse_list, parse_pair
-from .prompts import analogous_prompt, attribute_prompt, one_to_one_prompt, synonym_prompt
+from coder_index.textgen import released
+from coder_index.textgen.knowledge import Knowledge
+from coder_index.textgen.llm import BudgetExhausted, LLMClient, redact_url
+from coder_index.textgen.parse import is_refusal, parse_list, parse_pair
+from coder_index.textgen.prompts import analogous_prompt, attribute_prompt, one_to_one_prompt, synonym_prompt
 
 if TYPE_CHECKING:
-    from ..encoder import ClipEncoder
+    from coder_index.model.encoder import ClipEncoder
 
 GENERAL_KINDS = ("attribute", "analogous", "synonym")
 PROMPT_SETS = ("default", "cvpr24")
@@ -160,7 +160,7 @@ class AutoTextGenerator:
         return f"llm:{self.llm.config.model}" if self.llm else "wordnet"
 
     def _wordnet_texts(self) -> Any:
-        from .wordnet import WordNetTexts
+        from coder_index.textgen.wordnet import WordNetTexts
 
         if self._wordnet is None:
             self._wordnet = WordNetTexts(self.encoder)
@@ -214,7 +214,7 @@ class AutoTextGenerator:
         return knowledge, stats
 
     def _provenance(self, kinds: list[str]) -> dict[str, Any]:
-        from .. import __version__
+        from coder_index import __version__
 
         prov: dict[str, Any] = {"generator": f"coder-index {__version__}", "kinds": kinds,
                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputFormatError
-from ..index.atomic import atomic_write_json
-from ..index.records import TextItem
-from ..presets import TextRecipe
-from ..sources import match_classes, read_json_refusing_pickle
-from ..untrusted import DESCRIPTORS, KNOWLEDGE, check
+from coder_index.core.atomic import atomic_write_json
+from coder_index.core.errors import InputFormatError
+from coder_index.core.presets import TextRecipe
+from coder_index.core.records import TextItem
+from coder_index.core.sources import match_classes, read_json_refusing_pickle
+from coder_index.core.untrusted import DESCRIPTORS, KNOWLEDGE, check
 
 FORMAT = "coder-index/knowledge"
 KINDS = ("attribute", "attribute_text", "analogous", "synonym")

@@ -29,9 +29,9 @@ from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, select
 
-from ..errors import CoderIndexError
-from ..index.atomic import cache_dir, translate_disk_full
-from ..index.schema import make_engine
+from coder_index.core.atomic import cache_dir, translate_disk_full
+from coder_index.core.errors import CoderIndexError
+from coder_index.stores.schema import make_engine
 
 log = logging.getLogger(__name__)
 

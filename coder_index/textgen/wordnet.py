@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CoderIndexError
+from coder_index.core.errors import CoderIndexError
 
 if TYPE_CHECKING:
-    from ..encoder import ClipEncoder
+    from coder_index.model.encoder import ClipEncoder
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _lexnames_text() -> str:
     try:
         return resources.files("coder_index.data").joinpath("wordnet_lexnames").read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
-        return (Path(__file__).resolve().parents[2] / "data" / "wordnet_lexnames").read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[1] / "data" / "wordnet_lexnames").read_text(encoding="utf-8")
 
 
 def setup_wordnet(source: str | Path | None = None, target: str | Path | None = None,
@@ -132,7 +132,7 @@ class WordNetTexts:
     """Senses chosen in CLIP space, and texts derived from them."""
 
     def __init__(self, encoder: ClipEncoder, reader: Any | None = None, max_sisters: int = 40) -> None:
-        from ..encoder import RANDOM_WEIGHTS
+        from coder_index.model.encoder import RANDOM_WEIGHTS
 
         self.encoder = encoder
         self.wn = reader or load_wordnet()

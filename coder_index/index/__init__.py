@@ -1,1 +1,0 @@
-"""Persistent stores: the text index directory (FAISS + SQLite + manifest)."""

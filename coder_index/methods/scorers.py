@@ -1,0 +1,117 @@
+"""Scorers: turn a chunk of image embeddings into ranked classes. One folder runner, many scorers.
+
+* ``CoderScorer``: CODER stage-1 logits, or any logits function (a few-shot adapter), optionally
+  followed by the one-to-one rerank (CODER*);
+* ``XMoreScorer``: X-MoRe (``xmore`` / ``coder+xmore``), whose confidence normalisers are means over
+  the whole folder: it needs every embedding first (``two_pass``), and a resumed run reuses the
+  normalisers saved with the output's provenance.
+
+Each scorer says what identifies its predictions (``provenance``), which the runner records with the
+output so that a resumed run never mixes rows of different settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coder_index.methods.predict import coder_classifier, softmax, softmax_top_k, top_k
+
+if TYPE_CHECKING:
+    from coder_index.stores.text_index import TextStore
+
+
+class CoderScorer:
+    """Stage-1 logits (CODER by default, or ``logits``), softmax, top-k; with ``reranker``, the
+    rerank's choice is placed first (``chunk`` images at a time, so that the pair texts missing for
+    a whole chunk are generated together). With ``candidates`` (a ``CandidateClassifier``), stage 1
+    scores each image's candidate classes only, and the softmax is over them."""
+
+    two_pass = False
+
+    def __init__(self, index: TextStore, top_k: int, *, reranker: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                 | None = None, logits: Callable[[np.ndarray], np.ndarray] | None = None, method: str | None = None,
+                 settings: dict[str, Any] | None = None, rerank_chunk: int = 2048, candidates: Any = None) -> None:
+        self.index = index
+        self.top_k = top_k
+        self.reranker = reranker
+        self.candidates = candidates
+        # CODER logits stay on the index's device (a GPU's too): only the top k come back
+        self.logits = logits or (lambda x: coder_classifier(index).logits_on_device(x, normalized=True))
+        self.method = method or ("coder*" if reranker is not None else "coder")
+        self.settings = settings or {}
+        self.chunk = rerank_chunk if reranker is not None else 1
+
+    def provenance(self) -> dict[str, Any]:
+        return {"method": self.method, **self.settings}
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.candidates is not None:
+            return self._with_candidates(emb)
+        logits = self.logits(emb)
+        ids, probs = softmax_top_k(logits, max(self.top_k, 5 if self.reranker else 1))
+        if self.reranker is not None:
+            order = _rerank_order(ids, self.reranker(emb, logits))
+            ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
+        return ids[:, : self.top_k], probs[:, : self.top_k]
+
+    def _with_candidates(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cand, vals = self.candidates.candidate_logits(emb, normalized=True)
+        probs = softmax(vals.astype(np.float64))
+        pos, _ = top_k(probs, max(self.top_k, 5 if self.reranker else 1))
+        ids = np.take_along_axis(cand, pos, axis=1)
+        probs = np.take_along_axis(probs, pos, axis=1)
+        if self.reranker is not None:
+            # the rerank reads [n, C] logits: build them (-inf outside the candidates) a few rows at a time
+            n_classes = self.candidates.n_classes
+            rows = max(1, (64 << 20) // (4 * n_classes))
+            final = np.empty(len(emb), np.int64)
+            for s in range(0, len(emb), rows):
+                dense = np.full((len(cand[s:s + rows]), n_classes), -np.inf, np.float32)
+                np.put_along_axis(dense, cand[s:s + rows], vals[s:s + rows], axis=1)
+                final[s:s + rows] = self.reranker(emb[s:s + rows], dense)
+            order = _rerank_order(ids, final)
+            ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
+        return ids[:, : self.top_k], probs[:, : self.top_k]
+
+
+def _rerank_order(ids: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """Positions that put the rerank's class first (always one of the stage-1 top 5, hence in ids),
+    then the others in stage-1 order."""
+    return np.argsort(ids != final[:, None], axis=1, kind="stable")
+
+
+class XMoreScorer:
+    """X-MoRe over a folder, order-independent: normalisers over every image of the run."""
+
+    two_pass = True
+    chunk = 4096
+
+    def __init__(self, xmore: Any, method: str, top_k: int) -> None:
+        self.xmore, self.method, self.top_k = xmore, method, top_k
+        self.normalizers: tuple[float, float] | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        corpus = self.xmore.corpus
+        return {"method": self.method, "corpus": {"path": str(corpus.path.resolve()),
+                                                  "created_at": corpus.manifest.get("created_at"),
+                                                  "rows": corpus.manifest.get("rows")},
+                "retrieve_k": self.xmore.k}
+
+    def prepare(self, all_emb: np.ndarray, state: dict[str, Any]) -> dict[str, Any]:
+        """Normalisers from the state of a resumed run, else from every embedding of this one."""
+        if "normalizers" in state:
+            self.normalizers = tuple(state["normalizers"])
+            return {}
+        self.normalizers = self.xmore.normalizers(all_emb, self.method)
+        return {"normalizers": list(self.normalizers), "normalizer_images": int(len(all_emb))}
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.normalizers is not None, "prepare() first"
+        probs = self.xmore.predict(emb, self.method, normalizer=self.normalizers)
+        # The ensemble weighs two distributions by confidence, so a row does not sum to 1; scaled to
+        # sum to 1 (the ranking is unchanged) the scores are probabilities again.
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        return top_k(probs, self.top_k)

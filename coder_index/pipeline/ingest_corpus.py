@@ -1,0 +1,132 @@
+"""Ingest entry points: a captioned image folder, or LAION-layout precomputed embeddings."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coder_index.core.errors import InputFormatError
+from coder_index.core.parallelism import parallel_encoding
+from coder_index.core.untrusted import read_bytes, read_text
+from coder_index.pipeline.discover import discover_images
+from coder_index.pipeline.loader import iterate_batches
+from coder_index.stores.corpus import (
+    Chunk,
+    build_corpus,
+    laion_chunks,
+    laion_shards,
+    validate_laion,
+    validate_text_shards,
+)
+
+if TYPE_CHECKING:
+    from coder_index.model.encoder import ClipEncoder
+
+
+def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, captions: str | Path | None = None,
+                  *, factory: str = "Flat", batch_size: int = 64, workers: int | None = None,
+                  progress: bool = False) -> dict[str, Any]:
+    images = Path(images)
+    pairs = folder_captions(images, Path(captions) if captions else None)
+    caption_of = dict(pairs)
+    errors: list[tuple[str, str]] = []
+
+    def chunks() -> Iterator[Chunk]:
+        with parallel_encoding(encoder, workers=workers) as plan:
+            for batch in iterate_batches(images, [p for p, _ in pairs], encoder.preprocess, batch_size=batch_size,
+                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
+                errors.extend(batch.errors)
+                if batch.pixels is not None:
+                    yield Chunk(encoder.encode_image_batch(batch.pixels), [caption_of[p] for p in batch.paths],
+                                list(batch.paths), None, [sidecar_trace(images, p) for p in batch.paths])
+
+    train = None
+    if factory != "Flat":  # small folder corpora: train on everything, encoded once more
+        raise ValueError("a folder corpus uses the Flat index; IVF/HNSW factories are for large precomputed "
+                         "corpora (--embeddings)")
+    sources = {"images": str(images), "captions": str(captions) if captions else "sidecar .txt files"}
+    manifest = build_corpus(out, encoder, chunks(), len(pairs), factory=factory, train_sample=train,
+                            sources=sources, progress=progress)
+    manifest["skipped"] = errors
+    return manifest
+
+
+def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, factory: str = "Flat",
+                 train_size: int = 100_000, chunk: int = 65_536, seed: int = 0, progress: bool = False,
+                 use_text_embeddings: bool = False, encode: Callable[[list[str]], np.ndarray] | None = None
+                 ) -> dict[str, Any]:
+    """``encode(texts)`` encodes the captions instead of ``encoder`` (e.g. a ``RayTextEncoder``).
+    ``use_text_embeddings`` takes LAION's text_emb shards (raw captions, no "a photo of a" prompt:
+    an approximation of X-MoRe's prompted captions) instead of encoding every caption here."""
+    shards = laion_shards(Path(root))
+    total = validate_laion(shards, encoder.embed_dim)  # everything checked before anything is written
+    if use_text_embeddings:
+        validate_text_shards(shards, encoder.embed_dim)
+    train = None
+    if factory != "Flat":
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(total, min(train_size, total), replace=False))
+        parts, start = [], 0
+        for emb_path, _ in shards:
+            arr = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+            local = pick[(pick >= start) & (pick < start + arr.shape[0])] - start
+            parts.append(np.asarray(arr[local]))
+            start += arr.shape[0]
+        train = np.concatenate(parts)
+    sources = {"embeddings": str(root), "shards": len(shards), "train_rows": 0 if train is None else len(train)}
+    return build_corpus(out, encoder, laion_chunks(shards, chunk, use_text_embeddings), total, factory=factory,
+                        train_sample=train, sources=sources, progress=progress, encode=encode,
+                        caption_template="{caption} (precomputed text_emb)" if use_text_embeddings else
+                        "a photo of a {caption}")
+
+
+def folder_captions(images: Path, captions_file: Path | None) -> list[tuple[str, str]]:
+    """(relative image path, caption) from a captions CSV, or from img2dataset's sidecar .txt files."""
+    import csv
+
+    found = discover_images(images)
+    if captions_file is not None:
+        reader = csv.DictReader(io.StringIO(read_text(captions_file, "captions CSV"), newline=""))
+        if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+            raise InputFormatError(f"{captions_file}: a captions CSV needs the columns path,caption")
+        pairs = [(r["path"], r["caption"]) for r in reader]
+        missing = [p for p, _ in pairs if not (images / p).is_file()]
+        if missing:
+            raise InputFormatError(f"{len(missing)} captioned file(s) do not exist under {images} "
+                                   f"(first: {missing[:3]})")
+        return [(p, c) for p, c in pairs if c and c.strip()]
+    pairs = []
+    for rel in found.images:
+        side = (images / rel).with_suffix(".txt")
+        if side.is_file():  # a regular file: is_file() is False for FIFOs and devices
+            try:
+                cap = read_bytes(side, "caption file", max_bytes=1 << 20).decode("utf-8", "replace").strip()
+            except InputFormatError:
+                continue  # an unreadable or oversized sidecar: the image has no caption
+            if cap:
+                pairs.append((rel, cap))
+    if not pairs:
+        raise InputFormatError(f"{images} has no captions: pass --captions FILE (path,caption) or keep "
+                               "img2dataset's sidecar .txt files next to the images")
+    return pairs
+
+
+def sidecar_trace(images: Path, rel: str) -> dict[str, str | None]:
+    """key / url from img2dataset's .json sidecar beside an image (if any), and the image's path."""
+    out: dict[str, str | None] = {"image_path": rel}
+    side = (images / rel).with_suffix(".json")
+    if side.is_file():
+        try:
+            meta = json.loads(read_bytes(side, "sidecar", max_bytes=1 << 20))
+        except (InputFormatError, ValueError, RecursionError):
+            return out
+        if isinstance(meta, dict):
+            for k in ("key", "url"):
+                if isinstance(meta.get(k), (str, int)):
+                    out[k] = str(meta[k])
+    return out

@@ -1,0 +1,127 @@
+"""Labelled data for `eval` and `fewshot fit`: a folder with one subfolder per class, or a CSV of
+path,label; and their image embeddings, from the embedding cache or encoded in workers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from coder_index.core.errors import InputFormatError
+from coder_index.core.parallelism import parallel_encoding
+from coder_index.core.sources import match_classes
+from coder_index.core.untrusted import MapOf, Text, check, read_json, read_text
+from coder_index.pipeline.discover import discover_images
+from coder_index.pipeline.loader import iterate_batches
+
+if TYPE_CHECKING:
+    from coder_index.stores.embcache import EmbeddingCache
+    from coder_index.stores.text_index import TextStore
+
+
+@dataclass
+class LabelledSet:
+    paths: list[Path]
+    labels: np.ndarray          # [N] class ids of the index
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_mapping(path: str | Path) -> dict[str, str]:
+    """``{folder or label: index class}`` from JSON or a two-column CSV."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        data = check(read_json(path), MapOf(Text(1000)), str(path))
+        return {str(k): str(v) for k, v in data.items()}
+    rows = [r for r in csv.reader(io.StringIO(read_text(path, "--mapping"), newline="")) if r]
+    if rows and [c.lower() for c in rows[0][:2]] in (["label", "class"], ["folder", "class"]):
+        rows = rows[1:]
+    return {r[0]: r[1] for r in rows if len(r) >= 2}
+
+
+def _resolve(labels: list[str], class_names: list[str], mapping: dict[str, str] | None,
+             what: str) -> dict[str, int]:
+    ids = {c: i for i, c in enumerate(class_names)}
+    mapped = {lab: mapping[lab] for lab in labels if mapping and lab in mapping}
+    bad = sorted({c for c in mapped.values() if c not in ids})
+    if bad:
+        raise InputFormatError(f"the mapping names classes that are not in the index: {bad[:5]}")
+    rest = [lab for lab in labels if lab not in mapped]
+    loose, unmatched = match_classes(rest, class_names)
+    if unmatched:
+        raise InputFormatError(
+            f"{len(unmatched)} {what} match no class of the index (first: {sorted(unmatched)[:5]}); pass "
+            "--mapping FILE (CSV label,class or JSON {label: class}) to name their classes")
+    return {lab: ids[c] for lab, c in {**mapped, **loose}.items()}
+
+
+def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path | None = None) -> LabelledSet:
+    data = Path(data)
+    table = read_mapping(mapping) if mapping else None
+    if data.is_dir():
+        folders = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise InputFormatError(f"{data} has no class subfolders; eval wants DATA/<class>/<image> or a CSV")
+        ids = _resolve(folders, class_names, table, "folder(s)")
+        paths, labels = [], []
+        for folder in folders:
+            found = discover_images(data / folder)
+            paths += [data / folder / p for p in found.images]
+            labels += [ids[folder]] * len(found.images)
+    elif data.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(read_text(data, "labels CSV"), newline=""))
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise InputFormatError(f"{data}: a labels CSV needs the columns path,label")
+        rows = list(reader)
+        ids = _resolve(sorted({r["label"] for r in rows}), class_names, table, "label(s)")
+        paths = [(data.parent / r["path"]) for r in rows]
+        labels = [ids[r["label"]] for r in rows]
+    else:
+        raise InputFormatError(f"{data}: pass a folder with one subfolder per class, or a CSV of path,label")
+    if not paths:
+        raise InputFormatError(f"{data} holds no images")
+    return LabelledSet(paths, np.asarray(labels, dtype=np.int64), class_names)
+
+
+def embed_labelled(index: TextStore, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
+                   workers: int | None = None, threads: int | None = None, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Embeddings of the decodable images (cache first), a keep-mask over ``data``, and stats."""
+    t0 = time.perf_counter()
+    hit, emb = cache.lookup(data.paths)
+    keep = np.ones(len(data), bool)
+    misses = np.flatnonzero(~hit)
+    errors: list[tuple[str, str]] = []
+    if misses.size:
+        encoder = index.encoder
+        where: dict[str, list[int]] = {}  # resolved file -> rows of data (a CSV may list a file twice)
+        for i in misses:
+            where.setdefault(str(data.paths[i].resolve()), []).append(int(i))
+        done_paths, done_vecs = [], []
+        with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
+                parallel_encoding(encoder, threads=threads, workers=workers) as plan:
+            for batch in iterate_batches(Path("/"), list(where), encoder.preprocess, batch_size=batch_size,
+                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
+                if batch.pixels is not None:
+                    vecs = encoder.encode_image_batch(batch.pixels)
+                    for p, v in zip(batch.paths, vecs, strict=True):
+                        emb[where[p]] = v
+                        done_paths.append(Path(p))
+                        done_vecs.append(v)
+                for p, reason in batch.errors:
+                    keep[where[p]] = False
+                    errors.append((p, reason))
+                bar.update(len(batch.paths) + len(batch.errors))
+        if done_paths:
+            cache.store(done_paths, np.stack(done_vecs))
+    stats = {"encode_seconds": time.perf_counter() - t0, "embeddings_from_cache": int(hit.sum()),
+             "encoded": int((~hit).sum() - (~keep).sum()), "skipped": int((~keep).sum()), "errors": errors[:50]}
+    return emb[keep], keep, stats

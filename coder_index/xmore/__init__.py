@@ -1,1 +1,0 @@
-"""X-MoRe: retrieval-augmented zero-shot from an external image-text corpus (METHODS.md §6)."""

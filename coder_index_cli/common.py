@@ -1,0 +1,171 @@
+"""Shared CLI plumbing: error reporting, model options, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from coder_index.core.choices import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # noqa: F401 - for messages
+from coder_index.core.errors import CoderIndexError
+
+_LOCAL = ("--model local-dir:DIR (a downloaded open_clip repository: open_clip_config.json + "
+          "open_clip_pytorch_model.bin)")
+_FILE = "--pretrained /path/to/open_clip_pytorch_model.bin (the checkpoint, downloaded elsewhere)"
+_RANDOM = "--pretrained random (untrained weights, for a trial of the pipeline)"
+_INDEX = "--index IDX (use an existing index's model instead of downloading one)"
+_INDEX_MODEL = ("--pretrained /path/to/the/index's/checkpoint (the same weights as a local file; the index checks "
+                "they are the same)")
+# The fixes that apply to each command when a model's weights cannot be downloaded.
+HUB_HINTS = {
+    "build": [_FILE, _LOCAL, _RANDOM],
+    "generate": [_INDEX, _FILE, _LOCAL, _RANDOM],
+    "corpus build": [_INDEX, _FILE, _LOCAL],
+    "corpus search": [_FILE, _LOCAL],
+    "classify": [_INDEX_MODEL], "explain": [_INDEX_MODEL], "eval": [_INDEX_MODEL], "verify": [_INDEX_MODEL],
+    "fewshot fit": [_INDEX_MODEL], "reproduce": [_FILE, _LOCAL],
+}
+
+
+# Commands whose rerun picks up where an interrupted run stopped (outputs resumed, caches kept).
+RESUMABLE = {"build", "classify", "generate", "eval", "corpus build", "fewshot fit", "reproduce"}
+
+
+def _command_name() -> str:
+    ctx = click.get_current_context(silent=True)
+    names = []
+    while ctx is not None and ctx.parent is not None:  # the command's names below the root group
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
+
+
+def _hub_hints() -> list[str] | None:
+    return HUB_HINTS.get(_command_name())
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the library's user-facing errors into one clear line and exit code 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from coder_index.core.atomic import disk_full, disk_full_message
+
+        try:
+            return fn(*args, **kwargs)
+        except (CoderIndexError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+            hints = _hub_hints()
+            if hints and hasattr(exc, "with_hints"):  # the model hub cannot be reached: this command's fixes
+                exc = exc.with_hints(hints)
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            resumable = _command_name() in RESUMABLE
+            click.echo("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), err=True)
+            sys.exit(130)
+        except Exception as exc:
+            # A full disk or a refused write anywhere (SQLite caches included) is the user's to fix,
+            # not a traceback; anything else is a bug and keeps its traceback.
+            if disk_full(exc, getattr(exc, "filename", None)):
+                raise click.ClickException(disk_full_message(getattr(exc, "filename", None) or "the output")) from exc
+            if isinstance(exc, OSError):
+                raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc
+            raise
+
+    return wrapper
+
+
+def model_options(fn: Callable) -> Callable:
+    fn = click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")(fn)
+    fn = click.option("--pretrained", default=None, metavar="TAG|FILE",
+                      help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint "
+                           "file. 'random' builds an untrained model (benchmarks only).")(fn)
+    return fn
+
+
+class GapThreshold(click.ParamType):
+    """A number in [0, 1], or 'preset' for the released code's per-dataset threshold."""
+
+    name = "G|preset"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "preset":
+            return "preset"
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number in [0, 1] nor 'preset'", param, ctx)
+        if not 0 <= v <= 1:
+            self.fail(f"{v} is not in [0, 1]", param, ctx)
+        return v
+
+
+GAP_THRESHOLD = GapThreshold()
+
+
+def resolve_gap_threshold(value: float | str | None, index: Any) -> float | None:
+    """'preset' -> the released threshold of the index's dataset (ImageNet 0.1, DTD 0.6, ...)."""
+    from coder_index.core.presets import resolve_gap_threshold as resolve
+
+    return resolve(value, index.recipe)
+
+
+def parallel_options(fn: Callable) -> Callable:
+    """--workers / --threads, shared by every command that decodes images."""
+    fn = click.option("--threads", default=None, type=click.IntRange(1),
+                      help="Torch threads of the encoding process [default: chosen from the cores and the model].")(fn)
+    fn = click.option("--workers", default=None, type=click.IntRange(0),
+                      help="Decoding processes, 0 = decode in the main process [default: chosen from the cores and "
+                           "the model: a small model leaves the cores to decoding, a large one to encoding].")(fn)
+    return fn
+
+
+def engine_options(what: str) -> Callable[[Callable], Callable]:
+    """--engine local|ray and the Ray settings, shared by classify, build and corpus build."""
+    def wrap(fn: Callable) -> Callable:
+        fn = click.option("--ray-gpus-per-actor", "ray_gpus", default=0.0, show_default=True,
+                          type=click.FloatRange(0), help="With --engine ray: GPUs per actor (0: CPU actors).")(fn)
+        fn = click.option("--ray-actors", default=None, type=click.IntRange(1),
+                          help="With --engine ray: actors, each holding the model once [default: one per CPU of "
+                               "the cluster, or per GPU with --ray-gpus-per-actor].")(fn)
+        fn = click.option("--ray-address", default=None, metavar="auto|ADDR",
+                          help="With --engine ray: 'auto' joins the running cluster, ray://HOST:10001 a remote "
+                               "one; unset starts a local Ray instance.")(fn)
+        fn = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                          help=f"Where {what}: here, or on a Ray cluster (pip install 'coder-index[ray]'; the "
+                               "model and inputs must be readable on every node: see README, Ray).")(fn)
+        return fn
+    return wrap
+
+
+def check_engine_options(engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float) -> None:
+    if engine != "ray" and (ray_address is not None or ray_actors is not None or ray_gpus):
+        raise click.UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
+
+
+@contextlib.contextmanager
+def torch_threads_if(n: int | None):  # noqa: ANN201 - a context manager
+    """--threads for commands whose encoding is not one pipeline call."""
+    if n is None:
+        yield
+        return
+    from coder_index.core.parallelism import torch_threads
+
+    with torch_threads(n):
+        yield
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")

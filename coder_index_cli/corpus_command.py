@@ -1,0 +1,168 @@
+"""`coder-index corpus build|info|search`: the external image-text corpus of X-MoRe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import (
+    check_engine_options,
+    engine_options,
+    friendly_errors,
+    model_options,
+    parallel_options,
+    print_json,
+    torch_threads_if,
+)
+
+
+def register(cli: click.Group) -> None:
+    @cli.group()
+    def corpus() -> None:
+        """An image-text corpus for retrieval-augmented zero-shot (X-MoRe).
+
+        \b
+        Examples:
+          coder-index corpus build my-corpus --images photos/ --captions captions.csv --index pets-index
+          coder-index corpus info my-corpus
+          coder-index corpus search my-corpus cat.jpg -k 5
+          coder-index classify photos/ --index pets-index --corpus my-corpus --method xmore --out preds.csv
+        """
+
+    @corpus.command("build")
+    @click.argument("corpus_dir", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--images", type=click.Path(exists=True, file_okay=False),
+                  help="Folder of images with captions (a --captions CSV, or img2dataset sidecar .txt files).")
+    @click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="CSV path,caption for --images.")
+    @click.option("--embeddings", type=click.Path(exists=True, file_okay=False),
+                  help="Precomputed embeddings: img_emb/img_emb_*.npy + metadata/metadata_*.parquet (caption column).")
+    @click.option("--index-factory", default="Flat", show_default=True,
+                  help="FAISS factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (trained on a sample).")
+    @click.option("--train-size", default=100_000, show_default=True, type=click.IntRange(1),
+                  help="Rows sampled to train IVF/PQ indexes.")
+    @click.option("--use-text-embeddings", is_flag=True,
+                  help="Take the precomputed text_emb/text_emb_*.npy shards as caption embeddings instead of "
+                       "encoding 'a photo of a {caption}' (raw captions: an approximation, far faster).")
+    @click.option("--model", default=None, help="CLIP model of the embeddings (default: ViT-B-32, or --index's).")
+    @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                  help="Use this text index's CLIP model.")
+    @model_options
+    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @parallel_options
+    @engine_options("captions are encoded (with --embeddings)")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+    @friendly_errors
+    def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
+              train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
+              pretrained: str | None, device: str | None, batch_size: int, workers: int | None, threads: int | None,
+              engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, quiet: bool) -> None:
+        """Create CORPUS_DIR from a captioned image folder or from LAION-layout embeddings.
+
+        Captions are encoded once, here, as "a photo of a {caption}". Every input is validated
+        first, and the corpus is built aside: a failed ingest leaves nothing behind.
+
+        \b
+        Examples:
+          coder-index corpus build my-corpus --images photos/ --captions captions.csv --index pets-index
+          coder-index corpus build laion-sub --embeddings laion/ --index-factory IVF4096,PQ64 \\
+              --model ViT-B-32 --pretrained openai
+          coder-index corpus build laion-400m --embeddings /shared/laion/ --index-factory IVF65536,PQ64 \\
+              --index in1k --engine ray --ray-address auto
+        """
+        from coder_index.core.atomic import check_writable
+        from coder_index.methods.text_index import TextIndex
+        from coder_index.model.encoder import ClipEncoder
+        from coder_index.pipeline.ingest_corpus import ingest_folder, ingest_laion
+
+        if bool(images) == bool(embeddings):
+            raise click.UsageError("give exactly one of --images DIR or --embeddings DIR")
+        check_engine_options(engine, ray_address, ray_actors, ray_gpus)
+        if engine == "ray" and (images or use_text_embeddings):
+            raise click.UsageError("--engine ray encodes the captions of --embeddings shards; --images and "
+                                   "--use-text-embeddings run locally")
+        check_writable(corpus_dir, "corpus directory", is_dir=True)
+        if corpus_dir.exists() and any(corpus_dir.iterdir()):
+            raise click.ClickException(f"{corpus_dir} exists and is not empty; choose a new corpus directory")
+        encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
+            ClipEncoder(model or "ViT-B-32", pretrained, device=device)
+        with torch_threads_if(threads):
+            if images:
+                m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
+                                  workers=workers, progress=not quiet)
+            elif engine == "ray":
+                from coder_index.engines.ray_text import RayTextEncoder
+
+                with RayTextEncoder(encoder, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus) as enc:
+                    m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
+                                     progress=not quiet, encode=enc)
+            else:
+                m = ingest_laion(corpus_dir, encoder, embeddings, factory=index_factory, train_size=train_size,
+                                 progress=not quiet, use_text_embeddings=use_text_embeddings)
+        for path, reason in m.get("skipped", []):
+            click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"{corpus_dir}: {m['rows']} rows ({m['factory']}) in {m['ingest_seconds']:.1f}s"
+                   + (f"; {len(m['skipped'])} unreadable image(s) skipped" if m.get("skipped") else ""))
+
+    @corpus.command("info")
+    @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+    @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+    @friendly_errors
+    def info(corpus_dir: str, as_json: bool) -> None:
+        """Show a corpus's manifest.
+
+        \b
+        Examples:
+          coder-index corpus info my-corpus
+        """
+        from coder_index.stores.corpus import Corpus
+
+        c = Corpus(corpus_dir)
+        if as_json:
+            print_json(c.manifest)
+            return
+        m = c.manifest
+        model = m["model"]
+        tag = f", pretrained={model['pretrained']}" if model.get("pretrained") else ""
+        click.echo(f"corpus:     {corpus_dir} (created {m.get('created_at', '-')})")
+        click.echo(f"rows:       {m['rows']}")
+        click.echo(f"index:      FAISS {m['factory']}, width {m['dim']}")
+        click.echo(f"model:      {model['model']}{tag} (weights sha256 {model['weights_sha256'][:12]}…)")
+        click.echo(f"captions:   embedded as {m.get('caption_template', 'a photo of a {caption}')!r}")
+        for k, v in (m.get("sources") or {}).items():
+            click.echo(f"source:     {k} = {v}")
+
+    @corpus.command("search")
+    @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+    @click.argument("image", type=click.Path(exists=True, dir_okay=False))
+    @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+                  help="Nearest corpus images to show.")
+    @click.option("--model", default=None, help="Default: the corpus's model.")
+    @model_options
+    @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
+    @friendly_errors
+    def search(corpus_dir: str, image: str, k: int, model: str | None, pretrained: str | None, device: str | None,
+               as_json: bool) -> None:
+        """The captions of the corpus images nearest to IMAGE.
+
+        \b
+        Examples:
+          coder-index corpus search my-corpus cat.jpg -k 5
+        """
+        from coder_index.core.decode import load_image
+        from coder_index.model.encoder import ClipEncoder
+        from coder_index.stores.corpus import Corpus
+
+        c = Corpus(corpus_dir)
+        mm = c.manifest["model"]
+        enc = ClipEncoder(model or mm["model"], pretrained or mm.get("pretrained"), device=device)
+        c.check_model(enc.fingerprint)
+        sims, ids = c.search(enc.encode_images([load_image(image)]), k)
+        rows = c.rows(ids[0].tolist())
+        hits = [{"cosine": float(s), **rows[int(i)]} for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
+        if as_json:
+            print_json(hits)
+            return
+        for h in hits:
+            where = " ".join(f"{k}={h[k]}" for k in ("url", "key", "image_path") if k in h) or h.get("source", "")
+            click.echo(f"{h['cosine']:8.4f}  {h['caption']}  [{where}]")
