@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -159,12 +160,21 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE...", type=click.Path(exists=True, path_type=Path))
+@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE... | SHARD.tar...", type=click.Path(path_type=Path))
 @click.option("--files-from", "files_from", default=None, metavar="LIST",
               help="Classify the image files LIST names, one path per line ('-': standard input), relative to the "
                    "working directory; rows name them as listed.")
 @click.option("-0", "--null", "null_separated", is_flag=True,
               help="With --files-from: paths are separated by NUL bytes (find -print0), for names holding newlines.")
+@click.option("--save-embeddings", "save_embeddings", default=None, metavar="DIR",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Also keep the image embeddings in clip-retrieval's layout (DIR/img_emb/img_emb_N.npy + "
+                   "DIR/metadata/metadata_N.parquet with image_path, caption, key, shard, json), written as the run "
+                   "goes and resumed with it; `coder-index corpus build --embeddings DIR` reads it back.")
+@click.option("--embeddings-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Float type of --save-embeddings (recorded in DIR/embeddings.json).")
+@click.option("--embeddings-part-rows", default=100_000, show_default=True, type=click.IntRange(1),
+              help="Rows per img_emb_N.npy of --save-embeddings (a part closes at the first batch that reaches it).")
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The text index to classify against.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -214,7 +224,8 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
                    "(always cpu for a --preset cvpr24 index). See README: Decoding.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool, index_dir: str, out: Path,
+def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool, save_embeddings: Path | None,
+             embeddings_dtype: str, embeddings_part_rows: int, index_dir: str, out: Path,
              top_k: int, batch_size: int, workers: int | None,
              threads: int | None, model: str | None, pretrained: str | None, device: str | None, rerank: bool,
              gap_threshold: float | None, rerank_chunk: int, adapter_dir: str | None, corpus_dir: str | None,
@@ -222,10 +233,12 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
              ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
              precision: str, decode: str, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively), or the IMAGE files named (and those of
-    --files-from), with CODER zero-shot.
+    --files-from), or the samples of webdataset tar shards (SHARD.tar files, a folder of them, or a
+    brace pattern such as 'data/{00000..00099}.tar', read in place), with CODER zero-shot.
 
-    Writes one row per image to --out (path as FOLDER/relative path, or as the file was named; label, score = softmax
-    probability, method, then the next top-k classes). Files that cannot be decoded, and FIFOs,
+    Writes one row per image to --out (path as FOLDER/relative path, as the file was named, or
+    SHARD.tar/KEY for a shard's sample; label, score = softmax probability, method, then the next
+    top-k classes). Files that cannot be decoded, and FIFOs,
     sockets or devices named like images, are listed with the reason in OUT.errors.csv; hidden
     files are not classified (counted in the summary). Interrupted runs resume: rerun the same
     command. OUT.run.json records the index, model and settings: a rerun with others is refused
@@ -246,6 +259,7 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
       coder-index classify /data/images --index in1k --out preds.csv --device cuda --precision bf16 --batch-size 512
       coder-index classify /data/images --index in1k --out preds.csv --decode cpu    # the reference pixels on a GPU
       coder-index classify /shared/images --index /shared/in1k --out preds.csv --engine ray --ray-address auto
+      coder-index classify 'laion/{00000..00099}.tar' --index in1k --out preds.csv --save-embeddings laion-emb/
     """
     from coder_index.methods.pair_stage import PairReranker
     from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
@@ -305,16 +319,24 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
         run_engine = RayEngine(index, spec, address=ray_address, actors=ray_actors, batch_size=batch_size,
                                gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet,
                                decode=decode)
+    saver = None
+    if save_embeddings is not None:
+        from coder_index.pipeline.embeddings_out import EmbeddingSaver
+
+        fp = index.fingerprint
+        saver = EmbeddingSaver(save_embeddings, out=out, dim=fp.embed_dim, model=fp.to_dict(), dtype=embeddings_dtype,
+                               part_rows=embeddings_part_rows, overwrite=overwrite)
     summary = classify_folder(index, source, out, scorer=scorer, top_k_n=top_k, batch_size=batch_size,
                               workers=workers, threads=threads, progress=not quiet, overwrite=overwrite,
-                              engine=run_engine, decode=decode)
+                              engine=run_engine, decode=decode, save_embeddings=saver)
     if isinstance(reranker, PairReranker):
         click.echo(reranker.summary(), err=True)
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
             click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
     _print_summary(summary)
     if summary.found == 0:
-        folder = inputs[0] if isinstance(source, Path) else "the listed files"
+        folder = inputs[0] if isinstance(source, Path) else "the listed files" if not hasattr(source, "shards") \
+            else "the shards"
         click.echo(f"warning: {folder} holds no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
                    f"{'; ' + str(summary.other_files) + ' other file(s)' if summary.other_files else ''}"
                    f"{'; ' + str(summary.hidden) + ' hidden' if summary.hidden else ''})", err=True)
@@ -323,9 +345,27 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
 
 
 def _classify_source(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool) -> Any:
-    """One folder, or image files (arguments and/or --files-from): what classify_folder reads."""
+    """One folder, image files (arguments and/or --files-from), or webdataset shards: what
+    classify_folder reads."""
     from coder_index.pipeline.discover import ListedFiles, read_file_list
+    from coder_index.pipeline.shards import ShardFiles, expand_shards, is_shard_spec
 
+    shard_args = [p for p in inputs if is_shard_spec(str(p))]
+    if shard_args:
+        others = [p for p in inputs if p not in shard_args]
+        if others or files_from:
+            what = others[0] if others else "--files-from"
+            raise click.UsageError(f"{what} is not a shard: classify shards (SHARD.tar files, a folder of them, or a "
+                                   "brace pattern), a folder, or image files, in one run")
+        shards = expand_shards(str(p) for p in shard_args)
+        missing = [s for s in shards if not os.path.exists(s)]
+        if len(missing) == len(shards):
+            raise click.UsageError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                      if len(missing) > 1 else ""))
+        return ShardFiles(shards)  # a missing shard among others is listed in the errors file
+    absent = [p for p in inputs if not os.path.lexists(p)]
+    if absent:
+        raise click.UsageError(f"{absent[0]}: no such file or folder")
     folders = [p for p in inputs if p.is_dir()]
     if folders and (len(inputs) > 1 or files_from):
         raise click.UsageError(f"{folders[0]} is a folder: classify one folder, or image files (arguments and/or "
@@ -394,6 +434,12 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
     msg += f". {summary.out} holds {summary.rows_in_out} row(s)"
     msg += (f", {summary.errors_file} lists {summary.errors_in_file} unreadable file(s)" if summary.errors_in_file
             else "; no unreadable file")
+    if summary.embeddings_dir:
+        msg += f"; {summary.embeddings_dir} holds the embeddings of {summary.embeddings_saved} row(s)"
+        missing = summary.rows_in_out - summary.embeddings_saved
+        if missing > 0:
+            msg += (f" ({missing} row(s) of earlier runs without --save-embeddings have none: rerun with --overwrite "
+                    "to save them all)")
     click.echo(msg, err=True)
 
 

@@ -180,6 +180,7 @@ CREATE_AND_ADD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the long variant: test_concurrent_build_commands races writers in the default run
 def test_concurrent_creators_and_writers(tmp_path, tiny_model, encoder):
     """Four processes create the same new index and write to it at once (creation made slow on
     purpose): all succeed, every text lands once, FAISS and SQLite agree, no temp file is left."""

@@ -86,7 +86,7 @@ def error_paths(out):
         return sorted(r["path"] for r in csv.DictReader(f))
 
 
-@pytest.mark.parametrize("extra", [[], ["--rerank", "--llm", "none"],
+@pytest.mark.parametrize("extra", [[], pytest.param(["--rerank", "--llm", "none"], marks=pytest.mark.slow),
                                    pytest.param(["--decode", "gpu"], marks=pytest.mark.slow)],
                          ids=["coder", "coder*", "tensor-decoder"])
 def test_ray_rows_equal_the_local_engine(index_dir, folder, tmp_path, extra):
@@ -102,6 +102,46 @@ def test_ray_rows_equal_the_local_engine(index_dir, folder, tmp_path, extra):
     assert res.exit_code == 0
 
 
+def test_shards_and_saved_embeddings_on_ray_equal_the_local_engine(index_dir, tmp_path, monkeypatch):
+    """webdataset shards through Ray actors (each reads its samples at their offsets): the local
+    engine's rows, errors and --save-embeddings (captions carried by the driver)."""
+    import io
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    cifar = shared_path("data", "cifar10-test")
+    samples = [(f"{c}_{f.stem}", f.read_bytes()) for c in ("cat", "ship") for f in sorted((cifar / c).iterdir())[:9]]
+    samples.insert(5, ("broken", b"\xff\xd8\xff not a jpeg"))
+    monkeypatch.chdir(tmp_path)
+    for s in range(0, len(samples), 8):
+        with tarfile.open(f"{s // 8:05d}.tar", "w") as tf:
+            for key, data in samples[s:s + 8]:
+                for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", f"caption {key}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+    shards = sorted(str(p.name) for p in tmp_path.glob("*.tar"))
+    for engine in ("local", "ray"):
+        res = run("classify", *shards, "--index", index_dir, "--out", tmp_path / f"{engine}.csv", "--save-embeddings",
+                  tmp_path / f"{engine}-emb", "--batch-size", "4", "-q",
+                  *(["--engine", "ray"] if engine == "ray" else []))
+        assert "classified" in res.output
+    assert len(rows(tmp_path / "ray.csv")) == len(samples) - 1
+    assert_same_rows(tmp_path / "local.csv", tmp_path / "ray.csv")
+    assert error_paths(tmp_path / "ray.csv") == error_paths(tmp_path / "local.csv") == ["00000.tar/broken"]
+    saved = {}
+    for engine in ("local", "ray"):
+        meta = [r for p in sorted((tmp_path / f"{engine}-emb" / "metadata").glob("*.parquet"))
+                for r in pq.read_table(p).to_pylist()]
+        emb = np.concatenate([np.load(p) for p in sorted((tmp_path / f"{engine}-emb" / "img_emb").glob("*.npy"))])
+        saved[engine] = {m["image_path"]: (m["caption"], e) for m, e in zip(meta, emb, strict=True)}
+    assert saved["ray"].keys() == saved["local"].keys() == {r["path"] for r in rows(tmp_path / "ray.csv")}
+    for path, (caption, vec) in saved["ray"].items():
+        assert caption == saved["local"][path][0] == f"caption {path.rsplit('/', 1)[1]}"
+        np.testing.assert_allclose(vec.astype(np.float32), saved["local"][path][1].astype(np.float32), atol=2e-3)
+
+
 def test_a_killed_worker_loses_nothing(index_dir, folder, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv("CODER_INDEX_CRASH_ONCE", f"ray.worker.batch:{marker}")
@@ -115,6 +155,7 @@ def test_a_killed_worker_loses_nothing(index_dir, folder, tmp_path, monkeypatch)
     assert_same_rows(local, out)
 
 
+@pytest.mark.slow  # resume is the driver's, engine-independent (tested on the local engine by default)
 def test_resume_and_settings(index_dir, folder, tmp_path):
     out = tmp_path / "ray.csv"
     run("classify", folder, "--index", index_dir, "--out", out, "--engine", "ray", "-q")
@@ -154,6 +195,7 @@ def test_index_copied_to_workers_from_a_uri(index_dir, folder, tmp_path, tiny_mo
     assert not (tmp_path / "bad.csv").exists() or len(rows(tmp_path / "bad.csv")) == 0
 
 
+@pytest.mark.slow  # the Ray text encoder; its long siblings (corpus ingest, index URI) are slow too
 def test_build_on_ray_equals_local(tmp_path, tiny_model):
     from coder_index import TextIndex
 

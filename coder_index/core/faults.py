@@ -1,8 +1,9 @@
 """Deterministic crash points, so that tests can kill a writer exactly where it matters.
 
 ``CODER_INDEX_CRASH_AT=<point>`` in a process's environment makes it SIGKILL itself when a writer
-reaches that point (for example ``index.committed``: after the SQLite commit, before the rename).
-Unset, a crash point costs one comparison. The points are listed where they are called.
+reaches that point (for example ``index.committed``: after the SQLite commit, before the rename);
+``<point>#<n>`` at the n-th time it gets there. Unset, a crash point costs one comparison. The
+points are listed where they are called.
 """
 
 from __future__ import annotations
@@ -11,16 +12,25 @@ import os
 import signal
 
 _AT = os.environ.get("CODER_INDEX_CRASH_AT", "")
+_AT_NAME, _, _AT_NTH = _AT.partition("#")
+_reached = 0
 
 
 def crash_point(name: str) -> None:
-    if _AT and _AT == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    global _reached
+    if _AT and _AT_NAME == name:
+        _reached += 1
+        if _reached >= int(_AT_NTH or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def armed(name: str) -> bool:
     """Whether the process is set to crash at ``name`` (for points that must tear a write first)."""
-    return bool(_AT) and _AT == name
+    global _reached
+    if not (_AT and _AT_NAME == name):
+        return False
+    _reached += 1  # each question is an arrival at the point
+    return _reached >= int(_AT_NTH or 1)
 
 
 _PAUSE = os.environ.get("CODER_INDEX_PAUSE_AT", "")

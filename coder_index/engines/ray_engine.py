@@ -23,6 +23,7 @@ import numpy as np
 from coder_index.core.faults import crash_once
 from coder_index.engines.ray_common import pool_size, ray_session, rechunk, require_ray, worker_env
 from coder_index.engines.worker_index import open_worker_index
+from coder_index.pipeline.shards import Member
 
 if TYPE_CHECKING:
     from coder_index.methods.scorer_spec import ScorerSpec
@@ -37,7 +38,7 @@ class ClassifyWorker:
     """A Ray Data actor: open the index, build the scorer, then turn batches of paths into rows."""
 
     def __init__(self, source: str, expect: dict[str, Any], spec: dict[str, Any], root: str,
-                 device: str | None, threads: int, decode: str = "cpu") -> None:
+                 device: str | None, threads: int, decode: str = "cpu", embeddings: bool = False) -> None:
         import torch
 
         from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
@@ -52,25 +53,33 @@ class ClassifyWorker:
         self.root = Path(root)
         # the same feed as the local engine: on a GPU actor, JPEGs decoded on its GPU (--decode gpu)
         self.feed = make_feed(decode, self.index.encoder.preprocess, self.index.encoder.device)
+        self.embeddings = embeddings  # --save-embeddings: the rows' image embeddings go back too
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
-        loaded = next(self.feed.batches(self.root, paths, batch_size=max(1, len(paths)), workers=0))
+        items = _sources(batch, paths)
+        loaded = next(self.feed.batches(self.root, items, batch_size=max(1, len(paths)), workers=0))
         crash_once("ray.worker.batch")  # tests: a worker killed with a batch in hand
         k = self.spec.top_k
         ids = np.full((len(paths), k), -1, np.int64)
         scores = np.zeros((len(paths), k), np.float64)
         errors = np.array([""] * len(paths), dtype=object)
         row = {p: i for i, p in enumerate(paths)}
+        vectors = np.zeros((len(paths), self.index.dim if self.embeddings else 0), np.float32)
         if loaded.pixels is not None:
             emb = self.index.encoder.encode_image_batch(loaded.pixels)
             i, s = self.scorer(emb)
             at = [row[p] for p in loaded.paths]
             ids[at, : i.shape[1]] = i
             scores[at, : s.shape[1]] = s
+            if self.embeddings:
+                vectors[at] = emb
         for p, reason in loaded.errors:
             errors[row[p]] = reason
-        return {"path": np.array(paths, dtype=object), "error": errors, "ids": ids, "scores": scores}
+        out = {"path": np.array(paths, dtype=object), "error": errors, "ids": ids, "scores": scores}
+        if self.embeddings:
+            out["emb"] = vectors
+        return out
 
 
 class RayEngine:
@@ -92,6 +101,7 @@ class RayEngine:
         self.gpus, self.cpus = gpus_per_actor, cpus_per_actor
         self.source = index_source or str(index.path.resolve())
         self.progress, self.chunk = progress, chunk
+        self.return_embeddings = False  # set by classify_folder for --save-embeddings
 
     def run(self, root: Path, todo_chunks: Iterator[list[str]], write: Callable, write_errors: Callable, bar: Any,
             on_batch: Callable[[int], None] | None, counts: dict[str, int]) -> None:
@@ -107,25 +117,43 @@ class RayEngine:
             device = "cuda" if self.gpus else "cpu"
             kwargs = {"source": self.source, "expect": expect, "spec": self.spec.to_dict(),
                       "root": str(Path(root).resolve()), "device": device, "threads": max(1, int(self.cpus)),
-                      "decode": self.decode}
+                      "decode": self.decode, "embeddings": self.return_embeddings}
             log.info("Ray engine: %d actor(s), %s CPU / %s GPU each", n_actors, self.cpus, self.gpus)
             for todo in _with_first(first, chunks):
                 bar.total = (bar.total or 0) + len(todo)
                 bar.refresh()
-                ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
+                by_path = {str(p): p for p in todo}  # a shard's sample keeps its caption for the embeddings
+                ds = ray.data.from_items([_item(p) for p in todo]).map_batches(
                     ClassifyWorker, fn_constructor_kwargs=kwargs, batch_size=self.batch_size,
                     compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=self.cpus,
                     num_gpus=self.gpus or None, batch_format="numpy",
                     runtime_env={"env_vars": worker_env()})  # also on a cluster joined, not started
                 seen: set[str] = set()
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                    _write_batch(out, seen, write, write_errors)
+                    _write_batch(out, seen, write, write_errors, by_path)
                     bar.update(len(out["path"]))
                     if on_batch is not None:
                         on_batch(counts["ok"] + counts["err"])
 
 
-def _write_batch(out: dict[str, np.ndarray], seen: set[str], write: Callable, write_errors: Callable) -> None:
+def _item(p: str) -> dict[str, Any]:
+    """A row of the Ray dataset: the path, and where a shard's sample lies in its tar."""
+    if isinstance(p, Member):
+        return {"path": str(p), "shard": p.shard, "offset": p.offset, "size": p.size, "key": p.key, "ext": p.ext}
+    return {"path": str(p), "shard": "", "offset": 0, "size": 0, "key": "", "ext": ""}
+
+
+def _sources(batch: dict[str, np.ndarray], paths: list[str]) -> list[str]:
+    """The feed's items for a Ray batch: paths, or shard samples (``Member``) rebuilt from their columns."""
+    if "shard" not in batch:
+        return paths
+    return [Member(p, str(sh), int(off), int(size), str(key), str(ext)) if sh else p
+            for p, sh, off, size, key, ext in zip(paths, batch["shard"], batch["offset"], batch["size"], batch["key"],
+                                                  batch["ext"], strict=True)]
+
+
+def _write_batch(out: dict[str, np.ndarray], seen: set[str], write: Callable, write_errors: Callable,
+                 by_path: dict[str, str] | None = None) -> None:
     paths = [str(p) for p in out["path"]]
     fresh = np.array([p not in seen for p in paths], dtype=bool)  # a retried batch never writes twice
     seen.update(paths)
@@ -133,7 +161,9 @@ def _write_batch(out: dict[str, np.ndarray], seen: set[str], write: Callable, wr
     ok = fresh & ~failed
     if ok.any():
         k = int((out["ids"][ok] >= 0).sum(axis=1).min())
-        write([p for p, g in zip(paths, ok, strict=True) if g], out["ids"][ok][:, :k], out["scores"][ok][:, :k])
+        chosen = [(by_path or {}).get(p, p) for p, g in zip(paths, ok, strict=True) if g]
+        emb = out["emb"][ok] if "emb" in out else None
+        write(chosen, out["ids"][ok][:, :k], out["scores"][ok][:, :k], emb)
     bad = fresh & failed
     if bad.any():
         write_errors([(p, str(e)) for p, e, b in zip(paths, out["error"], bad, strict=True) if b])

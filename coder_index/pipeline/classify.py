@@ -24,8 +24,10 @@ from coder_index.core.faults import pause_point
 from coder_index.core.parallelism import parallel_encoding
 from coder_index.methods.scorers import CoderScorer
 from coder_index.pipeline.discover import Discovery, ListedFiles, walk_images, walk_listed
+from coder_index.pipeline.embeddings_out import EmbeddingSaver
 from coder_index.pipeline.feed import make_feed
 from coder_index.pipeline.runrecord import OutputRun
+from coder_index.pipeline.shards import ShardFiles, walk_shards
 
 if TYPE_CHECKING:
     from coder_index.methods.text_index import TextIndex
@@ -45,6 +47,8 @@ class ClassifySummary:
     special: int = 0      # FIFOs, sockets, devices, broken links named like images: skipped, listed as errors
     rows_in_out: int = 0      # rows OUT holds now (earlier runs' and this run's, any folder)
     errors_in_file: int = 0   # files the errors file lists now
+    embeddings_dir: str | None = None   # --save-embeddings
+    embeddings_saved: int = 0           # rows whose embeddings DIR holds now
 
     @property
     def images_per_second(self) -> float:
@@ -129,13 +133,15 @@ class _NoClock:
 PENDING_CHUNK = 16384  # images handed to the loader at a time: the file list is streamed, never held whole
 
 
-def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str | Path, *, scorer: Any | None = None,
+def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFiles, out: str | Path, *,
+                    scorer: Any | None = None,
                     top_k_n: int = 5, batch_size: int = 64, workers: int | None = None, threads: int | None = None,
                     progress: bool = True, overwrite: bool = False, engine: Any | None = None,
                     on_batch: Callable[[int], None] | None = None, decode: str = "cpu",
-                    clock: StageClock | None = None) -> ClassifySummary:
+                    clock: StageClock | None = None, save_embeddings: EmbeddingSaver | None = None) -> ClassifySummary:
     """Write one prediction row per decodable image of ``folder`` (or of the files a ``ListedFiles``
-    names, each row naming its file as given) to ``out`` (.csv or .jsonl) and one
+    names, each row naming its file as given; or of the samples of ``ShardFiles``' webdataset
+    shards, each row named ``SHARD/KEY``) to ``out`` (.csv or .jsonl) and one
     row per file that gave none to ``OUT.errors.csv``. Rows already there are kept and
     skipped; a rerun with other settings is refused (``overwrite`` starts afresh). ``workers`` and
     ``threads`` default to a choice from the cores and the model (``parallelism.choose``).
@@ -143,7 +149,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
     are written here, by this one process, so resume and one row per image hold for every engine.
     ``decode`` chooses the feed (``feed.make_feed``): ``cpu`` open_clip's reference preprocessing,
     ``gpu`` JPEGs decoded in batches where the encoder runs, ``auto`` the latter on a CUDA device.
-    ``clock`` (a ``StageClock``) collects the seconds per stage of the local engine's streaming run."""
+    ``clock`` (a ``StageClock``) collects the seconds per stage of the local engine's streaming run.
+    ``save_embeddings`` (an ``EmbeddingSaver``, not yet opened) keeps the rows' image embeddings in
+    clip-retrieval's layout, committed with the rows (see ``embeddings_out``)."""
     if top_k_n < 1:
         raise ValueError("top_k must be at least 1")
     if batch_size < 1:
@@ -161,6 +169,10 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
             root, prefix = Path.cwd(), ""  # listed paths are read as given, relative to the working directory
             found = Discovery(root, [], 0)
             listed = walk_listed(folder.paths, found)
+        elif isinstance(folder, ShardFiles):
+            root, prefix = Path.cwd(), ""  # rows are SHARD/KEY, the shard's path as given
+            found = Discovery(root, [], 0)
+            listed = walk_shards(folder.shards, found)
         else:
             root = Path(folder)
             if not root.is_dir():
@@ -171,6 +183,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
             # Rows name files as FOLDER/relative so that one --out reused for another folder cannot collide.
             prefix = Path(os.path.normpath(folder)).as_posix().rstrip("/") + "/"
         done = run.done_paths()
+        saver = save_embeddings.open(done) if save_embeddings is not None else None
+        if saver is not None and engine is not None:
+            engine.return_embeddings = True
         names = index.class_names()
         counts = {"ok": 0, "err": 0, "special_seen": 0}
 
@@ -195,9 +210,14 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
                 run.errors.write(rows)
                 counts["err"] += len(rows)
 
-        def write(paths: list[str], ids: np.ndarray, scores: np.ndarray) -> None:
-            run.results.write(prediction_rows([prefix + p for p in paths], ids, scores, names, scorer.method))
+        def write(paths: list[str], ids: np.ndarray, scores: np.ndarray, emb: np.ndarray | None = None) -> None:
+            row_paths = [prefix + p for p in paths]
+            if saver is not None:  # embeddings first: a kill never leaves a row without its embedding
+                saver.append(row_paths, emb, paths)
+            run.results.write(prediction_rows(row_paths, ids, scores, names, scorer.method))
             counts["ok"] += len(paths)
+            if saver is not None:
+                saver.commit()
 
         def write_errors(errors: list[tuple[str, str]]) -> None:
             run.errors.write([(prefix + p, reason) for p, reason in errors])
@@ -206,6 +226,7 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
         # delay: the bar appears once its total is known (no stray "0img" line before it)
         bar = tqdm(unit="img", desc="classifying images" if not scorer.two_pass else "encoding images",
                    disable=not progress, smoothing=0.1, delay=1.0)
+        failed = False
         try:
             with translate_disk_full(out):
                 if engine is not None:
@@ -218,13 +239,19 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles, out: str
                 else:
                     _streaming(scorer, index, root, todo_chunks(), batch_size, workers, threads, write,
                                write_errors, bar, on_batch, counts, decode, clock or _NoClock())
+        except BaseException:
+            failed = True
+            raise
         finally:
             bar.close()
+            if saver is not None:
+                saver.close(finish=not failed)  # after a failure the next run settles what is staged
     classified_or_failed = counts["ok"] + counts["err"]
     return ClassifySummary(found.found, max(0, found.found + len(found.special) - classified_or_failed),
                            counts["ok"], counts["err"], found.other_files, time.perf_counter() - t0, str(out),
                            str(run.errors.path), found.hidden, len(found.special),
-                           run.earlier["rows"] + counts["ok"], run.earlier["errors"] + counts["err"])
+                           run.earlier["rows"] + counts["ok"], run.earlier["errors"] + counts["err"],
+                           str(saver.dir) if saver is not None else None, saver.saved if saver is not None else 0)
 
 
 def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names: list[str],
@@ -278,10 +305,10 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
             with clock.stage("score"):
                 ids, scores = scorer(emb)
             if writer is not None:
-                writer.put(paths, ids, scores)
+                writer.put(paths, ids, scores, emb)
             else:
                 with clock.stage("write"):
-                    write(paths, ids, scores)
+                    write(paths, ids, scores, emb)
 
     plan_ctx = None
     failed = False
@@ -344,7 +371,7 @@ def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo:
         for s in tqdm(range(0, len(paths), scorer.chunk), desc="scoring images (X-MoRe)", unit="chunk",
                       disable=not progress):
             emb = np.asarray(emb_all[s:s + scorer.chunk][: len(paths) - s])
-            write(paths[s:s + scorer.chunk], *scorer(emb))
+            write(paths[s:s + scorer.chunk], *scorer(emb), emb)
             if on_batch is not None:
                 on_batch(counts["ok"] + counts["err"])
         del emb_all

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from coder_index.core.decode import ImageDecodeError, load_image
+from coder_index.core.decode import ImageDecodeError, decode_image_bytes, load_image
+from coder_index.pipeline.shards import Member
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 
@@ -119,9 +120,14 @@ class _FeedFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, str, Any]:
         rel = self.rel_paths[i]
-        path = self.root / rel
         try:
-            if self.jpeg_bytes and rel.lower().endswith((".jpg", ".jpeg", ".jpe", ".jfif")):
+            if isinstance(rel, Member):  # a sample of a tar shard: its bytes read at their offset
+                data = rel.read()
+                if self.jpeg_bytes and rel.ext in _JPEG_EXTENSIONS and _is_plain_jpeg(data):
+                    return rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return rel, "pixels", reference_pixels(decode_image_bytes(data), self.preprocess, self.parts)
+            path = self.root / rel
+            if self.jpeg_bytes and rel.lower().endswith(_JPEG_EXTENSIONS):
                 data = _read_regular(path)
                 if data is not None and _is_plain_jpeg(data):
                     return rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -130,6 +136,14 @@ class _FeedFiles(Dataset):
             return rel, "error", str(exc)
         except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
             return rel, "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
+
+
+_JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+
+def load_any(root: Path, rel: str) -> Any:
+    """The decoded image of a folder's file or of a shard's sample (``Member``)."""
+    return decode_image_bytes(rel.read()) if isinstance(rel, Member) else load_image(root / rel)
 
 
 def _read_regular(path: Path) -> bytes | None:
@@ -227,7 +241,7 @@ class TensorFeed(ReferenceFeed):
             for i in refused:  # the tensor decoder said no: the reference path decides (pixels or reason)
                 rel = samples[i][0]
                 try:
-                    samples[i] = (rel, "pixels", reference_pixels(load_image(root / rel), self.preprocess,
+                    samples[i] = (rel, "pixels", reference_pixels(load_any(root, rel), self.preprocess,
                                                                   self.parts))
                 except ImageDecodeError as exc:
                     samples[i] = (rel, "error", str(exc))
