@@ -97,24 +97,28 @@ class EmbeddingSaver:
         want = {"format": FORMAT, "version": 1, "dtype": self.dtype, "dim": self.dim, "model": self.model,
                 "out": self.out, "normalized": True}
         ours = [p for p in self.dir.iterdir() if p.name in ("img_emb", "metadata", ".staging", "embeddings.json")]
-        if self.overwrite:
-            for p in ours:
-                _remove(p)
-        elif record.is_file():
+        have = None
+        if record.is_file():
             try:
                 have = json.loads(record.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise InputFormatError(f"{record} is unreadable ({exc}); move the folder away, or pass --overwrite "
-                                       "to start the run and its embeddings afresh") from None
+                if not self.overwrite:
+                    raise InputFormatError(f"{record} is unreadable ({exc}); move the folder away, or pass "
+                                           "--overwrite to start the run and its embeddings afresh") from None
+        if self.overwrite and (have is None or have.get("out") == self.out):
+            for p in ours:  # --overwrite restarts this OUT's embeddings, never another OUT's
+                _remove(p)
+            have = None
+        if have is not None:
             diff = [k for k in ("format", "dtype", "dim", "model", "out") if have.get(k) != want[k]]
             if diff:
                 raise InputFormatError(
                     f"--save-embeddings {self.dir} holds embeddings of other settings ({', '.join(diff)} differ: "
                     f"{', '.join(f'{k}={have.get(k)!r}' for k in diff if k != 'model')}"
-                    f"{' and another model' if 'model' in diff else ''}); choose another folder, or pass "
-                    "--overwrite to start the run and its embeddings afresh")
+                    f"{' and another model' if 'model' in diff else ''}); choose another folder"
+                    f"{'' if 'out' in diff else ', or pass --overwrite to start the run and its embeddings afresh'}")
             return
-        elif [p for p in self.dir.iterdir() if not p.name.startswith(".")]:
+        if [p for p in self.dir.iterdir() if not p.name.startswith(".")]:
             raise InputFormatError(f"--save-embeddings {self.dir} is not empty and holds no embeddings.json; choose an "
                                    "empty or new folder")
         atomic_write_json(record, {**want, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
