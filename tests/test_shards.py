@@ -256,9 +256,12 @@ def test_save_embeddings_refuses_other_settings_and_says_what_earlier_rows_lack(
               "--save-embeddings", emb_dir)
     n = len(dataset["samples"])
     assert f"holds the embeddings of {n - 7} row(s) (7 row(s) of earlier runs without --save-embeddings" in res.output
+    staged = emb_dir / ".staging" / "meta_9.jsonl"   # as a killed run of this OUT would leave it
+    staged.write_text('{"image_path": "x"}\n')
     res = run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "-q",
               "--save-embeddings", emb_dir, "--embeddings-dtype", "float32", ok=False)
     assert res.exit_code == 1 and "dtype differ" in res.output and "--overwrite" in res.output
+    assert staged.read_text() == '{"image_path": "x"}\n'   # a refused run touches nothing
     res = run("classify", *dataset["shards"], "--index", index_dir, "--out", tmp_path / "other.csv", "--workers",
               "0", "-q", "--save-embeddings", emb_dir, ok=False)
     assert res.exit_code == 1 and "out differ" in res.output

@@ -53,7 +53,6 @@ class EmbeddingSaver:
         self.out, self.dim, self.model, self.dtype = str(Path(out).resolve()), dim, model, dtype
         self.part_rows = part_rows
         self.overwrite = overwrite
-        self.saved_before = 0
         self._lock: OwnerLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -70,9 +69,8 @@ class EmbeddingSaver:
                 (self.dir / sub).mkdir(exist_ok=True)
             self._drop_unpaired_metadata()
             self._finish_staging(keep=done)
-            self.saved_before = self._rows_in_parts()
         except BaseException:
-            self.close()
+            self.close(finish=False)  # a refused or failed open leaves what is staged as it was
             raise
         return self
 
