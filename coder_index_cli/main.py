@@ -55,6 +55,19 @@ def cli(verbose: bool) -> None:
       coder-index info my-index
     """
     setup_logging(verbose)
+    skip_collections_at_exit()
+
+
+def skip_collections_at_exit() -> None:
+    """A command is one process: what it imported and loaded lives until it exits, so the garbage
+    collector need not look at it again (core.startup: 1.3 s less at exit after open_clip's import)."""
+    import atexit
+    import gc
+
+    from coder_index.core.startup import freeze_after_loading
+
+    freeze_after_loading()
+    atexit.register(gc.freeze)
 
 
 @cli.command()

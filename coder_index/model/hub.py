@@ -152,3 +152,38 @@ def fetch_policy(model: str, pretrained: str | None, cache_dir: str | None = Non
                                    f"within {PROBE_TIMEOUT:g} s)")
     logging.getLogger("huggingface_hub").propagate = False  # its retries are logged once, by its own handler
     yield
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+
+def weight_files(model: str, pretrained: str | None, cache_dir: str | None = None) -> list[Path] | None:
+    """The files a model's weights (and, for a folder or a hub repository, its config) are read from,
+    when they are on disk and can be named: a checkpoint file, a ``local-dir:`` folder's config and
+    weight files, a tag's or ``hf-hub:`` repository's files in the local cache. None otherwise
+    (``random`` weights, or weights still to be downloaded)."""
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):])
+        try:
+            files = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "open_clip_config.json"]
+        except OSError:
+            return None
+        return sorted(files) or None
+    if pretrained == "random":
+        return None
+    if pretrained and Path(pretrained).is_file():
+        return [Path(pretrained)]
+    hf = _hf_files(model, pretrained)
+    if hf is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, names = hf
+        if model.startswith("hf-hub:"):  # the repository's config names no file: open_clip's usual names
+            names = [*names, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        found = [try_to_load_from_cache(repo, name, cache_dir=cache_dir) for name in names]
+        return [Path(f) for f in found if isinstance(f, str)] or None
+    url = _url(model, pretrained)
+    if url:
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        return [target] if target.is_file() else None
+    return None

@@ -7,6 +7,7 @@ provenance and resume live in ``runrecord.OutputRun``; what a method computes li
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from coder_index.core.atomic import translate_disk_full
 from coder_index.core.faults import pause_point
 from coder_index.core.parallelism import parallel_encoding
+from coder_index.core.startup import process_age
 from coder_index.methods.scorers import CoderScorer
 from coder_index.pipeline.discover import Discovery, ListedFiles, walk_images, walk_listed
 from coder_index.pipeline.embeddings_out import EmbeddingSaver
@@ -31,6 +33,8 @@ from coder_index.pipeline.shards import ShardFiles, walk_shards
 
 if TYPE_CHECKING:
     from coder_index.methods.text_index import TextIndex
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -269,6 +273,7 @@ def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: in
     clock = clock or _NoClock()
     feed = make_feed(decode, encoder.preprocess, encoder.device)
     batches = feed.batches(root, todo, batch_size=batch_size, workers=plan.workers)
+    first = True
     while True:
         with clock.stage("feed"):
             batch = next(batches, None)
@@ -280,9 +285,20 @@ def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: in
         if batch.pixels is not None:
             with clock.stage("encode"):
                 emb = encoder.encode_image_batch(batch.pixels)
+            if first:
+                first = False
+                _say_first_batch(len(batch.paths))
             yield batch.paths, emb, len(batch.errors)
         elif batch.errors:
             yield [], None, len(batch.errors)
+
+
+def _say_first_batch(n: int) -> None:
+    """-v: when the first images were encoded, counted from the process's start (the fixed cost of a run:
+    imports, index, model; benchmarks/bench_start.py reads this line)."""
+    age = process_age()
+    if age is not None:
+        log.info("first batch (%d images) encoded %.2f s after the process started", n, age)
 
 
 def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,
