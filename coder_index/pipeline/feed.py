@@ -340,3 +340,100 @@ def tensor_decoder_works(device: torch.device) -> bool:
 def split_ok(preprocess: Any) -> bool:
     parts = split_preprocess(preprocess)
     return parts is not None and parts.shortest_side is not None
+
+
+# ---------------------------------------------------------------------------------------------- overlap
+class Prefetched:
+    """A feed's batches made by a thread, up to ``depth`` ahead of the caller: batch n+1 is received
+    from the workers, decoded (on a GPU: nvJPEG, resize, normalise) and copied to the device while the
+    caller encodes and scores batch n. On CUDA the thread queues its work on a stream of its own, and
+    each batch is handed over with an event the caller's stream waits on, so the two overlap on the
+    device too. Batches keep their order; an error in the feed is raised by the caller's ``next``;
+    ``close`` (also on leaving a ``with`` block) stops the thread and the workers it reads from."""
+
+    def __init__(self, batches: Callable[[], Iterator[FedBatch]], device: torch.device, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.device = torch.device(device)
+        self._queue: Any = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._done = False
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, args=(batches,), name="coder-index-feed", daemon=True)
+        self._thread.start()
+
+    def _run(self, batches: Callable[[], Iterator[FedBatch]]) -> None:
+        import contextlib
+
+        made = None
+        try:
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                made = batches()
+                for batch in made:
+                    ready = None
+                    if self._stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(self._stream)
+                    if not self._put(("batch", batch, ready)):
+                        return
+            self._put(("end", None, None))
+        except BaseException as exc:  # handed to the caller, who raises it
+            self._put(("error", exc, None))
+        finally:
+            close = getattr(made, "close", None)
+            if close is not None:
+                close()  # the loader's workers stop here, in the thread that iterated them
+
+    def _put(self, item: tuple[str, Any, Any]) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def __next__(self) -> FedBatch:
+        if self._done:
+            raise StopIteration
+        kind, payload, ready = self._queue.get()
+        if kind != "batch":
+            self._done = True
+            self._thread.join()
+            if kind == "error":
+                raise payload
+            raise StopIteration
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            if payload.pixels is not None:
+                payload.pixels.record_stream(current)  # made on the feed's stream, used on this one
+        return payload
+
+    def close(self, wait: float = 30.0) -> None:
+        """Stop the thread: a put waiting for room returns at once, a batch being made is finished
+        first. After ``wait`` seconds (workers that died without a word: the loader notices within
+        seconds) it is left to end on its own; it never holds the process open."""
+        import queue
+        import time
+
+        self._done = True
+        self._stop.set()
+        give_up = time.monotonic() + wait
+        while self._thread.is_alive() and time.monotonic() < give_up:
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def __enter__(self) -> Prefetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
