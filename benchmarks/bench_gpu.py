@@ -11,6 +11,8 @@ as JSON, never asserted.
   against a plain float32 GEMM of the same shape (TF32 off for both): the fraction of the GEMM rate.
   On the CPU it also times the former numpy path (an aligned copy and ``np.matmul``) beside torch.
 * faiss: corpus search queries/s, FAISS on the GPU against FAISS on the CPU, over random unit rows.
+* start: the command's fixed cost before its first images against `import torch` + reading the
+  weights (``bench_start.py``, fresh processes, medians).
 * rerank: ``rerank`` of N images x C classes with pair texts for every pair met, on the device and
   on the CPU.
 """
@@ -182,6 +184,14 @@ def bench_pipeline(model: str, n_images: int, batch: int, dev: torch.device, tmp
             "model_build_s": round(t_model, 2), **limits, "classify": runs}
 
 
+def bench_start(dev: torch.device, tmp: Path, runs: int) -> dict:
+    """The command's fixed cost before its first images (benchmarks/bench_start.py, fresh processes)."""
+    out = tmp / "start.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_start.py"), "--device", dev.type,
+                    "--runs", str(runs), "--workdir", str(tmp / "start"), "--out", str(out)], check=True)
+    return json.loads(out.read_text())["median_seconds"]
+
+
 def bench_agreement(dev: torch.device) -> dict:
     """The tensor feed against the reference on the 250 shared ImageNet photos: the largest pixel
     difference after preprocessing (normalised units), the lowest cosine between the two ViT-B-32
@@ -307,7 +317,7 @@ def bench_rerank(n: int, c: int, dev: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small sizes: check that everything runs (any machine)")
-    ap.add_argument("--only", nargs="*", choices=["pipeline", "coder", "faiss", "rerank", "agreement"])
+    ap.add_argument("--only", nargs="*", choices=["pipeline", "coder", "faiss", "rerank", "agreement", "start"])
     ap.add_argument("--rerank-size", nargs=2, type=int, default=None, metavar=("IMAGES", "CLASSES"),
                     help="rerank shape [default: 100,000 x 1,000; --smoke 2,000 x 200]")
     ap.add_argument("--images", type=int, default=None, help="photos for the pipeline [default 10,000; --smoke 128]")
@@ -317,7 +327,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = args.tmp or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     small = args.smoke
-    want = set(args.only or ["agreement", "pipeline", "coder", "faiss", "rerank"])
+    want = set(args.only or ["agreement", "start", "pipeline", "coder", "faiss", "rerank"])
     results: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__, "smoke": small}
     if dev.type != "cuda":
@@ -325,6 +335,9 @@ def main() -> None:
     if "agreement" in want:
         results["agreement"] = bench_agreement(dev)
         print(json.dumps(results["agreement"]), flush=True)
+    if "start" in want:
+        results["start"] = bench_start(dev, tmp, runs=2 if small else 3)
+        print(json.dumps(results["start"]), flush=True)
     if "coder" in want:
         results["coder"] = bench_coder(*((2048, 20_000, 2_000) if small else (65_536, 100_000, 10_000)), dev)
         print(json.dumps(results["coder"]), flush=True)
