@@ -112,6 +112,28 @@ def test_fingerprint_is_remembered_and_every_kind_of_change_is_seen(tmp_path, ti
     assert len(counted_checksums) == 6
 
 
+def test_a_file_appearing_while_the_weights_load_is_not_remembered(tmp_path, tiny_model, private_cache,
+                                                                  counted_checksums, monkeypatch):
+    """open_clip picks the file it loads from what the folder holds when it looks: a listing that
+    changed during the load keys nothing."""
+    local = _copy_model(tiny_model, tmp_path / "model")
+    real_build = ClipEncoder._build
+
+    def build_then_add_a_file(self, *args, **kwargs):
+        built = real_build(self, *args, **kwargs)
+        shutil.copy(local / WEIGHTS, local / "late.pth")
+        return built
+
+    monkeypatch.setattr(ClipEncoder, "_build", build_then_add_a_file)
+    ClipEncoder(f"local-dir:{local}", device="cpu")
+    monkeypatch.setattr(ClipEncoder, "_build", real_build)
+    (local / "late.pth").unlink()
+    ClipEncoder(f"local-dir:{local}", device="cpu")
+    assert len(counted_checksums) == 2  # the first load's listing was not remembered
+    ClipEncoder(f"local-dir:{local}", device="cpu")
+    assert len(counted_checksums) == 2
+
+
 def test_fresh_files_and_random_weights_are_always_hashed(tmp_path, tiny_model, counted_checksums, monkeypatch):
     monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
     local = _copy_model(tiny_model, tmp_path / "model")  # written just now: within SETTLE_SECONDS

@@ -250,8 +250,11 @@ class ClipEncoder:
             _say_untrained_once(model)
         net.train(False)  # inference mode for dropout/batch-norm layers
         embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
-        # The files may have changed while they were read: only a key that held before and after is used.
-        if key != fingerprint_cache.identity_key(files or [], model=model, pretrained=self.pretrained, reader=reader):
+        # The files may have changed (or others appeared beside them) while they were read: only a key
+        # that held before and after is used.
+        files_after = weight_files(model, self.pretrained, cache_dir)
+        if files_after != files or key != fingerprint_cache.identity_key(
+                files_after or [], model=model, pretrained=self.pretrained, reader=reader):
             key = None
         checksum = fingerprint_cache.lookup(key)
         if checksum is None:
