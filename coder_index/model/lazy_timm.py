@@ -52,8 +52,17 @@ class Deferred:
 
 
 class _HideTimm(importlib.abc.MetaPathFinder):
+    """timm is not found - by the thread importing open_clip only; other threads import it as usual."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.thread = threading.get_ident()
+
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name == "timm" or name.startswith("timm."):
+        import threading
+
+        if (name == "timm" or name.startswith("timm.")) and threading.get_ident() == self.thread:
             raise ModuleNotFoundError(f"No module named {name!r} (deferred by coder-index)", name=name)
         return None
 
