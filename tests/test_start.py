@@ -285,3 +285,19 @@ def test_first_batch_time_is_logged_from_the_process_start(tmp_path, built_index
     line = next(ln for ln in p.stderr.replace("\r", "\n").splitlines() if "first batch" in ln)
     seconds = float(line.split("encoded ")[1].split(" s ")[0])
     assert "first batch (1 images) encoded" in line and 0 < seconds < 300
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "broken-link"])
+def test_a_special_file_among_a_folders_weights_is_refused_not_waited_on(tmp_path, tiny_model, kind):
+    from coder_index import ModelLoadError
+
+    local = _copy_model(tiny_model, tmp_path / "model")
+    odd = local / "open_clip_model.safetensors"  # the name open_clip prefers
+    if kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "folder":
+        odd.mkdir()
+    else:
+        odd.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        ClipEncoder(f"local-dir:{local}", device="cpu")

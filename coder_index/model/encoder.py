@@ -136,6 +136,10 @@ def _check_local_dir(model: str) -> None:
         raise ModelLoadError(f"{path} has no open_clip_config.json; a local-dir: model needs the config "
                              "and a weights file (open_clip_pytorch_model.bin or open_clip_model.safetensors)")
     weights = [p for p in path.iterdir() if p.suffix in (".bin", ".pth", ".safetensors")]
+    special = [p for p in weights if not p.is_file()]
+    if special:  # open_clip would pick it like a file: a FIFO blocks the load for ever
+        raise ModelLoadError(f"{special[0]} is not a regular file (a folder, FIFO, socket, device or broken link); "
+                             f"open_clip picks its weights from the files of {path} by name: move it out of the folder")
     if not weights:
         # open_clip would silently build a random model here; embeddings would be meaningless.
         raise ModelLoadError(f"{path} holds no weights file (.bin, .pth or .safetensors); "
