@@ -132,3 +132,33 @@ def test_classify_with_batches_made_ahead_gives_the_rows_and_errors_made_in_line
     for path, row in results[False][0].items():  # the same batches: the same ranking, the stated tolerance
         assert_same_ranking(*csv_ranking(row), *csv_ranking(results[True][0][path]), what=path)
         assert row["method"] == results[True][0][path]["method"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none): the feed's "
+                                                          "own CUDA stream")
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_batches_made_on_the_feeds_stream_equal_those_made_in_line(tmp_path, decode):
+    """On a GPU: pixels made by the thread on its own stream and handed over with an event equal, bit
+    for bit, the pixels made in line on the default stream (both feeds, the messy folder)."""
+    import open_clip
+
+    from coder_index.pipeline.feed import make_feed
+
+    from images import make_messy_folder
+
+    folder = make_messy_folder(tmp_path / "messy")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                   and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp") and not p.name.startswith("."))
+    dev = torch.device("cuda")
+    feed = make_feed(decode, open_clip.image_transform(224, is_train=False), dev)
+
+    def made():
+        return feed.batches(folder, names, batch_size=4, workers=2)
+
+    in_line = [(b.paths, b.pixels.clone() if b.pixels is not None else None, b.errors) for b in made()]
+    with Prefetched(made, dev) as ahead:
+        got = [(b.paths, b.pixels.clone() if b.pixels is not None else None, b.errors) for b in ahead]
+    torch.cuda.synchronize()
+    assert [(p, e) for p, _, e in got] == [(p, e) for p, _, e in in_line]
+    for (_, a, _), (_, b, _) in zip(got, in_line, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
