@@ -301,3 +301,38 @@ def test_a_special_file_among_a_folders_weights_is_refused_not_waited_on(tmp_pat
         odd.symlink_to(tmp_path / "nowhere")
     with pytest.raises(ModelLoadError, match="not a regular file"):
         ClipEncoder(f"local-dir:{local}", device="cpu")
+
+
+def test_concurrent_writers_never_leave_a_damaged_cache_and_dead_writers_temps_go(private_cache):
+    """Writers take turns and replace the file whole (temp + rename): a reader meets the old or the new
+    entries, never a mix; no writer's entry is lost; a temp file left by a killed writer (its pid gone)
+    is removed by the next writer."""
+    import threading
+
+    private_cache.mkdir(parents=True)
+    stale = private_cache / f".{fingerprint_cache.CACHE_NAME}.999999999.0123abcd.tmp"
+    stale.write_text("{")
+    failures = []
+
+    def writer(w: int) -> None:
+        for i in range(40):
+            fingerprint_cache.remember(f"w{w}-{i}", f"{w * 1000 + i:064x}")
+
+    def reader() -> None:
+        for _ in range(200):
+            text = (private_cache / fingerprint_cache.CACHE_NAME).read_text() if \
+                (private_cache / fingerprint_cache.CACHE_NAME).exists() else "{}"
+            try:
+                json.loads(text)
+            except ValueError as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + [threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert not stale.exists()
+    assert all(fingerprint_cache.lookup(f"w{w}-{i}") == f"{w * 1000 + i:064x}" for w in range(3) for i in range(40))
+    assert not [p for p in private_cache.iterdir() if p.name.endswith(".tmp")]

@@ -16,6 +16,7 @@ The cache is advisory: unreadable, damaged or unwritable means hashing again, ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,10 +24,10 @@ import os
 import re
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from coder_index.core.atomic import atomic_write_json, cache_dir
+from coder_index.core.atomic import atomic_write_json, cache_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,47 @@ def lookup(key: str | None) -> str | None:
 
 
 def remember(key: str | None, sha256: str) -> None:
-    """Keep ``sha256`` for ``key`` (the most recently used ``MAX_ENTRIES`` are kept)."""
+    """Keep ``sha256`` for ``key`` (the most recently used ``MAX_ENTRIES`` are kept). Writers take turns
+    (a lock beside the file, waited on for at most ``LOCK_WAIT`` seconds, else the entry is not kept),
+    so that concurrent commands add to the entries rather than replace each other's."""
     if key is None or not _SHA256.fullmatch(sha256):
         return
-    entries = _read()
-    entries[key] = {"sha256": sha256, "used": time.time()}
-    if len(entries) > MAX_ENTRIES:
-        keep = sorted(entries, key=lambda k: entries[k]["used"], reverse=True)[:MAX_ENTRIES]
-        entries = {k: entries[k] for k in keep}
     try:
         _path().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(_path(), entries)
+        with _turn() as ours:
+            if not ours:
+                return
+            entries = _read()
+            entries[key] = {"sha256": sha256, "used": time.time()}
+            if len(entries) > MAX_ENTRIES:
+                keep = sorted(entries, key=lambda k: entries[k]["used"], reverse=True)[:MAX_ENTRIES]
+                entries = {k: entries[k] for k in keep}
+            # a writer killed between its temp file and the rename left the temp behind: its pid is gone
+            remove_stale_temps(_path().parent, prefix=f".{CACHE_NAME}.")
+            atomic_write_json(_path(), entries)  # a temp file renamed over the cache: readers see old or new
     except OSError as exc:  # a read-only home: hash again next time
         log.debug("weights fingerprint not cached (%s)", exc)
+
+
+LOCK_WAIT = 2.0
+
+
+@contextlib.contextmanager
+def _turn() -> Iterator[bool]:
+    import fcntl
+
+    with open(_path().with_name(CACHE_NAME + ".lock"), "a+") as f:
+        give_up = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > give_up:
+                    yield False
+                    return
+                time.sleep(0.01)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
