@@ -134,21 +134,36 @@ def test_a_file_appearing_while_the_weights_load_is_not_remembered(tmp_path, tin
     assert len(counted_checksums) == 2
 
 
-def test_fresh_files_and_random_weights_are_always_hashed(tmp_path, tiny_model, counted_checksums, monkeypatch):
+def test_fresh_files_are_always_hashed(tmp_path, tiny_model, counted_checksums, monkeypatch):
     monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(tmp_path / "cache"))
     local = _copy_model(tiny_model, tmp_path / "model")  # written just now: within SETTLE_SECONDS
     ClipEncoder(f"local-dir:{local}", device="cpu")
     ClipEncoder(f"local-dir:{local}", device="cpu")
     assert len(counted_checksums) == 2
+    assert not (tmp_path / "cache" / fingerprint_cache.CACHE_NAME).exists()
+
+
+def test_random_weights_are_remembered_by_their_config_and_seeding_code(tmp_path, private_cache,
+                                                                        counted_checksums, monkeypatch):
+    """Seeded weights are fixed by the model's config and the versions of torch and open_clip: another
+    config under the same name, or another torch, is hashed again; the fingerprint is always the true
+    sha256 of the weights (as every index built with them expects when it is opened again)."""
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "coder-tiny-random.json").write_text(json.dumps(TINY_CONFIG["model_cfg"]))
     open_clip.add_model_config(tmp_path / "cfgs")
-    monkeypatch.setattr(fingerprint_cache, "SETTLE_SECONDS", 0.0)
     a = ClipEncoder("coder-tiny-random", pretrained="random", device="cpu")
     b = ClipEncoder("coder-tiny-random", pretrained="random", device="cpu")
-    assert len(counted_checksums) == 4  # no file to key them by
-    assert a.fingerprint == b.fingerprint
-    assert not (tmp_path / "cache" / fingerprint_cache.CACHE_NAME).exists()
+    assert len(counted_checksums) == 1
+    assert a.fingerprint == b.fingerprint and a.fingerprint.weights_sha256 == _true_sha(b)
+    wider = json.loads(json.dumps(TINY_CONFIG["model_cfg"]))
+    wider["vision_cfg"]["width"] = 96
+    (tmp_path / "cfgs" / "coder-tiny-random.json").write_text(json.dumps(wider))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    c = ClipEncoder("coder-tiny-random", pretrained="random", device="cpu")
+    assert len(counted_checksums) == 2 and c.fingerprint.weights_sha256 == _true_sha(c) != a.fingerprint.weights_sha256
+    monkeypatch.setattr(torch, "__version__", "0.0.0+another")
+    ClipEncoder("coder-tiny-random", pretrained="random", device="cpu")
+    assert len(counted_checksums) == 3
 
 
 @pytest.mark.parametrize("damage", ["garbage", "list", "bad-values", "directory", "empty"])

@@ -248,7 +248,12 @@ class ClipEncoder:
             self.device = pick_device(device)
             files = weight_files(model, self.pretrained, cache_dir)
             reader = f"open_clip {getattr(open_clip, '__version__', '?')}"
-            key = fingerprint_cache.identity_key(files or [], model=model, pretrained=self.pretrained, reader=reader)
+            if self.pretrained == RANDOM_WEIGHTS:
+                key = fingerprint_cache.seeded_key(model=model, config=open_clip.get_model_config(model),
+                                                   reader=f"{reader}, torch {torch.__version__}")
+            else:
+                key = fingerprint_cache.identity_key(files or [], model=model, pretrained=self.pretrained,
+                                                     reader=reader)
             net, preprocess = self._build(open_clip, model, cache_dir)
         if self.pretrained == RANDOM_WEIGHTS:
             _say_untrained_once(model)
@@ -256,10 +261,11 @@ class ClipEncoder:
         embed_dim = int(getattr(net, "embed_dim", 0) or _probe_embed_dim(net))
         # The files may have changed (or others appeared beside them) while they were read: only a key
         # that held before and after is used.
-        files_after = weight_files(model, self.pretrained, cache_dir)
-        if files_after != files or key != fingerprint_cache.identity_key(
-                files_after or [], model=model, pretrained=self.pretrained, reader=reader):
-            key = None
+        if self.pretrained != RANDOM_WEIGHTS:
+            files_after = weight_files(model, self.pretrained, cache_dir)
+            if files_after != files or key != fingerprint_cache.identity_key(
+                    files_after or [], model=model, pretrained=self.pretrained, reader=reader):
+                key = None
         checksum = fingerprint_cache.lookup(key)
         if checksum is None:
             checksum = weights_checksum(net)

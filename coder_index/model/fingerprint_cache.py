@@ -8,8 +8,8 @@ identity: real path, device, inode, size, modification and status-change times i
 Rewriting a file, even to the same size with its old modification time put back, changes its
 status-change time, which no user can set. A file changed in the last ``SETTLE_SECONDS`` is never
 cached, since a second change within the file system's timestamp granularity could go unseen (the
-"racy" case git guards against the same way). ``--pretrained random`` weights come from no file and
-are always hashed.
+"racy" case git guards against the same way). ``--pretrained random`` weights come from no file: they
+are keyed by the model's config and the versions of torch and open_clip that seed them.
 
 The cache is advisory: unreadable, damaged or unwritable means hashing again, never an error.
 """
@@ -56,6 +56,16 @@ def identity_key(files: Sequence[Path], *, model: str, pretrained: str | None, r
             return None
         parts.append([path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     blob = json.dumps([_ALGORITHM, model, pretrained, reader, parts], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def seeded_key(*, model: str, config: dict | None, reader: str) -> str | None:
+    """The cache key of ``--pretrained random`` weights: seeded, so fixed by the model's config and the
+    code that initialises them (torch's and open_clip's versions, in ``reader``). Every index built with
+    random weights already relies on this (its fingerprint is checked when it is opened again)."""
+    if not config:
+        return None
+    blob = json.dumps([_ALGORITHM, model, "random", reader, config], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
