@@ -293,11 +293,12 @@ def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: in
                 with clock.stage("write"):
                     write_errors(batch.errors)
             if batch.pixels is not None:
+                ready = process_age() if first else None
                 with clock.stage("encode"):
                     emb = encoder.encode_image_batch(batch.pixels)
                 if first:
                     first = False
-                    _say_first_batch(len(batch.paths))
+                    _say_first_batch(len(batch.paths), ready)
                 yield batch.paths, emb, len(batch.errors)
             elif batch.errors:
                 yield [], None, len(batch.errors)
@@ -310,12 +311,14 @@ def prefetch_batches(device: Any) -> bool:
     return getattr(device, "type", str(device)) == "cuda"
 
 
-def _say_first_batch(n: int) -> None:
-    """-v: when the first images were encoded, counted from the process's start (the fixed cost of a run:
-    imports, index, model; benchmarks/bench_start.py reads this line)."""
-    age = process_age()
-    if age is not None:
-        log.info("first batch (%d images) encoded %.2f s after the process started", n, age)
+def _say_first_batch(n: int, ready: float | None) -> None:
+    """-v: when the first batch was ready to encode (the fixed cost of a run: imports, index, model,
+    the first decode) and when it was encoded, counted from the process's start
+    (benchmarks/bench_start.py reads this line)."""
+    encoded = process_age()
+    if ready is not None and encoded is not None:
+        log.info("first batch (%d images) ready %.2f s after the process started, encoded at %.2f s", n, ready,
+                 encoded)
 
 
 def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,
