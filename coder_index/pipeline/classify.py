@@ -267,8 +267,8 @@ def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names
 
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
-                   write_errors: Callable, decode: str = "cpu", clock: Any = None
-                   ) -> Iterator[tuple[list[str], np.ndarray]]:
+                   write_errors: Callable, decode: str = "cpu", clock: Any = None,
+                   first_batch: dict[str, bool] | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
     encoder = index.encoder
     clock = clock or _NoClock()
     feed = make_feed(decode, encoder.preprocess, encoder.device)
@@ -282,7 +282,8 @@ def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: in
     # each stage's time is its own.
     ahead = prefetch_batches(encoder.device) and not isinstance(clock, StageClock)
     batches = Prefetched(made, encoder.device) if ahead else made()
-    first = True
+    # -v: the run's first batch is announced once (the caller shares the flag across chunks of the list)
+    first_batch = first_batch if first_batch is not None else {"pending": True}
     try:
         while True:
             with clock.stage("feed"):
@@ -293,11 +294,11 @@ def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: in
                 with clock.stage("write"):
                     write_errors(batch.errors)
             if batch.pixels is not None:
-                ready = process_age() if first else None
+                ready = process_age() if first_batch["pending"] else None
                 with clock.stage("encode"):
                     emb = encoder.encode_image_batch(batch.pixels)
-                if first:
-                    first = False
+                if first_batch["pending"]:
+                    first_batch["pending"] = False
                     _say_first_batch(len(batch.paths), ready)
                 yield batch.paths, emb, len(batch.errors)
             elif batch.errors:
@@ -348,6 +349,7 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
 
     plan_ctx = None
     failed = False
+    first_batch = {"pending": True}
     try:
         for todo in chunks:
             if plan_ctx is None:
@@ -356,7 +358,7 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
             bar.total = (bar.total or 0) + len(todo)
             bar.refresh()
             for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode,
-                                                    clock):
+                                                    clock, first_batch):
                 if emb is not None:
                     buffered.append((paths, emb))
                 if sum(len(ps) for ps, _ in buffered) >= scorer.chunk:
