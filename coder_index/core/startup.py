@@ -5,8 +5,8 @@ thousand long-lived objects. Python's cyclic garbage collector runs full collect
 they are being created, and again when the interpreter exits, and finds no garbage: on a 2-core
 machine the import took 2.7 s with the collector running and 2.0 s with it paused, and the exit
 after it 1.3 s against 0.2 s with those objects frozen. ``paused_gc`` is used around such imports;
-``freeze_imports`` (which the command line turns on) moves everything that exists after the model is
-loaded out of the collector's sight for the rest of the process.
+``freeze_after_loading`` (which the command line turns on) makes ``settle_imports`` move everything
+that exists once the model is loaded out of the collector's sight for the rest of the process.
 """
 
 from __future__ import annotations
