@@ -1,7 +1,6 @@
 """`coder-index eval`: report numbers against a direct computation, mapping, CSV, embedding cache."""
 
 import json
-import os
 import time
 
 import numpy as np
@@ -121,17 +120,30 @@ def test_report_matches_direct_computation(env):
     assert server.by_kind["one_to_one"] > 0
 
 
-def test_embedding_cache_reused_and_invalidated(env, other_tiny_model):
+def test_embedding_cache_reused_and_invalidated(env, other_tiny_model, monkeypatch):
+    from coder_index.core import file_identity
+
+    from test_identity import CHANGES
+
+    monkeypatch.setattr(file_identity, "SETTLE_SECONDS", 0.3)  # images written just now count as settled soon
     tmp_path, data, mapping, server = env
+    time.sleep(0.4)
     first = run_eval(tmp_path, data, mapping, server, "a", "--methods", "coder")
     assert first["embeddings_from_cache"] == 0 and first["encoded"] == 20
     second = run_eval(tmp_path, data, mapping, server, "b", "--methods", "clip,coder")
     assert second["embeddings_from_cache"] == 20 and second["encoded"] == 0
     assert second["methods"][1]["top1"] == first["methods"][0]["top1"]
+    # a file rewritten in place with its size and mtime kept, replaced by a rename, touched: re-encoded,
+    # and only it (each change settled first, so that only the file's identity can tell it)
     target = data / "pug" / "0.png"
-    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))  # a touched file is re-encoded
-    third = run_eval(tmp_path, data, mapping, server, "c", "--methods", "coder")
-    assert third["embeddings_from_cache"] == 19 and third["encoded"] == 1
+    target.write_bytes(target.read_bytes() + b"\0" * 2048)  # room to rewrite it in place with other bytes
+    time.sleep(0.4)
+    assert run_eval(tmp_path, data, mapping, server, "c0", "--methods", "coder")["encoded"] == 1
+    for n, change in enumerate(CHANGES):
+        change(target)
+        time.sleep(0.4)
+        again = run_eval(tmp_path, data, mapping, server, f"c{n + 1}", "--methods", "coder")
+        assert again["embeddings_from_cache"] == 19 and again["encoded"] == 1, change.__name__
     # another model never reads these embeddings
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx2"), "--classes", str(tmp_path / "classes.txt"),
                                    "--model", other_tiny_model])

@@ -174,13 +174,11 @@ def fit(env, out, *extra):
 
 
 def test_fit_never_reads_test_images(fewshot_env, monkeypatch):
-    from coder_index.pipeline import loader
-    from coder_index.pipeline import support_views as support
+    from coder_index.pipeline import feed
 
     seen = []
-    for module in (support, loader):
-        real = module.load_image
-        monkeypatch.setattr(module, "load_image", lambda p, real=real: (seen.append(str(p)), real(p))[1])
+    real = feed.load_image  # every image of fewshot fit, support and validation, comes through the one feed
+    monkeypatch.setattr(feed, "load_image", lambda p: (seen.append(str(p)), real(p))[1])
     manifest = fit(fewshot_env, "ad")
     assert seen and not any("/test/" in p for p in seen)
     assert manifest["validation"]["images"] == 3 * 6  # the 6 non-support images of each class
@@ -244,20 +242,27 @@ def test_support_embedding_is_the_normalised_mean_of_raw_views(fewshot_env):
     """As the released build_cache: mean over augment epochs of the raw features, then normalise."""
     import torch
 
-    from coder_index.pipeline.support_views import _Augmented, augmentation, augmented_embeddings
+    from coder_index.core.decode import load_image
+    from coder_index.pipeline.support_views import augmentation, augmented_embeddings
 
     index = TextIndex.open(fewshot_env / "idx")
     enc = index.encoder
     paths = sorted((fewshot_env / "train" / "red").glob("*.png"))[:3]
     got, errors = augmented_embeddings(enc, paths, 4, seed=5, workers=0)
-    ds = _Augmented(paths, augmentation(enc), 4, 5)
-    raw = np.stack([enc.encode_image_batch(ds[i][1], normalize=False) for i in range(3)])   # [3, 4, D]
+    # the released way, whole: the augmentation with its ToTensor + Normalize on each Pillow image, seeded
+    # per (seed, image, view); the feed splits it (uint8 views, normalised where the encoder runs)
+    views = []
+    for i, p in enumerate(paths):
+        for e in range(4):
+            torch.manual_seed(5 * 1_000_003 + i * 1_009 + e)
+            views.append(augmentation(enc)(load_image(p)))
+    raw = enc.encode_image_batch(torch.stack(views), normalize=False).reshape(3, 4, -1)   # [3, 4, D]
     expected = raw.mean(1) / np.linalg.norm(raw.mean(1), axis=1, keepdims=True)
     np.testing.assert_allclose(got, expected, atol=1e-6)
     normalised_first = (raw / np.linalg.norm(raw, axis=2, keepdims=True)).mean(1)
     normalised_first /= np.linalg.norm(normalised_first, axis=1, keepdims=True)
     assert np.abs(got - normalised_first).max() > 2e-5  # the two orders really differ here (atol above: 1e-6)
-    assert not errors and torch.is_tensor(ds[0][1])
+    assert not errors and not np.allclose(raw[:, 0], raw[:, 1])  # the views really differ
 
 
 def test_released_defaults_per_dataset(fewshot_env):

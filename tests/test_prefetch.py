@@ -108,7 +108,7 @@ def test_classify_with_batches_made_ahead_gives_the_rows_and_errors_made_in_line
 
     from click.testing import CliRunner
 
-    from coder_index.pipeline import classify as classify_module
+    from coder_index.pipeline import encode_images as classify_module
     from coder_index_cli.main import cli
 
     from images import make_messy_folder

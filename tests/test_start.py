@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from coder_index import ClipEncoder
+from coder_index.core import file_identity
 from coder_index.core.startup import paused_gc, process_age
 from coder_index.model import encoder as encoder_module
 from coder_index.model import fingerprint_cache
@@ -48,7 +49,7 @@ def counted_checksums(monkeypatch):
 def private_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(cache))
-    monkeypatch.setattr(fingerprint_cache, "SETTLE_SECONDS", 0.0)  # files written by the test count as settled
+    monkeypatch.setattr(file_identity, "SETTLE_SECONDS", 0.0)  # files written by the test count as settled
     return cache
 
 
@@ -194,7 +195,7 @@ def test_an_unwritable_cache_is_not_an_error(tmp_path, tiny_model, monkeypatch, 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("CODER_INDEX_CACHE_DIR", str(blocker / "cache"))
-    monkeypatch.setattr(fingerprint_cache, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(file_identity, "SETTLE_SECONDS", 0.0)
     local = _copy_model(tiny_model, tmp_path / "model")
     a = ClipEncoder(f"local-dir:{local}", device="cpu")
     b = ClipEncoder(f"local-dir:{local}", device="cpu")
@@ -262,6 +263,7 @@ def test_timm_is_imported_only_when_a_model_needs_it(tmp_path, tiny_model):
 import gc, json, sys
 from pathlib import Path
 from coder_index import ClipEncoder
+from coder_index.core import file_identity
 enc = ClipEncoder({tiny_model!r}, device="cpu")
 print("timm imported by a ViT:", "timm" in sys.modules)
 print("gc enabled:", gc.isenabled())

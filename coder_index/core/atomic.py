@@ -1,24 +1,18 @@
-"""Crash-safe file writes and writer locks.
+"""Crash-safe file writes.
 
-* Files are written aside under a name unique to the writer (``.NAME.<pid>.<random>.tmp``),
-  fsynced, renamed into place, and the directory fsynced. A failed write removes its temp file, and
-  a temp file left by a killed writer never blocks anything: it is recognisable and is cleaned up
-  by the next writer that holds the lock.
-* ``exclusive_lock`` serialises the writers of one index directory (``fcntl.flock``: released by
-  the kernel when a process dies, so it can never go stale).
-* ``OwnerLock`` is the same for a file with an owner who should be named: the pid and command are
-  written into the lock file, and a second writer is refused at once with them.
+Files are written aside under a name unique to the writer (``.NAME.<pid>.<random>.tmp``), fsynced,
+renamed into place, and the directory fsynced. A failed write removes its temp file, and a temp file
+left by a killed writer never blocks anything: it is recognisable and is cleaned up by the next
+writer that holds the lock (``core.locking.FileLock``, the one lock helper).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
 import secrets
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,10 +26,6 @@ _TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
 class DiskFullError(CoderIndexError):
     """The device ran out of space (or quota) during a write."""
-
-
-class BusyError(CoderIndexError):
-    """Another process holds the lock of the file or directory."""
 
 
 def disk_full(exc: BaseException, path: Path | str | None = None) -> bool:
@@ -219,67 +209,6 @@ def write_faiss_durably(index: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-@contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """One writer per index directory at a time (advisory lock, released if the process dies)."""
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-class OwnerLock:
-    """A non-blocking lock on ``path`` that records its owner (pid, command).
-
-    A second process gets BusyError naming the owner. A lock file left by a dead process holds no
-    lock (the kernel drops flock locks with the process), so it is taken over silently.
-    """
-
-    def __init__(self, path: Path, what: str) -> None:
-        self.path = Path(path)
-        self.what = what
-        self._fd: int | None = None
-
-    def acquire(self) -> OwnerLock:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
-                os.close(fd)
-                raise BusyError(f"{self.what} is in use by another coder-index process ({owner}); wait for it to "
-                                f"finish, or write elsewhere") from None
-            # the file may have been unlinked by its previous owner between open and flock: retry
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:6])}\n".encode("utf-8", "replace"), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                self.path.unlink(missing_ok=True)  # while still holding it: waiters re-check the inode
-            finally:
-                os.close(self._fd)
-                self._fd = None
-
-    def __enter__(self) -> OwnerLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 @contextmanager

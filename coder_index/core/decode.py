@@ -138,11 +138,17 @@ def _read_at(fh: BinaryIO, offset: int, n: int) -> bytes:
     return fh.read(n)
 
 
+def jpeg_has_end_marker(tail: bytes) -> bool:
+    """Whether a JPEG's last bytes hold its end-of-image marker (padding after it tolerated): the one
+    test of a complete JPEG, for the reasons given here and for the tensor decoder's choice."""
+    return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def _is_truncated(fmt: str, fh: BinaryIO, size: int) -> bool:
     """Whether the file stops before the end its format declares or marks."""
     head, tail = _read_at(fh, 0, 32), _read_at(fh, size - 64, 64)
     if fmt == "JPEG":
-        return not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")   # EOI marker (padding after it tolerated)
+        return not jpeg_has_end_marker(tail)
     if fmt == "PNG":
         return b"IEND" not in tail[-12:]
     if fmt == "GIF":

@@ -21,8 +21,9 @@ from coder_index.evaluation.report import (
 )
 from coder_index.methods.coder import coder_features
 from coder_index.methods.zeroshot import zero_shot_weights
+from coder_index.pipeline.encode_images import requested_decode
 from coder_index.pipeline.labelled import LabelledSet, embed_labelled
-from coder_index.stores.embcache import EmbeddingCache
+from coder_index.stores.embcache import EmbeddingCache, image_embedding_key
 
 if TYPE_CHECKING:
     from coder_index.methods.text_index import TextIndex
@@ -35,7 +36,8 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
              cache_path: str | Path | None = None, batch_size: int = 64, workers: int | None = None,
              threads: int | None = None, tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
              fewshot: Any | None = None, xmore: Any | None = None, prompts: str = "auto",
-             report_formats: Sequence[str] = ()) -> dict[str, Any]:
+             report_formats: Sequence[str] = (), decode: str = "auto") -> dict[str, Any]:
+    """``decode``: as classify's ``--decode`` (``encode_images.requested_decode``)."""
     few = [m for m in methods if m in FEWSHOT_METHODS]
     if few and fewshot is None:
         raise ValueError(f"{few} need a few-shot adapter (--adapter DIR)")
@@ -47,9 +49,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     fp = index.fingerprint
-    cache = EmbeddingCache(cache_path, fp.weights_sha256, fp.embed_dim)
+    decode = requested_decode(decode, index.compute_device, index.recipe.is_released)
+    cache = EmbeddingCache(cache_path, image_embedding_key(fp.weights_sha256, decode), fp.embed_dim)
     x, keep, enc = embed_labelled(index, data, cache, batch_size=batch_size, workers=workers, threads=threads,
-                                  progress=progress)
+                                  progress=progress, decode=decode)
     labels = data.labels[keep]
     names = data.class_names
     report: dict[str, Any] = {"data": data_name, "index": str(index.path), "model": fp.describe(),

@@ -4,57 +4,48 @@
 seconds for larger models) on every command. The result only depends on the bytes of the files the
 weights were read from and on how they were read (the model's name and tag, open_clip's version). So
 it is kept in ``CACHE_DIR/weights-fingerprints.json`` under a key made of those and of each file's
-identity: real path, device, inode, size, modification and status-change times in nanoseconds.
-Rewriting a file, even to the same size with its old modification time put back, changes its
-status-change time, which no user can set. A file changed in the last ``SETTLE_SECONDS`` is never
-cached, since a second change within the file system's timestamp granularity could go unseen (the
-"racy" case git guards against the same way). ``--pretrained random`` weights come from no file: they
-are keyed by the model's config and the versions of torch and open_clip that seed them.
+identity (``core.file_identity``: real path, device, inode, size, modification and status-change
+times; a file changed in the last ``SETTLE_SECONDS`` is never cached). ``--pretrained random``
+weights come from no file: they are keyed by the model's config and the versions of torch and open_clip that seed them.
 
 The cache is advisory: unreadable, damaged or unwritable means hashing again, never an error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from coder_index.core.atomic import atomic_write_json, cache_dir, remove_stale_temps
+from coder_index.core.file_identity import identify
+from coder_index.core.locking import FileLock
 
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "weights-fingerprints.json"
 MAX_ENTRIES = 256
-SETTLE_SECONDS = 2.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ALGORITHM = 1  # weights_checksum's definition; a change makes every cached value stale
 
 
 def identity_key(files: Sequence[Path], *, model: str, pretrained: str | None, reader: str) -> str | None:
     """The cache key of weights read from ``files`` (None: not cacheable - a file missing, not regular,
-    or changed too recently)."""
+    or changed too recently: ``file_identity``'s rule)."""
     if not files:
         return None
     now = time.time()
     parts = []
     for path in sorted({os.path.realpath(p) for p in files}):
-        try:
-            st = os.stat(path)
-        except OSError:
+        ident = identify(path, now)
+        if ident is None:
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        if now - max(st.st_mtime, st.st_ctime) < SETTLE_SECONDS:
-            return None
-        parts.append([path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+        parts.append(list(ident.as_tuple()))
     blob = json.dumps([_ALGORITHM, model, pretrained, reader, parts], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -101,9 +92,10 @@ def remember(key: str | None, sha256: str) -> None:
         return
     try:
         _path().parent.mkdir(parents=True, exist_ok=True)
-        with _turn() as ours:
-            if not ours:
-                return
+        lock = FileLock(_path().with_name(CACHE_NAME + ".lock"), "the weights-fingerprint cache")
+        if not lock.try_acquire(LOCK_WAIT):
+            return
+        try:
             entries = _read()
             entries[key] = {"sha256": sha256, "used": time.time()}
             if len(entries) > MAX_ENTRIES:
@@ -112,29 +104,10 @@ def remember(key: str | None, sha256: str) -> None:
             # a writer killed between its temp file and the rename left the temp behind: its pid is gone
             remove_stale_temps(_path().parent, prefix=f".{CACHE_NAME}.")
             atomic_write_json(_path(), entries)  # a temp file renamed over the cache: readers see old or new
+        finally:
+            lock.release()
     except OSError as exc:  # a read-only home: hash again next time
         log.debug("weights fingerprint not cached (%s)", exc)
 
 
 LOCK_WAIT = 2.0
-
-
-@contextlib.contextmanager
-def _turn() -> Iterator[bool]:
-    import fcntl
-
-    with open(_path().with_name(CACHE_NAME + ".lock"), "a+") as f:
-        give_up = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > give_up:
-                    yield False
-                    return
-                time.sleep(0.01)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -23,11 +23,10 @@ from tqdm import tqdm
 from coder_index.core.atomic import translate_disk_full
 from coder_index.core.faults import pause_point
 from coder_index.core.parallelism import parallel_encoding
-from coder_index.core.startup import process_age
 from coder_index.methods.scorers import CoderScorer
 from coder_index.pipeline.discover import Discovery, ListedFiles, walk_images, walk_listed
 from coder_index.pipeline.embeddings_out import EmbeddingSaver
-from coder_index.pipeline.feed import Prefetched, make_feed
+from coder_index.pipeline.encode_images import encoded_batches, requested_decode
 from coder_index.pipeline.runrecord import OutputRun
 from coder_index.pipeline.shards import ShardFiles, walk_shards
 
@@ -68,6 +67,8 @@ class StageClock:
     (rows formatted, written, fsynced). The device is synchronised at each boundary so that
     asynchronous GPU work is charged to the stage that queued it: only for measuring (benchmarks),
     since the synchronisation itself removes overlap."""
+
+    measured = True  # the feed makes its batches in line, so that each stage's time is its own
 
     def __init__(self, device: Any = None) -> None:
         self.device = device
@@ -129,6 +130,8 @@ class _WriterThread:
 
 
 class _NoClock:
+    measured = False
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         yield
@@ -163,7 +166,7 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
     t0 = time.perf_counter()
     scorer = scorer or CoderScorer(index, top_k_n)
     provenance = {"index": index.provenance(), "top_k": top_k_n, **scorer.provenance()}
-    if decode == "gpu" or (decode == "auto" and index.compute_device.type == "cuda"):
+    if requested_decode(decode, index.compute_device) == "gpu":
         # the tensor decoder's pixels differ from the reference's by rounding: a resumed run must not mix
         # them (the reference, as every earlier version used, is not recorded: old runs resume)
         provenance["decode"] = "gpu"
@@ -268,58 +271,15 @@ def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
                    write_errors: Callable, decode: str = "cpu", clock: Any = None,
-                   first_batch: dict[str, bool] | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
-    encoder = index.encoder
-    clock = clock or _NoClock()
-    feed = make_feed(decode, encoder.preprocess, encoder.device)
-
-    def made() -> Iterator[Any]:
-        return feed.batches(root, todo, batch_size=batch_size, workers=plan.workers)
-
-    # On a GPU the next batch is made (decoded, resized, copied) while this one encodes and scores. On a
-    # CPU the cores are already busy encoding: a thread made --decode gpu 5-10% slower on 2 cores, so
-    # batches are made in line there. A measured run (a StageClock) makes them in line too, so that
-    # each stage's time is its own.
-    ahead = prefetch_batches(encoder.device) and not isinstance(clock, StageClock)
-    batches = Prefetched(made, encoder.device) if ahead else made()
-    # -v: the run's first batch is announced once (the caller shares the flag across chunks of the list)
-    first_batch = first_batch if first_batch is not None else {"pending": True}
-    try:
-        while True:
-            with clock.stage("feed"):
-                batch = next(batches, None)
-            if batch is None:
-                return
-            if batch.errors:
-                with clock.stage("write"):
-                    write_errors(batch.errors)
-            if batch.pixels is not None:
-                ready = process_age() if first_batch["pending"] else None
-                with clock.stage("encode"):
-                    emb = encoder.encode_image_batch(batch.pixels)
-                if first_batch["pending"]:
-                    first_batch["pending"] = False
-                    _say_first_batch(len(batch.paths), ready)
-                yield batch.paths, emb, len(batch.errors)
-            elif batch.errors:
-                yield [], None, len(batch.errors)
-    finally:
-        batches.close()
-
-
-def prefetch_batches(device: Any) -> bool:
-    """Whether batches are made by a thread ahead of the encoder on this device (see _local_batches)."""
-    return getattr(device, "type", str(device)) == "cuda"
-
-
-def _say_first_batch(n: int, ready: float | None) -> None:
-    """-v: when the first batch was ready to encode (the fixed cost of a run: imports, index, model,
-    the first decode) and when it was encoded, counted from the process's start
-    (benchmarks/bench_start.py reads this line)."""
-    encoded = process_age()
-    if ready is not None and encoded is not None:
-        log.info("first batch (%d images) ready %.2f s after the process started, encoded at %.2f s", n, ready,
-                 encoded)
+                   first_batch: dict[str, bool] | None = None) -> Iterator[tuple[list[str], np.ndarray | None, int]]:
+    """(items, embeddings, errors) per batch of the one feed (``encode_images``); errors written here."""
+    for batch in encoded_batches(index.encoder, root, todo, batch_size=batch_size, workers=plan.workers,
+                                 decode=decode, clock=clock, first_batch=first_batch):
+        if batch.errors:
+            with (clock or _NoClock()).stage("write"):
+                write_errors(batch.errors)
+        if batch.embeddings is not None or batch.errors:
+            yield batch.items, batch.embeddings, len(batch.errors)
 
 
 def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,

@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from coder_index.core.atomic import OwnerLock, atomic_write_bytes, atomic_write_json, fsync_dir, temp_path
+from coder_index.core.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, temp_path
 from coder_index.core.errors import InputFormatError
 from coder_index.core.faults import crash_point
+from coder_index.core.locking import FileLock
 
 FORMAT = "coder-index/image-embeddings"
 DTYPES = ("float16", "float32")
@@ -53,7 +54,7 @@ class EmbeddingSaver:
         self.out, self.dim, self.model, self.dtype = str(Path(out).resolve()), dim, model, dtype
         self.part_rows = part_rows
         self.overwrite = overwrite
-        self._lock: OwnerLock | None = None
+        self._lock: FileLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, done: set[str]) -> EmbeddingSaver:
@@ -62,7 +63,7 @@ class EmbeddingSaver:
         if self.dir.exists() and not self.dir.is_dir():
             raise InputFormatError(f"--save-embeddings {self.dir} is a file; give a folder")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = OwnerLock(self.dir / ".lock", f"--save-embeddings {self.dir}").acquire()
+        self._lock = FileLock(self.dir / ".lock", f"--save-embeddings {self.dir}", remove=True).acquire()
         try:
             self._settle_settings()
             for sub in ("img_emb", "metadata", ".staging"):

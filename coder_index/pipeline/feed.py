@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from coder_index.core.decode import ImageDecodeError, decode_image_bytes, load_image
+from coder_index.core.decode import ImageDecodeError, decode_image_bytes, jpeg_has_end_marker, load_image
 from coder_index.pipeline.shards import Member
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
@@ -37,9 +37,31 @@ DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 @dataclass
 class FedBatch:
-    paths: list[str]               # relative paths of the images in ``pixels``, in order
-    pixels: torch.Tensor | None    # [n, 3, H, W] float32, normalised, on the feed's device
-    errors: list[tuple[str, str]]  # (relative path, reason)
+    paths: list[str]               # the items (relative paths, shard samples) of the images in ``pixels``, in order
+    pixels: torch.Tensor | None    # [n, 3, H, W] float32 ([n * views, ...] with views), normalised, on the device
+    errors: list[tuple[str, str]]  # (item, reason)
+    positions: list[int] | None = None  # where each of ``paths`` stands in the list given to ``batches``
+
+
+@dataclass(frozen=True)
+class Views:
+    """Several random views of each image instead of its one preprocessed picture (the few-shot
+    support set's augmentations): ``geometry`` (PIL -> PIL, random) is applied ``count`` times, with
+    torch's generator seeded per (``seed``, the item's position, the view) so that any worker makes
+    the same views. ``tensor`` (PIL -> normalised float tensor) replaces geometry + the model's
+    normalisation for a preprocessing that cannot be split."""
+
+    geometry: Callable[[Any], Any]
+    count: int
+    seed: int
+    tensor: Callable[[Any], Any] | None = None
+
+    def make(self, image: Any, position: int, parts: PreprocessParts | None) -> torch.Tensor:
+        views = []
+        for e in range(self.count):
+            torch.manual_seed(self.seed * 1_000_003 + position * 1_009 + e)  # reproducible in any worker
+            views.append(to_uint8_chw(self.geometry(image)) if parts is not None else self.tensor(image))
+        return torch.stack(views)
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,7 @@ def normalized(pixels: torch.Tensor, parts: PreprocessParts) -> torch.Tensor:
 def _is_plain_jpeg(data: bytes) -> bool:
     """A complete JPEG of 1 or 3 components (grayscale, YCbCr): what the tensor decoder takes. CMYK
     and YCCK JPEGs (4 components) and files that stop before their end marker go the reference way."""
-    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+    if not data.startswith(b"\xff\xd8\xff") or not jpeg_has_end_marker(data):
         return False
     i, n = 2, len(data)
     while i + 4 <= n:
@@ -107,35 +129,42 @@ def _is_plain_jpeg(data: bytes) -> bool:
 
 
 class _FeedFiles(Dataset):
-    """What a worker hands over for one file: ``("jpeg", bytes)`` for the tensor decoder,
-    ``("pixels", uint8 [3, H, W])`` after the reference geometry, or ``("error", reason)``."""
+    """What a worker hands over for one item: ``(position, item, "jpeg", bytes)`` for the tensor
+    decoder, ``(..., "pixels", uint8 [3, H, W])`` after the reference geometry (``[views, 3, H, W]``
+    with ``views``), or ``(..., "error", reason)``."""
 
     def __init__(self, root: Path, rel_paths: list[str], preprocess: Any, parts: PreprocessParts | None,
-                 jpeg_bytes: bool) -> None:
+                 jpeg_bytes: bool, views: Views | None = None) -> None:
         self.root, self.rel_paths, self.preprocess, self.parts = root, rel_paths, preprocess, parts
-        self.jpeg_bytes = jpeg_bytes
+        self.jpeg_bytes, self.views = jpeg_bytes, views
 
     def __len__(self) -> int:
         return len(self.rel_paths)
 
-    def __getitem__(self, i: int) -> tuple[str, str, Any]:
+    def __getitem__(self, i: int) -> tuple[int, str, str, Any]:
         rel = self.rel_paths[i]
         try:
-            if isinstance(rel, Member):  # a sample of a tar shard: its bytes read at their offset
-                data = rel.read()
-                if self.jpeg_bytes and rel.ext in _JPEG_EXTENSIONS and _is_plain_jpeg(data):
-                    return rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return rel, "pixels", reference_pixels(decode_image_bytes(data), self.preprocess, self.parts)
-            path = self.root / rel
-            if self.jpeg_bytes and rel.lower().endswith(_JPEG_EXTENSIONS):
-                data = _read_regular(path)
+            if self.jpeg_bytes and self.views is None and _jpeg_named(rel):
+                data = rel.read() if isinstance(rel, Member) else _read_regular(self.root / rel)
                 if data is not None and _is_plain_jpeg(data):
-                    return rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return rel, "pixels", reference_pixels(load_image(path), self.preprocess, self.parts)
+                    return i, rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if data is not None and isinstance(rel, Member):
+                    return i, rel, "pixels", self._pixels(decode_image_bytes(data), i)
+            return i, rel, "pixels", self._pixels(load_any(self.root, rel), i)
         except ImageDecodeError as exc:
-            return rel, "error", str(exc)
+            return i, rel, "error", str(exc)
         except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
-            return rel, "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
+            return i, rel, "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
+
+    def _pixels(self, image: Any, position: int) -> torch.Tensor:
+        if self.views is not None:
+            return self.views.make(image, position, self.parts)
+        return reference_pixels(image, self.preprocess, self.parts)
+
+
+def _jpeg_named(rel: str) -> bool:
+    ext = rel.ext if isinstance(rel, Member) else rel.lower()
+    return ext.endswith(_JPEG_EXTENSIONS)
 
 
 _JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
@@ -165,7 +194,7 @@ def reference_pixels(image: Any, preprocess: Any, parts: PreprocessParts | None)
     return to_uint8_chw(parts.geometry(image))
 
 
-def _collate(samples: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
+def _collate(samples: list[tuple[int, str, str, Any]]) -> list[tuple[int, str, str, Any]]:
     return samples
 
 
@@ -189,36 +218,40 @@ class ReferenceFeed:
         self.preprocess, self.device = preprocess, torch.device(device)
         self.parts = split_preprocess(preprocess)
 
-    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int) -> Iterator[FedBatch]:
-        files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=False)
+    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int,
+                views: Views | None = None) -> Iterator[FedBatch]:
+        """Batches of the items in order (``root``-relative paths, or shard samples); with ``views``,
+        each image's ``views.count`` augmented views, consecutive in ``pixels``."""
+        files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=False, views=views)
         for samples in _loader(files, batch_size, workers):
-            yield self._assemble(samples, [])
+            yield self._assemble(samples, {})
 
-    def _assemble(self, samples: list[tuple[str, str, Any]], decoded: list[tuple[str, torch.Tensor]]
-                  ) -> FedBatch:
-        errors = [(rel, payload) for rel, kind, payload in samples if kind == "error"]
-        ready = [(rel, payload) for rel, kind, payload in samples if kind == "pixels"]
+    def _assemble(self, samples: list[tuple[int, str, str, Any]], decoded: dict[int, torch.Tensor]) -> FedBatch:
+        """One batch from the workers' samples and the tensor decoder's images (by sample index): rows
+        in the order of the items, whichever way each was decoded."""
+        errors = [(rel, payload) for _, rel, kind, payload in samples if kind == "error"]
+        ready = [k for k, (_, _, kind, _) in enumerate(samples) if kind == "pixels"]
         pieces = []
         if ready:
-            stacked = torch.stack([p for _, p in ready])
+            stacked = torch.stack([samples[k][3] for k in ready])
+            if stacked.dim() == 5:  # views: [n, views, 3, H, W] -> consecutive rows
+                stacked = stacked.flatten(0, 1)
             if self.device.type == "cuda":
                 stacked = stacked.pin_memory()
             stacked = stacked.to(self.device, non_blocking=True)
             pieces.append(normalized(stacked, self.parts) if self.parts is not None and stacked.dtype == torch.uint8
                           else stacked.float())
         if decoded:
-            pieces.append(torch.stack([t for _, t in decoded]))
-        # rows in the order of the files: reference and tensor-decoded images interleave as listed
-        order = {rel: i for i, (rel, _, _) in enumerate(samples)}
-        paths = [rel for rel, _ in ready] + [rel for rel, _ in decoded]
-        if not paths:
-            return FedBatch([], None, errors)
+            pieces.append(torch.stack(list(decoded.values())))
+        taken = ready + list(decoded)
+        if not taken:
+            return FedBatch([], None, errors, [])
         pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        perm = sorted(range(len(paths)), key=lambda k: order[paths[k]])
-        if perm != list(range(len(paths))):
-            pixels = pixels[torch.tensor(perm, device=pixels.device)]
-            paths = [paths[k] for k in perm]
-        return FedBatch(paths, pixels, errors)
+        order = sorted(range(len(taken)), key=lambda j: taken[j])
+        if order != list(range(len(taken))):  # only when both decoders made images (never with views)
+            pixels = pixels[torch.tensor(order, device=pixels.device)]
+            taken = [taken[j] for j in order]
+        return FedBatch([samples[k][1] for k in taken], pixels, errors, [samples[k][0] for k in taken])
 
 
 class TensorFeed(ReferenceFeed):
@@ -233,33 +266,36 @@ class TensorFeed(ReferenceFeed):
             raise ValueError("--decode gpu reproduces a Resize(shorter side, bicubic) + CenterCrop preprocessing; "
                              "this model's preprocessing has another shape: use --decode cpu")
 
-    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int) -> Iterator[FedBatch]:
+    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int,
+                views: Views | None = None) -> Iterator[FedBatch]:
+        if views is not None:  # augmented views are Pillow's geometry: the reference path makes them
+            yield from super().batches(root, rel_paths, batch_size=batch_size, workers=workers, views=views)
+            return
         files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
         for samples in _loader(files, batch_size, workers):
-            jpegs = [(i, rel, data) for i, (rel, kind, data) in enumerate(samples) if kind == "jpeg"]
+            jpegs = [(k, rel, data) for k, (_, rel, kind, data) in enumerate(samples) if kind == "jpeg"]
             decoded, refused = self._decode(jpegs)
-            for i in refused:  # the tensor decoder said no: the reference path decides (pixels or reason)
-                rel = samples[i][0]
+            for k in refused:  # the tensor decoder said no: the reference path decides (pixels or reason)
+                position, rel = samples[k][0], samples[k][1]
                 try:
-                    samples[i] = (rel, "pixels", reference_pixels(load_any(root, rel), self.preprocess,
-                                                                  self.parts))
+                    samples[k] = (position, rel, "pixels", reference_pixels(load_any(root, rel), self.preprocess,
+                                                                            self.parts))
                 except ImageDecodeError as exc:
-                    samples[i] = (rel, "error", str(exc))
+                    samples[k] = (position, rel, "error", str(exc))
             yield self._assemble(samples, decoded)
 
-    def _decode(self, jpegs: list[tuple[int, str, torch.Tensor]]) -> tuple[list[tuple[str, torch.Tensor]], list[int]]:
-        """(rel, normalised [3, S, S]) of the JPEGs decoded on the device, and the sample positions of
-        those it refused."""
+    def _decode(self, jpegs: list[tuple[int, str, torch.Tensor]]) -> tuple[dict[int, torch.Tensor], list[int]]:
+        """{sample index: normalised [3, S, S]} of the JPEGs decoded on the device, and the sample
+        indices of those it refused."""
         if not jpegs:
-            return [], []
+            return {}, []
         import warnings
 
         with warnings.catch_warnings():  # torchvision 0.29 announces TorchCodec as its successor: noted in README
             warnings.simplefilter("ignore", DeprecationWarning)
             return self._decode_jpegs(jpegs)
 
-    def _decode_jpegs(self, jpegs: list[tuple[int, str, torch.Tensor]]
-                      ) -> tuple[list[tuple[str, torch.Tensor]], list[int]]:
+    def _decode_jpegs(self, jpegs: list[tuple[int, str, torch.Tensor]]) -> tuple[dict[int, torch.Tensor], list[int]]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         data = [d for _, _, d in jpegs]
@@ -278,11 +314,11 @@ class TensorFeed(ReferenceFeed):
         refused = [jpegs[k][0] for k in range(len(jpegs)) if k not in set(ok)]
         # Sizes differ from image to image, so each is resized on its own (one kernel each, on the
         # device); the batch is then one tensor for the normalisation and the encoder.
-        out = [(jpegs[k][1], self._geometry(img)) for k, img in zip(ok, images, strict=True)]
+        out = [(jpegs[k][0], self._geometry(img)) for k, img in zip(ok, images, strict=True)]
         if not out:
-            return [], refused
+            return {}, refused
         pixels = normalized(torch.stack([t for _, t in out]), self.parts)  # type: ignore[arg-type]
-        return [(rel, px) for (rel, _), px in zip(out, pixels, strict=True)], refused
+        return {k: px for (k, _), px in zip(out, pixels, strict=True)}, refused
 
     def _geometry(self, image: torch.Tensor) -> torch.Tensor:
         """Resize the shorter side (bicubic, antialiased, as PIL does) and center-crop: uint8 [3, S, S]."""

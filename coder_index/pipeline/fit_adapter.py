@@ -15,9 +15,10 @@ from coder_index.core.presets import few_shot_defaults, tip_adapter_config
 from coder_index.methods.fewshot.adapter import CoderAdapter, SearchGrid, TipAdapter, search_hyperparameters
 from coder_index.methods.fewshot.model import new_manifest, save_adapter
 from coder_index.methods.zeroshot import zero_shot_weights
+from coder_index.pipeline.encode_images import requested_decode
 from coder_index.pipeline.labelled import LabelledSet, embed_labelled
 from coder_index.pipeline.support_views import augmented_embeddings, sample_shots
-from coder_index.stores.embcache import EmbeddingCache
+from coder_index.stores.embcache import EmbeddingCache, image_embedding_key
 
 if TYPE_CHECKING:
     from coder_index.methods.text_index import TextIndex
@@ -38,6 +39,8 @@ class FitConfig:
     prompts: str = "auto"      # zero-shot prompts of o_zs (zeroshot.PROMPT_CHOICES)
     batch_size: int = 32
     workers: int | None = None  # None: chosen from the cores and the model
+    threads: int | None = None  # torch threads of the encoding process (None: chosen likewise)
+    decode: str = "auto"        # the validation images' feed (classify's --decode); support views are Pillow's
 
 
 def validation_split(data: LabelledSet, rest: np.ndarray, per_class: int, seed: int) -> LabelledSet:
@@ -70,7 +73,7 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     paths = [support_data.paths[i] for i in support_idx]
     labels = support_data.labels[support_idx]
     emb, errors = augmented_embeddings(encoder, paths, epochs, cfg.seed, batch_size=cfg.batch_size,
-                                       workers=cfg.workers)
+                                       workers=cfg.workers, threads=cfg.threads)
     ok = ~np.isnan(emb).any(axis=1)
     emb, labels, shot_no = emb[ok], labels[ok], shot_no[ok]
     paths = [p for p, k in zip(paths, ok, strict=True) if k]
@@ -81,9 +84,10 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     support_coder = matmul_t(emb, table.embeddings)
 
     fp = index.fingerprint
-    cache = EmbeddingCache(cache_path, fp.weights_sha256, fp.embed_dim)
+    decode = requested_decode(cfg.decode, index.compute_device, recipe.is_released)
+    cache = EmbeddingCache(cache_path, image_embedding_key(fp.weights_sha256, decode), fp.embed_dim)
     val_x, keep, _ = embed_labelled(index, val_data, cache, batch_size=cfg.batch_size, workers=cfg.workers,
-                                    progress=progress)
+                                    threads=cfg.threads, progress=progress, decode=decode)
     val_y = val_data.labels[keep]
     zs_weights = zero_shot_weights(index, cfg.prompts, progress=progress)
     val_zs = zs_weights.logits(val_x)

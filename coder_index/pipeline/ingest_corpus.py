@@ -14,7 +14,7 @@ from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
 from coder_index.core.untrusted import read_bytes, read_text
 from coder_index.pipeline.discover import discover_images
-from coder_index.pipeline.loader import iterate_batches
+from coder_index.pipeline.encode_images import encoded_batches, requested_decode
 from coder_index.stores.corpus import (
     Chunk,
     build_corpus,
@@ -30,20 +30,23 @@ if TYPE_CHECKING:
 
 def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, captions: str | Path | None = None,
                   *, factory: str = "Flat", batch_size: int = 64, workers: int | None = None,
-                  progress: bool = False) -> dict[str, Any]:
+                  threads: int | None = None, progress: bool = False, decode: str = "auto") -> dict[str, Any]:
+    """A corpus of a captioned image folder; its images come through the one feed (``encode_images``,
+    ``decode`` as classify's ``--decode``)."""
     images = Path(images)
+    decode = requested_decode(decode, encoder.device)
     pairs = folder_captions(images, Path(captions) if captions else None)
     caption_of = dict(pairs)
     errors: list[tuple[str, str]] = []
 
     def chunks() -> Iterator[Chunk]:
-        with parallel_encoding(encoder, workers=workers) as plan:
-            for batch in iterate_batches(images, [p for p, _ in pairs], encoder.preprocess, batch_size=batch_size,
-                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
+        with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
+            for batch in encoded_batches(encoder, images, [p for p, _ in pairs], batch_size=batch_size,
+                                         workers=plan.workers, decode=decode):
                 errors.extend(batch.errors)
-                if batch.pixels is not None:
-                    yield Chunk(encoder.encode_image_batch(batch.pixels), [caption_of[p] for p in batch.paths],
-                                list(batch.paths), None, [sidecar_trace(images, p) for p in batch.paths])
+                if batch.embeddings is not None:
+                    yield Chunk(batch.embeddings, [caption_of[p] for p in batch.items],
+                                list(batch.items), None, [sidecar_trace(images, p) for p in batch.items])
 
     train = None
     if factory != "Flat":  # small folder corpora: train on everything, encoded once more

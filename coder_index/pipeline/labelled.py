@@ -18,7 +18,7 @@ from coder_index.core.parallelism import parallel_encoding
 from coder_index.core.sources import match_classes
 from coder_index.core.untrusted import MapOf, Text, check, read_json, read_text
 from coder_index.pipeline.discover import discover_images
-from coder_index.pipeline.loader import iterate_batches
+from coder_index.pipeline.encode_images import encoded_batches
 
 if TYPE_CHECKING:
     from coder_index.stores.embcache import EmbeddingCache
@@ -92,11 +92,13 @@ def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path 
 
 
 def embed_labelled(index: TextStore, data: LabelledSet, cache: EmbeddingCache, *, batch_size: int = 64,
-                   workers: int | None = None, threads: int | None = None, progress: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Embeddings of the decodable images (cache first), a keep-mask over ``data``, and stats."""
+                   workers: int | None = None, threads: int | None = None, progress: bool = False,
+                   decode: str = "auto") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Embeddings of the decodable images (cache first, then the one feed: ``encode_images``), a
+    keep-mask over ``data``, and stats. ``decode`` as classify's ``--decode`` (auto: the tensor
+    decoder on a CUDA device, the reference elsewhere)."""
     t0 = time.perf_counter()
-    hit, emb = cache.lookup(data.paths)
+    hit, emb, identities = cache.lookup(data.paths)
     keep = np.ones(len(data), bool)
     misses = np.flatnonzero(~hit)
     errors: list[tuple[str, str]] = []
@@ -105,23 +107,22 @@ def embed_labelled(index: TextStore, data: LabelledSet, cache: EmbeddingCache, *
         where: dict[str, list[int]] = {}  # resolved file -> rows of data (a CSV may list a file twice)
         for i in misses:
             where.setdefault(str(data.paths[i].resolve()), []).append(int(i))
-        done_paths, done_vecs = [], []
+        done_ids, done_vecs = [], []
         with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
                 parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-            for batch in iterate_batches(Path("/"), list(where), encoder.preprocess, batch_size=batch_size,
-                                         workers=plan.workers, pin_memory=encoder.device.type == "cuda"):
-                if batch.pixels is not None:
-                    vecs = encoder.encode_image_batch(batch.pixels)
-                    for p, v in zip(batch.paths, vecs, strict=True):
+            for batch in encoded_batches(encoder, Path("/"), list(where), batch_size=batch_size,
+                                         workers=plan.workers, decode=decode):
+                if batch.embeddings is not None:
+                    for p, v in zip(batch.items, batch.embeddings, strict=True):
                         emb[where[p]] = v
-                        done_paths.append(Path(p))
+                        done_ids.append(identities[where[p][0]])  # the identity taken before the read
                         done_vecs.append(v)
                 for p, reason in batch.errors:
                     keep[where[p]] = False
                     errors.append((p, reason))
-                bar.update(len(batch.paths) + len(batch.errors))
-        if done_paths:
-            cache.store(done_paths, np.stack(done_vecs))
+                bar.update(len(batch.items) + len(batch.errors))
+        if done_vecs:
+            cache.store(done_ids, np.stack(done_vecs))
     stats = {"encode_seconds": time.perf_counter() - t0, "embeddings_from_cache": int(hit.sum()),
              "encoded": int((~hit).sum() - (~keep).sum()), "skipped": int((~keep).sum()), "errors": errors[:50]}
     return emb[keep], keep, stats

@@ -20,9 +20,10 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-from coder_index.core.atomic import OwnerLock, atomic_write_json, translate_disk_full
+from coder_index.core.atomic import atomic_write_json, translate_disk_full
 from coder_index.core.atomic import check_writable as _check_writable
 from coder_index.core.errors import InputFormatError
+from coder_index.core.locking import FileLock
 from coder_index.pipeline.output import ErrorWriter, ResultWriter, errors_path_for, legacy_errors_path
 
 FORMAT = "coder-index/predictions"
@@ -79,7 +80,7 @@ class OutputRun:
         self.provenance = {"format": FORMAT, "version": 1, **provenance}
         self.overwrite = overwrite
         self.state: dict[str, Any] = {}
-        self._lock = OwnerLock(lock_path(self.out), f"--out {self.out}")
+        self._lock = FileLock(lock_path(self.out), f"--out {self.out}", remove=True)
         self.results: ResultWriter | None = None
         self.errors: ErrorWriter | None = None
         self.earlier = {"rows": 0, "errors": 0}  # what the files held before this run

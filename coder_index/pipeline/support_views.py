@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from coder_index.core.decode import ImageDecodeError, load_image
 from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
+from coder_index.pipeline.encode_images import encoded_batches
+from coder_index.pipeline.feed import Views, split_preprocess
 
 if TYPE_CHECKING:
     from coder_index.model.encoder import ClipEncoder
@@ -47,67 +46,47 @@ def sample_shots(data: LabelledSet, shots: int, seed: int, allow_fewer: bool = F
 
 
 def augmentation(encoder: ClipEncoder) -> Callable:
+    """The released support augmentation, whole (PIL -> normalised tensor): for a preprocessing that
+    cannot be split at ToTensor."""
     norm = next((t for t in getattr(encoder.preprocess, "transforms", []) if isinstance(t, transforms.Normalize)),
                 None)
     mean = norm.mean if norm else (0.48145466, 0.4578275, 0.40821073)
     std = norm.std if norm else (0.26862954, 0.26130258, 0.27577711)
+    return transforms.Compose([augmentation_geometry(encoder), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def augmentation_geometry(encoder: ClipEncoder) -> Callable:
+    """The released support augmentation's random geometry (PIL -> PIL): a random resized crop
+    (scale 0.5-1, bicubic) and a horizontal flip; the feed turns it into the model's pixels exactly
+    as its preprocessing's ToTensor and Normalize do."""
     return transforms.Compose([
         transforms.RandomResizedCrop(encoder.image_size, scale=(0.5, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(p=0.5),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
     ])
 
 
-class _Augmented(Dataset):
-    """Each item: the image under ``epochs`` augmentations, seeded per (seed, image, epoch)."""
-
-    def __init__(self, paths: list[Path], transform: Callable, epochs: int, seed: int) -> None:
-        self.paths, self.transform, self.epochs, self.seed = paths, transform, epochs, seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
-        try:
-            img = load_image(self.paths[i])
-        except ImageDecodeError as exc:
-            return i, None, str(exc)
-        views = []
-        for e in range(self.epochs):
-            torch.manual_seed(self.seed * 1_000_003 + i * 1_009 + e)  # reproducible in any worker
-            views.append(self.transform(img))
-        return i, torch.stack(views), None
-
-
-def _collate(items: list) -> list:
-    return items
-
-
 def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, seed: int, *, batch_size: int = 32,
-                         workers: int | None = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
+                         workers: int | None = 0, threads: int | None = None, decode: str = "cpu"
+                         ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """[M, D] support embeddings: the mean of the raw (unnormalised) features of ``epochs`` augmented
     views, then L2-normalised, as the released code builds its cache keys (plain preprocessing if
-    epochs == 0); and (path, reason) for files that could not be decoded (their rows are NaN)."""
-    transform = encoder.preprocess if epochs == 0 else augmentation(encoder)
-    n_views = max(epochs, 1)
-    ds = _Augmented(paths, transform, n_views, seed)
+    epochs == 0, through ``decode``'s feed); and (path, reason) for files that could not be decoded
+    (their rows are NaN). Images come through the one feed (``encode_images``)."""
+    if epochs > 0:
+        views = Views(augmentation_geometry(encoder), epochs, seed, tensor=augmentation(encoder))
+    else:  # one plain view: the released keys are raw features, normalised after the (trivial) mean
+        parts = split_preprocess(encoder.preprocess)
+        views = Views(parts.geometry if parts is not None else encoder.preprocess, 1, seed,
+                      tensor=encoder.preprocess)
     out = np.full((len(paths), encoder.embed_dim), np.nan, dtype=np.float32)
-    with parallel_encoding(encoder, workers=workers) as plan:
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=plan.workers, collate_fn=_collate)
-        return _average_views(encoder, loader, paths, n_views, out)
-
-
-def _average_views(encoder: ClipEncoder, loader: Any, paths: list[Path], n_views: int, out: np.ndarray
-                   ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    errors = []
-    for items in loader:
-        ok = [(i, v) for i, v, _ in items if v is not None]
-        errors += [(str(paths[i]), e) for i, v, e in items if v is None]
-        if not ok:
-            continue
-        views = torch.cat([v for _, v in ok])                       # [B * E, 3, H, W]
-        emb = encoder.encode_image_batch(views, normalize=False).reshape(len(ok), n_views, -1).mean(axis=1)
-        out[[i for i, _ in ok]] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    errors: list[tuple[str, str]] = []
+    items = [str(Path(p).absolute()) for p in paths]
+    given = dict(zip(items, (str(p) for p in paths), strict=True))
+    with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
+        for batch in encoded_batches(encoder, Path("/"), items, batch_size=batch_size, workers=plan.workers,
+                                     decode=decode, views=views):
+            errors += [(given[p], reason) for p, reason in batch.errors]
+            if batch.embeddings is not None:
+                out[batch.positions] = batch.embeddings
     return out, errors

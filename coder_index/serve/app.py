@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coder_index.core.decode import ImageDecodeError, ImageTooLarge, declared_pixels, decode_thumbnail, load_image_from
 from coder_index.core.errors import InputFormatError
+from coder_index.core.file_identity import identify_open
 from coder_index.core.untrusted import NotARegularFile, read_bytes
 from coder_index.serve.budget import PixelBudget
 from coder_index.serve.config import ServeConfig
@@ -220,12 +221,13 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size must be one of {THUMB_SIZES}")
         fh, _ = await run_in_threadpool(open_listed, path, row)
-        st = os.fstat(fh.fileno())
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, size)
-        data = thumbnails.get(key)
+        ident = identify_open(fh.fileno())  # None for a file changed just now: never cached
+        key = (ident.as_tuple(), size) if ident is not None else None
+        data = thumbnails.get(key) if key is not None else None
         if data is None:
             data = await run_in_threadpool(decoded, lambda f: _jpeg(decode_thumbnail(f, size, config.max_pixels)), fh)
-            thumbnails.put(key, data)
+            if key is not None:
+                thumbnails.put(key, data)
         else:
             fh.close()
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
@@ -291,7 +293,7 @@ def _jpeg(img: Any) -> bytes:
 
 
 class _ThumbnailCache:
-    """The last 512 thumbnails, per file version (device, inode, mtime, size) and thumbnail size."""
+    """The last 512 thumbnails, per file version (``core.file_identity``) and thumbnail size."""
 
     def __init__(self, entries: int = 512) -> None:
         self.entries = entries

@@ -52,7 +52,6 @@ from sqlalchemy import func, insert, select
 
 from coder_index.core.atomic import (
     atomic_write_json,
-    exclusive_lock,
     fsync_dir,
     is_temp_name,
     remove_stale_temps,
@@ -61,6 +60,7 @@ from coder_index.core.atomic import (
 )
 from coder_index.core.errors import IndexFormatError, ModelMismatchError
 from coder_index.core.faults import crash_point, pause_point
+from coder_index.core.locking import FileLock
 from coder_index.core.records import AddResult, TextItem, TextTable
 from coder_index.core.validation import TEXT_KINDS, as_float_matrix, l2_normalize
 from coder_index.stores import schema
@@ -78,6 +78,9 @@ TEXTS_FAISS = "texts.faiss"
 PAIRS_FAISS = "pairs.faiss"
 META_DB = "meta.sqlite"
 LOCK = ".lock"
+# An index's writers take turns: the slow part of a write (encoding) happens before the lock, so a
+# writer holds it for the file write and the commit only; a waiter gives up after this, naming it.
+INDEX_LOCK_WAIT = 600.0
 REBUILD = ("rebuild it with `coder-index build INDEX_DIR --overwrite` and the options it was built with (or restore "
            "the directory from a backup)")
 
@@ -150,7 +153,12 @@ PAIR_VECTORS = VectorFile(PAIRS_FAISS, "pairs_generation", schema.pair_texts)
 VECTOR_FILES = (TEXT_VECTORS, PAIR_VECTORS)
 
 
-def _now() -> str:
+def index_lock(path: Path) -> FileLock:
+    """The lock an index's writers take turns on (``INDEX/.lock``)."""
+    return FileLock(Path(path) / LOCK, f"the index {path}", wait=INDEX_LOCK_WAIT)
+
+
+def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -158,7 +166,7 @@ def _empty_faiss(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def _pending_name(vf: VectorFile, generation: int) -> str:
+def pending_name(vf: VectorFile, generation: int) -> str:
     return f"{vf.file}.g{generation}"
 
 
@@ -251,7 +259,7 @@ class TextStore:
             raise IndexFormatError(f"{path} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
         fp = encoder.fingerprint
-        with exclusive_lock(path / LOCK), translate_disk_full(path):
+        with index_lock(path), translate_disk_full(path):
             pause_point("index.create_locked")
             if overwrite:
                 _delete_index_files(path)
@@ -295,7 +303,7 @@ class TextStore:
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "index_id": index_id,
-                "created_at": _now(),
+                "created_at": now_iso(),
                 "model": fp.to_dict(),
                 "dim": fp.embed_dim,
                 "metric": "inner_product (cosine on L2-normalised vectors)",
@@ -390,7 +398,7 @@ class TextStore:
     def _committed_file(self, vf: VectorFile, generation: int) -> Path:
         """The file holding generation ``generation``: the pending one if a write was interrupted
         after its commit and before its rename, else the file itself."""
-        pending = self.path / _pending_name(vf, generation)
+        pending = self.path / pending_name(vf, generation)
         return pending if pending.is_file() else self.path / vf.file
 
     def _check_vector_file(self, vf: VectorFile, recorded: dict[str, Any], rows: int, full: bool) -> None:
@@ -423,7 +431,7 @@ class TextStore:
     def writing(self) -> Iterator[None]:
         """Hold the index's lock for a write: finish or discard an interrupted write first, then
         re-read the state (another writer may have changed it while we waited)."""
-        with exclusive_lock(self.path / LOCK), translate_disk_full(self.path):
+        with index_lock(self.path), translate_disk_full(self.path):
             pause_point("index.write_locked")
             self._recover()
             self._check_metadata(self._state())  # never record a digest over damaged metadata
@@ -679,7 +687,7 @@ class TextStore:
         rows = [{"id": int(i), **r} for i, r in zip(ids, rows, strict=True)]
         sources = [(old_ids, old_vectors), (ids, np.ascontiguousarray(vectors, dtype=np.float32))]
         order = self._layout_order(old_ids, rows) if vf is TEXT_VECTORS else None
-        pending = self.path / _pending_name(vf, generation + 1)
+        pending = self.path / pending_name(vf, generation + 1)
         try:
             self._write_pending_vectors(pending, sources, order)
             crash_point("index.faiss_written")
@@ -754,13 +762,13 @@ class TextStore:
         """Counts in the manifest are informational (SQLite is authoritative). Lock held."""
         manifest = dict(self.manifest)
         manifest["counts"] = self.counts()
-        manifest["updated_at"] = _now()
+        manifest["updated_at"] = now_iso()
         atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest
 
     def record_run(self, command: str, detail: dict[str, Any]) -> None:
         with self.writing(), self.write_engine.begin() as conn:
-            conn.execute(insert(schema.runs).values(started_at=_now(), command=command,
+            conn.execute(insert(schema.runs).values(started_at=now_iso(), command=command,
                                                     detail=json.dumps(detail, ensure_ascii=False)))
 
     # ----------------------------------------------------------------- reads
@@ -850,7 +858,7 @@ def recover_interrupted_writes(path: Path, state: dict[str, str]) -> list[str]:
     for vf in VECTOR_FILES:
         committed = int(state[vf.state_key])
         for p in path.glob(f"{vf.file}.g*"):
-            if p.name == _pending_name(vf, committed):
+            if p.name == pending_name(vf, committed):
                 os.replace(p, path / vf.file)
             else:
                 p.unlink()

@@ -23,22 +23,22 @@ import numpy as np
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, text
 
-from coder_index.core.atomic import atomic_write_json, exclusive_lock, is_temp_name
+from coder_index.core.atomic import atomic_write_json, is_temp_name
 from coder_index.core.errors import CoderIndexError
 from coder_index.stores import schema
 from coder_index.stores.faissfile import VectorFileError, digest, read_info
 from coder_index.stores.text_index import (
     FORMAT,
     FORMAT_VERSION,
-    LOCK,
     MANIFEST,
     META_DB,
     META_DIGEST,
     VECTOR_FILES,
     TextStore,
-    _now,
-    _pending_name,
+    index_lock,
     metadata_digest,
+    now_iso,
+    pending_name,
     read_manifest,
     rebuild_fix,
     record_metadata_digest,
@@ -158,7 +158,7 @@ def _check_metadata_digest(path: Path, state: dict[str, str], rep: VerifyReport,
     elif repair:
         writer = schema.make_engine(meta, journal="DELETE")
         try:
-            with exclusive_lock(path / LOCK), writer.begin() as conn:
+            with index_lock(path), writer.begin() as conn:
                 record_metadata_digest(conn)
         finally:
             writer.dispose()
@@ -185,7 +185,7 @@ def manifest_from_state(path: Path, state: dict[str, str]) -> dict[str, Any]:
             "files": {"texts": "texts.faiss", "pairs": "pairs.faiss", "metadata": META_DB},
             "texts": json.loads(state["text_recipe"]),
             "counts": {"classes": int(n_classes), "texts": per_kind, "pair_texts": int(n_pairs)},
-            "updated_at": _now(), "repaired_at": _now()}
+            "updated_at": now_iso(), "repaired_at": now_iso()}
 
 
 def _check_manifest(path: Path, state: dict[str, str], rep: VerifyReport, repair: bool) -> None:
@@ -200,7 +200,7 @@ def _check_manifest(path: Path, state: dict[str, str], rep: VerifyReport, repair
         rep.checked.append(f"{MANIFEST}: valid, agrees with {META_DB}")
         return
     if repair:
-        with exclusive_lock(path / LOCK):
+        with index_lock(path):
             atomic_write_json(path / MANIFEST, manifest_from_state(path, state))
         rep.repaired.append(f"{MANIFEST} rewritten from {META_DB} (it was: {problem})")
         return
@@ -209,7 +209,7 @@ def _check_manifest(path: Path, state: dict[str, str], rep: VerifyReport, repair
 
 
 def _finish_interrupted_writes(path: Path, state: dict[str, str], rep: VerifyReport) -> None:
-    with exclusive_lock(path / LOCK):
+    with index_lock(path):
         acted = recover_interrupted_writes(path, state)
     if acted:
         rep.repaired.append(f"interrupted writes finished or discarded: {', '.join(sorted(acted)[:5])}")
@@ -217,7 +217,7 @@ def _finish_interrupted_writes(path: Path, state: dict[str, str], rep: VerifyRep
 
 def _check_vector_file(path: Path, vf: Any, state: dict[str, str], engine: Any, rep: VerifyReport) -> None:
     generation = int(state[vf.state_key])
-    pending = path / _pending_name(vf, generation)
+    pending = path / pending_name(vf, generation)
     p = pending if pending.is_file() else path / vf.file
     where = str(path / vf.file)
     recorded = json.loads(state[vf.fingerprint_key])

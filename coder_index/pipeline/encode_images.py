@@ -1,0 +1,117 @@
+"""The one way from image items to embeddings, for every command that reads images.
+
+items -> the feed (``feed.make_feed``: read, decode, preprocess in worker processes; ``--decode gpu``
+JPEGs decoded where the encoder runs) -> batches made ahead by a thread on a CUDA device
+(``feed.Prefetched``) -> the encoder. ``classify``, ``eval``, ``corpus build`` and ``fewshot fit``
+all come through here, so they share the decoders, the per-format error reasons, ``--decode``, the
+prefetch and the choice of workers and threads (``parallelism.choose``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coder_index.core.startup import process_age
+from coder_index.pipeline.feed import Prefetched, Views, make_feed
+
+if TYPE_CHECKING:
+    from coder_index.model.encoder import ClipEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedBatch:
+    items: list[str]                  # the items that gave an embedding, in the order given
+    embeddings: np.ndarray | None     # [n, D] float32, L2-normalised
+    errors: list[tuple[str, str]]     # (item, reason) of those that gave none
+    positions: list[int]              # where each of ``items`` stands in the list given
+
+
+class _NoClock:
+    measured = False
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+
+def requested_decode(decode: str, device: Any, released: bool = False) -> str:
+    """``--decode`` as ``cpu`` or ``gpu``: ``auto`` is the tensor decoder on a CUDA device, the reference
+    elsewhere and always for a ``--preset cvpr24`` index (``released``: it reproduces the released
+    numbers). Decided from the device alone, before any model loads (caches are keyed by it)."""
+    from coder_index.pipeline.feed import DECODE_CHOICES
+
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if decode == "auto":
+        return "gpu" if getattr(device, "type", str(device)) == "cuda" and not released else "cpu"
+    return decode
+
+
+def prefetch_batches(device: Any) -> bool:
+    """Whether batches are made by a thread ahead of the encoder on this device. On a GPU the next
+    batch is made (decoded, resized, copied) while this one encodes. On a CPU the cores are already
+    busy encoding: a thread made --decode gpu 5-10% slower on 2 cores, so batches are made in line."""
+    return getattr(device, "type", str(device)) == "cuda"
+
+
+def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, batch_size: int, workers: int,
+                    decode: str = "cpu", views: Views | None = None, clock: Any = None,
+                    first_batch: dict[str, bool] | None = None) -> Iterator[EncodedBatch]:
+    """Embeddings of ``items`` (paths relative to ``root``, or shard samples), batch after batch, in
+    order; the errors of each batch come with it. ``workers`` is the number of decoding processes
+    (``parallelism.parallel_encoding`` chooses it and the torch threads; hold it around the call).
+
+    ``views`` (the few-shot support set): each image's augmented views are encoded and their raw
+    features averaged, then L2-normalised, as the released few-shot code builds its keys.
+    ``clock`` (a ``classify.StageClock``) charges each stage its time and makes batches in line;
+    ``first_batch`` ({"pending": True}, shared across calls) makes -v announce the run's first batch."""
+    clock = clock or _NoClock()
+    feed = make_feed(decode, encoder.preprocess, encoder.device)
+
+    def made() -> Iterator[Any]:
+        return feed.batches(root, list(items), batch_size=batch_size, workers=workers, views=views)
+
+    ahead = prefetch_batches(encoder.device) and not getattr(clock, "measured", False)
+    batches = Prefetched(made, encoder.device) if ahead else made()
+    first_batch = first_batch if first_batch is not None else {"pending": True}
+    try:
+        while True:
+            with clock.stage("feed"):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            emb = None
+            if batch.pixels is not None:
+                ready = process_age() if first_batch["pending"] else None
+                with clock.stage("encode"):
+                    if views is None:
+                        emb = encoder.encode_image_batch(batch.pixels)
+                    else:
+                        raw = encoder.encode_image_batch(batch.pixels, normalize=False)
+                        raw = raw.reshape(len(batch.paths), views.count, -1).mean(axis=1)
+                        emb = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+                if first_batch["pending"]:
+                    first_batch["pending"] = False
+                    _say_first_batch(len(batch.paths), ready)
+            yield EncodedBatch(list(batch.paths), emb, list(batch.errors), list(batch.positions or []))
+    finally:
+        batches.close()
+
+
+def _say_first_batch(n: int, ready: float | None) -> None:
+    """-v: when the first batch was ready to encode (the fixed cost of a run: imports, index, model,
+    the first decode) and when it was encoded, counted from the process's start
+    (benchmarks/bench_start.py reads this line)."""
+    encoded = process_age()
+    if ready is not None and encoded is not None:
+        log.info("first batch (%d images) ready %.2f s after the process started, encoded at %.2f s", n, ready,
+                 encoded)
