@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the model hu
 _SCRATCH = tempfile.mkdtemp(prefix="coder-index-tests-")
 os.environ["CODER_INDEX_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
 os.environ["NLTK_DATA"] = os.path.join(_SCRATCH, "nltk_data")
+# The fault hooks (core.faults: CODER_INDEX_CRASH_AT and the rest) act only in a named test run; the
+# processes the tests start inherit the name.
+os.environ["CODER_INDEX_TEST_RUN"] = f"pytest-{os.getpid()}"
 
 from tiny_model import write_tiny_model  # noqa: E402
 

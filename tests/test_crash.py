@@ -38,6 +38,28 @@ def run_killed(code: str, args: list[str], point: str) -> subprocess.CompletedPr
     return proc
 
 
+@pytest.mark.parametrize("hook", ["CODER_INDEX_CRASH_AT=index.committed", "CODER_INDEX_CRASH_ONCE=index.committed:{m}",
+                                  "CODER_INDEX_PAUSE_AT=index.write_locked:600"])
+def test_fault_hooks_are_inert_outside_a_test_run(built_index, tiny_model, tmp_path, hook):
+    """A hook variable left in a user's environment changes nothing: without CODER_INDEX_TEST_RUN the
+    writer neither dies nor sleeps, and Ray's workers are not handed the hook."""
+    from coder_index.engines.ray_common import worker_env
+
+    name, value = hook.split("=", 1)
+    env = {k: v for k, v in os.environ.items() if k != "CODER_INDEX_TEST_RUN"}
+    env[name] = value.format(m=tmp_path / "marker")
+    before = built_index.counts()["texts"]["attribute"]
+    proc = subprocess.run([sys.executable, "-c", ADD, str(built_index.path), tiny_model], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
+    assert TextIndex.open(built_index.path).counts()["texts"]["attribute"] == before + 20
+    probe = "import json; from coder_index.engines.ray_common import worker_env; print(json.dumps(worker_env()))"
+    out = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                                    check=True).stdout)
+    assert name not in out and "CODER_INDEX_CACHE_DIR" in out
+    assert worker_env().get("CODER_INDEX_TEST_RUN") == os.environ["CODER_INDEX_TEST_RUN"]  # a test run forwards it
+
+
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
 

@@ -24,12 +24,12 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from coder_index.core.redaction import redact  # noqa: E402
 from coder_index.pipeline.output import ResultWriter  # noqa: E402
 from coder_index.serve import ServeConfig, create_app  # noqa: E402
 from coder_index.serve.background import BackgroundServer  # noqa: E402
 from coder_index.serve.budget import PixelBudget  # noqa: E402
 from coder_index.serve.guard import is_loopback  # noqa: E402
-from coder_index.serve.redaction import redact  # noqa: E402
 
 from serve_env import make_serve_env  # noqa: E402
 

@@ -375,7 +375,7 @@ PLACEHOLDERS = ["x", "X", "EMPTY", "none", "dummy", "sk-no-key-required", "not-n
 def test_a_placeholder_key_inside_ordinary_answers_is_not_a_leak(encoder, wordnet_texts, server, tmp_path,
                                                                   monkeypatch, placeholder):
     """Local servers take any key; an answer that happens to contain it is kept and cached."""
-    from coder_index.textgen.llm import could_be_secret
+    from coder_index.core.redaction import could_be_secret
 
     assert not could_be_secret(placeholder)
     monkeypatch.setenv("OPENAI_API_KEY", placeholder)
@@ -391,7 +391,7 @@ def test_a_placeholder_key_inside_ordinary_answers_is_not_a_leak(encoder, wordne
 @pytest.mark.parametrize("secret", [KEY, "sk-proj-" + "a1B2c3D4" * 6, "0123456789abcdef0123456789abcdef",
                                     "gsk_" + "Zx9" * 12])
 def test_keys_that_could_be_secrets_are_guarded(secret):
-    from coder_index.textgen.llm import could_be_secret
+    from coder_index.core.redaction import could_be_secret
 
     assert could_be_secret(secret)
 

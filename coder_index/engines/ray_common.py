@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from coder_index.core.errors import CoderIndexError
+from coder_index.core.faults import TEST_RUN, hook_variables
 
 RAY_EXTRA = "pip install 'coder-index[ray]'"
 
@@ -23,10 +24,11 @@ def require_ray() -> Any:
 
 
 def worker_env() -> dict[str, str]:
-    """Variables workers need from the driver's environment: the offline hub and cache settings,
-    and the test fault hooks (``CODER_INDEX_*``)."""
+    """Variables workers need from the driver's environment: coder-index's and the offline hub's
+    cache settings; the fault hooks only in a test run (``core.faults``)."""
     keep = ("CODER_INDEX_", "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "OPEN_CLIP_", "TORCH_HOME", "NLTK_DATA")
-    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+    hooks = ("CODER_INDEX_CRASH_AT", "CODER_INDEX_PAUSE_AT", "CODER_INDEX_CRASH_ONCE", TEST_RUN)
+    return {**{k: v for k, v in os.environ.items() if k.startswith(keep) and k not in hooks}, **hook_variables()}
 
 
 @contextmanager

@@ -252,14 +252,3 @@ def legacy_errors_path(out: str | Path) -> Path:
     """Where coder-index 0.2 wrote OUT's errors (``p.errors.csv``, shared by ``p.csv`` and ``p.jsonl``)."""
     out = Path(out)
     return out.with_name(out.stem + ".errors.csv")
-
-
-def count_records(path: Path, quoted: bool = True) -> int:
-    """Complete records in a CSV (header excluded) or JSONL file, without holding them."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return 0
-    if not quoted:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    with open(path, **_ENC) as f:
-        return max(0, sum(1 for row in csv.reader(f) if row) - 1)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from coder_index.core.presets import resolve_gap_threshold
+from coder_index.core.redaction import redact
 from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
 from coder_index.pipeline.classify import prediction_rows
 from coder_index.serve.config import ServeConfig
-from coder_index.serve.redaction import redact
 from coder_index.serve.worker import Job, ModelWorker
 
 

@@ -116,14 +116,6 @@ def fingerprint(path: Path) -> dict[str, object]:
             "sha256": digest(path, info, full=True)}
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------------------- reading and writing
 def open_matrix(path: Path, info: VectorFileInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids [K] int64, vectors [K, D] float32), memory-mapped read-only from the file: the one copy of

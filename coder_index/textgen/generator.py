@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coder_index.core.redaction import redact_url
 from coder_index.textgen import released
 from coder_index.textgen.knowledge import Knowledge
-from coder_index.textgen.llm import BudgetExhausted, LLMClient, redact_url
+from coder_index.textgen.llm import BudgetExhausted, LLMClient
 from coder_index.textgen.parse import is_refusal, parse_list, parse_pair
 from coder_index.textgen.prompts import analogous_prompt, attribute_prompt, one_to_one_prompt, synonym_prompt
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, s
 
 from coder_index.core.atomic import cache_dir, translate_disk_full
 from coder_index.core.errors import CoderIndexError
+from coder_index.core.redaction import SecretFilter, could_be_secret, redact_url
 from coder_index.stores.schema import make_engine
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,6 @@ def endpoint_id(base_url: str | None) -> str:
 
 def default_cache_path() -> Path:
     return cache_dir() / "llm-cache.sqlite"
-
-
-def redact_url(url: str | None) -> str | None:
-    """Drop user:password@ from a URL before it is stored or printed."""
-    return re.sub(r"//[^/@]+@", "//***@", url) if url else url
 
 
 class LLMCache:
@@ -155,39 +150,6 @@ class LLMUsage:
         return (f"{self.requests} request(s) sent, {self.cache_hits} answered from cache, {self.retries} retried, "
                 f"{self.unusable_answers} unusable answer(s){cut}; tokens: {self.prompt_tokens} prompt + "
                 f"{self.completion_tokens} completion = {self.prompt_tokens + self.completion_tokens}")
-
-
-# Keys that local servers (vLLM, Ollama, llama.cpp, LM Studio, LiteLLM) take as "no key": not secrets.
-PLACEHOLDER_KEYS = frozenset({"", "x", "xx", "xxx", "none", "null", "empty", "dummy", "test", "key", "api-key",
-                              "not-needed", "no-key", "nokey", "sk-no-key-required", "sk-xxx", "sk-1234",
-                              "ollama", "lm-studio", "llama", "vllm", "token-abc123", "placeholder", "changeme"})
-
-
-def could_be_secret(key: str) -> bool:
-    """Whether an API key could be a secret worth guarding: not a known placeholder, at least 16
-    characters, and (being random) holding a digit, or at least 24 characters. Providers' keys are
-    32 characters and more; the placeholders local servers take ("x", "EMPTY", "sk-no-key-required")
-    are words. Only such keys are scrubbed from messages and refused in answers: with a placeholder
-    key "x", an answer mentioning "texture" is an answer, not a leak."""
-    key = key.strip()
-    if key.lower() in PLACEHOLDER_KEYS or len(key) < 16:
-        return False
-    return any(ch.isdigit() for ch in key) or len(key) >= 24
-
-
-class SecretFilter(logging.Filter):
-    """Replaces a secret in every log record that passes through a handler."""
-
-    def __init__(self, secret: str) -> None:
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secret:
-            msg = record.getMessage()
-            if self.secret in msg:
-                record.msg, record.args = msg.replace(self.secret, "***"), None
-        return True
 
 
 class LLMClient:

@@ -79,30 +79,6 @@ class TipAdapter(CacheAdapter):
     minmax = False
 
 
-def neighbour_cache_logits(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, n_classes: int, beta: float,
-                           T: float = 1.0, minmax: bool = True,  # noqa: N803
-                           row_min: np.ndarray | None = None) -> np.ndarray:
-    """``A @ L`` from a search of the support keys: ``sims``/``ids`` [N, k] of the k nearest keys.
-
-    With k = all keys this equals the exact adapter. With fewer, only the k nearest keys contribute:
-    the approximation for large support sets. Pass the true ``row_min`` (one more search, with the
-    negated query, finds the farthest key) so that the min-max is exact and only the smallest terms
-    are dropped; without it the min-max runs over the k affinities. benchmarks/bench_fewshot.py
-    measures the accuracy cost of both.
-    """
-    a = np.asarray(sims, dtype=np.float32)
-    if minmax and row_min is not None:
-        lo = np.asarray(row_min, dtype=np.float32).reshape(-1, 1)
-        span = a.max(axis=1, keepdims=True) - lo
-        a = np.divide(a - lo, span, out=np.ones_like(a), where=span > 0)
-    elif minmax:
-        a = minmax_rows(a)
-    weights = torch.from_numpy(np.exp(-beta * (1.0 - a / T)).astype(np.float32))
-    out = torch.zeros((a.shape[0], n_classes))
-    out.scatter_add_(1, torch.from_numpy(np.asarray(labels, dtype=np.int64)[ids]), weights)
-    return out.numpy()
-
-
 @dataclass(frozen=True)
 class SearchGrid:
     """The hyper-parameter grid: ``beta_steps`` x ``alpha_steps`` values on [lo, hi) (the released

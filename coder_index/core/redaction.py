@@ -1,5 +1,12 @@
-"""Secrets never leave the server: what ``/api/info`` and ``/api/report`` answer is redacted by the
-names of its keys and by the look of its values.
+"""The one redaction module: secrets never reach messages, logs, stored records or served answers.
+
+* ``redact`` / ``redact_text``: what serve answers (``/api/info``, ``/api/report``) is redacted by
+  the names of its keys and by the look of its values (below).
+* ``redact_url``: the user:password@ of a URL, before it is stored, printed or made a cache key.
+* ``could_be_secret`` and ``SecretFilter``: an API key from the environment, scrubbed from every
+  log record and message (a placeholder key such as "x" is not a secret).
+
+Redaction of values:
 
 * **Names**: a value under a key that names a secret (``api_key``, ``X-Api-Key``, ``openai_key``,
   ``token``, ``access_token``, ``secret``, ``password``, ``authorization``, ``cookie``,
@@ -14,6 +21,7 @@ names of its keys and by the look of its values.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -68,3 +76,41 @@ def redact(obj: Any, _env: list[str] | None = None) -> Any:
     if isinstance(obj, str):
         return redact_text(obj, env)
     return obj
+
+
+def redact_url(url: str | None, mask: str = "***") -> str | None:
+    """The URL without its user:password@ (``mask`` in its place), for what is stored or printed."""
+    return re.sub(r"//[^/@]+@", f"//{mask}@", url) if url else url
+
+
+# Keys that local servers (vLLM, Ollama, llama.cpp, LM Studio, LiteLLM) take as "no key": not secrets.
+PLACEHOLDER_KEYS = frozenset({"", "x", "xx", "xxx", "none", "null", "empty", "dummy", "test", "key", "api-key",
+                              "not-needed", "no-key", "nokey", "sk-no-key-required", "sk-xxx", "sk-1234",
+                              "ollama", "lm-studio", "llama", "vllm", "token-abc123", "placeholder", "changeme"})
+
+
+def could_be_secret(key: str) -> bool:
+    """Whether an API key could be a secret worth guarding: not a known placeholder, at least 16
+    characters, and (being random) holding a digit, or at least 24 characters. Providers' keys are
+    32 characters and more; the placeholders local servers take ("x", "EMPTY", "sk-no-key-required")
+    are words. Only such keys are scrubbed from messages and refused in answers: with a placeholder
+    key "x", an answer mentioning "texture" is an answer, not a leak."""
+    key = key.strip()
+    if key.lower() in PLACEHOLDER_KEYS or len(key) < 16:
+        return False
+    return any(ch.isdigit() for ch in key) or len(key) >= 24
+
+
+class SecretFilter(logging.Filter):
+    """Replaces a secret in every log record that passes through a handler."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secret:
+            msg = record.getMessage()
+            if self.secret in msg:
+                record.msg, record.args = msg.replace(self.secret, "***"), None
+        return True
