@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: error reporting, model options, JSON output."""
+"""Shared CLI plumbing: error reporting, JSON output, logging (the shared options are in ``options``)."""
 
 from __future__ import annotations
 
@@ -80,74 +80,11 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def model_options(fn: Callable) -> Callable:
-    fn = click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")(fn)
-    fn = click.option("--pretrained", default=None, metavar="TAG|FILE",
-                      help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint "
-                           "file. 'random' builds an untrained model (benchmarks only).")(fn)
-    return fn
-
-
-class GapThreshold(click.ParamType):
-    """A number in [0, 1], or 'preset' for the released code's per-dataset threshold."""
-
-    name = "G|preset"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float | str | None:
-        if value is None or isinstance(value, float):
-            return value
-        if str(value).lower() == "preset":
-            return "preset"
-        try:
-            v = float(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a number in [0, 1] nor 'preset'", param, ctx)
-        if not 0 <= v <= 1:
-            self.fail(f"{v} is not in [0, 1]", param, ctx)
-        return v
-
-
-GAP_THRESHOLD = GapThreshold()
-
-
 def resolve_gap_threshold(value: float | str | None, index: Any) -> float | None:
     """'preset' -> the released threshold of the index's dataset (ImageNet 0.1, DTD 0.6, ...)."""
     from coder_index.core.presets import resolve_gap_threshold as resolve
 
     return resolve(value, index.recipe)
-
-
-def parallel_options(fn: Callable) -> Callable:
-    """--workers / --threads, shared by every command that decodes images."""
-    fn = click.option("--threads", default=None, type=click.IntRange(1),
-                      help="Torch threads of the encoding process [default: chosen from the cores and the model].")(fn)
-    fn = click.option("--workers", default=None, type=click.IntRange(0),
-                      help="Decoding processes, 0 = decode in the main process [default: chosen from the cores and "
-                           "the model: a small model leaves the cores to decoding, a large one to encoding].")(fn)
-    return fn
-
-
-def engine_options(what: str) -> Callable[[Callable], Callable]:
-    """--engine local|ray and the Ray settings, shared by classify, build and corpus build."""
-    def wrap(fn: Callable) -> Callable:
-        fn = click.option("--ray-gpus-per-actor", "ray_gpus", default=0.0, show_default=True,
-                          type=click.FloatRange(0), help="With --engine ray: GPUs per actor (0: CPU actors).")(fn)
-        fn = click.option("--ray-actors", default=None, type=click.IntRange(1),
-                          help="With --engine ray: actors, each holding the model once [default: one per CPU of "
-                               "the cluster, or per GPU with --ray-gpus-per-actor].")(fn)
-        fn = click.option("--ray-address", default=None, metavar="auto|ADDR",
-                          help="With --engine ray: 'auto' joins the running cluster, ray://HOST:10001 a remote "
-                               "one; unset starts a local Ray instance.")(fn)
-        fn = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                          help=f"Where {what}: here, or on a Ray cluster (pip install 'coder-index[ray]'; the "
-                               "model and inputs must be readable on every node: see README, Ray).")(fn)
-        return fn
-    return wrap
-
-
-def check_engine_options(engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float) -> None:
-    if engine != "ray" and (ray_address is not None or ray_actors is not None or ray_gpus):
-        raise click.UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
 
 
 @contextlib.contextmanager

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import (
-    check_engine_options,
-    engine_options,
-    friendly_errors,
-    model_options,
-    parallel_options,
-    print_json,
-    torch_threads_if,
-)
+from .common import friendly_errors, print_json, torch_threads_if
+from .options import ENGINE, PARALLEL, check_engine_options, options
 
 
 def register(cli: click.Group) -> None:
@@ -44,19 +37,19 @@ def register(cli: click.Group) -> None:
     @click.option("--use-text-embeddings", is_flag=True,
                   help="Take the precomputed text_emb/text_emb_*.npy shards as caption embeddings instead of "
                        "encoding 'a photo of a {caption}' (raw captions: an approximation, far faster).")
-    @click.option("--model", default=None, help="CLIP model of the embeddings (default: ViT-B-32, or --index's).")
+    @options("new_model")
     @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
                   help="Use this text index's CLIP model.")
-    @model_options
+    @options("pretrained", "device")
     @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
-    @parallel_options
-    @engine_options("captions are encoded (with --embeddings)")
+    @options(*PARALLEL, "decode", *ENGINE)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
     def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
               train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
               pretrained: str | None, device: str | None, batch_size: int, workers: int | None, threads: int | None,
-              engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, quiet: bool) -> None:
+              decode: str, engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float,
+              quiet: bool) -> None:
         """Create CORPUS_DIR from a captioned image folder or from LAION-layout embeddings.
 
         Captions are encoded once, here, as "a photo of a {caption}". Every input is validated
@@ -89,7 +82,7 @@ def register(cli: click.Group) -> None:
         with torch_threads_if(threads):
             if images:
                 m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
-                                  workers=workers, progress=not quiet)
+                                  workers=workers, threads=threads, progress=not quiet, decode=decode)
             elif engine == "ray":
                 from coder_index.engines.ray_text import RayTextEncoder
 
@@ -138,7 +131,7 @@ def register(cli: click.Group) -> None:
     @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
                   help="Nearest corpus images to show.")
     @click.option("--model", default=None, help="Default: the corpus's model.")
-    @model_options
+    @options("pretrained", "device")
     @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
     @friendly_errors
     def search(corpus_dir: str, image: str, k: int, model: str | None, pretrained: str | None, device: str | None,

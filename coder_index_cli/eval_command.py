@@ -9,8 +9,11 @@ import click
 
 from coder_index.core.choices import RERANK_METHODS
 
-from .common import GAP_THRESHOLD, friendly_errors, parallel_options, resolve_gap_threshold
-from .textgen_commands import llm_client_options, make_generator
+from .common import friendly_errors, resolve_gap_threshold
+from .options import LLM_CLIENT, MODEL, PARALLEL, options
+from .textgen_commands import make_generator
+
+GATED_DEFAULT = 0.3  # the gate of the coder*-gated row when --gap-threshold is not given
 
 
 def _check_llm_key(llm: dict[str, Any], wanted: list[str]) -> None:
@@ -46,9 +49,7 @@ def register(cli: click.Group) -> None:
                   help="Folder for report.md, report.json and tsne.png.")
     @click.option("--mapping", type=click.Path(exists=True, dir_okay=False),
                   help="CSV label,class or JSON {label: class} when folder/label names differ from the classes.")
-    @click.option("--gap-threshold", default="0.3", show_default=True, type=GAP_THRESHOLD,
-                  help="Gate of coder*-gated: rerank only images whose softmax top-1 minus top-2 is below this; "
-                       "'preset' takes the released code's threshold for the index's dataset.")
+    @options("gap_threshold")
     @click.option("--prompts", type=click.Choice(PROMPT_CHOICES), default="auto", show_default=True,
                   help="Prompts of the clip row (and of the few-shot/X-MoRe zero-shot weights): auto = CLIP's "
                        "published list for the index's dataset (the released few-shot list for a cvpr24 few-shot "
@@ -56,27 +57,19 @@ def register(cli: click.Group) -> None:
     @click.option("--report-format", "report_formats", multiple=True, type=click.Choice(["clip_benchmark"]),
                   help="Also write CLIP_benchmark's result JSON (metrics.acc1, acc5, mean_per_class_recall).")
     @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
-    @parallel_options
+    @options(*PARALLEL, "decode")
     @click.option("--embedding-cache", type=click.Path(dir_okay=False),
                   help="Image embedding cache [default: ~/.cache/coder-index/image-embeddings.sqlite].")
     @click.option("--tsne-samples", default=1000, show_default=True, type=click.IntRange(0),
                   help="Images in the t-SNE figure (0: no figure).")
-    @click.option("--adapter", "adapter_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                  help="Few-shot: report clip, tip-adapter and coder-adapter rows for this adapter.")
-    @click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                  help="X-MoRe: report clip, xmore, coder and coder+xmore rows with this image-text corpus.")
-    @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
-                  help="Corpus images retrieved per image for the X-MoRe rows.")
-    @click.option("--device", default=None, help="cuda, mps or cpu.")
-    @llm_client_options(none_help="no LLM: the coder* rows use the pair texts already in the index (missing pairs "
-                                  "count as ties), or are skipped when it has none")
+    @options("adapter", "corpus", "retrieve_k", *MODEL, *LLM_CLIENT)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
-    def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None, gap_threshold: float,
-                 batch_size: int, workers: int | None, threads: int | None, embedding_cache: str | None,
-                 tsne_samples: int,
-                 adapter_dir: str | None, corpus_dir: str | None, retrieve_k: int, device: str | None,
-                 quiet: bool, prompts: str, report_formats: tuple[str, ...], **llm: Any) -> None:
+    def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None,
+                 gap_threshold: float | str | None, batch_size: int, workers: int | None, threads: int | None,
+                 decode: str, embedding_cache: str | None, tsne_samples: int, adapter_dir: Path | None,
+                 corpus_dir: Path | None, retrieve_k: int, model: str | None, pretrained: str | None,
+                 device: str | None, quiet: bool, prompts: str, report_formats: tuple[str, ...], **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
 
         DATA is a folder with one subfolder per class (names matched to the index's classes;
@@ -108,7 +101,8 @@ def register(cli: click.Group) -> None:
         if any(m in RERANK_METHODS for m in wanted) and llm["llm_kind"] != "none":
             _check_llm_key(llm, wanted)  # fails before any model loads or image is encoded
         index = TextIndex.open(index_dir, device=device)
-        gap_threshold = resolve_gap_threshold(gap_threshold, index)
+        index.require_model(model, pretrained)
+        gap_threshold = resolve_gap_threshold(GATED_DEFAULT if gap_threshold is None else gap_threshold, index)
         fewshot = None
         if adapter_dir:
             from coder_index.methods.fewshot.model import FewShotModel
@@ -136,7 +130,8 @@ def register(cli: click.Group) -> None:
                           gap_threshold=gap_threshold, cache_path=embedding_cache, batch_size=batch_size,
                           workers=workers, threads=threads, tsne_samples=tsne_samples, data_name=str(data),
                           progress=not quiet,
-                          fewshot=fewshot, xmore=xmore, prompts=prompts, report_formats=report_formats)
+                          fewshot=fewshot, xmore=xmore, prompts=prompts, report_formats=report_formats,
+                          decode=decode)
         from coder_index.evaluation.report import markdown
 
         click.echo(markdown(report))

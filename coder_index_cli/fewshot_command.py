@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import friendly_errors, parallel_options, print_json, torch_threads_if
+from .common import friendly_errors, print_json
+from .options import MODEL, PARALLEL, options
 
 
 def register(cli: click.Group) -> None:
@@ -50,15 +51,15 @@ def register(cli: click.Group) -> None:
     @click.option("--mapping", type=click.Path(exists=True, dir_okay=False),
                   help="CSV label,class or JSON when folder names differ from the index's classes.")
     @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per batch.")
-    @parallel_options
-    @click.option("--device", default=None, help="cuda, mps or cpu.")
+    @options(*PARALLEL, "decode", *MODEL)
     @click.option("--json", "as_json", is_flag=True, help="Print the adapter manifest as JSON.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def fit(support_dir: Path, index_dir: str, shots: int, out: str, val_dir: str | None, val_per_class: int,
             augment_epochs: int | None, search: str, report: str, prompts: str, seed: int, kinds: str,
             allow_fewer: bool, mapping: str | None, batch_size: int, workers: int | None, threads: int | None,
-            device: str | None, as_json: bool, quiet: bool) -> None:
+            decode: str, model: str | None, pretrained: str | None, device: str | None, as_json: bool,
+            quiet: bool) -> None:
         """Fit a CODER-Adapter on SUPPORT_DIR (one subfolder per class) against an index.
 
         Samples --shots images per class with --seed, averages their raw embeddings over
@@ -87,15 +88,15 @@ def register(cli: click.Group) -> None:
         if Path(out).exists() and any(Path(out).iterdir()):
             raise click.ClickException(f"{out} exists and is not empty; choose a new --out for the adapter")
         index = TextIndex.open(index_dir, device=device)
+        index.require_model(model, pretrained)
         names = index.class_names()
         support = load_labelled(support_dir, names, mapping)
         val = load_labelled(val_dir, names, mapping) if val_dir else None
         kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
         cfg = FitConfig(shots=shots, seed=seed, augment_epochs=augment_epochs, kinds=kind_list, allow_fewer=allow_fewer,
                         val_per_class=val_per_class, search=search, prompts=prompts, batch_size=batch_size,
-                        workers=workers)
-        with torch_threads_if(threads):
-            manifest = fit_adapter(index, support, out, cfg, val, progress=not quiet)
+                        workers=workers, threads=threads, decode=decode)
+        manifest = fit_adapter(index, support, out, cfg, val, progress=not quiet)
         if as_json:
             print_json(manifest)
             return

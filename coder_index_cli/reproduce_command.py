@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import friendly_errors, model_options, parallel_options, torch_threads_if
+from .common import friendly_errors, torch_threads_if
+from .options import PARALLEL, options
 
 
 def register(cli: click.Group) -> None:
@@ -23,9 +24,9 @@ def register(cli: click.Group) -> None:
     @click.option("--datasets", default=None, metavar="LIST",
                   help="Comma-separated subset (e.g. ImageNet,DTD) [default: every zero-shot dataset found].")
     @click.option("--model", required=True, help="CLIP model, e.g. ViT-B-32 (the paper: RN50 ... ViT-L-14-336).")
-    @model_options
+    @options("pretrained", "device")
     @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
-    @parallel_options
+    @options(*PARALLEL)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def reproduce_cmd(data_root: Path, expert_knowledge: str, class_names: str, out: str, datasets: str | None,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import GAP_THRESHOLD, friendly_errors
+from .common import friendly_errors
+from .options import METHOD, MODEL, options
 
 
 def register(cli: click.Group) -> None:
@@ -18,19 +19,7 @@ def register(cli: click.Group) -> None:
     @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
                   help="Port (0: any free one, printed at start).")
     @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Classes per row.")
-    @click.option("--method", "zs_method", type=click.Choice(["coder", "xmore", "coder+xmore"]), default="coder",
-                  show_default=True, help="Zero-shot method; xmore and coder+xmore need --corpus.")
-    @click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
-                  help="X-MoRe: an image-text corpus (from `coder-index corpus build`).")
-    @click.option("--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
-                  help="Corpus images retrieved per image for X-MoRe.")
-    @click.option("--adapter", "adapter_dir", default=None,
-                  type=click.Path(exists=True, file_okay=False, path_type=Path),
-                  help="Few-shot: classify with this CODER-Adapter (from `coder-index fewshot fit`).")
-    @click.option("--rerank", is_flag=True, help="CODER*: rerank each image's top-5 with the pair texts stored in the "
-                                                  "index (the server makes no LLM requests).")
-    @click.option("--gap-threshold", default=None, type=GAP_THRESHOLD,
-                  help="Rerank only images whose softmax top-1 minus top-2 is below this; 'preset' as in classify.")
+    @options(*METHOD)
     @click.option("--predictions", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="A classify output (.csv or .jsonl) to browse on the page; read again as it grows.")
     @click.option("--images-root", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -51,13 +40,13 @@ def register(cli: click.Group) -> None:
                   help="Seconds a client has to send a request's whole body (the uploads).")
     @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
                   help="Open connections at most; one more is closed at once.")
-    @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+    @options(*MODEL)
     @friendly_errors
-    def serve(index_dir: Path, host: str, port: int, top_k: int, zs_method: str, corpus_dir: Path | None,
-              retrieve_k: int, adapter_dir: Path | None, rerank: bool, gap_threshold: float | str | None,
+    def serve(index_dir: Path, host: str, port: int, top_k: int, zs_method: str, rerank: bool,
+              gap_threshold: float | str | None, adapter_dir: Path | None, corpus_dir: Path | None, retrieve_k: int,
               predictions: Path | None, images_root: Path | None, report_dir: Path | None, max_upload_mb: float,
               max_files: int, max_megapixels: float, header_timeout: float, body_timeout: float,
-              max_connections: int, device: str | None) -> None:
+              max_connections: int, model: str | None, pretrained: str | None, device: str | None) -> None:
         """Serve INDEX_DIR over HTTP: a JSON API and a web page to see why an image gets its class.
 
         The page (http://HOST:PORT/) classifies a dropped image and shows the class bars, the nearest
@@ -87,8 +76,8 @@ def register(cli: click.Group) -> None:
         except ImportError as exc:
             raise click.ClickException(f"serve needs its extra ({exc.name} is missing): pip install "
                                        "'coder-index[serve]'") from None
-        config = ServeConfig(index=index_dir, device=device, top_k=top_k, method=zs_method, rerank=rerank,
-                             gap_threshold=gap_threshold,
+        config = ServeConfig(index=index_dir, device=device, model=model, pretrained=pretrained, top_k=top_k,
+                             method=zs_method, rerank=rerank, gap_threshold=gap_threshold,
                              adapter=adapter_dir, corpus=corpus_dir, retrieve_k=retrieve_k, predictions=predictions,
                              images_root=images_root, report=report_dir,
                              max_file_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files,

@@ -1,68 +1,17 @@
-"""`coder-index generate` and `coder-index setup wordnet`, plus the LLM options `build` shares."""
+"""`coder-index generate` and `coder-index setup wordnet`, and the Auto Text Generator the LLM options make."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .common import friendly_errors, model_options
+from .common import friendly_errors
+from .options import GENERATOR, LLM_CLIENT, options
 
 KIND_CHOICES = ("attribute", "analogous", "synonym")
-
-
-def llm_client_options(fn: Callable | None = None, *,
-                       none_help: str = "no LLM: the offline WordNet generator") -> Callable:
-    """Options that reach an LLM endpoint (shared by generate, build, classify and eval); ``none_help``
-    says what --llm none means for the command."""
-    if fn is None:
-        return lambda f: llm_client_options(f, none_help=none_help)
-    opts = [
-        click.option("--llm", "llm_kind", type=click.Choice(["openai", "none"]), default="openai", show_default=True,
-                     help=f"openai: any OpenAI-compatible endpoint (key from --api-key-env); none: {none_help}."),
-        click.option("--base-url", default=None, help="Endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama, "
-                                                     "llama.cpp). Default: OpenAI."),
-        click.option("--llm-model", default="gpt-4o-mini", show_default=True, help="Model name at the endpoint."),
-        click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
-                     help="Environment variable holding the API key (never logged or stored)."),
-        click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1),
-                     help="Requests in flight at once."),
-        click.option("--max-requests", default=None, type=click.IntRange(0),
-                     help="Request budget (retries included); the run stops cleanly before exceeding it."),
-        click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature."),
-        click.option("--max-retries", default=6, show_default=True, type=click.IntRange(0),
-                     help="Retries of a request after 429, 5xx, timeouts, connection errors or malformed bodies "
-                          "(exponential backoff with jitter, honouring retry-after)."),
-        click.option("--max-answer-chars", default=4000, show_default=True, type=click.IntRange(100),
-                     help="Longer answers are cut to this many characters (whole lines) before parsing."),
-        click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
-                     help="LLM answer cache (SQLite) [default: ~/.cache/coder-index/llm-cache.sqlite]."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def llm_options(fn: Callable) -> Callable:
-    """Options of the Auto Text Generator, shared by `generate` and `build --generate`."""
-    opts = [
-        click.option("--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True,
-                     help="Where synonyms come from: WordNet (the noun sense nearest in CLIP space), or the LLM."),
-        click.option("--analogous-threshold", default=0.9, show_default=True, type=float,
-                     help="Drop analogous names whose CLIP similarity to another class exceeds this."),
-        click.option("--filter-model", default=None, metavar="MODEL",
-                     help="CLIP model of the analogous filter [default: the target model]. The released code always "
-                          "uses ViT-L-14 (e.g. --filter-model ViT-L-14 --filter-pretrained openai)."),
-        click.option("--filter-pretrained", default=None, metavar="TAG|FILE",
-                     help="Pretrained tag or checkpoint of --filter-model."),
-        click.option("--dry-run", is_flag=True, help="Print how many prompts would be sent, send none."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return llm_client_options(fn)
 
 
 def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model: str, api_key_env: str,
@@ -126,21 +75,15 @@ def register(cli: click.Group) -> None:
                   help="Knowledge file to write (JSON).")
     @click.option("--kinds", default="attribute,analogous,synonym", show_default=True,
                   help="Comma-separated kinds to generate.")
-    @click.option("--preset", type=click.Choice(["default", "cvpr24"]), default="default", show_default=True,
-                  help="Prompts and answer reading: coder-index's, or cvpr24: the released generator's, word for "
-                       "word (one user message per request, '_' bullets, its analogous follow-up loop). "
-                       "See README: Fidelity.")
-    @llm_options
-    @click.option("--model", default="ViT-B-32", show_default=True,
-                  help="CLIP model for the analogous filter and WordNet sense choice.")
+    @options("preset", *GENERATOR, *LLM_CLIENT, "new_model")
     @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                  help="Use this index's CLIP model instead of --model: nothing is downloaded when the index's "
-                       "model is local (local-dir:, a checkpoint file, or random). --llm none needs a CLIP model only "
-                       "for WordNet's sense choice and the analogous filter.")
-    @model_options
+                  help="Use this index's CLIP model (for the analogous filter and WordNet's sense choice) instead of "
+                       "--model: nothing is downloaded when the index's model is local (local-dir:, a checkpoint "
+                       "file, or random). --llm none needs a CLIP model only for those two.")
+    @options("pretrained", "device")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
-    def generate(classes_file: str, out: Path, kinds: str, preset: str, model: str, index_dir: str | None,
+    def generate(classes_file: str, out: Path, kinds: str, preset: str | None, model: str | None, index_dir: str | None,
                  pretrained: str | None, device: str | None, quiet: bool, dry_run: bool, **llm: Any) -> None:
         """Generate attribute, analogous and synonym texts for a vocabulary into a knowledge file.
 
@@ -166,8 +109,8 @@ def register(cli: click.Group) -> None:
         check_writable(out, "--out")
         kind_list = parse_kinds(kinds)
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
-            ClipEncoder(model, pretrained, device=device)
-        gen = make_generator(encoder, **llm, prompts=preset)
+            ClipEncoder(model or "ViT-B-32", pretrained, device=device)
+        gen = make_generator(encoder, **llm, prompts=preset or "default")
         if dry_run:
             d = gen.dry_run(classes, kind_list)
             click.echo(f"would send {d.prompts} prompt(s) for {len(classes)} classes ({d.cached} already cached)"

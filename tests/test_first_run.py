@@ -281,9 +281,11 @@ def test_quiet_on_every_long_command_and_llm_none_said_per_command():
         out = run(*path, "--help").output
         assert "-q, --quiet" in out, path
         helps[path] = " ".join(out.split())
-    assert "none: no LLM: --rerank uses the pair texts already in the index" in helps[("classify",)]
-    assert "none: no LLM: the coder* rows use the pair texts" in helps[("eval",)]
-    assert "none: no LLM: the offline WordNet generator" in helps[("generate",)]
+    # one declaration of --llm (coder_index_cli/options.py) says what none means for each command
+    for path in (("classify",), ("eval",), ("generate",), ("build",)):
+        text = helps[path]
+        assert "none: no LLM requests (generate and build use the offline WordNet generator; classify --rerank " \
+               "and eval's coder* rows use the pair texts already in the index" in text, path
 
 
 def test_classify_help_example_is_not_garbled():
@@ -294,9 +296,10 @@ def test_classify_help_example_is_not_garbled():
 
 def test_progress_bars_name_what_they_count(tmp_path, tiny_model):
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    env = {**os.environ, "CODER_INDEX_CACHE_DIR": str(tmp_path / "cache")}  # no text embedding remembered yet
     proc = subprocess.run([sys.executable, "-m", "coder_index_cli.main", "build", str(tmp_path / "idx"), "--classes",
                            str(tmp_path / "classes.txt"), "--model", tiny_model], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert proc.returncode == 0 and "encoding name texts" in proc.stderr
     data = _labelled(tmp_path / "data", 1)
     res = run("classify", data, "--index", tmp_path / "idx", "--out", tmp_path / "p.csv", "--workers", "0")

@@ -16,6 +16,12 @@ XMORE_METHODS = ("xmore", "coder+xmore")
 # prompt sets of the CLIP zero-shot weights (zeroshot.py)
 PROMPT_CHOICES = ("auto", "clip", "names", "cvpr24")
 
+# zero-shot methods of classify, explain and serve (methods/scorer_spec.py builds them)
+ZERO_SHOT_METHODS = ("coder", "xmore", "coder+xmore")
+
+# --decode: the feed (pipeline/feed.py)
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+
 PRESETS = ("default", "cvpr24")
 TASKS = ("zero-shot", "few-shot")
 

@@ -51,6 +51,8 @@ class RayTextEncoder:
         self.kwargs = {"model": fp.model, "pretrained": fp.pretrained, "weights_sha256": fp.weights_sha256,
                        "device": "cuda" if gpus_per_actor else "cpu", "threads": max(1, int(cpus_per_actor))}
         self.dim = encoder.embed_dim
+        # the actors' encoders run in their device's default precision: the text cache keys by it
+        self.precision = "fp16" if gpus_per_actor else "fp32"
         self.address, self.actors, self.batch_size = address, actors, batch_size
         self.gpus, self.cpus, self.progress = gpus_per_actor, cpus_per_actor, progress
         self._session: Any = None

@@ -3,77 +3,26 @@
 Used by ``eval``'s ``clip`` row, as the few-shot adapters' ``o_zs`` and as X-MoRe's class
 embeddings. The prompts are, by default, CLIP's published list for the index's dataset (what
 CLIP_benchmark measures; ImageNet's 80 templates where a dataset has none), or the released few-shot
-code's list for an index built with ``--preset cvpr24 --task few-shot``. Their embeddings are cached
-on disk per model, so a 1,000-class x 80-template ensemble is encoded once per machine.
+code's list for an index built with ``--preset cvpr24 --task few-shot``. Their embeddings are kept
+in the text embedding cache (``stores.textcache``), so a 1,000-class x 80-template ensemble is
+encoded once per machine and model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from sqlalchemy import Column, LargeBinary, MetaData, String, Table, Text, insert, select, tuple_
 
-from coder_index.core.atomic import cache_dir, translate_disk_full
 from coder_index.core.presets import clip_prompts, data_file, fill, loader_class_names
 from coder_index.core.validation import l2_normalize
-from coder_index.stores.schema import make_engine
 
 if TYPE_CHECKING:
-    from coder_index.model.encoder import ClipEncoder
     from coder_index.stores.text_index import TextStore
 
 from coder_index.core.choices import PROMPT_CHOICES
-
-_meta = MetaData()
-text_embeddings = Table(
-    "text_embeddings", _meta,
-    Column("text", Text, primary_key=True),
-    Column("model_sha", String(64), primary_key=True),
-    Column("vector", LargeBinary, nullable=False),  # float32 bytes, L2-normalised
-)
-
-
-class TextEmbeddingCache:
-    """Text embeddings keyed by (text, model weights); a miss is encoded and stored."""
-
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else cache_dir() / "text-embeddings.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(self.path, synchronous="NORMAL")
-        with translate_disk_full(self.path):
-            _meta.create_all(self.engine)
-
-    def encode(self, encoder: ClipEncoder, texts: list[str], *, progress: bool = False,
-               desc: str = "encoding prompt texts") -> np.ndarray:
-        sha = encoder.fingerprint.weights_sha256
-        distinct = list(dict.fromkeys(texts))
-        found: dict[str, bytes] = {}
-        t = text_embeddings
-        with self.engine.connect() as conn:
-            for i in range(0, len(distinct), 500):
-                q = select(t.c.text, t.c.vector).where(
-                    tuple_(t.c.text, t.c.model_sha).in_([(x, sha) for x in distinct[i:i + 500]]))
-                found.update({r[0]: r[1] for r in conn.execute(q)})
-        missing = [x for x in distinct if x not in found]
-        if missing:
-            from tqdm import tqdm
-
-            chunk = 2048
-            with tqdm(total=len(missing), unit="text", desc=desc, disable=not progress) as bar:
-                for s in range(0, len(missing), chunk):
-                    part = missing[s:s + chunk]
-                    vecs = encoder.encode_texts(part)
-                    rows = [{"text": x, "model_sha": sha, "vector": v.astype(np.float32).tobytes()}
-                            for x, v in zip(part, vecs, strict=True)]
-                    with translate_disk_full(self.path), self.engine.begin() as conn:
-                        conn.execute(insert(t).prefix_with("OR REPLACE"), rows)
-                    found.update({r["text"]: r["vector"] for r in rows})
-                    bar.update(len(part))
-        return np.stack([np.frombuffer(found[x], dtype=np.float32) for x in texts])
 
 
 @dataclass(frozen=True)
@@ -113,8 +62,7 @@ def class_prompt_texts(class_names: list[str], templates: list[str]) -> list[str
     return [fill(t, c.replace("_", " ")) for c in class_names for t in templates]
 
 
-def zero_shot_weights(index: TextStore, prompts: str = "auto", *, cache: TextEmbeddingCache | None = None,
-                      progress: bool = False) -> ZeroShotWeights:
+def zero_shot_weights(index: TextStore, prompts: str = "auto", *, progress: bool = False) -> ZeroShotWeights:
     """``W_cls``: per class the mean of its normalised prompt embeddings, normalised again."""
     key = f"zs:{prompts}"
     if key in index._cache:
@@ -134,8 +82,7 @@ def zero_shot_weights(index: TextStore, prompts: str = "auto", *, cache: TextEmb
         means = sums.numpy() / counts[:, None].astype(np.float32)
     else:
         texts = class_prompt_texts(classes, templates)
-        emb = (cache or TextEmbeddingCache()).encode(index.encoder, texts, progress=progress,
-                                                     desc="encoding CLIP prompt texts")
+        emb = index.encode_texts_cached(texts, progress=progress, desc="encoding CLIP prompt texts")
         # float32 mean over each class's templates, as CLIP and CLIP_benchmark compute it
         means = torch.from_numpy(emb).reshape(len(classes), len(templates), -1).mean(dim=1).numpy()
     w = l2_normalize(np.ascontiguousarray(means, dtype=np.float32), "class prompt embeddings")

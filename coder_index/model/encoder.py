@@ -271,7 +271,7 @@ class ClipEncoder:
             checksum = weights_checksum(net)
             fingerprint_cache.remember(key, checksum)
         self.fingerprint = ModelFingerprint(model, self.pretrained, checksum, embed_dim)
-        self.precision = _pick_precision(self.device, precision)
+        self.precision = pick_precision(self.device, precision)
         self.dtype = PRECISIONS[self.precision]
         self.model = net.to(self.device, dtype=self.dtype)
         self.preprocess = preprocess
@@ -438,7 +438,7 @@ class ClipEncoder:
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _pick_precision(device: torch.device, precision: str | None) -> str:
+def pick_precision(device: torch.device, precision: str | None) -> str:
     if precision is None or precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:

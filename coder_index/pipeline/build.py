@@ -27,6 +27,8 @@ class BuildReport:
     added: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     warnings: list[str] = field(default_factory=list)
+    # texts encoded by the model, texts read from the text embedding cache, and the seconds both took
+    text_encoding: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_recipe(index_dir: Path, preset: str | None, dataset: str | None, task: str | None) -> TextRecipe | None:
@@ -43,7 +45,8 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
                 expert_knowledge: str | Path | None = None,
                 generate: Callable[[ClipEncoder, list[str], TextRecipe], Knowledge] | None = None,
                 progress: bool = False, encode: Callable[[list[str]], Any] | None = None,
-                encode_with: Callable[[ClipEncoder], Any] | None = None, overwrite: bool = False) -> BuildReport:
+                encode_with: Callable[[ClipEncoder], Any] | None = None, overwrite: bool = False,
+                text_cache: str | Path | bool | None = None) -> BuildReport:
     """Create ``index_dir`` (or add to it: rebuilding is idempotent) with name texts for every class
     of ``classes_file``, attribute texts from each descriptor file, and all general kinds of each
     knowledge file. ``generate(encoder, classes, recipe)`` produces more knowledge on the fly (given
@@ -56,6 +59,10 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
 
     ``overwrite`` deletes the index already in ``index_dir`` (damaged or not, never read) and builds
     afresh: the fix for an index that ``verify`` finds damaged.
+
+    ``text_cache``: where text embeddings are remembered per model weights (``stores.textcache``;
+    None: the default file, False: none), so that a rebuild or another index over the same texts
+    encodes only what its weights never encoded.
 
     ``encode(texts) -> [n, D]`` encodes the texts instead of the index's encoder (e.g. a
     ``RayTextEncoder``); ``encode_with(encoder)`` is a context manager giving such a function once the
@@ -84,13 +91,15 @@ def build_index(index_dir: str | Path, classes_file: str | Path, *, model: str |
             encoder = ClipEncoder(model or "ViT-B-32", pretrained, device=device)
     with encode_with(encoder) if encode_with is not None else nullcontext(encode) as encode:
         return _fill(index_dir, encoder, recipe, classes, classes_file, descriptor_data, knowledge, expert,
-                     expert_knowledge, generate, progress, encode, overwrite)
+                     expert_knowledge, generate, progress, encode, overwrite, text_cache)
 
 
 def _fill(index_dir: Path, encoder: ClipEncoder, recipe: TextRecipe, classes: list[str], classes_file: str | Path,
           descriptor_data: list, knowledge: list[Knowledge] | None, expert: Any, expert_knowledge: str | Path | None,
-          generate: Callable | None, progress: bool, encode: Callable | None, overwrite: bool = False) -> BuildReport:
+          generate: Callable | None, progress: bool, encode: Callable | None, overwrite: bool = False,
+          text_cache: str | Path | bool | None = None) -> BuildReport:
     index = TextStore.create(index_dir, encoder, exist_ok=True, recipe=recipe, overwrite=overwrite)
+    index.text_cache_path = text_cache
     index.add_classes(classes)
     report = BuildReport(str(index_dir), len(classes), recipe.describe())
 
@@ -124,6 +133,9 @@ def _fill(index_dir: Path, encoder: ClipEncoder, recipe: TextRecipe, classes: li
             source = "llm:" + str((k.provenance.get("llm") or {}).get("model", "knowledge")) if not exact else \
                 f"expert:{Path(str(expert_knowledge)).name}"
             report.added["pair"] = report.added.get("pair", 0) + pair_store.add_pair_texts(index, pairs, source=source)
+    spent = index.text_encode_stats()
+    report.text_encoding = {"encoded": spent.encoded, "from_cache": spent.from_cache,
+                            "seconds": round(spent.seconds, 3)}
     index.record_run("build", {"classes_file": str(classes_file), "recipe": recipe.to_dict(),
                                "descriptors": [str(p) for p, _ in descriptor_data],
                                "knowledge": [k.provenance for k, _ in sources], "added": report.added})

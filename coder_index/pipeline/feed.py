@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from coder_index.core.choices import DECODE_CHOICES
 from coder_index.core.decode import ImageDecodeError, decode_image_bytes, jpeg_has_end_marker, load_image
 from coder_index.pipeline.shards import Member
-
-DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 
 @dataclass

@@ -16,6 +16,8 @@ MAX_BATCH = 64                        # images encoded together across concurren
 class ServeConfig:
     index: Path
     device: str | None = None
+    model: str | None = None               # refuse to serve unless the index was built with this model
+    pretrained: str | None = None          # (TextIndex.require_model)
     top_k: int = 5
     method: str = "coder"                  # coder | xmore | coder+xmore (the latter two need corpus)
     rerank: bool = False                   # CODER*, with the pair texts stored in the index

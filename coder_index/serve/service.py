@@ -29,6 +29,7 @@ class ModelService:
 
         self.config = config
         self.index = TextIndex.open(config.index, device=config.device)
+        self.index.require_model(config.model, config.pretrained)
         self.names = self.index.class_names()
         self.top_k = min(config.top_k, len(self.names))
         gap = resolve_gap_threshold(config.gap_threshold, self.index.recipe)

@@ -71,7 +71,7 @@ def add_pair_texts(index: TextStore, features: Mapping[tuple[str, str], list[str
     if not rows:
         return 0
     texts = list(dict.fromkeys(r["text"] for r in rows))
-    emb = index.encoder.encode_texts(texts, batch_size=batch_size)
+    emb = index.encode_texts_cached(texts, batch_size=batch_size)
     at = {s: i for i, s in enumerate(texts)}
     with index.writing():
         rows = absent(rows)

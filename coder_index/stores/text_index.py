@@ -65,6 +65,8 @@ from coder_index.core.records import AddResult, TextItem, TextTable
 from coder_index.core.validation import TEXT_KINDS, as_float_matrix, l2_normalize
 from coder_index.stores import schema
 from coder_index.stores.faissfile import VectorFileError, digest, fingerprint, open_matrix, read_info, write_matrix
+from coder_index.stores.textcache import TextEmbeddingCache, TextEncodeStats
+from coder_index.stores.textcache import model_key as text_model_key
 
 if TYPE_CHECKING:
     from coder_index.core.presets import TextRecipe
@@ -223,6 +225,8 @@ class TextStore:
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
         self._cache: dict[str, Any] = {}
         self._images_only = False               # release the text tower as soon as the model loads
+        self.text_cache_path: str | Path | None | bool = None  # None: the default cache; False: none
+        self._text_caches: dict[str, TextEmbeddingCache] = {}
 
     @property
     def fix(self) -> str:
@@ -462,6 +466,31 @@ class TextStore:
                 f"--model {mine.model}" + (f" --pretrained {mine.pretrained}" if mine.pretrained else "")
                 + ", or build a new index for this model.")
 
+    def require_model(self, model: str | None, pretrained: str | None) -> None:
+        """Refuse to go on unless ``model`` / ``pretrained`` (what the caller expects; None: anything)
+        name this index's model. A model that can be loaded locally (``local-dir:``, or a checkpoint
+        file) is compared by its weights, so a moved model folder is still accepted (and then used); a
+        different hub name is refused without a download."""
+        from coder_index.model.encoder import ClipEncoder
+
+        fp = self.fingerprint
+        if model is None and pretrained is None:
+            return
+        if (model or fp.model) == fp.model and (pretrained is None or pretrained == fp.pretrained):
+            return
+        local = (model or "").startswith("local-dir:") or (pretrained is not None and Path(pretrained).is_file())
+        if not local:
+            asked = f"{model or fp.model}" + (f" (pretrained={pretrained})" if pretrained else "")
+            raise ModelMismatchError(
+                f"This index was built with CLIP model {fp.describe()}, not {asked}. Embeddings of different "
+                f"models are not comparable: omit --model to use the index's model, or build a new index "
+                f"with --model {model or fp.model}.")
+        encoder = ClipEncoder(model or fp.model, pretrained, device=self._device, precision=self._precision)
+        self.check_model(encoder.fingerprint)  # the same weights under another name or path are fine
+        if self._images_only:
+            encoder.release_text_tower()
+        self._encoder = encoder
+
     @property
     def encoder(self) -> ClipEncoder:
         if self._encoder is None:
@@ -651,15 +680,9 @@ class TextStore:
         distinct_texts = list(dict.fromkeys(k[2] for k in new_keys))
         if given is not None:
             emb = given[[given_row[t] for t in distinct_texts]]
-        elif encode is not None:
-            emb = np.asarray(encode(distinct_texts), dtype=np.float32)
         else:
-            if progress and len(distinct_texts) > 2000 and self.encoder.device.type == "cpu":
-                log.warning("%s: %d texts on the CPU: this is the slow part of a build (a few minutes per 10,000 "
-                            "texts with ViT-B-32; a GPU is far faster). The progress bar shows the time left.", desc,
-                            len(distinct_texts))
-            emb = self.encoder.encode_texts(distinct_texts, batch_size=batch_size) if not progress else \
-                self._encode_with_progress(distinct_texts, batch_size, desc)
+            emb = self.encode_texts_cached(distinct_texts, batch_size=batch_size, progress=progress, desc=desc,
+                                           encode=encode)
         row_of = {t: i for i, t in enumerate(distinct_texts)}
 
         with self.writing():
@@ -719,11 +742,73 @@ class TextStore:
         at = np.searchsorted(table[:, 0], all_ids)
         return np.lexsort((all_ids, table[at, 1], table[at, 2]))
 
-    def _encode_with_progress(self, texts: list[str], batch_size: int | None, desc: str) -> np.ndarray:
+    def text_cache(self, encode: Any = None) -> TextEmbeddingCache | None:
+        """The text embedding cache of this index's weights, in the precision that encodes (that of
+        ``encode``, e.g. Ray's actors, when given); None when turned off or the precision is unknown."""
+        if self.text_cache_path is False:
+            return None
+        if encode is not None:
+            precision = getattr(encode, "precision", None)
+        elif self._encoder is not None:
+            precision = self._encoder.precision
+        else:
+            from coder_index.model.encoder import pick_device, pick_precision
+
+            precision = pick_precision(pick_device(self._device), self._precision)
+        if precision is None:
+            return None
+        key = text_model_key(self.fingerprint.weights_sha256, precision)
+        if key not in self._text_caches:
+            path = None if self.text_cache_path in (None, True) else self.text_cache_path
+            self._text_caches[key] = TextEmbeddingCache(key, self.dim, path)
+        return self._text_caches[key]
+
+    def text_encode_stats(self) -> TextEncodeStats:
+        """Texts encoded and read from the text cache by this object so far (all precisions)."""
+        out = TextEncodeStats()
+        for cache in self._text_caches.values():
+            out.encoded += cache.stats.encoded
+            out.from_cache += cache.stats.from_cache
+            out.seconds += cache.stats.seconds
+        return out
+
+    def encode_texts_cached(self, texts: list[str], *, batch_size: int | None = None, progress: bool = False,
+                            desc: str = "encoding texts", encode: Any = None) -> np.ndarray:
+        """Embeddings of ``texts`` by this index's model: those its weights encoded before (in any
+        index: ``stores.textcache``) are read back, the rest encoded (by ``encode`` when given), with
+        a progress bar over what is really encoded."""
         from tqdm import tqdm
 
-        with tqdm(total=len(texts), unit="text", desc=desc) as bar:
-            return self.encoder.encode_texts(texts, batch_size=batch_size, progress=bar.update)
+        bar = None
+
+        def started(n: int) -> None:
+            nonlocal bar
+            if progress and n:
+                if n > 2000 and encode is None and self.encoder.device.type == "cpu":
+                    log.warning("%s: %d texts on the CPU: a few minutes per 10,000 texts with ViT-B-32 (a GPU is "
+                                "far faster); each text is encoded once per model, and remembered. The progress "
+                                "bar shows the time left.", desc, n)
+                bar = tqdm(total=n, unit="text", desc=desc)
+
+        def fresh(todo: list[str]) -> np.ndarray:
+            if encode is not None:
+                vecs = np.asarray(encode(todo), dtype=np.float32)
+                if bar is not None:
+                    bar.update(len(todo))
+                return vecs
+            return self.encoder.encode_texts(todo, batch_size=batch_size,
+                                             progress=bar.update if bar is not None else None)
+
+        cache = self.text_cache(encode)
+        try:
+            if cache is None:
+                todo = list(texts)
+                started(len(todo))
+                return fresh(todo)
+            return cache.encode(texts, fresh, started=started)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _absent(self, keys: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
         if not keys:

@@ -1,0 +1,199 @@
+"""Every option that more than one command takes, declared once: the same name, default and help
+wherever it appears (tests/test_cli_options.py compares them across commands).
+
+* model: ``--model``, ``--pretrained``, ``--device`` of the commands that use an index's model
+  (classify, explain, serve, eval, fewshot fit); the ``--model`` of a new index or file (build,
+  generate, corpus build); ``--pretrained`` and ``--device`` everywhere.
+* method: ``--method``, ``--rerank``, ``--gap-threshold``, ``--adapter``, ``--corpus``,
+  ``--retrieve-k`` (classify, explain, serve; eval takes the last four).
+* LLM: the endpoint and budget options (generate, build, classify, eval), the Auto Text
+  Generator's (generate, build --generate).
+* ``--preset`` (build, generate), ``--decode`` (classify, eval, corpus build, fewshot fit),
+  ``--workers``/``--threads``, ``--engine`` and the Ray settings.
+
+Options are applied with ``options("name", ...)`` in the order given (they appear so in --help).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coder_index.core.choices import DECODE_CHOICES, PRESETS, ZERO_SHOT_METHODS
+
+
+class GapThreshold(click.ParamType):
+    """A number in [0, 1], or 'preset' for the released code's per-dataset threshold."""
+
+    name = "G|preset"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "preset":
+            return "preset"
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number in [0, 1] nor 'preset'", param, ctx)
+        if not 0 <= v <= 1:
+            self.fail(f"{v} is not in [0, 1]", param, ctx)
+        return v
+
+
+GAP_THRESHOLD = GapThreshold()
+_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+# name -> the click.option that declares it
+OPTIONS: dict[str, Callable[[Callable], Callable]] = {
+    # ------------------------------------------------------------------ the model
+    "model": click.option(
+        "--model", default=None, metavar="NAME",
+        help="Refuse to run unless the index was built with this CLIP model (an open_clip name, local-dir:PATH or "
+             "hf-hub:ORG/NAME; a local model is compared by its weights) [default: the index's model]."),
+    "new_model": click.option(
+        "--model", default=None, metavar="NAME",
+        help="CLIP model: an open_clip name, local-dir:PATH or hf-hub:ORG/NAME [default: the model of --index, or "
+             "of the index added to; else ViT-B-32]."),
+    "pretrained": click.option(
+        "--pretrained", default=None, metavar="TAG|FILE",
+        help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint file. 'random' "
+             "builds an untrained model (benchmarks only)."),
+    "device": click.option("--device", default=None, help="cuda, mps or cpu (default: the best available)."),
+    # ------------------------------------------------------------------ the method
+    "method": click.option(
+        "--method", "zs_method", type=click.Choice(ZERO_SHOT_METHODS), default="coder", show_default=True,
+        help="Zero-shot method; xmore and coder+xmore need --corpus (explain and serve take X-MoRe's normalisers "
+             "over the images they are given, as classify of a folder holding just them)."),
+    "rerank": click.option(
+        "--rerank", is_flag=True,
+        help="CODER*: rerank each image's top-5 with one-to-one pair texts (classify generates missing pairs with "
+             "the LLM options unless --llm none; explain and serve use the pairs stored in the index)."),
+    "gap_threshold": click.option(
+        "--gap-threshold", default=None, type=GAP_THRESHOLD,
+        help="Rerank only images whose softmax top-1 minus top-2 is below this [default: all; eval's coder*-gated "
+             "row: 0.3]; 'preset' takes the released code's threshold for the index's dataset."),
+    "adapter": click.option(
+        "--adapter", "adapter_dir", default=None, type=_DIR,
+        help="Few-shot: classify with this CODER-Adapter (from `coder-index fewshot fit`); eval reports clip, "
+             "tip-adapter and coder-adapter rows for it."),
+    "corpus": click.option(
+        "--corpus", "corpus_dir", default=None, type=_DIR,
+        help="X-MoRe: an image-text corpus (from `coder-index corpus build`) for --method xmore/coder+xmore; eval "
+             "reports clip, xmore, coder and coder+xmore rows with it."),
+    "retrieve_k": click.option(
+        "--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
+        help="Corpus images retrieved per image for X-MoRe."),
+    # ------------------------------------------------------------------ texts
+    "preset": click.option(
+        "--preset", type=click.Choice(PRESETS), default=None,
+        help="Text recipe and prompts: coder-index's own (default), or exactly those of the authors' released CODER "
+             "code (cvpr24: its templates, needing --dataset, and its generator's prompts word for word; see "
+             "README: Fidelity). An existing index keeps its own."),
+    # ------------------------------------------------------------------ reading images
+    "decode": click.option(
+        "--decode", default="auto", show_default=True, type=click.Choice(DECODE_CHOICES),
+        help="cpu: open_clip's reference preprocessing (Pillow in the workers), byte for byte; gpu: JPEGs decoded "
+             "in batches where the encoder runs (nvJPEG on a GPU, libjpeg-turbo on the CPU), resized and "
+             "normalised there, other files the reference way; auto: gpu on a CUDA device, else cpu (always cpu "
+             "for a --preset cvpr24 index). fewshot fit's augmented support views are always Pillow's. See "
+             "README: Decoding."),
+    "workers": click.option(
+        "--workers", default=None, type=click.IntRange(0),
+        help="Decoding processes, 0 = decode in the main process [default: chosen from the cores and the model: a "
+             "small model leaves the cores to decoding, a large one to encoding]."),
+    "threads": click.option(
+        "--threads", default=None, type=click.IntRange(1),
+        help="Torch threads of the encoding process [default: chosen from the cores and the model]."),
+    # ------------------------------------------------------------------ engines
+    "engine": click.option(
+        "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        help="Where the work runs: here, or on a Ray cluster (pip install 'coder-index[ray]'; the model and inputs "
+             "must be readable on every node: see README, Ray)."),
+    "ray_address": click.option(
+        "--ray-address", default=None, metavar="auto|ADDR",
+        help="With --engine ray: 'auto' joins the running cluster, ray://HOST:10001 a remote one; unset starts a "
+             "local Ray instance."),
+    "ray_actors": click.option(
+        "--ray-actors", default=None, type=click.IntRange(1),
+        help="With --engine ray: actors, each holding the model once [default: one per CPU of the cluster, or per "
+             "GPU with --ray-gpus-per-actor]."),
+    "ray_gpus": click.option(
+        "--ray-gpus-per-actor", "ray_gpus", default=0.0, show_default=True, type=click.FloatRange(0),
+        help="With --engine ray: GPUs per actor (0: CPU actors)."),
+    # ------------------------------------------------------------------ the LLM endpoint
+    "llm": click.option(
+        "--llm", "llm_kind", type=click.Choice(["openai", "none"]), default="openai", show_default=True,
+        help="openai: any OpenAI-compatible endpoint (key from --api-key-env); none: no LLM requests (generate "
+             "and build use the offline WordNet generator; classify --rerank and eval's coder* rows use the pair "
+             "texts already in the index, missing pairs counting as ties)."),
+    "base_url": click.option(
+        "--base-url", default=None,
+        help="Endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama, llama.cpp). Default: OpenAI."),
+    "llm_model": click.option("--llm-model", default="gpt-4o-mini", show_default=True,
+                              help="Model name at the endpoint."),
+    "api_key_env": click.option(
+        "--api-key-env", default="OPENAI_API_KEY", show_default=True,
+        help="Environment variable holding the API key (never logged or stored)."),
+    "concurrency": click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1),
+                                help="Requests in flight at once."),
+    "max_requests": click.option(
+        "--max-requests", default=None, type=click.IntRange(0),
+        help="Request budget (retries included); the run stops cleanly before exceeding it."),
+    "temperature": click.option("--temperature", default=0.0, show_default=True, type=float,
+                                help="Sampling temperature."),
+    "max_retries": click.option(
+        "--max-retries", default=6, show_default=True, type=click.IntRange(0),
+        help="Retries of a request after 429, 5xx, timeouts, connection errors or malformed bodies (exponential "
+             "backoff with jitter, honouring retry-after)."),
+    "max_answer_chars": click.option(
+        "--max-answer-chars", default=4000, show_default=True, type=click.IntRange(100),
+        help="Longer answers are cut to this many characters (whole lines) before parsing."),
+    "cache": click.option(
+        "--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
+        help="LLM answer cache (SQLite) [default: ~/.cache/coder-index/llm-cache.sqlite]."),
+    # ------------------------------------------------------------------ the Auto Text Generator
+    "synonyms_from": click.option(
+        "--synonyms-from", type=click.Choice(["wordnet", "llm"]), default="wordnet", show_default=True,
+        help="Where synonyms come from: WordNet (the noun sense nearest in CLIP space), or the LLM."),
+    "analogous_threshold": click.option(
+        "--analogous-threshold", default=0.9, show_default=True, type=float,
+        help="Drop analogous names whose CLIP similarity to another class exceeds this."),
+    "filter_model": click.option(
+        "--filter-model", default=None, metavar="MODEL",
+        help="CLIP model of the analogous filter [default: the target model]. The released code always uses "
+             "ViT-L-14 (e.g. --filter-model ViT-L-14 --filter-pretrained openai)."),
+    "filter_pretrained": click.option("--filter-pretrained", default=None, metavar="TAG|FILE",
+                                      help="Pretrained tag or checkpoint of --filter-model."),
+    "dry_run": click.option("--dry-run", is_flag=True, help="Print how many prompts would be sent, send none."),
+}
+
+MODEL = ("model", "pretrained", "device")
+METHOD = ("method", "rerank", "gap_threshold", "adapter", "corpus", "retrieve_k")
+PARALLEL = ("workers", "threads")
+ENGINE = ("engine", "ray_address", "ray_actors", "ray_gpus")
+LLM_CLIENT = ("llm", "base_url", "llm_model", "api_key_env", "concurrency", "max_requests", "temperature",
+              "max_retries", "max_answer_chars", "cache")
+GENERATOR = ("synonyms_from", "analogous_threshold", "filter_model", "filter_pretrained", "dry_run")
+
+
+def options(*names: str) -> Callable[[Callable], Callable]:
+    """Apply the named shared options (groups: MODEL, METHOD, ...; pass them with *), in order."""
+    unknown = [n for n in names if n not in OPTIONS]
+    if unknown:
+        raise KeyError(f"no shared option {unknown}")
+
+    def wrap(fn: Callable) -> Callable:
+        for name in reversed(names):
+            fn = OPTIONS[name](fn)
+        return fn
+
+    return wrap
+
+
+def check_engine_options(engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float) -> None:
+    if engine != "ray" and (ray_address is not None or ray_actors is not None or ray_gpus):
+        raise click.UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
