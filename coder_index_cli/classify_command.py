@@ -16,17 +16,18 @@ from .textgen_commands import make_generator
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE... | SHARD.tar...", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE... | SHARD...")
 @click.option("--files-from", "files_from", default=None, metavar="LIST",
               help="Classify the image files LIST names, one path per line ('-': standard input), relative to the "
                    "working directory; rows name them as listed.")
 @click.option("-0", "--null", "null_separated", is_flag=True,
               help="With --files-from: paths are separated by NUL bytes (find -print0), for names holding newlines.")
-@click.option("--save-embeddings", "save_embeddings", default=None, metavar="DIR",
-              type=click.Path(file_okay=False, path_type=Path),
+@click.option("--save-embeddings", "save_embeddings", default=None, metavar="DIR|URL",
               help="Also keep the image embeddings in clip-retrieval's layout (DIR/img_emb/img_emb_N.npy + "
                    "DIR/metadata/metadata_N.parquet with image_path, caption, key, shard, json), written as the run "
-                   "goes and resumed with it; `coder-index corpus build --embeddings DIR` reads it back.")
+                   "goes and resumed with it; `coder-index corpus build --embeddings DIR` reads it back. A URL "
+                   "(s3://bucket/emb/, gs://...) writes the parts to the object store; the part being filled waits "
+                   "beside --out.")
 @click.option("--embeddings-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Float type of --save-embeddings (recorded in DIR/embeddings.json).")
 @click.option("--embeddings-part-rows", default=100_000, show_default=True, type=click.IntRange(1),
@@ -60,7 +61,7 @@ from .textgen_commands import make_generator
 @options("decode")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool, save_embeddings: Path | None,
+def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bool, save_embeddings: str | None,
              embeddings_dtype: str, embeddings_part_rows: int, index_dir: str, out: Path,
              top_k: int, batch_size: int, workers: int | None,
              threads: int | None, model: str | None, pretrained: str | None, device: str | None, zs_method: str,
@@ -105,6 +106,10 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
     from coder_index.pipeline.runrecord import check_writable
 
     source = _classify_source(inputs, files_from, null_separated)
+    if save_embeddings is not None:
+        from coder_index.core.remote import check_reachable
+
+        check_reachable([save_embeddings])  # before any model loads
     spec = ScorerSpec(top_k=top_k, method=zs_method, rerank=rerank, rerank_chunk=rerank_chunk,
                       adapter=_str(adapter_dir), corpus=_str(corpus_dir), retrieve_k=retrieve_k,
                       candidates=0 if candidates in (None, "auto") else int(candidates))
@@ -180,29 +185,36 @@ def classify(inputs: tuple[Path, ...], files_from: str | None, null_separated: b
         sys.exit(1)
 
 
-def _classify_source(inputs: tuple[Path, ...], files_from: str | None, null_separated: bool) -> Any:
-    """One folder, image files (arguments and/or --files-from), or webdataset shards: what
-    classify_folder reads."""
+def _classify_source(inputs: tuple[str, ...], files_from: str | None, null_separated: bool) -> Any:
+    """One folder, image files (arguments and/or --files-from; paths or URLs), or webdataset shards
+    (local, by URL, or pipe: commands): what classify_folder reads."""
+    from coder_index.core.remote import check_reachable, is_remote, local_path, public_url
     from coder_index.pipeline.discover import ListedFiles, read_file_list
     from coder_index.pipeline.shards import ShardFiles, expand_shards, is_shard_spec
 
-    shard_args = [p for p in inputs if is_shard_spec(str(p))]
+    if null_separated and not files_from:
+        raise click.UsageError("-0/--null applies to --files-from")
+    shard_args = [p for p in inputs if is_shard_spec(p)]
     if shard_args:
         others = [p for p in inputs if p not in shard_args]
         if others or files_from:
-            what = others[0] if others else "--files-from"
-            raise click.UsageError(f"{what} is not a shard: classify shards (SHARD.tar files, a folder of them, or a "
-                                   "brace pattern), a folder, or image files, in one run")
-        shards = expand_shards(str(p) for p in shard_args)
-        missing = [s for s in shards if not os.path.exists(s)]
-        if len(missing) == len(shards):
+            what = public_url(others[0]) if others else "--files-from"
+            raise click.UsageError(f"{what} is not a shard: classify shards (.tar, .tar.gz or .tgz files or URLs, a "
+                                   "folder of them, a brace pattern, pipe:COMMAND), a folder, or image files, in "
+                                   "one run")
+        check_reachable(shard_args)  # a missing driver is one line, before the model loads
+        shards = expand_shards(shard_args)
+        missing = [s for s in shards if not is_remote(s) and not os.path.exists(s)]
+        if missing and len(missing) == len(shards):
             raise click.UsageError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                       if len(missing) > 1 else ""))
         return ShardFiles(shards)  # a missing shard among others is listed in the errors file
-    absent = [p for p in inputs if not os.path.lexists(p)]
+    check_reachable([p for p in inputs if is_remote(p)])
+    local = [local_path(p) for p in inputs if not is_remote(p)]
+    absent = [p for p in local if not os.path.lexists(p)]
     if absent:
         raise click.UsageError(f"{absent[0]}: no such file or folder")
-    folders = [p for p in inputs if p.is_dir()]
+    folders = [Path(p) for p in local if os.path.isdir(p)]
     if folders and (len(inputs) > 1 or files_from):
         raise click.UsageError(f"{folders[0]} is a folder: classify one folder, or image files (arguments and/or "
                                "--files-from), in one run")
@@ -210,8 +222,6 @@ def _classify_source(inputs: tuple[Path, ...], files_from: str | None, null_sepa
         return folders[0]
     if not inputs and not files_from:
         raise click.UsageError("name a FOLDER, image files, or --files-from LIST")
-    if null_separated and not files_from:
-        raise click.UsageError("-0/--null applies to --files-from")
 
     def paths() -> Any:
         yield from (str(p) for p in inputs)

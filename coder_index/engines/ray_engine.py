@@ -82,6 +82,75 @@ class ClassifyWorker:
         return out
 
 
+class ShardWorker(ClassifyWorker):
+    """A Ray Data actor for streamed shards (remote or compressed): each call streams one shard where
+    the actor runs (no shared disk: the shard is read by its URL), through the same feed, and returns
+    all its rows, its error rows, then one ``done`` row with the shard's counts. A shard whose task is
+    lost with its node is streamed again elsewhere; the driver writes each row once."""
+
+    def __init__(self, *args: Any, batch_size: int = 64, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
+        import json
+
+        from coder_index.pipeline.shard_stream import ShardPlan
+
+        k = self.spec.top_k
+        paths: list[str] = []
+        kinds: list[str] = []
+        reasons: list[str] = []
+        sidecars: list[str] = []  # a sample's key, caption and JSON, for --save-embeddings' metadata
+        id_rows: list[np.ndarray] = []
+        score_rows: list[np.ndarray] = []
+        emb_rows: list[np.ndarray] = []
+        dim = self.index.dim if self.embeddings else 0
+        for spec, name, done_json in zip(batch["shard"], batch["name"], batch["done"], strict=True):
+            plan = ShardPlan([str(spec)], {str(name): set(json.loads(str(done_json)))})
+            for fed in self.feed.batches(self.root, plan, batch_size=self.batch_size, workers=0):
+                crash_once("ray.worker.batch")  # tests: a worker killed with a shard in hand
+                if fed.pixels is not None:
+                    emb = self.index.encoder.encode_image_batch(fed.pixels)
+                    i, sc = self.scorer(emb)
+                    paths += [str(p) for p in fed.paths]
+                    kinds += ["row"] * len(fed.paths)
+                    reasons += [""] * len(fed.paths)
+                    sidecars += [json.dumps([p.key, p.caption, p.meta]) for p in fed.paths]
+                    id_rows.append(_pad(i, k, -1))
+                    score_rows.append(_pad(sc, k, 0.0))
+                    emb_rows.append(emb if self.embeddings else np.zeros((len(emb), 0), np.float32))
+                for p, reason in fed.errors:
+                    paths.append(str(p))
+                    kinds.append("error")
+                    reasons.append(reason)
+                    sidecars.append("null")
+                    id_rows.append(np.full((1, k), -1, np.int64))
+                    score_rows.append(np.zeros((1, k)))
+                    emb_rows.append(np.zeros((1, dim), np.float32))
+                for shard_name, counts in fed.done_shards:
+                    paths.append(shard_name)
+                    kinds.append("done")
+                    reasons.append(json.dumps(counts))
+                    sidecars.append("null")
+                    id_rows.append(np.full((1, k), -1, np.int64))
+                    score_rows.append(np.zeros((1, k)))
+                    emb_rows.append(np.zeros((1, dim), np.float32))
+        out = {"path": np.array(paths, dtype=object), "kind": np.array(kinds, dtype=object),
+               "error": np.array(reasons, dtype=object), "sidecars": np.array(sidecars, dtype=object),
+               "ids": np.concatenate(id_rows) if id_rows else np.zeros((0, k), np.int64),
+               "scores": np.concatenate(score_rows) if score_rows else np.zeros((0, k))}
+        if self.embeddings:
+            out["emb"] = np.concatenate(emb_rows) if emb_rows else np.zeros((0, dim), np.float32)
+        return out
+
+
+def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
+    out = np.full((len(a), k), fill, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
 class RayEngine:
     """``classify_folder(..., engine=RayEngine(index, spec))``: see the module docstring.
 
@@ -105,7 +174,13 @@ class RayEngine:
 
     def run(self, root: Path, todo_chunks: Iterator[list[str]], write: Callable, write_errors: Callable, bar: Any,
             on_batch: Callable[[int], None] | None, counts: dict[str, int]) -> None:
-        chunks = rechunk(todo_chunks, self.chunk)
+        from coder_index.pipeline.shard_stream import ShardPlan
+
+        given = iter(todo_chunks)
+        head = next(given, None)
+        if isinstance(head, ShardPlan):
+            return self._run_streamed(root, head, write, write_errors, bar, on_batch, counts)
+        chunks = rechunk(_with_first(head, given) if head is not None else iter(()), self.chunk)
         first = next(chunks, None)
         if first is None:
             return  # nothing to do: no cluster is started for a finished run
@@ -134,6 +209,56 @@ class RayEngine:
                     bar.update(len(out["path"]))
                     if on_batch is not None:
                         on_batch(counts["ok"] + counts["err"])
+
+
+    def _kwargs(self, ray: Any, root: Path) -> dict[str, Any]:
+        expect = {"index_id": self.index.index_id, "generation": self.index.generation,
+                  "pairs_generation": self.index.pairs_generation,
+                  "weights_sha256": self.index.fingerprint.weights_sha256}
+        return {"source": self.source, "expect": expect, "spec": self.spec.to_dict(),
+                "root": str(Path(root).resolve()), "device": "cuda" if self.gpus else "cpu",
+                "threads": max(1, int(self.cpus)), "decode": self.decode, "embeddings": self.return_embeddings}
+
+    def _run_streamed(self, root: Path, plan: Any, write: Callable, write_errors: Callable, bar: Any,
+                      on_batch: Callable[[int], None] | None, counts: dict[str, int]) -> None:
+        """One task per shard not yet complete: an actor streams it by its URL and returns its rows."""
+        import json
+
+        from coder_index.core.remote import public_url
+
+        todo = [(spec, public_url(spec)) for spec in plan.specs if public_url(spec) not in plan.complete]
+        if not todo:
+            return
+        with ray_session(self.address) as ray:
+            n_actors = min(len(todo), pool_size(ray, self.actors, self.gpus, self.cpus))
+            kwargs = {**self._kwargs(ray, root), "batch_size": self.batch_size}
+            log.info("Ray engine: %d shard(s) over %d actor(s)", len(todo), n_actors)
+            items = [{"shard": spec, "name": name, "done": json.dumps(sorted(plan.done_keys.get(name, ())))}
+                     for spec, name in todo]
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                ShardWorker, fn_constructor_kwargs=kwargs, batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=self.cpus,
+                num_gpus=self.gpus or None, batch_format="numpy", runtime_env={"env_vars": worker_env()})
+            seen: set[str] = set()
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                kinds = np.array([str(x) for x in out["kind"]], dtype=object)
+                rows = {k: v[kinds != "done"] for k, v in out.items()}
+                sources = {}  # the rows' samples, with their sidecars (--save-embeddings' metadata)
+                for p, side in zip(rows["path"], rows["sidecars"], strict=True):
+                    meta = json.loads(str(side))
+                    if meta:
+                        name = str(p)[: -len(meta[0]) - 1]
+                        sources[str(p)] = Member(str(p), name, 0, 0, meta[0], "", meta[1], meta[2])
+                _write_batch(rows, seen, write, write_errors, sources)
+                done = [(str(p), json.loads(str(c))) for p, c, kd in zip(out["path"], out["error"], kinds, strict=True)
+                        if kd == "done"]
+                done = [(p, c) for p, c in done if p not in seen]
+                seen.update(p for p, _ in done)
+                if done:
+                    write([], None, None, None, done)
+                bar.update(int((kinds != "done").sum()))
+                if on_batch is not None:
+                    on_batch(counts["ok"] + counts["err"])
 
 
 def _item(p: str) -> dict[str, Any]:

@@ -21,14 +21,15 @@ import numpy as np
 from tqdm import tqdm
 
 from coder_index.core.atomic import translate_disk_full
-from coder_index.core.faults import pause_point
+from coder_index.core.faults import crash_point, pause_point
 from coder_index.core.parallelism import parallel_encoding
 from coder_index.methods.scorers import CoderScorer
 from coder_index.pipeline.discover import Discovery, ListedFiles, walk_images, walk_listed
 from coder_index.pipeline.embeddings_out import EmbeddingSaver
 from coder_index.pipeline.encode_images import encoded_batches, requested_decode
 from coder_index.pipeline.runrecord import OutputRun
-from coder_index.pipeline.shards import ShardFiles, walk_shards
+from coder_index.pipeline.shard_stream import ShardPlan, done_keys_by_shard
+from coder_index.pipeline.shards import ShardFiles, needs_streaming, walk_shards
 
 if TYPE_CHECKING:
     from coder_index.methods.text_index import TextIndex
@@ -172,10 +173,16 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
         provenance["decode"] = "gpu"
     with OutputRun(out, top_k_n, provenance, overwrite=overwrite) as run:
         pause_point("classify.locked")
+        stream: ShardPlan | None = None
         if isinstance(folder, ListedFiles):
             root, prefix = Path.cwd(), ""  # listed paths are read as given, relative to the working directory
             found = Discovery(root, [], 0)
             listed = walk_listed(folder.paths, found)
+        elif isinstance(folder, ShardFiles) and needs_streaming(folder.shards):
+            root, prefix = Path.cwd(), ""  # rows are SHARD/KEY, the shard's public name (shard_stream)
+            found = Discovery(root, [], 0)
+            listed = iter(())
+            stream = ShardPlan(list(folder.shards))
         elif isinstance(folder, ShardFiles):
             root, prefix = Path.cwd(), ""  # rows are SHARD/KEY, the shard's path as given
             found = Discovery(root, [], 0)
@@ -190,6 +197,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
             # Rows name files as FOLDER/relative so that one --out reused for another folder cannot collide.
             prefix = Path(os.path.normpath(folder)).as_posix().rstrip("/") + "/"
         done = run.done_paths()
+        if stream is not None:  # what OUT holds per shard, and the shards read to their end before
+            stream.complete = run.shards_done()
+            stream.done_keys = done_keys_by_shard(stream.names(), done)
         saver = save_embeddings.open(done) if save_embeddings is not None else None
         if saver is not None and engine is not None:
             engine.return_embeddings = True
@@ -197,6 +207,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
         counts = {"ok": 0, "err": 0, "special_seen": 0}
 
         def todo_chunks() -> Iterator[list[str]]:
+            if stream is not None:  # one plan: the workers stream the shards, the plan's done keys skipped
+                yield stream  # type: ignore[misc]
+                return
             chunk: list[str] = []
             for rel in listed:
                 if prefix + rel not in done:
@@ -217,14 +230,23 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
                 run.errors.write(rows)
                 counts["err"] += len(rows)
 
-        def write(paths: list[str], ids: np.ndarray, scores: np.ndarray, emb: np.ndarray | None = None) -> None:
+        def write(paths: list[str], ids: np.ndarray, scores: np.ndarray, emb: np.ndarray | None = None,
+                  shards_done: list[tuple[str, dict[str, int]]] = ()) -> None:
             row_paths = [prefix + p for p in paths]
-            if saver is not None:  # embeddings first: a kill never leaves a row without its embedding
-                saver.append(row_paths, emb, paths)
-            run.results.write(prediction_rows(row_paths, ids, scores, names, scorer.method))
-            counts["ok"] += len(paths)
-            if saver is not None:
-                saver.commit()
+            if paths:
+                if saver is not None:  # embeddings first: a kill never leaves a row without its embedding
+                    saver.append(row_paths, emb, paths)
+                run.results.write(prediction_rows(row_paths, ids, scores, names, scorer.method))
+                crash_point("classify.rows_written")  # tests: killed with these rows written, the run not done
+                counts["ok"] += len(paths)
+                if saver is not None:
+                    saver.commit()
+            if shards_done:  # after their rows: a resumed run need not open them again
+                for _, c in shards_done:
+                    found.found += c.get("found", 0)
+                    found.hidden += c.get("hidden", 0)
+                    found.other_files += c.get("other", 0)
+                run.mark_shards_done([name for name, _ in shards_done])
 
         def write_errors(errors: list[tuple[str, str]]) -> None:
             run.errors.write([(prefix + p, reason) for p, reason in errors])
@@ -239,8 +261,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
                 if engine is not None:
                     engine.run(root, todo_chunks(), write, write_errors, bar, on_batch, counts)
                 elif scorer.two_pass:
-                    todo = [p for chunk in todo_chunks() for p in chunk]  # X-MoRe needs them all first
-                    bar.reset(total=len(todo))
+                    # X-MoRe needs every embedding first
+                    todo = stream if stream is not None else [p for chunk in todo_chunks() for p in chunk]
+                    bar.reset(total=len(todo) or None)
                     _two_passes(run, scorer, index, root, todo, batch_size, workers, threads, write, write_errors,
                                 bar, on_batch, counts, progress, decode)
                 else:
@@ -254,7 +277,9 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
             if saver is not None:
                 saver.close(finish=not failed)  # after a failure the next run settles what is staged
     classified_or_failed = counts["ok"] + counts["err"]
-    return ClassifySummary(found.found, max(0, found.found + len(found.special) - classified_or_failed),
+    already = run.earlier["rows"] + run.earlier["errors"] if stream is not None else \
+        max(0, found.found + len(found.special) - classified_or_failed)
+    return ClassifySummary(found.found, already,
                            counts["ok"], counts["err"], found.other_files, time.perf_counter() - t0, str(out),
                            str(run.errors.path), found.hidden, len(found.special),
                            run.earlier["rows"] + counts["ok"], run.earlier["errors"] + counts["err"],
@@ -271,15 +296,17 @@ def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
                    write_errors: Callable, decode: str = "cpu", clock: Any = None,
-                   first_batch: dict[str, bool] | None = None) -> Iterator[tuple[list[str], np.ndarray | None, int]]:
-    """(items, embeddings, errors) per batch of the one feed (``encode_images``); errors written here."""
+                   first_batch: dict[str, bool] | None = None
+                   ) -> Iterator[tuple[list[str], np.ndarray | None, int, list[tuple[str, dict[str, int]]]]]:
+    """(items, embeddings, errors, shards read to their end) per batch of the one feed
+    (``encode_images``); errors written here."""
     for batch in encoded_batches(index.encoder, root, todo, batch_size=batch_size, workers=plan.workers,
                                  decode=decode, clock=clock, first_batch=first_batch):
         if batch.errors:
             with (clock or _NoClock()).stage("write"):
                 write_errors(batch.errors)
-        if batch.embeddings is not None or batch.errors:
-            yield batch.items, batch.embeddings, len(batch.errors)
+        if batch.embeddings is not None or batch.errors or batch.done_shards:
+            yield batch.items, batch.embeddings, len(batch.errors), batch.done_shards
 
 
 def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[str]], batch_size: int,
@@ -289,23 +316,28 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
     (a scorer with ``chunk`` > 1, the rerank, gets that many images at once). The model is loaded
     only when there is something to encode: a rerun with everything done costs the listing alone."""
     buffered: list[tuple[list[str], np.ndarray]] = []
+    marks: list[tuple[str, dict[str, int]]] = []  # streamed shards read to their end: written after the rows
     clock = clock or _NoClock()
     # rows are written by a thread while the next batch computes; measured runs write in line, so that
     # the time of each stage is its own
     writer = _WriterThread(write) if isinstance(clock, _NoClock) else None
 
     def flush() -> None:
-        if buffered:
+        if buffered or marks:
             paths = [p for ps, _ in buffered for p in ps]
-            emb = np.concatenate([e for _, e in buffered])
+            emb = np.concatenate([e for _, e in buffered]) if buffered else None
+            done = list(marks)
             buffered.clear()
-            with clock.stage("score"):
-                ids, scores = scorer(emb)
+            marks.clear()
+            ids = scores = None
+            if emb is not None:
+                with clock.stage("score"):
+                    ids, scores = scorer(emb)
             if writer is not None:
-                writer.put(paths, ids, scores, emb)
+                writer.put(paths, ids, scores, emb, done)
             else:
                 with clock.stage("write"):
-                    write(paths, ids, scores, emb)
+                    write(paths, ids, scores, emb, done)
 
     plan_ctx = None
     failed = False
@@ -317,10 +349,11 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
                 plan = plan_ctx.__enter__()
             bar.total = (bar.total or 0) + len(todo)
             bar.refresh()
-            for paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode,
-                                                    clock, first_batch):
+            for paths, emb, n_err, done in _local_batches(index, root, todo, batch_size, plan, write_errors, decode,
+                                                          clock, first_batch):
                 if emb is not None:
                     buffered.append((paths, emb))
+                marks.extend(done)
                 if sum(len(ps) for ps, _ in buffered) >= scorer.chunk:
                     flush()
                 bar.update(len(paths) + n_err)
@@ -343,33 +376,38 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
                 plan_ctx.__exit__(None, None, None)
 
 
-def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo: list[str], batch_size: int,
+def _two_passes(run: OutputRun, scorer: Any, index: TextIndex, root: Path, todo: Any, batch_size: int,
                 workers: int | None, threads: int | None, write: Callable, write_errors: Callable, bar: Any,
                 on_batch: Any, counts: dict[str, int], progress: bool, decode: str = "cpu") -> None:
-    """Encode everything to a memory-mapped scratch file, let the scorer see all of it (X-MoRe's
-    normalisers, saved with the run), then score in chunks and write."""
-    if not todo:
+    """Encode everything to a scratch file (appended as batches come: a stream's length is not known
+    before), let the scorer see all of it (X-MoRe's normalisers, saved with the run), then score in
+    chunks and write; streamed shards are marked read after their rows."""
+    if not isinstance(todo, ShardPlan) and not todo:
         return
     encoder = index.encoder
+    marks: list[tuple[str, dict[str, int]]] = []
     with tempfile.TemporaryDirectory(prefix="coder-index-run-") as tmp, \
             parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-        emb_all = np.lib.format.open_memmap(Path(tmp) / "emb.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(todo), encoder.embed_dim))
+        scratch = Path(tmp) / "emb.f32"
         paths: list[str] = []
-        for batch_paths, emb, n_err in _local_batches(index, root, todo, batch_size, plan, write_errors, decode):
-            if emb is not None:
-                emb_all[len(paths):len(paths) + len(batch_paths)] = emb
-                paths += batch_paths
-            bar.update(len(batch_paths) + n_err)
-        if not paths:
-            return
-        state = scorer.prepare(emb_all[: len(paths)], run.state)
-        if state:
-            run.save_state(**state)
-        for s in tqdm(range(0, len(paths), scorer.chunk), desc="scoring images (X-MoRe)", unit="chunk",
-                      disable=not progress):
-            emb = np.asarray(emb_all[s:s + scorer.chunk][: len(paths) - s])
-            write(paths[s:s + scorer.chunk], *scorer(emb), emb)
-            if on_batch is not None:
-                on_batch(counts["ok"] + counts["err"])
-        del emb_all
+        with open(scratch, "wb") as f:
+            for batch_paths, emb, n_err, done in _local_batches(index, root, todo, batch_size, plan, write_errors,
+                                                                decode):
+                if emb is not None:
+                    f.write(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+                    paths += batch_paths
+                marks.extend(done)
+                bar.update(len(batch_paths) + n_err)
+        if paths:
+            emb_all = np.memmap(scratch, dtype=np.float32, mode="r", shape=(len(paths), encoder.embed_dim))
+            state = scorer.prepare(emb_all, run.state)
+            if state:
+                run.save_state(**state)
+            for s in tqdm(range(0, len(paths), scorer.chunk), desc="scoring images (X-MoRe)", unit="chunk",
+                          disable=not progress):
+                emb = np.asarray(emb_all[s:s + scorer.chunk])
+                write(paths[s:s + scorer.chunk], *scorer(emb), emb)
+                if on_batch is not None:
+                    on_batch(counts["ok"] + counts["err"])
+            del emb_all
+        write([], None, None, None, marks)

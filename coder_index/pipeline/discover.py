@@ -83,15 +83,59 @@ class ListedFiles:
     paths: Iterable[str]
 
 
+class RemoteFile(str):
+    """A listed image URL: a row named by its public form (``core.remote.public_url``: no credentials)
+    that reads its own bytes (with ``core.remote``'s retries) in the decoding workers."""
+
+    __slots__ = ("source", "ext")
+
+    def __new__(cls, source: str) -> RemoteFile:
+        from coder_index.core.remote import path_part, public_url
+
+        self = super().__new__(cls, public_url(source))
+        self.source = source
+        self.ext = os.path.splitext(path_part(source))[1].lower()
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (RemoteFile, (self.source,))
+
+    def read(self) -> bytes:
+        """The image's bytes; a missing one is that file's error row (as a missing listed path is),
+        a refusal (401, 403) stops the run."""
+        from coder_index.core.decode import ImageDecodeError
+        from coder_index.core.remote import RemoteError, fetch_bytes
+
+        try:
+            return fetch_bytes(self.source, max_bytes=MAX_REMOTE_IMAGE_BYTES)
+        except RemoteError as exc:
+            if exc.missing:
+                raise ImageDecodeError(str(exc).split(": ", 1)[-1]) from None
+            raise
+
+
+MAX_REMOTE_IMAGE_BYTES = 256 << 20
+
+
 def walk_listed(paths: Iterable[str], stats: Discovery) -> Iterator[str]:
     """The listed paths that are regular files (or links to one), normalised, each once; what is
     missing or not a regular file goes to ``stats.special`` with the reason (the errors file lists
-    it). The extension is not checked: the user named the file."""
+    it). The extension is not checked: the user named the file. A listed URL is read where it lives
+    (``RemoteFile``); its row is its public form."""
+    from coder_index.core.remote import is_remote, local_path
+
     seen: set[str] = set()
     for given in paths:
         if not given:
             continue
-        path = os.path.normpath(given)
+        if is_remote(given):
+            item = RemoteFile(given)
+            if str(item) not in seen:
+                seen.add(str(item))
+                stats.found += 1
+                yield item
+            continue
+        path = os.path.normpath(local_path(given))
         if path in seen:
             continue
         seen.add(path)

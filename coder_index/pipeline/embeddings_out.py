@@ -17,10 +17,18 @@ renamed) only *after* them. So whatever a kill interrupts, the parts hold only r
 the staging part at least those; a resumed run first turns the staging part into a part, keeping
 exactly the rows OUT holds, so no row is lost or saved twice. Another model, dtype or OUT is refused
 (``embeddings.json``), under DIR's own lock.
+
+**DIR in an object store** (``s3://bucket/emb/``, ``gs://...``, anything fsspec writes): the parts,
+their metadata and ``embeddings.json`` go there, each written once as a whole object (part files are
+immutable, which suits an object store; the ``.npy``, written last, marks a part), in the same order.
+The staging part and the lock stay on the local disk, beside OUT (``OUT.embeddings-staging/``), since
+an object store has neither appends nor locks: a kill anywhere still leaves one embedding per row
+after the rerun. The predictions file stays local.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -31,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from coder_index.core.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, temp_path
+from coder_index.core.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from coder_index.core.errors import InputFormatError
 from coder_index.core.faults import crash_point
 from coder_index.core.locking import FileLock
+from coder_index.core.remote import RemoteError, filesystem, is_remote, public_url, redacted
 
 FORMAT = "coder-index/image-embeddings"
 DTYPES = ("float16", "float32")
@@ -43,6 +52,126 @@ _PART = re.compile(r"^img_emb_(\d+)\.npy$")
 META_COLUMNS = ("image_path", "caption", "key", "shard", "json")
 
 
+# ---------------------------------------------------------------------------------------------- where parts go
+class LocalParts:
+    """DIR on the local disk: files written aside, fsynced and renamed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.name = str(directory)
+
+    def prepare(self) -> None:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise InputFormatError(f"--save-embeddings {self.dir} is a file; give a folder")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("img_emb", "metadata"):
+            (self.dir / sub).mkdir(exist_ok=True)
+
+    def entries(self) -> list[str]:
+        return [p.name for p in self.dir.iterdir()] if self.dir.is_dir() else []
+
+    def names(self, sub: str) -> list[str]:
+        return [p.name for p in (self.dir / sub).iterdir()] if (self.dir / sub).is_dir() else []
+
+    def exists(self, rel: str) -> bool:
+        return (self.dir / rel).exists()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.dir / rel).read_bytes()
+
+    def write(self, rel: str, data: bytes) -> None:
+        atomic_write_bytes(self.dir / rel, data)
+
+    def remove(self, rel: str) -> None:
+        import shutil
+
+        p = self.dir / rel
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+    def rows(self, rel: str) -> int:
+        return int(np.load(self.dir / rel, mmap_mode="r").shape[0])
+
+    def sync(self, sub: str) -> None:
+        fsync_dir(self.dir / sub)
+
+
+class RemoteParts:
+    """DIR in an object store (fsspec): each file one whole object, read back by its header."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.name = public_url(self.url)
+        self.fs, self.root = filesystem(self.url)
+        self.root = self.root.rstrip("/")
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise RemoteError(f"--save-embeddings {self.name}: could not {what} ({redacted(str(exc), self.url)})") \
+                from None
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def prepare(self) -> None:
+        pass  # an object store has no folders to make
+
+    def entries(self) -> list[str]:
+        try:
+            found = self._call("list it", self.fs.ls, self.root, False)
+        except FileNotFoundError:
+            return []
+        return sorted({str(p).rstrip("/").rsplit("/", 1)[-1] for p in found})
+
+    def names(self, sub: str) -> list[str]:
+        try:
+            found = self._call("list it", self.fs.ls, self._path(sub), False)
+        except FileNotFoundError:
+            return []
+        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in found]
+
+    def exists(self, rel: str) -> bool:
+        return bool(self._call("look into it", self.fs.exists, self._path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call("read it", self.fs.cat_file, self._path(rel))
+
+    def write(self, rel: str, data: bytes) -> None:
+        self._call("write to it", self.fs.pipe_file, self._path(rel), data)
+
+    def remove(self, rel: str) -> None:
+        try:
+            if self.fs.exists(self._path(rel)):
+                self._call("remove from it", self.fs.rm, self._path(rel), True)
+        except FileNotFoundError:
+            pass
+
+    def rows(self, rel: str) -> int:
+        def header() -> int:
+            with self.fs.open(self._path(rel), "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, _ = read(f)
+                return int(shape[0])
+
+        return self._call("read a part's header", header)
+
+    def sync(self, sub: str) -> None:
+        pass  # each object is durable once written
+
+
+def parts_for(directory: str | Path) -> LocalParts | RemoteParts:
+    return RemoteParts(str(directory)) if is_remote(str(directory)) else LocalParts(Path(directory))
+
+
+# ---------------------------------------------------------------------------------------------- the saver
 class EmbeddingSaver:
     """Open with the run's settings; ``append`` before a batch's rows are written, ``commit`` after."""
 
@@ -50,24 +179,28 @@ class EmbeddingSaver:
                  part_rows: int = PART_ROWS, overwrite: bool = False) -> None:
         if dtype not in DTYPES:
             raise InputFormatError(f"--embeddings-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.dir = Path(directory)
+        self.parts = parts_for(directory)
+        self.dir = self.parts.name  # what messages and the summary show
         self.out, self.dim, self.model, self.dtype = str(Path(out).resolve()), dim, model, dtype
         self.part_rows = part_rows
         self.overwrite = overwrite
+        if isinstance(self.parts, LocalParts):
+            self.staging = self.parts.dir / ".staging"
+            self._lock_path = self.parts.dir / ".lock"
+        else:  # an object store has no appends and no locks: the staging part waits beside OUT
+            self.staging = Path(self.out + ".embeddings-staging")
+            self._lock_path = Path(self.out + ".embeddings-staging.lock")
         self._lock: FileLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, done: set[str]) -> EmbeddingSaver:
         """Take DIR's lock, check or record its settings, and settle a staging part left by a killed
         run (keeping the rows in ``done``: what OUT holds)."""
-        if self.dir.exists() and not self.dir.is_dir():
-            raise InputFormatError(f"--save-embeddings {self.dir} is a file; give a folder")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.dir / ".lock", f"--save-embeddings {self.dir}", remove=True).acquire()
+        self.parts.prepare()
+        self._lock = FileLock(self._lock_path, f"--save-embeddings {self.dir}", remove=True).acquire()
         try:
             self._settle_settings()
-            for sub in ("img_emb", "metadata", ".staging"):
-                (self.dir / sub).mkdir(exist_ok=True)
+            self.staging.mkdir(exist_ok=True)
             self._drop_unpaired_metadata()
             self._finish_staging(keep=done)
         except BaseException:
@@ -84,7 +217,7 @@ class EmbeddingSaver:
         """Turn what is staged into a last part (``finish``; after a failed run the staged rows may
         run ahead of OUT's, and the next run settles them against OUT), then release DIR."""
         try:
-            if finish and self._lock is not None and (self.dir / ".staging").is_dir():
+            if finish and self._lock is not None and self.staging.is_dir():
                 self._finish_staging(keep=None)
         finally:
             if self._lock is not None:
@@ -92,21 +225,23 @@ class EmbeddingSaver:
                 self._lock = None
 
     def _settle_settings(self) -> None:
-        record = self.dir / "embeddings.json"
         want = {"format": FORMAT, "version": 1, "dtype": self.dtype, "dim": self.dim, "model": self.model,
                 "out": self.out, "normalized": True}
-        ours = [p for p in self.dir.iterdir() if p.name in ("img_emb", "metadata", ".staging", "embeddings.json")]
+        entries = self.parts.entries()
+        ours = [p for p in entries if p in ("img_emb", "metadata", ".staging", "embeddings.json")]
         have = None
-        if record.is_file():
+        if "embeddings.json" in entries:
             try:
-                have = json.loads(record.read_text(encoding="utf-8"))
+                have = json.loads(self.parts.read_bytes("embeddings.json").decode("utf-8"))
             except (OSError, ValueError) as exc:
                 if not self.overwrite:
-                    raise InputFormatError(f"{record} is unreadable ({exc}); move the folder away, or pass "
-                                           "--overwrite to start the run and its embeddings afresh") from None
+                    raise InputFormatError(f"{self.dir}/embeddings.json is unreadable ({exc}); move the folder away, "
+                                           "or pass --overwrite to start the run and its embeddings afresh") from None
         if self.overwrite and (have is None or have.get("out") == self.out):
             for p in ours:  # --overwrite restarts this OUT's embeddings, never another OUT's
-                _remove(p)
+                self.parts.remove(p)
+            _remove(self.staging)
+            self.parts.prepare()
             have = None
         if have is not None:
             diff = [k for k in ("format", "dtype", "dim", "model", "out") if have.get(k) != want[k]]
@@ -117,10 +252,15 @@ class EmbeddingSaver:
                     f"{' and another model' if 'model' in diff else ''}); choose another folder"
                     f"{'' if 'out' in diff else ', or pass --overwrite to start the run and its embeddings afresh'}")
             return
-        if [p for p in self.dir.iterdir() if not p.name.startswith(".")]:
+        if [p for p in self.parts.entries() if not p.startswith(".") and p not in ("img_emb", "metadata")] or \
+                self.parts.names("img_emb") or self.parts.names("metadata"):
             raise InputFormatError(f"--save-embeddings {self.dir} is not empty and holds no embeddings.json; choose an "
                                    "empty or new folder")
-        atomic_write_json(record, {**want, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        record = {**want, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if isinstance(self.parts, LocalParts):
+            atomic_write_json(self.parts.dir / "embeddings.json", record)
+        else:
+            self.parts.write("embeddings.json", (json.dumps(record, indent=2) + "\n").encode("utf-8"))
 
     # ------------------------------------------------------------------ writing
     def append(self, paths: list[str], emb: np.ndarray, samples: Iterable[Any]) -> None:
@@ -156,34 +296,35 @@ class EmbeddingSaver:
         written from them is recognised, and never written twice)."""
         found = self._staged()
         n = found[0] if found else self._next_part()
-        return self.dir / ".staging" / f"emb_{n}.bin", self.dir / ".staging" / f"meta_{n}.jsonl"
+        return self.staging / f"emb_{n}.bin", self.staging / f"meta_{n}.jsonl"
 
     def _staged(self) -> list[int]:
-        staging = self.dir / ".staging"
-        nums = {int(m.group(1)) for p in staging.iterdir() if (m := re.match(r"^(?:emb|meta)_(\d+)\.", p.name))} \
-            if staging.is_dir() else set()
+        nums = {int(m.group(1)) for p in self.staging.iterdir() if (m := re.match(r"^(?:emb|meta)_(\d+)\.", p.name))} \
+            if self.staging.is_dir() else set()
         return sorted(nums)
 
     def _staged_rows(self) -> int:
         rows = 0
         for n in self._staged():
-            p = self.dir / ".staging" / f"emb_{n}.bin"
+            p = self.staging / f"emb_{n}.bin"
             rows += p.stat().st_size // (self.dim * np.dtype(self.dtype).itemsize) if p.exists() else 0
         return rows
 
     def _rows_in_parts(self) -> int:
-        return sum(int(np.load(p, mmap_mode="r").shape[0]) for p in (self.dir / "img_emb").glob("img_emb_*.npy"))
+        return sum(self.parts.rows(f"img_emb/{name}") for name in self.parts.names("img_emb") if _PART.match(name))
 
     def _drop_unpaired_metadata(self) -> None:
         """A metadata_N.parquet without its img_emb_N.npy is a part a kill interrupted (the .npy is
         written last): its rows are still staged, so it goes."""
-        for p in (self.dir / "metadata").glob("metadata_*.parquet"):
-            n = p.name[len("metadata_"):-len(".parquet")]
-            if not (self.dir / "img_emb" / f"img_emb_{n}.npy").exists():
-                p.unlink()
+        parts = set(self.parts.names("img_emb"))
+        for name in self.parts.names("metadata"):
+            if name.startswith("metadata_") and name.endswith(".parquet"):
+                n = name[len("metadata_"):-len(".parquet")]
+                if f"img_emb_{n}.npy" not in parts:
+                    self.parts.remove(f"metadata/{name}")
 
     def _next_part(self) -> int:
-        nums = [int(m.group(1)) for p in (self.dir / "img_emb").iterdir() if (m := _PART.match(p.name))]
+        nums = [int(m.group(1)) for name in self.parts.names("img_emb") if (m := _PART.match(name))]
         return max(nums) + 1 if nums else 0
 
     def _finish_staging(self, keep: set[str] | None) -> None:
@@ -191,14 +332,14 @@ class EmbeddingSaver:
         staged twice, by a killed run and again, once). A part already written from them (a kill
         before the staging was cleared) is not written again."""
         for n in self._staged():
-            emb_file = self.dir / ".staging" / f"emb_{n}.bin"
-            meta_file = self.dir / ".staging" / f"meta_{n}.jsonl"
-            if not (self.dir / "img_emb" / f"img_emb_{n}.npy").exists():
+            emb_file = self.staging / f"emb_{n}.bin"
+            meta_file = self.staging / f"meta_{n}.jsonl"
+            if not self.parts.exists(f"img_emb/img_emb_{n}.npy"):
                 self._part_from_staging(n, emb_file, meta_file, keep)
             crash_point("embeddings.part_written")  # tests: killed with the part written, the staging not cleared
             for f in (emb_file, meta_file):
                 f.unlink(missing_ok=True)
-            fsync_dir(self.dir / ".staging")
+            fsync_dir(self.staging)
 
     def _part_from_staging(self, n: int, emb_file: Path, meta_file: Path, keep: set[str] | None) -> None:
         width = self.dim * np.dtype(self.dtype).itemsize
@@ -221,23 +362,18 @@ class EmbeddingSaver:
             self._write_part(n, vecs[chosen], [rows[i] for i in chosen])
 
     def _write_part(self, n: int, vecs: np.ndarray, rows: list[dict[str, Any]]) -> None:
-        import io
-
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         table = pa.table({c: pa.array([r.get(c) for r in rows], type=pa.string()) for c in META_COLUMNS})
-        meta_path = self.dir / "metadata" / f"metadata_{n}.parquet"
-        tmp = temp_path(meta_path)
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, meta_path)
+        meta = io.BytesIO()
+        pq.write_table(table, meta)
+        self.parts.write(f"metadata/metadata_{n}.parquet", meta.getvalue())
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(vecs), allow_pickle=False)
         crash_point("embeddings.metadata_written")  # tests: killed between the two files of a part
-        atomic_write_bytes(self.dir / "img_emb" / f"img_emb_{n}.npy", buf.getvalue())  # last: it marks the part
-        fsync_dir(self.dir / "metadata")
+        self.parts.write(f"img_emb/img_emb_{n}.npy", buf.getvalue())  # last: it marks the part
+        self.parts.sync("metadata")
 
 
 def _remove(path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from coder_index.core.startup import process_age
 from coder_index.pipeline.feed import Prefetched, Views, make_feed
+from coder_index.pipeline.shard_stream import ShardPlan
 
 if TYPE_CHECKING:
     from coder_index.model.encoder import ClipEncoder
@@ -33,6 +34,7 @@ class EncodedBatch:
     embeddings: np.ndarray | None     # [n, D] float32, L2-normalised
     errors: list[tuple[str, str]]     # (item, reason) of those that gave none
     positions: list[int]              # where each of ``items`` stands in the list given
+    done_shards: list[tuple[str, dict[str, int]]] = field(default_factory=list)  # streamed shards read to the end
 
 
 class _NoClock:
@@ -78,7 +80,8 @@ def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, b
     feed = make_feed(decode, encoder.preprocess, encoder.device)
 
     def made() -> Iterator[Any]:
-        return feed.batches(root, list(items), batch_size=batch_size, workers=workers, views=views)
+        given = items if isinstance(items, ShardPlan) else list(items)  # a plan: the workers stream its shards
+        return feed.batches(root, given, batch_size=batch_size, workers=workers, views=views)
 
     ahead = prefetch_batches(encoder.device) and not getattr(clock, "measured", False)
     batches = Prefetched(made, encoder.device) if ahead else made()
@@ -102,7 +105,8 @@ def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, b
                 if first_batch["pending"]:
                     first_batch["pending"] = False
                     _say_first_batch(len(batch.paths), ready)
-            yield EncodedBatch(list(batch.paths), emb, list(batch.errors), list(batch.positions or []))
+            yield EncodedBatch(list(batch.paths), emb, list(batch.errors), list(batch.positions or []),
+                               list(batch.done_shards))
     finally:
         batches.close()
 

@@ -21,16 +21,18 @@ Pixels never cross a process boundary or the PCIe bus as float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from coder_index.core.choices import DECODE_CHOICES
 from coder_index.core.decode import ImageDecodeError, decode_image_bytes, jpeg_has_end_marker, load_image
+from coder_index.core.remote import RemoteError
+from coder_index.pipeline.shard_stream import ShardPlan, stream_worker_events
 from coder_index.pipeline.shards import Member
 
 
@@ -40,6 +42,8 @@ class FedBatch:
     pixels: torch.Tensor | None    # [n, 3, H, W] float32 ([n * views, ...] with views), normalised, on the device
     errors: list[tuple[str, str]]  # (item, reason)
     positions: list[int] | None = None  # where each of ``paths`` stands in the list given to ``batches``
+    # streamed shards (shard_stream.ShardPlan): shards read to their end in this batch, with their counts
+    done_shards: list[tuple[str, dict[str, int]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -144,14 +148,18 @@ class _FeedFiles(Dataset):
         rel = self.rel_paths[i]
         try:
             if self.jpeg_bytes and self.views is None and _jpeg_named(rel):
-                data = rel.read() if isinstance(rel, Member) else _read_regular(self.root / rel)
+                data = rel.read() if _readable(rel) else _read_regular(self.root / rel)
                 if data is not None and _is_plain_jpeg(data):
                     return i, rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                if data is not None and isinstance(rel, Member):
+                if data is not None and _readable(rel):
                     return i, rel, "pixels", self._pixels(decode_image_bytes(data), i)
             return i, rel, "pixels", self._pixels(load_any(self.root, rel), i)
         except ImageDecodeError as exc:
             return i, rel, "error", str(exc)
+        except RemoteError as exc:  # a refusal stops the run (in the main process, with its own message)
+            if exc.fatal:
+                return i, rel, "fatal", str(exc)
+            return i, rel, "error", f"could not be read: {exc}"
         except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
             return i, rel, "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
 
@@ -162,16 +170,61 @@ class _FeedFiles(Dataset):
 
 
 def _jpeg_named(rel: str) -> bool:
-    ext = rel.ext if isinstance(rel, Member) else rel.lower()
+    ext = getattr(rel, "ext", None) or str(rel).lower()
     return ext.endswith(_JPEG_EXTENSIONS)
+
+
+def _readable(rel: str) -> bool:
+    """An item that reads its own bytes (a shard's sample, a listed URL), not a path under the root."""
+    return callable(getattr(rel, "read", None))
+
+
+class _StreamedShards(IterableDataset):
+    """The samples of streamed shards (``shard_stream``), decoded where they are read: each worker
+    streams its own shards. Items as ``_FeedFiles``'s, plus ``done`` (a shard read to its end, with
+    its counts) and ``fatal`` (a refusal)."""
+
+    def __init__(self, plan: ShardPlan, preprocess: Any, parts: PreprocessParts | None, jpeg_bytes: bool) -> None:
+        self.plan, self.preprocess, self.parts, self.jpeg_bytes = plan, preprocess, parts, jpeg_bytes
+
+    def __iter__(self) -> Iterator[tuple[int, str, str, Any]]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for position, event in enumerate(stream_worker_events(self.plan, worker, workers)):
+            if event.kind == "sample":
+                yield self._sample(position, event.sample)
+            elif event.kind == "done":
+                yield position, event.row, "done", event.counts
+            else:  # error, fatal
+                yield position, event.row, event.kind, event.reason
+
+    def _sample(self, position: int, sample: Member) -> tuple[int, str, str, Any]:
+        data = sample.data
+        try:
+            if self.jpeg_bytes and _jpeg_named(sample) and _is_plain_jpeg(data):
+                return position, sample, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            pixels = reference_pixels(decode_image_bytes(data), self.preprocess, self.parts)
+            return position, _without_bytes(sample), "pixels", pixels
+        except ImageDecodeError as exc:
+            return position, _without_bytes(sample), "error", str(exc)
+        except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
+            return position, _without_bytes(sample), "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
+
+
+def _without_bytes(m: Member) -> Member:
+    """The sample without its bytes, once decoded: only its pixels travel on."""
+    return Member(str(m), m.shard, m.offset, m.size, m.key, m.ext, m.caption, m.meta)
 
 
 _JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 def load_any(root: Path, rel: str) -> Any:
-    """The decoded image of a folder's file or of a shard's sample (``Member``)."""
-    return decode_image_bytes(rel.read()) if isinstance(rel, Member) else load_image(root / rel)
+    """The decoded image of a folder's file, or of an item that reads its own bytes (a shard's sample,
+    a listed URL)."""
+    return decode_image_bytes(rel.read()) if _readable(rel) else load_image(root / rel)
 
 
 def _read_regular(path: Path) -> bytes | None:
@@ -221,14 +274,21 @@ class ReferenceFeed:
                 views: Views | None = None) -> Iterator[FedBatch]:
         """Batches of the items in order (``root``-relative paths, or shard samples); with ``views``,
         each image's ``views.count`` augmented views, consecutive in ``pixels``."""
-        files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=False, views=views)
+        if isinstance(rel_paths, ShardPlan):
+            files: Dataset = _StreamedShards(rel_paths, self.preprocess, self.parts, jpeg_bytes=False)
+        else:
+            files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=False, views=views)
         for samples in _loader(files, batch_size, workers):
             yield self._assemble(samples, {})
 
     def _assemble(self, samples: list[tuple[int, str, str, Any]], decoded: dict[int, torch.Tensor]) -> FedBatch:
         """One batch from the workers' samples and the tensor decoder's images (by sample index): rows
         in the order of the items, whichever way each was decoded."""
+        fatal = next((payload for _, _, kind, payload in samples if kind == "fatal"), None)
+        if fatal is not None:
+            raise RemoteError(fatal, fatal=True)
         errors = [(rel, payload) for _, rel, kind, payload in samples if kind == "error"]
+        done = [(rel, payload) for _, rel, kind, payload in samples if kind == "done"]
         ready = [k for k, (_, _, kind, _) in enumerate(samples) if kind == "pixels"]
         pieces = []
         if ready:
@@ -244,13 +304,13 @@ class ReferenceFeed:
             pieces.append(torch.stack(list(decoded.values())))
         taken = ready + list(decoded)
         if not taken:
-            return FedBatch([], None, errors, [])
+            return FedBatch([], None, errors, [], done)
         pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         order = sorted(range(len(taken)), key=lambda j: taken[j])
         if order != list(range(len(taken))):  # only when both decoders made images (never with views)
             pixels = pixels[torch.tensor(order, device=pixels.device)]
             taken = [taken[j] for j in order]
-        return FedBatch([samples[k][1] for k in taken], pixels, errors, [samples[k][0] for k in taken])
+        return FedBatch([samples[k][1] for k in taken], pixels, errors, [samples[k][0] for k in taken], done)
 
 
 class TensorFeed(ReferenceFeed):
@@ -270,7 +330,10 @@ class TensorFeed(ReferenceFeed):
         if views is not None:  # augmented views are Pillow's geometry: the reference path makes them
             yield from super().batches(root, rel_paths, batch_size=batch_size, workers=workers, views=views)
             return
-        files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
+        if isinstance(rel_paths, ShardPlan):
+            files: Dataset = _StreamedShards(rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
+        else:
+            files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
         for samples in _loader(files, batch_size, workers):
             jpegs = [(k, rel, data) for k, (_, rel, kind, data) in enumerate(samples) if kind == "jpeg"]
             decoded, refused = self._decode(jpegs)

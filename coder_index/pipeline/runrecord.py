@@ -7,6 +7,9 @@
                       rerank / adapter / corpus settings; plus state a resumed run must reuse (the
                       X-MoRe normalisers)
     OUT.lock          held while a run writes (pid and command inside)
+    OUT.shards-done   streamed shards (remote or compressed) read to their end, one public name per
+                      line, each written after the rows of its samples: a resumed run does not open
+                      them again
 
 A second run on the same OUT is refused at once, naming the running process. A rerun with other
 settings is refused with what differs, so a resumed file never mixes rows of different settings;
@@ -36,6 +39,10 @@ def sidecar_path(out: Path) -> Path:
 
 def lock_path(out: Path) -> Path:
     return out.with_name(out.name + ".lock")
+
+
+def shards_done_path(out: Path) -> Path:
+    return out.with_name(out.name + ".shards-done")
 
 
 def check_writable(out: Path) -> None:
@@ -88,7 +95,7 @@ class OutputRun:
     def __enter__(self) -> OutputRun:
         ResultWriter(self.out, self.top_k)  # the file name is checked before anything else
         check_writable(self.out)
-        for p in (errors_path_for(self.out), sidecar_path(self.out), lock_path(self.out)):
+        for p in (errors_path_for(self.out), sidecar_path(self.out), lock_path(self.out), shards_done_path(self.out)):
             if p.exists() and not p.is_file():
                 raise InputFormatError(f"{p} exists and is not a regular file (a FIFO, socket, device or directory); "
                                        "remove it or choose another --out")
@@ -106,7 +113,7 @@ class OutputRun:
         side = sidecar_path(self.out)
         err = errors_path_for(self.out)
         if self.overwrite:
-            for p in (self.out, err, side):
+            for p in (self.out, err, side, shards_done_path(self.out)):
                 p.unlink(missing_ok=True)
         else:
             self._adopt_legacy_errors(err)
@@ -161,6 +168,25 @@ class OutputRun:
         rows, errors = self.results.done_paths(), self.errors.done_paths()
         self.earlier = {"rows": len(rows), "errors": len(errors)}
         return rows | errors
+
+    def shards_done(self) -> set[str]:
+        """Streamed shards an earlier run read to their end (their rows and errors are in OUT)."""
+        path = shards_done_path(self.out)
+        if not path.is_file():
+            return set()
+        lines = path.read_bytes().split(b"\n")
+        return {ln.decode("utf-8", "surrogateescape") for ln in lines[:-1] if ln}  # a cut last line is not one
+
+    def mark_shards_done(self, names: list[str]) -> None:
+        """Record shards read to their end (call after their rows are written): appended and fsynced."""
+        if not names:
+            return
+        import os
+
+        with translate_disk_full(self.out), open(shards_done_path(self.out), "ab") as f:
+            f.write("".join(n + "\n" for n in names).encode("utf-8", "surrogateescape"))
+            f.flush()
+            os.fsync(f.fileno())
 
     def __exit__(self, *exc: Any) -> None:
         try:

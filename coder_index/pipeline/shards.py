@@ -11,7 +11,11 @@ workers; captions and JSON sidecars travel with it (``--save-embeddings`` writes
 What cannot be read is reported, never fatal: a sample without an image member, an image member
 that is not a regular file, a member whose bytes run past the end of the shard, a truncated or
 damaged tar (the samples before the damage are classified, then one error row names the shard),
-a compressed shard (not supported: members of a compressed stream cannot be read in place).
+a compressed shard named ``.tar`` (members of a compressed stream cannot be read in place; named
+``.tar.gz`` or ``.tgz`` it is read as a stream, see ``shard_stream``).
+
+Shards by URL (``https://``, ``s3://``, ``pipe:``, ...) and compressed shards are read as streams by
+``shard_stream``; this module reads local uncompressed tars in place.
 """
 
 from __future__ import annotations
@@ -35,17 +39,19 @@ class Member(str):
     A ``str`` so that the runner, the writers and resume treat it as any row path; it pickles with
     its fields, so decoding workers can read the bytes themselves."""
 
-    __slots__ = ("shard", "offset", "size", "key", "ext", "caption", "meta")
+    __slots__ = ("shard", "offset", "size", "key", "ext", "caption", "meta", "data")
 
     def __new__(cls, row: str, shard: str, offset: int, size: int, key: str, ext: str,
-                caption: str | None = None, meta: str | None = None) -> Member:
+                caption: str | None = None, meta: str | None = None, data: bytes | None = None) -> Member:
         self = super().__new__(cls, row)
         self.shard, self.offset, self.size, self.key, self.ext = shard, offset, size, key, ext
         self.caption, self.meta = caption, meta
+        self.data = data  # a streamed shard's sample carries its bytes (no offset to read them at)
         return self
 
     def __reduce__(self) -> tuple:
-        return (Member, (str(self), self.shard, self.offset, self.size, self.key, self.ext, self.caption, self.meta))
+        return (Member, (str(self), self.shard, self.offset, self.size, self.key, self.ext, self.caption, self.meta,
+                         self.data))
 
     @property
     def shard_as_given(self) -> str:
@@ -54,6 +60,8 @@ class Member(str):
 
     def read(self) -> bytes:
         """The image member's bytes, read at its offset (ImageDecodeError when the shard ends first)."""
+        if self.data is not None:
+            return self.data
         try:
             with open(self.shard, "rb") as f:
                 f.seek(self.offset)
@@ -93,18 +101,34 @@ def _expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in _expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz")
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
 def is_shard_spec(arg: str) -> bool:
-    """A tar file, a brace pattern of tars, or a folder holding tars and no images at its top."""
-    if _BRACES.search(arg) and arg.endswith(".tar"):
+    """A tar file (``.tar``, ``.tar.gz``, ``.tgz``), a brace pattern of them, a shard URL, a ``pipe:``
+    command, or a folder holding shards and no images at its top."""
+    from coder_index.core.remote import is_remote, local_path, path_part
+
+    if arg.startswith("pipe:"):
         return True
-    if arg.endswith(".tar") and os.path.isfile(arg):
+    if is_remote(arg):
+        return is_shard_name(path_part(arg)) or path_part(arg).endswith("/")
+    arg = local_path(arg)
+    if _BRACES.search(arg) and is_shard_name(arg):
+        return True
+    if is_shard_name(arg) and os.path.isfile(arg):
         return True
     if os.path.isdir(arg):
         try:
             names = os.listdir(arg)
         except OSError:
             return False
-        tars = [n for n in names if n.endswith(".tar") and not n.startswith(".")]
+        tars = [n for n in names if is_shard_name(n) and not n.startswith(".")]
         images = [n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
         subdirs = [n for n in names if os.path.isdir(os.path.join(arg, n)) and not n.startswith(".")]
         return bool(tars) and not images and not subdirs
@@ -112,20 +136,57 @@ def is_shard_spec(arg: str) -> bool:
 
 
 def expand_shards(specs: Iterable[str]) -> list[str]:
-    """The shard files of tar files, folders of tars (sorted) and brace patterns, each once."""
+    """The shards of shard files and URLs, folders of shards (sorted; a remote folder ending in '/'
+    is listed too) and brace patterns, each once. Local paths are normalised; URLs and ``pipe:``
+    commands are kept as given."""
+    from coder_index.core.remote import is_remote, local_path
+
     out: list[str] = []
     for spec in specs:
         spec = str(spec)
+        if is_remote(spec):
+            if _BRACES.search(spec) and not spec.startswith("pipe:"):
+                out += _expand_braces(spec)
+            elif spec.endswith("/") and not spec.startswith("pipe:"):
+                out += _list_remote_folder(spec)
+            else:
+                out.append(spec)
+            continue
+        spec = local_path(spec)
         if os.path.isdir(spec):
-            found = sorted(n for n in os.listdir(spec) if n.endswith(".tar") and not n.startswith("."))
+            found = sorted(n for n in os.listdir(spec) if is_shard_name(n) and not n.startswith("."))
             if not found:
-                raise InputFormatError(f"{spec} holds no .tar shards")
-            out += [os.path.join(spec, n) for n in found]
+                raise InputFormatError(f"{spec} holds no shards (.tar, .tar.gz, .tgz)")
+            out += [os.path.normpath(os.path.join(spec, n)) for n in found]
         elif _BRACES.search(spec):
-            out += _expand_braces(spec)
+            out += [os.path.normpath(s) for s in _expand_braces(spec)]
         else:
-            out.append(spec)
-    return list(dict.fromkeys(os.path.normpath(s) for s in out))
+            out.append(os.path.normpath(spec))
+    return list(dict.fromkeys(out))
+
+
+def _list_remote_folder(spec: str) -> list[str]:
+    """The shards directly under a remote folder (s3://bucket/prefix/ and the like)."""
+    from coder_index.core.remote import RemoteError, filesystem, public_url, redacted
+
+    fs, path = filesystem(spec)
+    try:
+        names = fs.ls(path, detail=False)
+    except Exception as exc:
+        raise RemoteError(f"cannot list {public_url(spec)}: {redacted(str(exc), spec)}") from None
+    scheme = spec.split("://", 1)[0]
+    found = sorted(n for n in names if is_shard_name(n) and not n.rsplit("/", 1)[-1].startswith("."))
+    if not found:
+        raise InputFormatError(f"{public_url(spec)} holds no shards (.tar, .tar.gz, .tgz)")
+    return [f"{scheme}://{n.lstrip('/')}" for n in found]
+
+
+def needs_streaming(shards: list[str]) -> bool:
+    """Whether the shards are read as streams (remote or compressed); only local uncompressed tars are
+    read in place, at their members' offsets."""
+    from coder_index.core.remote import is_remote, local_path
+
+    return any(is_remote(s) or local_path(s).lower().endswith(COMPRESSED_SUFFIXES) for s in shards)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -165,7 +226,8 @@ def _walk_one(shard: str, stats: object) -> Iterator[Member]:
         with open(shard, "rb") as f:
             head = f.read(6)
         compressed = head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
-        special.append((shard, "skipped: a compressed shard; decompress it first (members are read in place)"
+        special.append((shard, "skipped: a compressed shard named .tar (a .tar is read in place, at its members' "
+                               "offsets); name it .tar.gz or .tgz to have it read as a stream"
                         if compressed else f"skipped: not a tar file ({exc})"))
         return
     except OSError as exc:

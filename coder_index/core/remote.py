@@ -1,0 +1,428 @@
+"""The one way to reach data that is not on the local disk: URLs and ``pipe:`` commands.
+
+Every input coder-index reads (shards, listed images, index copies) and every remote output
+(``--save-embeddings s3://...``) goes through here:
+
+* ``https://`` and ``http://``: the standard library's HTTP client, one streamed request per read
+  (a ``Range`` request to go on after a failure), credentials from the URL's ``user:password@``
+  (sent as basic authentication, never shown) or from ``~/.netrc``'s machinery of the caller's choice.
+* ``s3://``, ``gs://``, ``az://`` and everything else fsspec knows: fsspec's filesystem for the scheme
+  (the ``cloud`` extra brings s3fs and gcsfs). Credentials come from where those libraries look (the
+  environment, ``~/.aws``, ``gcloud`` credentials) and fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL``
+  and the like); never from a command-line flag.
+* ``pipe:COMMAND``: the command's standard output is the data, as webdataset reads it (``pipe:curl
+  -s -L https://...``, ``pipe:aws s3 cp --quiet s3://bucket/x.tar -``).
+* ``file://`` and plain paths: the local file.
+
+**Faults.** A read that fails transiently (HTTP 5xx and 429, a reset connection, a body cut short, a
+read stalled past the timeout) is retried with bounded, jittered exponential backoff, going on from
+the byte where it stopped; when the retries are spent, ``RemoteError`` says so (the caller reports it
+for that input). A refusal that retrying cannot fix (401, 403, 404, 410, a missing object, a command
+that fails) raises ``RemoteError`` with ``fatal=True`` at once.
+
+**Secrets.** ``public_url`` is what rows, errors files, run records, logs and messages show: the URL
+without ``user:password@`` and without signing parameters (``X-Amz-Signature``, ``sig=``, tokens).
+Error messages from below are redacted the same way before they travel.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from coder_index.core.errors import CoderIndexError
+from coder_index.core.redaction import redact_text
+
+CLOUD_EXTRA = "pip install 'coder-index[cloud]'"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+# query parameters that sign or authorise a URL: dropped from what is shown (and from row names, so
+# that a rerun with a freshly signed URL names the same rows)
+_SECRET_PARAM = re.compile(r"^(x-amz-|x-goog-|signature$|sig$|se$|sp$|sv$|sr$|st$|spr$|skoid$|sktid$|skt$|ske$|"
+                           r"sks$|skv$|expires$|awsaccesskeyid$|googleaccessid$|.*token.*|.*secret.*|.*passw.*|"
+                           r"key$|api[_-]?key$|auth.*|credential.*|policy$|x-oss-|ossaccesskeyid$)", re.IGNORECASE)
+
+
+class RemoteError(CoderIndexError):
+    """Data could not be read (or written) where it lives. ``fatal``: retrying cannot help (a refusal,
+    a missing object); otherwise the retries were spent. The message names the input by its public URL."""
+
+    def __init__(self, message: str, *, fatal: bool = False, missing: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+        self.missing = missing  # not found or gone (a listed file that is missing is one error row)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of transient failures: ``attempts`` tries in all, waits of ``backoff`` x 2^n
+    seconds (at most ``max_wait``, with jitter), each read given ``timeout`` seconds of silence."""
+
+    attempts: int = 6
+    backoff: float = 0.5
+    max_wait: float = 8.0
+    timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """``CODER_INDEX_REMOTE_RETRIES``, ``CODER_INDEX_REMOTE_BACKOFF``, ``CODER_INDEX_REMOTE_TIMEOUT``
+        override the defaults (documented in the README)."""
+        d = cls()
+        return cls(attempts=max(1, int(os.environ.get("CODER_INDEX_REMOTE_RETRIES", d.attempts))),
+                   backoff=float(os.environ.get("CODER_INDEX_REMOTE_BACKOFF", d.backoff)),
+                   max_wait=float(os.environ.get("CODER_INDEX_REMOTE_MAX_WAIT", d.max_wait)),
+                   timeout=float(os.environ.get("CODER_INDEX_REMOTE_TIMEOUT", d.timeout)))
+
+    def wait(self, failures: int) -> None:
+        time.sleep(min(self.max_wait, self.backoff * 2 ** (failures - 1)) * (0.5 + random.random() / 2))
+
+
+# ---------------------------------------------------------------------------------------------- names
+def scheme_of(spec: str) -> str | None:
+    """``https``, ``s3``, ``pipe``, ... or None for a local path (a ``file://`` URL is ``file``)."""
+    if spec.startswith("pipe:"):
+        return "pipe"
+    m = _SCHEME.match(spec)
+    return m.group(1).lower() if m else None
+
+
+def is_remote(spec: str) -> bool:
+    """A URL or a ``pipe:`` command (``file://`` URLs are local files)."""
+    return scheme_of(str(spec)) not in (None, "file")
+
+
+def local_path(spec: str) -> str:
+    """A plain path for a local spec (``file:///x`` -> ``/x``)."""
+    return unquote(urlsplit(spec).path) if scheme_of(spec) == "file" else spec
+
+
+def public_url(spec: str) -> str:
+    """What may be shown of ``spec``: no ``user:password@``, no signing or credential parameters; a
+    ``pipe:`` command with its secret-looking words redacted."""
+    spec = str(spec)
+    if spec.startswith("pipe:"):
+        return redact_text(re.sub(r"(\s(?:-u|--user|--password|--token)[ =])\S+", r"\1<redacted>", spec))
+    if scheme_of(spec) is None:
+        return spec
+    parts = urlsplit(spec)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _SECRET_PARAM.match(k)]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+
+
+def path_part(spec: str) -> str:
+    """The path of a URL (no query), for file-name tests such as ``.tar``."""
+    if spec.startswith("pipe:"):
+        return spec
+    return urlsplit(spec).path if scheme_of(spec) else spec
+
+
+def redacted(message: str, *specs: str) -> str:
+    """An error message from below with the inputs' secrets taken out (their public forms instead)."""
+    for spec in specs:
+        if spec and spec != public_url(spec):
+            message = message.replace(spec, public_url(spec))
+    return redact_text(message)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class ResumableReader:
+    """A file-like stream of one remote object or command, read front to back. A transient failure
+    reopens it at the byte where it stopped (``opener(offset)``), within the retry policy."""
+
+    def __init__(self, spec: str, opener: Callable[[int], tuple[IO[bytes], int | None]],
+                 policy: RetryPolicy | None = None) -> None:
+        self.spec, self.public = spec, public_url(spec)
+        self._opener, self.policy = opener, policy or RetryPolicy.from_env()
+        self.pos = 0
+        self.retries = 0
+        self._fh: IO[bytes] | None = None
+        self._end: int | None = None  # the object's length when the server says it
+
+    def _open(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self._fh, length = self._opener(self.pos)
+                if length is not None:
+                    self._end = self.pos + length
+                return
+            except RemoteError:
+                raise
+            except Exception as exc:  # connection refused, a 5xx before the body, a DNS hiccup
+                failures += 1
+                self._transient(exc, failures)
+
+    def _transient(self, exc: BaseException, failures: int) -> None:
+        fatal = _fatal(exc)
+        if fatal is not None:
+            missing = _status(exc) in (404, 410) or isinstance(exc, FileNotFoundError)
+            raise RemoteError(f"{self.public}: {fatal}", fatal=True, missing=missing) from None
+        if failures >= self.policy.attempts:
+            raise RemoteError(f"{self.public}: {_describe(exc, self.spec)}, still after {failures} tries "
+                              f"(at byte {self.pos})") from None
+        self.retries += 1
+        self.close()
+        self.policy.wait(failures)
+
+    def read(self, n: int = -1) -> bytes:
+        failures = 0
+        while True:
+            if self._fh is None:
+                self._open()
+            try:
+                data = self._fh.read(n) if n is not None and n >= 0 else self._fh.read()
+                if not data and n != 0 and self._end is not None and self.pos < self._end:
+                    raise _CutShort(f"the body ended at byte {self.pos} of {self._end}")
+                self.pos += len(data)
+                return data
+            except RemoteError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self._transient(exc, failures)
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> ResumableReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _CutShort(OSError):
+    """The connection closed before the object's declared length."""
+
+
+def open_stream(spec: str, policy: RetryPolicy | None = None) -> ResumableReader:
+    """A resumable stream of ``spec`` (a URL, a ``pipe:`` command, or a local path)."""
+    policy = policy or RetryPolicy.from_env()
+    scheme = scheme_of(spec)
+    if scheme in ("http", "https"):
+        return ResumableReader(spec, lambda at: _http_open(spec, at, policy.timeout), policy)
+    if scheme == "pipe":
+        return ResumableReader(spec, lambda at: _pipe_open(spec, at, policy.timeout), policy)
+    if scheme is None or scheme == "file":
+        path = local_path(spec)
+        return ResumableReader(spec, lambda at: _local_open(path, at), policy)
+    fs, path = filesystem(spec)
+    return ResumableReader(spec, lambda at: _fsspec_open(fs, path, at), policy)
+
+
+def fetch_bytes(spec: str, max_bytes: int = 1 << 30, policy: RetryPolicy | None = None) -> bytes:
+    """The whole of a (small) remote object, e.g. one listed image, with the same retries."""
+    parts = []
+    size = 0
+    with open_stream(spec, policy) as r:
+        while chunk := r.read(1 << 20):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise RemoteError(f"{public_url(spec)} is larger than {max_bytes:,} bytes", fatal=True)
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- schemes
+def _local_open(path: str, at: int) -> tuple[IO[bytes], int | None]:
+    f = open(path, "rb")
+    f.seek(at)
+    return f, None
+
+
+def _http_open(url: str, at: int, timeout: float) -> tuple[IO[bytes], int | None]:
+    import base64
+    import urllib.request
+
+    parts = urlsplit(url)
+    headers = {"User-Agent": "coder-index", "Accept-Encoding": "identity"}
+    if "@" in parts.netloc:  # user:password@host: basic authentication, the URL sent without it
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        headers["Authorization"] = "Basic " + base64.b64encode(unquote(userinfo).encode()).decode()
+        url = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if at:
+        headers["Range"] = f"bytes={at}-"
+    resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    length = resp.headers.get("Content-Length")
+    remaining = int(length) if length and length.isdigit() else None
+    if at and resp.status != 206:  # the server ignores ranges: skip what was read before
+        skipped = 0
+        while skipped < at:
+            chunk = resp.read(min(1 << 20, at - skipped))
+            if not chunk:
+                raise _CutShort(f"the body ended at byte {skipped}, before byte {at}")
+            skipped += len(chunk)
+        remaining = None if remaining is None else remaining - at
+    return resp, remaining
+
+
+class _PipeStream:
+    """A command's standard output, with a stall timeout; a failing command is a refusal."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+
+    def read(self, n: int = -1) -> bytes:
+        import select
+
+        out = self.proc.stdout
+        assert out is not None
+        ready, _, _ = select.select([out], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"the command wrote nothing for {self.timeout:g} s")
+        data = os.read(out.fileno(), n if n and n > 0 else 1 << 20)
+        if not data:
+            code = self.proc.wait()
+            if code != 0:
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode("utf-8", "replace").strip()
+                raise _CommandFailed(f"the command exited with status {code}" + (f": {err[-300:]}" if err else ""))
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+class _CommandFailed(Exception):
+    pass
+
+
+def _pipe_open(spec: str, at: int, timeout: float) -> tuple[IO[bytes], int | None]:
+    stream = _PipeStream(spec[len("pipe:"):], timeout)
+    skipped = 0
+    while skipped < at:  # a command cannot seek: run it again and skip what was read
+        chunk = stream.read(min(1 << 20, at - skipped))
+        if not chunk:
+            stream.close()
+            raise _CutShort(f"the command's output ended at byte {skipped}, before byte {at}")
+        skipped += len(chunk)
+    return stream, None  # type: ignore[return-value]
+
+
+def check_reachable(specs: list[str]) -> None:
+    """Fail at once, before any model loads, when a URL's scheme needs a package that is missing (one
+    line naming the extra) or is unknown to fsspec."""
+    for scheme in dict.fromkeys(scheme_of(s) for s in specs):
+        if scheme in (None, "file", "http", "https", "pipe"):
+            continue
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except ImportError as exc:
+            raise RemoteError(f"{scheme}:// needs a package that is not installed ({exc}): {CLOUD_EXTRA}",
+                              fatal=True) from None
+        except ValueError:
+            raise RemoteError(f"{scheme}:// is not a protocol coder-index can read (fsspec knows no such "
+                              "filesystem)", fatal=True) from None
+
+
+def filesystem(spec: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of a URL; a missing driver names the extra to install."""
+    import fsspec
+
+    scheme = scheme_of(spec) or "file"
+    try:
+        fs, path = fsspec.core.url_to_fs(spec)
+    except ImportError as exc:
+        raise RemoteError(f"{scheme}:// needs a package that is not installed ({exc}): {CLOUD_EXTRA}",
+                          fatal=True) from None
+    except ValueError as exc:
+        raise RemoteError(f"{public_url(spec)}: {scheme}:// is not a protocol fsspec knows ({exc})",
+                          fatal=True) from None
+    return fs, path
+
+
+def _fsspec_open(fs: Any, path: str, at: int) -> tuple[IO[bytes], int | None]:
+    f = fs.open(path, "rb", block_size=8 << 20)
+    if at:
+        f.seek(at)
+    return f, None
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _status(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, int):
+        return code
+    response = getattr(exc, "response", None)  # botocore's ClientError
+    if isinstance(response, dict):
+        meta = response.get("ResponseMetadata", {})
+        if isinstance(meta.get("HTTPStatusCode"), int):
+            return meta["HTTPStatusCode"]
+    return None
+
+
+_FATAL_STATUS = {400: "refused (HTTP 400)", 401: "not authorised (HTTP 401): check the credentials",
+                 403: "forbidden (HTTP 403): check the credentials and the object's permissions",
+                 404: "not found (HTTP 404)", 405: "refused (HTTP 405)", 410: "gone (HTTP 410)",
+                 416: "refused the byte range (HTTP 416)"}
+
+
+def _fatal(exc: BaseException) -> str | None:
+    """Why retrying cannot help, or None for a transient failure."""
+    status = _status(exc)
+    if status in _FATAL_STATUS:
+        return _FATAL_STATUS[status]
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    if isinstance(exc, PermissionError):
+        return "forbidden: check the credentials and the object's permissions"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(exc, _CommandFailed):
+        return str(exc)
+    import urllib.error
+
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, OSError) and "Name or service not known" in str(reason):
+            return f"the host is unknown ({reason})"
+    return None
+
+
+def _describe(exc: BaseException, spec: str) -> str:
+    status = _status(exc)
+    if status is not None:
+        what = f"HTTP {status}"
+    elif isinstance(exc, TimeoutError) or "timed out" in str(exc):
+        what = "the read stalled past the timeout"
+    elif isinstance(exc, _CutShort):
+        what = f"the connection closed early ({exc})"
+    elif isinstance(exc, ConnectionError):
+        what = f"the connection failed ({exc.__class__.__name__})"
+    else:
+        what = f"{exc.__class__.__name__}: {exc}"
+    return redacted(what, spec)
