@@ -70,12 +70,15 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
              ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
              precision: str, decode: str, quiet: bool, **llm: Any) -> None:
     """Classify every image under FOLDER (recursively), or the IMAGE files named (and those of
-    --files-from), or the samples of webdataset tar shards (SHARD.tar files, a folder of them, or a
-    brace pattern such as 'data/{00000..00099}.tar', read in place), with CODER zero-shot.
+    --files-from; paths or URLs), or the samples of webdataset shards with CODER zero-shot. Shards
+    are .tar files (read in place), .tar.gz/.tgz files, a folder of them, a brace pattern such as
+    'data/{00000..00099}.tar', URLs (https://, s3://, gs://, anything fsspec reads; brace patterns
+    too) or pipe:COMMAND (its output is the shard), streamed with retries; see README: Data in
+    object stores and on clusters.
 
     Writes one row per image to --out (path as FOLDER/relative path, as the file was named, or
-    SHARD.tar/KEY for a shard's sample; label, score = softmax probability, method, then the next
-    top-k classes). Files that cannot be decoded, and FIFOs,
+    SHARD/KEY for a shard's sample, a URL without its credentials; label, score = softmax
+    probability, method, then the next top-k classes). Files that cannot be decoded, and FIFOs,
     sockets or devices named like images, are listed with the reason in OUT.errors.csv; hidden
     files are not classified (counted in the summary). Interrupted runs resume: rerun the same
     command. OUT.run.json records the index, model and settings: a rerun with others is refused
@@ -97,6 +100,10 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
       coder-index classify /data/images --index in1k --out preds.csv --decode cpu    # the reference pixels on a GPU
       coder-index classify /shared/images --index /shared/in1k --out preds.csv --engine ray --ray-address auto
       coder-index classify 'laion/{00000..00099}.tar' --index in1k --out preds.csv --save-embeddings laion-emb/
+      coder-index classify 'https://host/data/{00000..00099}.tar' --index in1k --out preds.csv
+      coder-index classify 's3://bucket/shards/{00000..00999}.tar.gz' --index in1k --out preds.csv \
+          --save-embeddings s3://bucket/emb/
+      coder-index classify 'pipe:aws s3 cp --quiet s3://bucket/00000.tar -' --index in1k --out preds.csv
     """
     from coder_index.methods.pair_stage import PairReranker
     from coder_index.methods.scorer_spec import ScorerSpec, build_scorer

@@ -14,6 +14,7 @@ import click
 
 from coder_index.core.choices import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # noqa: F401 - for messages
 from coder_index.core.errors import CoderIndexError
+from coder_index.core.redaction import redact_text
 
 _LOCAL = ("--model local-dir:DIR (a downloaded open_clip repository: open_clip_config.json + "
           "open_clip_pytorch_model.bin)")
@@ -63,7 +64,7 @@ def friendly_errors(fn: Callable) -> Callable:
             hints = _hub_hints()
             if hints and hasattr(exc, "with_hints"):  # the model hub cannot be reached: this command's fixes
                 exc = exc.with_hints(hints)
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(redact_text(str(exc))) from exc
         except KeyboardInterrupt:
             resumable = _command_name() in RESUMABLE
             click.echo("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), err=True)
@@ -74,7 +75,8 @@ def friendly_errors(fn: Callable) -> Callable:
             if disk_full(exc, getattr(exc, "filename", None)):
                 raise click.ClickException(disk_full_message(getattr(exc, "filename", None) or "the output")) from exc
             if isinstance(exc, OSError):
-                raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc
+                raise click.ClickException(redact_text(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))) \
+                    from exc
             raise
 
     return wrapper
@@ -106,3 +108,15 @@ def print_json(obj: Any) -> None:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # credentials in URLs never reach a log
+        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+            handler.addFilter(_RedactingFilter())
+
+
+class _RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True

@@ -25,8 +25,10 @@ def register(cli: click.Group) -> None:
 
     @corpus.command("build")
     @click.argument("corpus_dir", type=click.Path(file_okay=False, path_type=Path))
-    @click.option("--images", type=click.Path(exists=True, file_okay=False),
-                  help="Folder of images with captions (a --captions CSV, or img2dataset sidecar .txt files).")
+    @click.option("--images", multiple=True, metavar="DIR|SHARDS",
+                  help="Images with captions: a folder (with a --captions CSV, or img2dataset's sidecar .txt files), "
+                       "or webdataset shards (.tar/.tar.gz files, a folder or brace pattern of them, URLs, "
+                       "pipe:COMMAND) whose KEY.txt members are the captions. Repeatable for shards.")
     @click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="CSV path,caption for --images.")
     @click.option("--embeddings", type=click.Path(exists=True, file_okay=False),
                   help="Precomputed embeddings: img_emb/img_emb_*.npy + metadata/metadata_*.parquet (caption column).")
@@ -45,8 +47,8 @@ def register(cli: click.Group) -> None:
     @options(*PARALLEL, "decode", *ENGINE)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
-    def build(corpus_dir: Path, images: str | None, captions: str | None, embeddings: str | None, index_factory: str,
-              train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
+    def build(corpus_dir: Path, images: tuple[str, ...], captions: str | None, embeddings: str | None,
+              index_factory: str, train_size: int, use_text_embeddings: bool, model: str | None, index_dir: str | None,
               pretrained: str | None, device: str | None, batch_size: int, workers: int | None, threads: int | None,
               decode: str, engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float,
               quiet: bool) -> None:
@@ -58,6 +60,7 @@ def register(cli: click.Group) -> None:
         \b
         Examples:
           coder-index corpus build my-corpus --images photos/ --captions captions.csv --index pets-index
+          coder-index corpus build cc-corpus --images 'https://host/cc/{00000..00099}.tar' --index pets-index
           coder-index corpus build laion-sub --embeddings laion/ --index-factory IVF4096,PQ64 \\
               --model ViT-B-32 --pretrained openai
           coder-index corpus build laion-400m --embeddings /shared/laion/ --index-factory IVF65536,PQ64 \\
@@ -67,7 +70,17 @@ def register(cli: click.Group) -> None:
         from coder_index.methods.text_index import TextIndex
         from coder_index.model.encoder import ClipEncoder
         from coder_index.pipeline.ingest_corpus import ingest_folder, ingest_laion
+        from coder_index.pipeline.shards import is_shard_spec
 
+        shard_specs = [i for i in images if is_shard_spec(i)]
+        if shard_specs and len(shard_specs) != len(images):
+            raise click.UsageError("--images takes one folder, or shards (one or more): not both")
+        if len(images) > 1 and not shard_specs:
+            raise click.UsageError("--images takes one folder (or several shards)")
+        if shard_specs and captions:
+            raise click.UsageError("--captions is for a folder of images; shards carry their captions (KEY.txt)")
+        if not shard_specs and images and not Path(images[0]).is_dir():
+            raise click.UsageError(f"--images {images[0]}: no such folder (or not shards)")
         if bool(images) == bool(embeddings):
             raise click.UsageError("give exactly one of --images DIR or --embeddings DIR")
         check_engine_options(engine, ray_address, ray_actors, ray_gpus)
@@ -80,9 +93,21 @@ def register(cli: click.Group) -> None:
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
             ClipEncoder(model or "ViT-B-32", pretrained, device=device)
         with torch_threads_if(threads):
-            if images:
-                m = ingest_folder(corpus_dir, encoder, images, captions, factory=index_factory, batch_size=batch_size,
-                                  workers=workers, threads=threads, progress=not quiet, decode=decode)
+            if shard_specs:
+                from coder_index.core.remote import check_reachable
+                from coder_index.pipeline.ingest_corpus import ingest_shards
+                from coder_index.pipeline.shards import expand_shards
+
+                check_reachable(shard_specs)
+                m = ingest_shards(corpus_dir, encoder, expand_shards(shard_specs), factory=index_factory,
+                                  batch_size=batch_size, workers=workers, threads=threads, progress=not quiet,
+                                  decode=decode)
+                if m.get("uncaptioned"):
+                    click.echo(f"{m['uncaptioned']} image(s) without a caption (no KEY.txt) left out", err=True)
+            elif images:
+                m = ingest_folder(corpus_dir, encoder, images[0], captions, factory=index_factory,
+                                  batch_size=batch_size, workers=workers, threads=threads, progress=not quiet,
+                                  decode=decode)
             elif engine == "ray":
                 from coder_index.engines.ray_text import RayTextEncoder
 

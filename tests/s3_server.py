@@ -15,8 +15,11 @@ FAKE_KEY = {"AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE0000", "AWS_SECRET_ACCESS_KEY"
 @contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
     """Start moto on a free port; yields the environment a process needs to reach it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

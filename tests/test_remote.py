@@ -100,8 +100,9 @@ def test_http_shards_and_compressed_shards_give_the_local_rows(index_dir, shards
                  "pipe": [f"pipe:cat {t}" for t in shards["tars"]]}
         for name, specs in cases.items():
             out = tmp_path / f"{name}.csv"
-            run("classify", *specs, "--index", index_dir, "--out", out, "--workers", workers, "--batch-size", "4",
-                "-q")
+            res = run("classify", *specs, "--index", index_dir, "--out", out, "--workers", workers, "--batch-size",
+                      "4", "-q")
+            assert out.exists(), (name, res.output)
             got = rows(out)
             assert errors(out) == {}, name
             if name == "pipe":
@@ -258,7 +259,7 @@ def test_a_refusal_names_the_url_without_its_password(index_dir, shards, tmp_pat
 def test_pipe_commands_that_fail_stop_the_run_clearly(index_dir, tmp_path, monkeypatch):
     fast_retries(monkeypatch)
     res = run("classify", "pipe:exit 3", "--index", index_dir, "--out", tmp_path / "p.csv", ok=False)
-    assert res.exit_code == 1 and "exited with status 3" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "exited with status 3" in res.output and "Traceback" not in res.output, res.output
 
 
 # ---------------------------------------------------------------------------------------------- object store
@@ -370,3 +371,90 @@ def test_shards_copy(tmp_path):
     with FileServer(tmp_path) as server:
         assert fetch_bytes(server.url("a.bin")) == (tmp_path / "a.bin").read_bytes()
     shutil.rmtree(tmp_path / "a.bin", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- corpus, eval
+def test_corpus_from_shards_local_compressed_and_by_url(index_dir, shards, tmp_path):
+    """corpus build --images SHARDS: each sample's image with its KEY.txt caption, whatever the shards are."""
+    from coder_index.stores.corpus import Corpus
+
+    root = shards["root"]
+    with FileServer(root) as server:
+        specs = {"tar": [str(root / "tar")], "gz": [str(root / "gz" / "{00000..00002}.tar.gz")],
+                 "http": [server.base_url + "/gz/{00000..00002}.tar.gz"]}
+        built = {}
+        for name, args in specs.items():
+            out = tmp_path / f"corpus-{name}"
+            res = run("corpus", "build", out, *[a for s in args for a in ("--images", s)], "--index", index_dir,
+                      "--workers", "0", "-q")
+            assert "14 rows" in res.output, res.output
+            c = Corpus(out)
+            assert c.manifest["rows"] == 14
+            built[name] = c
+    import sqlite3
+
+    def captions(c: Corpus) -> list[str]:
+        con = sqlite3.connect(c.path / "meta.sqlite")
+        return sorted(r[0] for r in con.execute("select caption from rows"))
+
+    assert captions(built["tar"]) == captions(built["gz"]) == captions(built["http"])
+    assert all(c.startswith("a photo numbered ") for c in captions(built["tar"]))
+
+
+def test_corpus_from_shards_without_captions_leaves_nothing(index_dir, tmp_path):
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "x.tar", "w") as tf:
+        for key, data in photos(3)[:2]:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    res = run("corpus", "build", tmp_path / "c", "--images", tmp_path / "x.tar", "--index", index_dir, "--workers",
+              "0", "-q", ok=False)
+    assert res.exit_code == 1 and "no captioned image" in res.output and not (tmp_path / "c").exists()
+
+
+def test_eval_reads_image_urls_from_a_labels_csv(index_dir, tmp_path, monkeypatch):
+    fast_retries(monkeypatch)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    samples = photos(9)[:9]
+    for key, data in samples:
+        (folder / f"{key}.jpg").write_bytes(data)
+    local_csv = tmp_path / "local.csv"
+    local_csv.write_text("path,label\n" + "".join(f"imgs/{k}.jpg,{k.split('_')[0]}\n" for k, _ in samples))
+    with FileServer(folder, auth=("u", PASSWORD)) as server:
+        url_csv = tmp_path / "urls.csv"
+        url_csv.write_text("path,label\n" + "".join(f"{server.url(k + '.jpg', 'u', PASSWORD)},{k.split('_')[0]}\n"
+                                                    for k, _ in samples))
+        reps = {}
+        for name, data in (("local", local_csv), ("urls", url_csv)):
+            out = tmp_path / f"rep-{name}"
+            run("eval", data, "--index", index_dir, "--out", out, "--methods", "clip,coder", "--llm", "none",
+                "--workers", "0", "--tsne-samples", "0", "-q")
+            reps[name] = json.loads((out / "report.json").read_text())
+    assert reps["urls"]["images"] == reps["local"]["images"] == 9
+    for a, b in zip(reps["urls"]["methods"], reps["local"]["methods"], strict=True):
+        assert a["name"] == b["name"] and abs(a["top1"] - b["top1"]) < 1e-9
+    assert PASSWORD not in (tmp_path / "rep-urls" / "report.json").read_text()
+
+
+def test_pipe_reads_in_a_process_with_many_open_files():
+    """select() refuses descriptors past 1,023: a process holding many files must still read a command."""
+    import resource
+
+    from coder_index.core.remote import fetch_bytes
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this machine allows {hard} open files; the case needs more than 1,100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert fetch_bytes("pipe:printf 'a%.0s' $(seq 1 5000)") == b"a" * 5000
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

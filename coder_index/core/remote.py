@@ -291,11 +291,14 @@ class _PipeStream:
                                      stdin=subprocess.DEVNULL)
 
     def read(self, n: int = -1) -> bytes:
-        import select
+        import selectors
 
         out = self.proc.stdout
         assert out is not None
-        ready, _, _ = select.select([out], [], [], self.timeout)
+        # a selector, not select(): a process with more than 1,024 open files gets descriptors select() refuses
+        with selectors.DefaultSelector() as sel:
+            sel.register(out, selectors.EVENT_READ)
+            ready = sel.select(self.timeout)
         if not ready:
             raise TimeoutError(f"the command wrote nothing for {self.timeout:g} s")
         data = os.read(out.fileno(), n if n and n > 0 else 1 << 20)
@@ -363,6 +366,21 @@ def filesystem(spec: str) -> tuple[Any, str]:
         raise RemoteError(f"{public_url(spec)}: {scheme}:// is not a protocol fsspec knows ({exc})",
                           fatal=True) from None
     return fs, path
+
+
+def copy_folder(spec: str, dest: str) -> None:
+    """Copy a remote folder (``s3://bucket/in1k``, ``gs://...``, ``file://...``) into the local ``dest``,
+    with the same credentials and configuration as every other read (fsspec's)."""
+    fs, path = filesystem(spec)
+    try:
+        if not fs.isdir(path):
+            raise RemoteError(f"{public_url(spec)} is not a folder (an index is a folder)", fatal=True)
+        fs.get(path.rstrip("/") + "/", dest.rstrip("/") + "/", recursive=True)
+    except RemoteError:
+        raise
+    except Exception as exc:
+        raise RemoteError(f"could not copy {public_url(spec)}: {redacted(str(exc), spec)}",
+                          fatal=_fatal(exc) is not None) from None
 
 
 def _fsspec_open(fs: Any, path: str, at: int) -> tuple[IO[bytes], int | None]:

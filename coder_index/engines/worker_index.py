@@ -1,7 +1,8 @@
 """The index as a Ray worker sees it: the driver's own (shared filesystem) or a node-local copy.
 
-``source`` is a directory path, or a URI that pyarrow's filesystems read (``s3://``, ``gs://``,
-``hdfs://``, ``file://``); a URI is copied once per node into a cache folder, aside and renamed
+``source`` is a directory path, or a URI that ``core.remote`` reads (fsspec: ``s3://``, ``gs://``,
+``hdfs://``, ``file://``, ...: the one way coder-index reaches remote data, with the same credentials
+and configuration as shards); a URI is copied once per node into a cache folder, aside and renamed
 into place, so that two workers on one node never see a half copy. The index found must be the
 one the driver opened: same ``index_id``, same generation, same model weights.
 """
@@ -46,7 +47,7 @@ def open_worker_index(source: str, expect: dict[str, Any], device: str | None) -
 def _local_copy(uri: str, key: str) -> Path:
     import shutil
 
-    from pyarrow import fs
+    from coder_index.core.remote import copy_folder
 
     dest = cache_root() / key
     if dest.is_dir():
@@ -54,7 +55,7 @@ def _local_copy(uri: str, key: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest.parent))
     try:
-        fs.copy_files(uri, str(tmp), destination_filesystem=fs.LocalFileSystem())
+        copy_folder(uri, str(tmp))
         try:
             os.rename(tmp, dest)  # first copy wins; an existing dest means another worker won
         except OSError:

@@ -347,8 +347,9 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
             if plan_ctx is None:
                 plan_ctx = parallel_encoding(index.encoder, threads=threads, workers=workers)
                 plan = plan_ctx.__enter__()
-            bar.total = (bar.total or 0) + len(todo)
-            bar.refresh()
+            if len(todo):  # a stream of shards (ShardPlan) says nothing ahead: the bar counts up
+                bar.total = (bar.total or 0) + len(todo)
+                bar.refresh()
             for paths, emb, n_err, done in _local_batches(index, root, todo, batch_size, plan, write_errors, decode,
                                                           clock, first_batch):
                 if emb is not None:

@@ -12,6 +12,7 @@ import numpy as np
 from coder_index.core.errors import InputFormatError
 from coder_index.core.linalg import matmul_t
 from coder_index.core.presets import few_shot_defaults, tip_adapter_config
+from coder_index.core.remote import public_url
 from coder_index.methods.fewshot.adapter import CoderAdapter, SearchGrid, TipAdapter, search_hyperparameters
 from coder_index.methods.fewshot.model import new_manifest, save_adapter
 from coder_index.methods.zeroshot import zero_shot_weights
@@ -109,7 +110,7 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
                             search={"grid": cfg.search, "coder-adapter": coder_search["rounds"],
                                     "tip-adapter": tip_search["rounds"], "tip-adapter grid": tip_source},
                             skipped=errors)
-    rows = [{"path": str(p), "label": int(y), "shot": int(s), "augment_epochs": epochs}
+    rows = [{"path": public_url(str(p)), "label": int(y), "shot": int(s), "augment_epochs": epochs}
             for p, y, s in zip(paths, labels, shot_no, strict=True)]
     save_adapter(out, manifest, table.ids, support_coder, emb, rows, zs_weights.weights)
     return manifest

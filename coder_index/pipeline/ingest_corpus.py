@@ -59,6 +59,74 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
     return manifest
 
 
+def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, factory: str = "Flat",
+                  batch_size: int = 64, workers: int | None = None, threads: int | None = None,
+                  progress: bool = False, decode: str = "auto") -> dict[str, Any]:
+    """A corpus of webdataset shards (local, compressed or by URL: ``pipeline.shard_stream``): each
+    sample's image with its ``.txt`` caption; samples without a caption are left out (counted in
+    ``skipped``), their key and URL (from the ``.json`` sidecar, as img2dataset writes it) kept."""
+    from coder_index.pipeline.discover import Discovery
+    from coder_index.pipeline.shard_stream import ShardPlan
+    from coder_index.pipeline.shards import needs_streaming, walk_shards
+
+    if factory != "Flat":
+        raise ValueError("a shard corpus uses the Flat index; IVF/HNSW factories are for large precomputed "
+                         "corpora (--embeddings)")
+    decode = requested_decode(decode, encoder.device)
+    errors: list[tuple[str, str]] = []
+    uncaptioned = [0]
+    if needs_streaming(shards):
+        items: Any = ShardPlan(list(shards))
+        total = None
+    else:
+        found = Discovery(Path.cwd(), [], 0)
+        members = list(walk_shards(shards, found))
+        errors += found.special
+        items = [m for m in members if m.caption]
+        uncaptioned[0] = len(members) - len(items)
+        total = len(items)
+
+    def chunks() -> Iterator[Chunk]:
+        rows = 0
+        with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
+            for batch in encoded_batches(encoder, Path.cwd(), items, batch_size=batch_size, workers=plan.workers,
+                                         decode=decode):
+                errors.extend(batch.errors)
+                if batch.embeddings is None:
+                    continue
+                keep = [i for i, m in enumerate(batch.items) if getattr(m, "caption", None)]
+                uncaptioned[0] += len(batch.items) - len(keep)
+                chosen = [batch.items[i] for i in keep]
+                rows += len(chosen)
+                yield Chunk(batch.embeddings[keep], [m.caption for m in chosen], [str(m) for m in chosen], None,
+                            [_shard_trace(m) for m in chosen])
+        if rows == 0:  # raised inside the build: nothing is left behind
+            raise InputFormatError("the shards hold no captioned image (a KEY.txt beside KEY.jpg, as img2dataset "
+                                   "writes them); nothing to build a corpus from")
+
+    from coder_index.core.remote import public_url
+
+    sources = {"shards": [public_url(s) for s in shards][:100], "captions": "the shards' .txt members"}
+    manifest = build_corpus(out, encoder, chunks(), total, factory=factory, sources=sources, progress=progress)
+    manifest["skipped"] = errors
+    manifest["uncaptioned"] = uncaptioned[0]
+    return manifest
+
+
+def _shard_trace(m: Any) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"image_path": str(m), "key": m.key}
+    if m.meta:
+        try:
+            meta = json.loads(m.meta)
+        except (ValueError, RecursionError):
+            return out
+        if isinstance(meta, dict):
+            for k in ("key", "url"):
+                if isinstance(meta.get(k), (str, int)):
+                    out[k] = str(meta[k])
+    return out
+
+
 def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, factory: str = "Flat",
                  train_size: int = 100_000, chunk: int = 65_536, seed: int = 0, progress: bool = False,
                  use_text_embeddings: bool = False, encode: Callable[[list[str]], np.ndarray] | None = None

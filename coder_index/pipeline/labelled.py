@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
+from coder_index.core.remote import is_remote, public_url
 from coder_index.core.sources import match_classes
 from coder_index.core.untrusted import MapOf, Text, check, read_json, read_text
-from coder_index.pipeline.discover import discover_images
+from coder_index.pipeline.discover import RemoteFile, discover_images
 from coder_index.pipeline.encode_images import encoded_batches
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class LabelledSet:
-    paths: list[Path]
+    paths: list[Path | str]     # files (a CSV's may also be URLs, as str)
     labels: np.ndarray          # [N] class ids of the index
     class_names: list[str]
 
@@ -82,7 +83,8 @@ def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path 
             raise InputFormatError(f"{data}: a labels CSV needs the columns path,label")
         rows = list(reader)
         ids = _resolve(sorted({r["label"] for r in rows}), class_names, table, "label(s)")
-        paths = [(data.parent / r["path"]) for r in rows]
+        # a path relative to the CSV's folder, or a URL (read where it lives, never cached)
+        paths = [r["path"] if is_remote(r["path"]) else (data.parent / r["path"]) for r in rows]
         labels = [ids[r["label"]] for r in rows]
     else:
         raise InputFormatError(f"{data}: pass a folder with one subfolder per class, or a CSV of path,label")
@@ -105,12 +107,16 @@ def embed_labelled(index: TextStore, data: LabelledSet, cache: EmbeddingCache, *
     if misses.size:
         encoder = index.encoder
         where: dict[str, list[int]] = {}  # resolved file -> rows of data (a CSV may list a file twice)
+        items: dict[str, str] = {}        # the feed's item of each: a path, or a RemoteFile for a URL
         for i in misses:
-            where.setdefault(str(data.paths[i].resolve()), []).append(int(i))
+            p = data.paths[i]
+            key = public_url(p) if isinstance(p, str) else str(p.resolve())
+            where.setdefault(key, []).append(int(i))
+            items.setdefault(key, RemoteFile(p) if isinstance(p, str) else key)
         done_ids, done_vecs = [], []
         with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
                 parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-            for batch in encoded_batches(encoder, Path("/"), list(where), batch_size=batch_size,
+            for batch in encoded_batches(encoder, Path("/"), list(items.values()), batch_size=batch_size,
                                          workers=plan.workers, decode=decode):
                 if batch.embeddings is not None:
                     for p, v in zip(batch.items, batch.embeddings, strict=True):

@@ -150,11 +150,12 @@ def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
         index.train(_normalize(sample))
 
 
-def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int, *,
+def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int | None, *,
                  factory: str = "Flat", train_sample: np.ndarray | None = None, sources: dict[str, Any],
                  progress: bool = False, caption_batch: int = 256, caption_template: str = CAPTION_TEMPLATE,
                  encode: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, Any]:
-    """Stream chunks into a new corpus directory (built aside, renamed into place)."""
+    """Stream chunks into a new corpus directory (built aside, renamed into place). ``total``: the rows
+    to expect (None when a stream does not say: the caption embeddings are appended, then laid out)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -171,8 +172,13 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
     with staged_directory(out) as tmp:
         if train_sample is not None:
             _train_sample(index, train_sample)
-        captions_arr = np.lib.format.open_memmap(tmp / "captions.npy", mode="w+", dtype=np.float32,
-                                                 shape=(total, dim))
+        appended = None
+        if total is None:
+            appended = open(tmp / "captions.f32", "wb")  # noqa: SIM115 - closed below, the dir is discarded on failure
+            captions_arr = None
+        else:
+            captions_arr = np.lib.format.open_memmap(tmp / "captions.npy", mode="w+", dtype=np.float32,
+                                                     shape=(total, dim))
         engine = make_engine(tmp / "meta.sqlite", synchronous="OFF")  # the whole dir is discarded on failure
         _meta.create_all(engine)
         row = 0
@@ -180,13 +186,18 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                 as bar, engine.begin() as conn:
             for ch in chunks:
                 n = len(ch.captions)
+                if n == 0:
+                    continue
                 index.add(_normalize(ch.image_emb))
                 if ch.caption_emb is not None:
-                    captions_arr[row:row + n] = ch.caption_emb
+                    cap = ch.caption_emb
                 else:
                     texts = [CAPTION_TEMPLATE.replace("{caption}", c.strip()) for c in ch.captions]
-                    captions_arr[row:row + n] = encode(texts) if encode is not None else \
-                        encoder.encode_texts(texts, batch_size=caption_batch)
+                    cap = encode(texts) if encode is not None else encoder.encode_texts(texts, batch_size=caption_batch)
+                if appended is not None:
+                    appended.write(np.ascontiguousarray(cap, dtype=np.float32).tobytes())
+                else:
+                    captions_arr[row:row + n] = cap
                 trace = ch.trace or [{}] * n
                 conn.execute(insert(corpus_rows), [{"id": row + i, "caption": c, "source": s,
                                                     **{k: t.get(k) for k in TRACE_COLUMNS}}
@@ -195,8 +206,20 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                 row += n
                 bar.update(n)
                 crash_point("corpus.ingesting")
-        captions_arr.flush()
-        del captions_arr
+        if appended is not None:  # lay the appended rows out as captions.npy
+            appended.close()
+            raw = np.memmap(tmp / "captions.f32", dtype=np.float32, mode="r", shape=(row, dim)) if row else \
+                np.zeros((0, dim), np.float32)
+            laid = np.lib.format.open_memmap(tmp / "captions.npy", mode="w+", dtype=np.float32, shape=(row, dim))
+            for s in range(0, row, 65536):
+                laid[s:s + 65536] = raw[s:s + 65536]
+            laid.flush()
+            del laid, raw
+            (tmp / "captions.f32").unlink()
+            total = row
+        else:
+            captions_arr.flush()
+            del captions_arr
         if row != total:  # e.g. undecodable images in a folder corpus: keep the aligned prefix
             arr = np.load(tmp / "captions.npy", mmap_mode="r")
             np.save(tmp / "captions.trim.npy", np.asarray(arr[:row]))
