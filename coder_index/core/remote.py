@@ -27,6 +27,7 @@ Error messages from below are redacted the same way before they travel.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -132,12 +133,14 @@ def redacted(message: str, *specs: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-class ResumableReader:
+class ResumableReader(io.RawIOBase):
     """A file-like stream of one remote object or command, read front to back. A transient failure
-    reopens it at the byte where it stopped (``opener(offset)``), within the retry policy."""
+    reopens it at the byte where it stopped (``opener(offset)``), within the retry policy. Raw: wrap
+    it in ``io.BufferedReader`` (``open_stream`` does) for the many small reads of a tar reader."""
 
     def __init__(self, spec: str, opener: Callable[[int], tuple[IO[bytes], int | None]],
                  policy: RetryPolicy | None = None) -> None:
+        super().__init__()
         self.spec, self.public = spec, public_url(spec)
         self._opener, self.policy = opener, policy or RetryPolicy.from_env()
         self.pos = 0
@@ -168,7 +171,7 @@ class ResumableReader:
             raise RemoteError(f"{self.public}: {_describe(exc, self.spec)}, still after {failures} tries "
                               f"(at byte {self.pos})") from None
         self.retries += 1
-        self.close()
+        self._close_handle()
         self.policy.wait(failures)
 
     def read(self, n: int = -1) -> bytes:
@@ -177,7 +180,10 @@ class ResumableReader:
             if self._fh is None:
                 self._open()
             try:
-                data = self._fh.read(n) if n is not None and n >= 0 else self._fh.read()
+                # read1: what one receive brings (an HTTP body's read(n) would wait for all n bytes, and
+                # lose what came before a stall)
+                reader = getattr(self._fh, "read1", None) or self._fh.read
+                data = reader(n) if n is not None and n >= 0 else self._fh.read()
                 if not data and n != 0 and self._end is not None and self.pos < self._end:
                     raise _CutShort(f"the body ended at byte {self.pos} of {self._end}")
                 self.pos += len(data)
@@ -193,6 +199,12 @@ class ResumableReader:
         buf[: len(data)] = data
         return len(data)
 
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self.read(1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
     def readable(self) -> bool:
         return True
 
@@ -202,7 +214,7 @@ class ResumableReader:
     def tell(self) -> int:
         return self.pos
 
-    def close(self) -> None:
+    def _close_handle(self) -> None:
         fh, self._fh = self._fh, None
         if fh is not None:
             try:
@@ -210,30 +222,33 @@ class ResumableReader:
             except Exception:
                 pass
 
-    def __enter__(self) -> ResumableReader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def close(self) -> None:
+        self._close_handle()
+        super().close()
 
 
 class _CutShort(OSError):
     """The connection closed before the object's declared length."""
 
 
-def open_stream(spec: str, policy: RetryPolicy | None = None) -> ResumableReader:
-    """A resumable stream of ``spec`` (a URL, a ``pipe:`` command, or a local path)."""
+STREAM_BUFFER = 1 << 20  # bytes read from below at a time: a tar reader asks for 10 KiB records
+
+
+def open_stream(spec: str, policy: RetryPolicy | None = None) -> io.BufferedReader:
+    """A resumable, buffered stream of ``spec`` (a URL, a ``pipe:`` command, or a local path)."""
     policy = policy or RetryPolicy.from_env()
     scheme = scheme_of(spec)
     if scheme in ("http", "https"):
-        return ResumableReader(spec, lambda at: _http_open(spec, at, policy.timeout), policy)
-    if scheme == "pipe":
-        return ResumableReader(spec, lambda at: _pipe_open(spec, at, policy.timeout), policy)
-    if scheme is None or scheme == "file":
+        raw = ResumableReader(spec, lambda at: _http_open(spec, at, policy.timeout), policy)
+    elif scheme == "pipe":
+        raw = ResumableReader(spec, lambda at: _pipe_open(spec, at, policy.timeout), policy)
+    elif scheme is None or scheme == "file":
         path = local_path(spec)
-        return ResumableReader(spec, lambda at: _local_open(path, at), policy)
-    fs, path = filesystem(spec)
-    return ResumableReader(spec, lambda at: _fsspec_open(fs, path, at), policy)
+        raw = ResumableReader(spec, lambda at: _local_open(path, at), policy)
+    else:
+        fs, path = filesystem(spec)
+        raw = ResumableReader(spec, lambda at: _fsspec_open(fs, path, at), policy)
+    return io.BufferedReader(raw, buffer_size=STREAM_BUFFER)
 
 
 def fetch_bytes(spec: str, max_bytes: int = 1 << 30, policy: RetryPolicy | None = None) -> bytes:
