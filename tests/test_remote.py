@@ -458,3 +458,20 @@ def test_pipe_reads_in_a_process_with_many_open_files():
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_command_in_a_file_list_or_a_labels_csv_is_never_run(index_dir, tmp_path):
+    """pipe: runs only when the user types it as a shard; lists and CSVs are data, maybe someone else's."""
+    marker = tmp_path / "ran"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"pipe:touch {marker}\n")
+    out = tmp_path / "l.csv"
+    run("classify", "--files-from", listing, "--index", index_dir, "--out", out, "--workers", "0", "-q")
+    assert not marker.exists() and "never from a file list" in errors(out)[f"pipe:touch {marker}"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\npipe:touch {marker},cat\n")
+    res = run("eval", labels, "--index", index_dir, "--out", tmp_path / "rep", "--methods", "coder", "--llm",
+              "none", "--workers", "0", "--tsne-samples", "0", "-q", ok=False)
+    assert not marker.exists()
+    if res.exit_code == 0:  # the line is a (missing) file relative to the CSV: skipped, never run
+        assert json.loads((tmp_path / "rep" / "report.json").read_text())["skipped"] == 1

@@ -98,6 +98,12 @@ def is_remote(spec: str) -> bool:
     return scheme_of(str(spec)) not in (None, "file")
 
 
+def is_url(spec: str) -> bool:
+    """A URL that names data (not a ``pipe:`` command): what a file list or a labels CSV may hold. A
+    command runs only when the user types it as a shard on the command line, never from a list."""
+    return is_remote(spec) and not str(spec).startswith("pipe:")
+
+
 def local_path(spec: str) -> str:
     """A plain path for a local spec (``file:///x`` -> ``/x``)."""
     return unquote(urlsplit(spec).path) if scheme_of(spec) == "file" else spec

@@ -122,13 +122,19 @@ def walk_listed(paths: Iterable[str], stats: Discovery) -> Iterator[str]:
     missing or not a regular file goes to ``stats.special`` with the reason (the errors file lists
     it). The extension is not checked: the user named the file. A listed URL is read where it lives
     (``RemoteFile``); its row is its public form."""
-    from coder_index.core.remote import is_remote, local_path
+    from coder_index.core.remote import is_url, local_path
 
     seen: set[str] = set()
     for given in paths:
         if not given:
             continue
-        if is_remote(given):
+        if given.startswith("pipe:"):  # a list is data: a command in it is never run
+            if given not in seen:
+                seen.add(given)
+                stats.special.append((given, "skipped: a pipe: command runs only when given as a shard on the "
+                                             "command line, never from a file list"))
+            continue
+        if is_url(given):
             item = RemoteFile(given)
             if str(item) not in seen:
                 seen.add(str(item))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
-from coder_index.core.remote import is_remote, public_url
+from coder_index.core.remote import is_url, public_url
 from coder_index.core.sources import match_classes
 from coder_index.core.untrusted import MapOf, Text, check, read_json, read_text
 from coder_index.pipeline.discover import RemoteFile, discover_images
@@ -84,7 +84,7 @@ def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path 
         rows = list(reader)
         ids = _resolve(sorted({r["label"] for r in rows}), class_names, table, "label(s)")
         # a path relative to the CSV's folder, or a URL (read where it lives, never cached)
-        paths = [r["path"] if is_remote(r["path"]) else (data.parent / r["path"]) for r in rows]
+        paths = [r["path"] if is_url(r["path"]) else (data.parent / r["path"]) for r in rows]  # pipe: never runs
         labels = [ids[r["label"]] for r in rows]
     else:
         raise InputFormatError(f"{data}: pass a folder with one subfolder per class, or a CSV of path,label")

@@ -12,7 +12,7 @@ from torchvision import transforms
 
 from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
-from coder_index.core.remote import is_remote, public_url
+from coder_index.core.remote import is_url, public_url
 from coder_index.pipeline.discover import RemoteFile
 from coder_index.pipeline.encode_images import encoded_batches
 from coder_index.pipeline.feed import Views, split_preprocess
@@ -83,7 +83,7 @@ def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, s
                       tensor=encoder.preprocess)
     out = np.full((len(paths), encoder.embed_dim), np.nan, dtype=np.float32)
     errors: list[tuple[str, str]] = []
-    items = [RemoteFile(p) if isinstance(p, str) and is_remote(p) else str(Path(p).absolute()) for p in paths]
+    items = [RemoteFile(p) if isinstance(p, str) and is_url(p) else str(Path(p).absolute()) for p in paths]
     given = {str(i): public_url(str(p)) for i, p in zip(items, paths, strict=True)}
     with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
         for batch in encoded_batches(encoder, Path("/"), items, batch_size=batch_size, workers=plan.workers,
