@@ -38,7 +38,7 @@ def register(cli: click.Group) -> None:
     from coder_index.core.choices import ALL_METHODS, PROMPT_CHOICES
 
     @cli.command("eval")
-    @click.argument("data", type=click.Path(exists=True, path_type=Path))
+    @click.argument("data", metavar="DATA")
     @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
                   help="The text index to evaluate (its model encodes the images).")
     @click.option("--methods", default=",".join(ALL_METHODS), show_default=True,
@@ -65,7 +65,7 @@ def register(cli: click.Group) -> None:
     @options("adapter", "corpus", "retrieve_k", *MODEL, *LLM_CLIENT)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
-    def eval_cmd(data: Path, index_dir: str, methods: str, out_dir: str, mapping: str | None,
+    def eval_cmd(data: str, index_dir: str, methods: str, out_dir: str, mapping: str | None,
                  gap_threshold: float | str | None, batch_size: int, workers: int | None, threads: int | None,
                  decode: str, embedding_cache: str | None, tsne_samples: int, adapter_dir: Path | None,
                  corpus_dir: Path | None, retrieve_k: int, model: str | None, pretrained: str | None,
@@ -73,8 +73,10 @@ def register(cli: click.Group) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
 
         DATA is a folder with one subfolder per class (names matched to the index's classes;
-        --mapping when they differ) or a CSV of path,label. Image embeddings are computed once and
-        cached, so rerunning with other methods or texts does not re-encode.
+        --mapping when they differ), such a folder in an object store (s3://bucket/test/, gs://...),
+        or a CSV of path,label (paths relative to the CSV, or image URLs). Image embeddings of local
+        files are computed once and cached, so rerunning with other methods or texts does not
+        re-encode.
 
         \b
         Examples:
@@ -87,11 +89,15 @@ def register(cli: click.Group) -> None:
           coder-index eval test/ --index in1k-cvpr24 --gap-threshold preset --report-format clip_benchmark
         """
         from coder_index.core.atomic import check_writable
+        from coder_index.core.remote import is_url, public_url
         from coder_index.evaluation.run import evaluate
         from coder_index.methods.pair_stage import PairReranker
         from coder_index.methods.text_index import TextIndex
         from coder_index.pipeline.labelled import load_labelled
 
+        if not is_url(data) and not Path(data).exists():  # before anything else, as for any missing path
+            raise click.UsageError(f"DATA {data} does not exist: a folder with one subfolder per class, a CSV of "
+                                   "path,label, or a folder's URL (s3://bucket/test/)")
         check_writable(Path(out_dir), "--out", is_dir=True)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         if methods == ",".join(ALL_METHODS) and adapter_dir:     # the default: the paper's Figure 4 comparison
@@ -128,7 +134,7 @@ def register(cli: click.Group) -> None:
 
         report = evaluate(index, labelled, out_dir, methods=wanted, reranker_factory=reranker_factory,
                           gap_threshold=gap_threshold, cache_path=embedding_cache, batch_size=batch_size,
-                          workers=workers, threads=threads, tsne_samples=tsne_samples, data_name=str(data),
+                          workers=workers, threads=threads, tsne_samples=tsne_samples, data_name=public_url(data),
                           progress=not quiet,
                           fewshot=fewshot, xmore=xmore, prompts=prompts, report_formats=report_formats,
                           decode=decode)

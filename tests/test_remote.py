@@ -475,3 +475,26 @@ def test_a_command_in_a_file_list_or_a_labels_csv_is_never_run(index_dir, tmp_pa
     assert not marker.exists()
     if res.exit_code == 0:  # the line is a (missing) file relative to the CSV: skipped, never run
         assert json.loads((tmp_path / "rep" / "report.json").read_text())["skipped"] == 1
+
+
+def test_eval_of_a_class_folder_in_an_object_store(index_dir, tmp_path, s3, monkeypatch):
+    """DATA/<class>/<image> in a bucket: listed there, read there; the same report as from the disk."""
+    use_in_process(s3, monkeypatch)
+    local = tmp_path / "data"
+    for key, blob in [p for p in photos(9) if not p[0].startswith("png")]:
+        cls = key.split("_")[0]
+        (local / cls).mkdir(parents=True, exist_ok=True)
+        (local / cls / f"{key}.jpg").write_bytes(blob)
+    fs = s3_fs(s3)
+    fs.put(str(local) + "/", "data/labelled/", recursive=True)
+    reps = {}
+    for name, data in (("local", local), ("s3", "s3://data/labelled/")):
+        out = tmp_path / f"rep-{name}"
+        run("eval", data, "--index", index_dir, "--out", out, "--methods", "clip,coder", "--llm", "none", "--workers",
+            "0", "--tsne-samples", "0", "-q")
+        reps[name] = json.loads((out / "report.json").read_text())
+    assert reps["s3"]["images"] == reps["local"]["images"] == 9 and reps["s3"]["data"] == "s3://data/labelled/"
+    for a, b in zip(reps["s3"]["methods"], reps["local"]["methods"], strict=True):
+        assert a["name"] == b["name"] and abs(a["top1"] - b["top1"]) < 1e-9
+    res = run("eval", tmp_path / "nope", "--index", index_dir, "--out", tmp_path / "x", ok=False)
+    assert res.exit_code == 2 and "does not exist" in res.output

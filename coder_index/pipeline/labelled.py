@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,15 @@ def _resolve(labels: list[str], class_names: list[str], mapping: dict[str, str] 
 
 
 def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path | None = None) -> LabelledSet:
-    data = Path(data)
+    """A folder with one subfolder per class (local, or a URL of an object store: ``s3://bucket/test/``),
+    or a CSV of path,label (paths relative to the CSV, or image URLs)."""
     table = read_mapping(mapping) if mapping else None
+    if is_url(str(data)):
+        return _remote_folder(str(data), class_names, table)
+    data = Path(data)
+    if not data.exists():
+        raise InputFormatError(f"{data} does not exist: pass a folder with one subfolder per class, a CSV of "
+                               "path,label, or a folder's URL (s3://bucket/test/)")
     if data.is_dir():
         folders = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
@@ -90,6 +98,42 @@ def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path 
         raise InputFormatError(f"{data}: pass a folder with one subfolder per class, or a CSV of path,label")
     if not paths:
         raise InputFormatError(f"{data} holds no images")
+    return LabelledSet(paths, np.asarray(labels, dtype=np.int64), class_names)
+
+
+def _remote_folder(url: str, class_names: list[str], table: dict[str, str] | None) -> LabelledSet:
+    """DATA/<class>/<image> in an object store: listed through ``core.remote`` (fsspec), the images
+    read where they live."""
+    from coder_index.core.choices import IMAGE_EXTENSIONS
+    from coder_index.core.remote import RemoteError, filesystem, redacted
+
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    prefix = url.split("://", 1)[0] + "://"  # fsspec lists paths without their scheme
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        raise InputFormatError(f"{public_url(url)} does not exist") from None
+    except Exception as exc:
+        raise RemoteError(f"cannot list {public_url(url)}: {redacted(str(exc), url)}") from None
+    folders = sorted(str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+    folders = [f for f in folders if not f.startswith(".")]
+    if not folders:
+        raise InputFormatError(f"{public_url(url)} has no class subfolders; eval wants DATA/<class>/<image> or a CSV")
+    ids = _resolve(folders, class_names, table, "folder(s)")
+    paths: list[Path | str] = []
+    labels: list[int] = []
+    for folder in folders:
+        try:
+            found = sorted(fs.find(f"{root}/{folder}"))
+        except Exception as exc:
+            raise RemoteError(f"cannot list {public_url(url)}/{folder}: {redacted(str(exc), url)}") from None
+        images = [f for f in found if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                  and not f.rsplit("/", 1)[-1].startswith(".")]
+        paths += [prefix + f.lstrip("/") for f in images]
+        labels += [ids[folder]] * len(images)
+    if not paths:
+        raise InputFormatError(f"{public_url(url)} holds no images")
     return LabelledSet(paths, np.asarray(labels, dtype=np.int64), class_names)
 
 
