@@ -217,3 +217,41 @@ def test_clip_weights_equal_a_clip_benchmark_style_classifier(tmp_path, encoder)
     x = encoder.encode_images([load_image(p) for p in paths])
     np.testing.assert_allclose(zs.weights, w.T, atol=2e-6)
     assert np.array_equal(zs.logits(x).argmax(1), (100.0 * x @ w).argmax(1))
+
+
+def test_eval_reads_images_through_the_one_feed_and_its_decoders(tmp_path, encoder, classes_file, monkeypatch):
+    """eval's images come through classify's feed: --decode gpu takes the tensor decoder (libjpeg-turbo
+    on the CPU, nvJPEG on a GPU), and auto takes it on a CUDA device; the report agrees with the
+    reference decoder's within the decoders' documented difference."""
+    import torch
+
+    from coder_index.pipeline import feed
+    from coder_index.pipeline.build import build_index
+    from coder_index.pipeline.encode_images import requested_decode
+
+    from conftest import shared_path
+
+    assert requested_decode("auto", torch.device("cuda")) == "gpu"
+    assert requested_decode("auto", torch.device("cuda"), released=True) == "cpu"
+    assert requested_decode("auto", torch.device("cpu")) == "cpu"
+    build_index(tmp_path / "idx", classes_file, encoder=encoder, dataset="oxford_pets")
+    data = tmp_path / "data"
+    cifar = shared_path("data", "cifar10-test")
+    for cls in ("Abyssinian", "pug"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((cifar / "cat").iterdir())[:4]:
+            (data / cls / f.name).write_bytes(f.read_bytes())
+    used = []
+    real = feed.TensorFeed._decode
+    monkeypatch.setattr(feed.TensorFeed, "_decode",
+                        lambda self, jpegs: (used.append(len(jpegs)), real(self, jpegs))[1])
+    reports = {}
+    for mode in ("cpu", "gpu"):
+        out = tmp_path / f"rep-{mode}"
+        res = CliRunner().invoke(cli, ["eval", str(data), "--index", str(tmp_path / "idx"), "--out", str(out),
+                                       "--methods", "coder", "--llm", "none", "--workers", "0", "--tsne-samples", "0",
+                                       "--decode", mode, "--embedding-cache", str(tmp_path / f"{mode}.sqlite"), "-q"])
+        assert res.exit_code == 0, res.output
+        reports[mode] = json.loads((out / "report.json").read_text())
+        assert (sum(used) == 8) == (mode == "gpu")  # every JPEG went through the tensor decoder, and only then
+    assert reports["gpu"]["images"] == reports["cpu"]["images"] == 8
