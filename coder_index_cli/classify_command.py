@@ -182,10 +182,10 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
             click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
     _print_summary(summary)
-    if summary.found == 0:
-        folder = inputs[0] if isinstance(source, Path) else "the listed files" if not hasattr(source, "shards") \
-            else "the shards"
-        click.echo(f"warning: {folder} holds no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+    if summary.found == 0 and not summary.already_done:
+        folder = f"{inputs[0]} holds" if isinstance(source, Path) else "the listed files hold" \
+            if not hasattr(source, "shards") else "the shards hold"
+        click.echo(f"warning: {folder} no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
                    f"{'; ' + str(summary.other_files) + ' other file(s)' if summary.other_files else ''}"
                    f"{'; ' + str(summary.hidden) + ' hidden' if summary.hidden else ''})", err=True)
     if strict and (summary.found == 0 or summary.errors):
@@ -273,18 +273,23 @@ class LazyEncoder:
 
 def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
     """This run's work, then what each file holds now: the counts add up across resumed runs."""
-    msg = (f"classified {summary.classified} images in {summary.seconds:.1f}s "
-           f"({summary.images_per_second:.1f} img/s), {summary.errors} unreadable")
+    msg = f"classified {summary.classified} images in {summary.seconds:.1f}s"
+    if summary.classified:
+        msg += f" ({summary.images_per_second:.1f} img/s)"
+    msg += f", {summary.errors} unreadable"
     if summary.already_done:
         msg += f"; {summary.already_done} done in earlier runs"
     if summary.special:
-        msg += (f"; {summary.special} FIFO/socket/device/broken link named like an image skipped (listed as "
-                "unreadable)")
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary.special_kinds.items())) or str(summary.special)
+        msg += f"; skipped before decoding (listed as unreadable): {kinds}"
     if summary.other_files:
         msg += f"; {summary.other_files} non-image file(s) ignored"
     if summary.hidden:
         msg += f"; {summary.hidden} hidden file(s)/folder(s) skipped"
-    msg += f". {summary.out} holds {summary.rows_in_out} row(s)"
+    if summary.rows_in_out or summary.out_exists:
+        msg += f". {summary.out} holds {summary.rows_in_out} row(s)"
+    else:
+        msg += f". No {summary.out} written: no image was classified"
     msg += (f", {summary.errors_file} lists {summary.errors_in_file} unreadable file(s)" if summary.errors_in_file
             else "; no unreadable file")
     if summary.embeddings_dir:

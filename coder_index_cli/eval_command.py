@@ -141,5 +141,5 @@ def register(cli: click.Group) -> None:
         from coder_index.evaluation.report import markdown
 
         click.echo(markdown(report))
-        click.echo(f"wrote {Path(out_dir) / 'report.md'}, report.json" + (", tsne.png" if "tsne" in report else ""),
-                   err=True)
+        written = ["report.json", *(["tsne.png"] if "tsne" in report else []), *report.get("clip_benchmark_files", [])]
+        click.echo(f"wrote {Path(out_dir) / 'report.md'}, " + ", ".join(written), err=True)

@@ -18,9 +18,11 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
                    concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
                    max_answer_chars: int = 4000, max_retries: int = 6,
                    synonyms_from: str = "wordnet", analogous_threshold: float = 0.9, filter_model: str | None = None,
-                   filter_pretrained: str | None = None, prompts: str = "default") -> Any:
+                   filter_pretrained: str | None = None, prompts: str = "default", planning_only: bool = False) -> Any:
     """The Auto Text Generator the LLM options describe; ``prompts='cvpr24'`` sends the released
-    generator's prompts and reads its answers the released way (the ``cvpr24`` preset)."""
+    generator's prompts and reads its answers the released way (the ``cvpr24`` preset).
+    ``planning_only`` (``--dry-run``): a generator that only counts prompts and cache hits: no API key
+    is asked for and no CLIP model is loaded (``encoder`` may be None)."""
     from coder_index.textgen.generator import AutoTextGenerator
     from coder_index.textgen.llm import LLMCache, LLMClient, LLMConfig
 
@@ -30,9 +32,10 @@ def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model:
                                   concurrency=concurrency, max_requests=max_requests, temperature=temperature,
                                   max_answer_chars=max_answer_chars, max_retries=max_retries),
                         LLMCache(cache_path))
-        llm.check_credentials()  # a missing key is reported before any image or text is processed
+        if not planning_only:
+            llm.check_credentials()  # a missing key is reported before any image or text is processed
     filter_encoder = None
-    if filter_model:
+    if filter_model and not planning_only:
         from coder_index.model.encoder import ClipEncoder
 
         filter_encoder = ClipEncoder(filter_model, filter_pretrained, device=str(encoder.device))
@@ -62,6 +65,12 @@ def report_generation(stats: Any, dry: Any | None = None) -> None:
              f"{stats.analogous_followups} follow-up prompt(s)")
     if stats.llm_summary:
         echo(f"LLM: {stats.llm_summary}")
+    if getattr(stats, "foreign_bullets", None):
+        few = ", ".join(stats.foreign_bullets[:5]) + (" …" if len(stats.foreign_bullets) > 5 else "")
+        echo(f"warning: the LLM answered {len(stats.foreign_bullets)} class(es) with '- ' or numbered bullets ({few}); "
+             "--preset cvpr24 reads answers the released way, splitting on '_' only, so each such answer became one "
+             "garbled text. Use an LLM that follows the released '_' format, or --preset default (which reads "
+             "any bullets)")
     if stats.stopped_by_budget:
         echo("stopped at the request budget (--max-requests): what was fetched is kept and cached; "
              "rerun with a larger budget to complete it")
@@ -106,16 +115,17 @@ def register(cli: click.Group) -> None:
         from coder_index.model.encoder import ClipEncoder
 
         classes = read_class_list(classes_file)
-        check_writable(out, "--out")
         kind_list = parse_kinds(kinds)
-        encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
-            ClipEncoder(model or "ViT-B-32", pretrained, device=device)
-        gen = make_generator(encoder, **llm, prompts=preset or "default")
-        if dry_run:
+        if dry_run:  # counts prompts and cache hits: no model loaded, no API key needed, nothing written
+            gen = make_generator(None, **llm, prompts=preset or "default", planning_only=True)
             d = gen.dry_run(classes, kind_list)
             click.echo(f"would send {d.prompts} prompt(s) for {len(classes)} classes ({d.cached} already cached)"
                        + ("; analogous filtering may add follow-up prompts" if "analogous" in d.kinds else ""))
             return
+        check_writable(out, "--out")
+        encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
+            ClipEncoder(model or "ViT-B-32", pretrained, device=device)
+        gen = make_generator(encoder, **llm, prompts=preset or "default")
         knowledge, stats = gen.generate(classes, kind_list, progress=not quiet)
         report_generation(stats)
         if any(knowledge.counts().values()):

@@ -255,3 +255,15 @@ def test_eval_reads_images_through_the_one_feed_and_its_decoders(tmp_path, encod
         reports[mode] = json.loads((out / "report.json").read_text())
         assert (sum(used) == 8) == (mode == "gpu")  # every JPEG went through the tensor decoder, and only then
     assert reports["gpu"]["images"] == reports["cpu"]["images"] == 8
+
+
+def test_the_wrote_line_names_every_file_written(env):
+    tmp_path, data, mapping, server = env
+    args = ["eval", str(data), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "w"), "--workers", "0",
+            "--llm", "none", "--tsne-samples", "15", "--methods", "clip,coder", "--report-format", "clip_benchmark",
+            "--mapping", str(mapping), "-q"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("wrote "))
+    for name in sorted(p.name for p in (tmp_path / "w").iterdir()):
+        assert name in line, (name, line)

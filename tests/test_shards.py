@@ -261,6 +261,7 @@ def test_save_embeddings_refuses_other_settings_and_says_what_earlier_rows_lack(
     res = run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "-q",
               "--save-embeddings", emb_dir, "--embeddings-dtype", "float32", ok=False)
     assert res.exit_code == 1 and "dtype differ" in res.output and "--overwrite" in res.output
+    assert "dtype 'float16' there, 'float32' asked" in res.output  # the refusal names both values
     assert staged.read_text() == '{"image_path": "x"}\n'   # a refused run touches nothing
     res = run("classify", *dataset["shards"], "--index", index_dir, "--out", tmp_path / "other.csv", "--workers",
               "0", "-q", "--save-embeddings", emb_dir, ok=False)

@@ -111,7 +111,7 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
         report["tsne"] = str(out_dir / "tsne.png")
     write_reports(report, out_dir)
     if "clip_benchmark" in report_formats:
-        write_clip_benchmark(report, out_dir, index.fingerprint)
+        report["clip_benchmark_files"] = [p.name for p in write_clip_benchmark(report, out_dir, index.fingerprint)]
     return report
 
 

@@ -76,12 +76,13 @@ def build_scorer(index: TextStore, spec: ScorerSpec, *, generator: Any = None, l
         from coder_index.methods.pair_stage import PairReranker
 
         if generator is None and index.counts()["pair_texts"] == 0:
-            note("rerank unavailable: it needs one-to-one pair texts, the index has none and --llm none allows no "
-                 "generation; classifying with stage 1 (CODER) only. Import pair texts with `build --knowledge` "
-                 "or use an LLM.")
+            note("rerank unavailable: it needs one-to-one pair texts, the index has none and no LLM is asked for "
+                 "them here; using stage 1 (CODER) only. Import pair texts with `build --knowledge`, or let "
+                 "`classify --rerank` generate them with an LLM.")
         else:
             if generator is None:
-                note("--llm none: reranking with the pair texts already in the index; missing pairs count as ties")
+                note("reranking with the pair texts already in the index (no LLM is asked for missing ones); "
+                     "missing pairs count as ties")
             reranker = PairReranker(index, generator, gap_threshold=spec.gap_threshold, progress=progress)
             settings["rerank"] = {"top": 5, "gap_threshold": spec.gap_threshold,
                                   "llm": None if generator is None else llm_model}

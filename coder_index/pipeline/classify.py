@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,15 +48,20 @@ class ClassifySummary:
     out: str
     errors_file: str
     hidden: int = 0       # hidden files and folders skipped
-    special: int = 0      # FIFOs, sockets, devices, broken links named like images: skipped, listed as errors
+    special: int = 0      # inputs skipped before decoding (missing, not regular files, ...): listed as errors
     rows_in_out: int = 0      # rows OUT holds now (earlier runs' and this run's, any folder)
     errors_in_file: int = 0   # files the errors file lists now
     embeddings_dir: str | None = None   # --save-embeddings
     embeddings_saved: int = 0           # rows whose embeddings DIR holds now
+    special_kinds: dict[str, int] = field(default_factory=dict)  # why inputs were skipped: kind -> count
 
     @property
     def images_per_second(self) -> float:
         return (self.classified + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def out_exists(self) -> bool:
+        return Path(self.out).exists()
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
@@ -283,7 +288,35 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
                            counts["ok"], counts["err"], found.other_files, time.perf_counter() - t0, str(out),
                            str(run.errors.path), found.hidden, len(found.special),
                            run.earlier["rows"] + counts["ok"], run.earlier["errors"] + counts["err"],
-                           str(saver.dir) if saver is not None else None, saver.saved if saver is not None else 0)
+                           str(saver.dir) if saver is not None else None, saver.saved if saver is not None else 0,
+                           special_kinds(found.special))
+
+
+def special_kinds(special: list[tuple[str, str]]) -> dict[str, int]:
+    """Why inputs were skipped before decoding, counted by kind, for the summary's words."""
+    from collections import Counter
+
+    def kind(reason: str) -> str:
+        r = reason.lower()
+        if "no such shard" in r:
+            return "missing shard(s)"
+        if "a webdataset shard, not an image" in r:
+            return "shard(s) in a file list"
+        if "no such file" in r or "broken symbolic link" in r:
+            return "missing file(s)"
+        if "no image in this sample" in r:
+            return "sample(s) without an image"
+        if "a second image in sample" in r:
+            return "extra image(s) in a sample"
+        if "a directory" in r:
+            return "folder(s) named as image files"
+        if "not a regular file" in r or "fifo" in r or "socket" in r or "device" in r:
+            return "FIFO(s), socket(s) or device(s)"
+        if "shard" in r or "tar" in r:
+            return "shard(s) not read to the end"
+        return "other input(s) that could not be opened"
+
+    return dict(Counter(kind(reason) for _, reason in special))
 
 
 def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names: list[str],

@@ -154,7 +154,10 @@ def walk_listed(paths: Iterable[str], stats: Discovery) -> Iterator[str]:
         except OSError as exc:
             stats.special.append((path, f"skipped: {exc.strerror or exc}"))
             continue
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and path.lower().endswith((".tar", ".tar.gz", ".tgz")):
+            stats.special.append((path, "skipped: a webdataset shard, not an image; classify shards given as "
+                                        "arguments (classify SHARD.tar ...), not listed in --files-from"))
+        elif stat.S_ISREG(st.st_mode):
             stats.found += 1
             yield path
         else:

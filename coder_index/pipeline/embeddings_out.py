@@ -248,7 +248,7 @@ class EmbeddingSaver:
             if diff:
                 raise InputFormatError(
                     f"--save-embeddings {self.dir} holds embeddings of other settings ({', '.join(diff)} differ: "
-                    f"{', '.join(f'{k}={have.get(k)!r}' for k in diff if k != 'model')}"
+                    f"{', '.join(f'{k} {have.get(k)!r} there, {want[k]!r} asked' for k in diff if k != 'model')}"
                     f"{' and another model' if 'model' in diff else ''}); choose another folder"
                     f"{'' if 'out' in diff else ', or pass --overwrite to start the run and its embeddings afresh'}")
             return

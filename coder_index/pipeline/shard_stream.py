@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from coder_index.core.decode import IMAGE_EXTENSIONS
 from coder_index.core.remote import RemoteError, open_stream, public_url
-from coder_index.pipeline.shards import SIDECAR_BYTES, Member, split_key
+from coder_index.pipeline.shards import SIDECAR_BYTES, Member, extra_image_row, extra_images, split_key
 
 MAX_IMAGE_BYTES = 256 << 20  # an image member larger than this is reported, not read into memory
 
@@ -140,12 +140,15 @@ def _sample(shard: str, key: str, members: list[tuple[tarfile.TarInfo, bytes | N
                  None)
     if image is None:
         have = ", ".join(sorted(e for e in by_ext if e)) or "nothing"
-        counts["other"] += 1
-        if key not in done_keys:
+        if key not in done_keys:  # one error row (not also counted as a non-image file)
             yield Event("error", row, reason=f"skipped: no image in this sample (it holds {have})")
         return
     info, data = image
     counts["found"] += 1
+    for extra in extra_images([m for m, _ in members], info, lambda m: m.name):
+        extra_row, reason = extra_image_row(row, key, extra, info.name)
+        if extra_row[len(shard) + 1:] not in done_keys:  # its own row: never dropped, never written twice
+            yield Event("error", extra_row, reason=reason)
     if key in done_keys:
         return
     if not info.isreg():

@@ -25,6 +25,7 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from coder_index.core.decode import IMAGE_EXTENSIONS, ImageDecodeError
 from coder_index.core.errors import InputFormatError
@@ -280,6 +281,21 @@ def _end_of_archive_problem(shard: str, end: int) -> str | None:
     return None
 
 
+def extra_images(members: list[Any], chosen: Any, name: Any) -> list[str]:
+    """The names of a sample's image members other than the one classified (webdataset reads one
+    image per sample: the first)."""
+    return [name(m) for m in members if m is not chosen
+            and "." + split_key(name(m))[1].rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+
+
+def extra_image_row(row: str, key: str, member: str, chosen: str) -> tuple[str, str]:
+    """An error row for an image member a sample holds besides its classified one: named by its
+    extension (``SHARD/KEY.png``), so that it is never silently dropped."""
+    ext = split_key(member)[1]
+    return (f"{row}.{ext}", f"skipped: a second image in sample {key} ({member}); one image per sample is "
+                            f"classified, {chosen}")
+
+
 def _sample(tf: tarfile.TarFile, shard: str, key: str, members: list[tarfile.TarInfo], stats: object
             ) -> Iterator[Member]:
     row = f"{shard}/{key}"
@@ -289,10 +305,11 @@ def _sample(tf: tarfile.TarFile, shard: str, key: str, members: list[tarfile.Tar
     by_ext = {split_key(m.name)[1]: m for m in members}
     image = next((m for m in members if "." + split_key(m.name)[1].rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
     if image is None:
-        stats.other_files += 1  # type: ignore[attr-defined]
         have = ", ".join(sorted(e for e in by_ext if e)) or "nothing"
         stats.special.append((row, f"skipped: no image in this sample (it holds {have})"))  # type: ignore[attr-defined]
         return
+    for extra in extra_images(members, image, lambda m: m.name):
+        stats.special.append(extra_image_row(row, key, extra, image.name))  # type: ignore[attr-defined]
     if not image.isreg():
         stats.special.append((row, "skipped: the image member is not a regular file "  # type: ignore[attr-defined]
                                    "(a link or a device entry)"))

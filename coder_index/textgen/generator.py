@@ -93,6 +93,8 @@ class GenerationStats:
     seconds: float = 0.0
     llm_summary: str | None = None
     failed: dict[str, list[str]] = field(default_factory=dict)   # kind -> classes whose LLM request got no answer
+    # cvpr24: classes whose answer came with '- ' (or numbered) bullets, which the released reader garbles
+    foreign_bullets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -258,6 +260,8 @@ class AutoTextGenerator:
                     find = self._analogous_released if self.released else self._analogous
                     return c, kind, await find(c, filt, stats)  # type: ignore[arg-type]
                 answer = await self.llm.complete(self._prompt(kind, c), usable=self._usable(kind))
+                if self.released and released.foreign_bullets(answer) and c not in stats.foreign_bullets:
+                    stats.foreign_bullets.append(c)
                 return c, kind, self._read(answer, kind) if answer else None
             except BudgetExhausted:
                 stats.stopped_by_budget = True
@@ -314,6 +318,8 @@ class AutoTextGenerator:
                                          usable=self._usable("analogous"))
         if answer is None:
             return None
+        if released.foreign_bullets(answer) and c not in stats.foreign_bullets:
+            stats.foreign_bullets.append(c)
         spoken = released.spoken(c)
         kept: list[str] = []
 

@@ -137,6 +137,16 @@ def clean(items: list[str]) -> list[str]:
     return [it.strip() for it in items if it.strip()]
 
 
+def foreign_bullets(answer: str | None) -> bool:
+    """Whether an answer lists its items with another bullet ('- ', '* ', '1. ') and no '_': the
+    released reader, which splits on '_' only, then makes one garbled item of the whole answer."""
+    if not answer or "_" in answer:
+        return False
+    lines = [ln.strip() for ln in answer.splitlines() if ln.strip()]
+    listed = [ln for ln in lines if ln[:2] in ("- ", "* ", "• ") or (ln[:1].isdigit() and ln[1:3] in (". ", ") "))]
+    return len(listed) >= 2
+
+
 def read_list(answer: str | None) -> list[str]:
     """Attribute and synonym items of an answer, as released (see the module docstring)."""
     return clean(raw_items(answer))
