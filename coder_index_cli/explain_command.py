@@ -14,19 +14,27 @@ from .options import METHOD, MODEL, options
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, metavar="[IMAGE | URL | SHARD/KEY]...")
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The text index whose texts explain the prediction.")
+@click.option("--predictions", "predictions", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A classify output: explain its rows with the method that made them (settings and X-MoRe's "
+                   "normalisers from OUT.run.json); IMAGE arguments are then its row paths (files, URLs, "
+                   "SHARD/KEY), read from where classify ran.")
+@click.option("--row", "rows", multiple=True, type=click.IntRange(1),
+              help="With --predictions: explain row N of the file (numbered from 1). Repeatable.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Nearest texts to show.")
 @options(*METHOD)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @options(*MODEL)
 @friendly_errors
-def explain(images: tuple[str, ...], index_dir: str, k: int, zs_method: str, rerank: bool,
+def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, rows: tuple[int, ...], k: int,
+            zs_method: str, rerank: bool,
             gap_threshold: float | None, adapter_dir: Path | None, corpus_dir: Path | None, retrieve_k: int,
             as_json: bool, model: str | None, pretrained: str | None, device: str | None) -> None:
     """Why an image gets its class, by the method that made the prediction (CODER by default;
-    --rerank, --adapter, --method xmore as in classify): the method's class scores, the k nearest
+    --rerank, --adapter, --method xmore as in classify; with --predictions OUT, the method that made
+    OUT's rows, and for X-MoRe the run's own normalisers): the method's class scores, the k nearest
     texts, the best texts of the predicted class and of the runner-up, for X-MoRe the captions of
     the nearest corpus images, and (when the index holds pair texts) the CODER* pair scores of its
     top-5 classes. Every readable image is explained; each unreadable one is named on stderr and
@@ -39,34 +47,54 @@ def explain(images: tuple[str, ...], index_dir: str, k: int, zs_method: str, rer
       coder-index explain cat.jpg --index pets-index --rerank
       coder-index explain cat.jpg --index pets-index --adapter pets-adapter
       coder-index explain cat.jpg --index in1k --corpus laion-corpus --method xmore
+      coder-index explain --index in1k --predictions preds.csv --row 1 --row 7
+      coder-index explain shards/00000.tar/000000123 --index in1k --predictions preds.csv
+      coder-index explain https://host/img/cat.jpg --index in1k
     """
-    from coder_index.core.decode import ImageDecodeError, load_image
+    from coder_index.core.decode import ImageDecodeError, decode_image_bytes
     from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
     from coder_index.methods.text_index import TextIndex
+    from coder_index.pipeline.rows import RunRecord, predictions_rows, row_bytes
 
-    spec = ScorerSpec(top_k=5, method=zs_method, rerank=rerank, retrieve_k=retrieve_k,
-                      adapter=None if adapter_dir is None else str(adapter_dir),
-                      corpus=None if corpus_dir is None else str(corpus_dir))
+    record, cwd = None, None
+    given = dict(method=zs_method, rerank=rerank, retrieve_k=retrieve_k,
+                 adapter=None if adapter_dir is None else str(adapter_dir),
+                 corpus=None if corpus_dir is None else str(corpus_dir), gap_threshold=gap_threshold)
+    if predictions is not None:
+        record = RunRecord.load(predictions)
+        _refuse_method_options(record)
+        given = {**given, **record.spec()}
+        dirs = record.working_dirs()
+        cwd = dirs[0] if dirs else Path(predictions).resolve().parent
+        images = (*images, *predictions_rows(predictions, list(rows)))
+    elif rows:
+        raise click.UsageError("--row N names a row of a predictions file: add --predictions OUT")
+    if not images:
+        raise click.UsageError("name an IMAGE (a file, a URL, or a SHARD/KEY row), or --predictions OUT --row N")
+    spec = ScorerSpec(top_k=5, **{k_: v for k_, v in given.items() if k_ != "gap_threshold"})
     try:
         spec.check()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     loaded, bad = [], []
-    for path in images:  # every file is read before the model loads: a bad one is named, the rest explained
+    for path in images:  # every image is read before the model loads: a bad one is named, the rest explained
         try:
-            loaded.append((path, load_image(path)))
+            loaded.append((path, decode_image_bytes(row_bytes(path, cwd))))
         except ImageDecodeError as exc:
             bad.append((path, str(exc)))
     results = []
     if loaded:
         index = TextIndex.open(index_dir, device=device)
         index.require_model(model, pretrained)
+        if record is not None and record.provenance.get("index", {}).get("index_id") not in (None, index.index_id):
+            raise click.UsageError(f"{predictions} was classified against another index than {index_dir}: explain "
+                                   "its rows with that index (--index)")
         spec = replace(spec, top_k=min(5, len(index.class_names())),
-                       gap_threshold=resolve_gap_threshold(gap_threshold, index))
+                       gap_threshold=resolve_gap_threshold(given["gap_threshold"], index))
         scorer = build_scorer(index, spec, note=lambda m: click.echo(m, err=True))
         emb = index.encoder.encode_images([im for _, im in loaded])
-        if scorer.two_pass:
-            scorer.prepare(emb, {})
+        if scorer.two_pass:  # X-MoRe: the run's normalisers when its record has them, else these images'
+            scorer.prepare(emb, record.state if record is not None else {})
         results = index.explain(emb, k=k, scorer=scorer)
         for (path, _), r in zip(loaded, results, strict=True):
             r["path"] = path
@@ -79,6 +107,20 @@ def explain(images: tuple[str, ...], index_dir: str, k: int, zs_method: str, rer
         click.echo(f"cannot read image {path}: {reason}", err=True)
     if bad:
         sys.exit(1)
+
+
+_METHOD_OPTIONS = ("zs_method", "rerank", "gap_threshold", "adapter_dir", "corpus_dir", "retrieve_k")
+
+
+def _refuse_method_options(record) -> None:  # noqa: ANN001 - RunRecord
+    """With --predictions the rows' own method is explained: a method option given too is refused."""
+    ctx = click.get_current_context()
+    given = [name for name in _METHOD_OPTIONS
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        flags = ", ".join("--" + n.replace("zs_", "").replace("_dir", "").replace("_", "-") for n in given)
+        raise click.UsageError(f"the rows of --predictions were made by {record.method} (OUT.run.json says how): "
+                               f"leave out {flags}")
 
 
 def _print_explanation(r: dict[str, Any]) -> None:

@@ -201,6 +201,7 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
             listed = walk_images(root, found)
             # Rows name files as FOLDER/relative so that one --out reused for another folder cannot collide.
             prefix = Path(os.path.normpath(folder)).as_posix().rstrip("/") + "/"
+        run.record_inputs(_inputs_of(folder, root))
         done = run.done_paths()
         if stream is not None:  # what OUT holds per shard, and the shards read to their end before
             stream.complete = run.shards_done()
@@ -290,6 +291,22 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
                            run.earlier["rows"] + counts["ok"], run.earlier["errors"] + counts["err"],
                            str(saver.dir) if saver is not None else None, saver.saved if saver is not None else 0,
                            special_kinds(found.special))
+
+
+MAX_RECORDED_SHARDS = 100_000
+
+
+def _inputs_of(folder: Any, root: Path) -> dict[str, Any]:
+    """What the run reads, for its record: explain and serve find each row's image from it."""
+    from coder_index.core.remote import public_url
+
+    cwd = os.getcwd()
+    if isinstance(folder, ListedFiles):
+        return {"cwd": cwd, "kind": "files"}
+    if isinstance(folder, ShardFiles):
+        return {"cwd": cwd, "kind": "shards",
+                "shards": [public_url(s) for s in folder.shards[:MAX_RECORDED_SHARDS]]}
+    return {"cwd": cwd, "kind": "folder", "folders": [os.path.abspath(root)]}
 
 
 def special_kinds(special: list[tuple[str, str]]) -> dict[str, int]:

@@ -5,7 +5,9 @@
                       differ by their extension never share it)
     OUT.run.json      provenance: index (id, text generation, recipe), model, method, top-k, and the
                       rerank / adapter / corpus settings; plus state a resumed run must reuse (the
-                      X-MoRe normalisers)
+                      X-MoRe normalisers); and inputs: what each run read (its working directory,
+                      the folder or the shards' public names), so that explain and serve find
+                      every row's image without a guess
     OUT.lock          held while a run writes (pid and command inside)
     OUT.shards-done   streamed shards (remote or compressed) read to their end, one public name per
                       line, each written after the rows of its samples: a resumed run does not open
@@ -87,6 +89,7 @@ class OutputRun:
         self.provenance = {"format": FORMAT, "version": 1, **provenance}
         self.overwrite = overwrite
         self.state: dict[str, Any] = {}
+        self.inputs: list[dict[str, Any]] = []
         self._lock = FileLock(lock_path(self.out), f"--out {self.out}", remove=True)
         self.results: ResultWriter | None = None
         self.errors: ErrorWriter | None = None
@@ -132,6 +135,7 @@ class OutputRun:
                     f"{self.out} holds rows made with other settings ({'; '.join(diff[:6])}). Resuming would mix "
                     "them: rerun with --overwrite to start afresh, or choose another --out to keep both")
             self.state = saved.get("state", {})
+            self.inputs = [i for i in saved.get("inputs", []) if isinstance(i, dict)]
         elif holding:
             what = " and ".join(str(p) for p in holding)
             raise InputFormatError(f"{what} {'hold' if len(holding) > 1 else 'holds'} rows of an unknown run (no "
@@ -154,7 +158,15 @@ class OutputRun:
             legacy.rename(err)
 
     def _save(self) -> None:
-        atomic_write_json(sidecar_path(self.out), {"provenance": self.provenance, "state": self.state})
+        atomic_write_json(sidecar_path(self.out), {"provenance": self.provenance, "state": self.state,
+                                                   "inputs": self.inputs})
+
+    def record_inputs(self, inputs: dict[str, Any]) -> None:
+        """Note what this run reads (a resumed run from elsewhere adds its own), before any row."""
+        if inputs not in self.inputs:
+            self.inputs.append(inputs)
+            with translate_disk_full(self.out):
+                self._save()
 
     def save_state(self, **state: Any) -> None:
         """Persist what a resumed run must reuse (e.g. X-MoRe's normalisers)."""

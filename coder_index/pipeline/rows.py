@@ -1,0 +1,212 @@
+"""A row of a predictions file, back to what made it: the image's bytes and the method's settings.
+
+``classify`` names each row after what it read: ``FOLDER/relative/path``, a listed file as given, a
+URL, or ``SHARD/KEY`` for a webdataset sample (the shard a local path, a URL or a ``.tar.gz``). The run
+record (``OUT.run.json``) holds the settings that made the rows, the state a method kept (X-MoRe's
+normalisers) and, since 0.4, what classify read and from which working directory (``inputs``).
+
+``explain --predictions OUT --row N`` and ``serve --predictions OUT`` read images through here, so that
+every row can be explained and shown, whatever classify read. A row is data: a ``pipe:`` command
+named by a row is never run (a predictions file may come from anyone).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coder_index.core.decode import ImageDecodeError
+from coder_index.core.errors import InputFormatError
+from coder_index.core.remote import RemoteError, fetch_bytes, is_remote, is_url, local_path
+from coder_index.pipeline.output import errors_path_for
+from coder_index.pipeline.runrecord import sidecar_path
+from coder_index.pipeline.shards import is_shard_name, split_key
+
+MAX_IMAGE_BYTES = 256 << 20
+
+
+@dataclass
+class RunRecord:
+    """What ``OUT.run.json`` says: the settings that made the rows, a method's saved state, and the
+    inputs classify read (working directory, kind, folders or shards), when it recorded them."""
+
+    out: Path
+    provenance: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, out: str | Path) -> RunRecord:
+        out = Path(out)
+        side = sidecar_path(out)
+        try:
+            data = json.loads(side.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputFormatError(f"{side} does not exist: --predictions takes a file `coder-index classify` "
+                                   "wrote (its run record lies beside it)") from None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise InputFormatError(f"{side} is damaged ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("provenance"), dict):
+            raise InputFormatError(f"{side} is not a coder-index run record")
+        inputs = data.get("inputs") if isinstance(data.get("inputs"), list) else []
+        return cls(out, data["provenance"], data.get("state") or {}, [i for i in inputs if isinstance(i, dict)])
+
+    @property
+    def method(self) -> str:
+        return str(self.provenance.get("method", "coder"))
+
+    def spec(self) -> dict[str, Any]:
+        """The ``ScorerSpec`` fields of the method that made the rows."""
+        p = self.provenance
+        out: dict[str, Any] = {"method": "coder"}
+        m = self.method
+        if m == "coder*":
+            out["rerank"] = True
+            out["gap_threshold"] = (p.get("rerank") or {}).get("gap_threshold")
+        elif m == "coder-adapter":
+            out["adapter"] = (p.get("adapter") or {}).get("path")
+        elif m in ("xmore", "coder+xmore"):
+            out.update(method=m, corpus=(p.get("corpus") or {}).get("path"), retrieve_k=int(p.get("retrieve_k", 16)))
+        if p.get("candidates"):
+            out["candidates"] = int(p["candidates"])
+        return out
+
+    def working_dirs(self) -> list[Path]:
+        """Where classify ran (rows of listed files and shards are relative to it), newest first."""
+        dirs = [Path(i["cwd"]) for i in reversed(self.inputs) if isinstance(i.get("cwd"), str)]
+        return list(dict.fromkeys(dirs))
+
+    def roots(self) -> list[Path]:
+        """The folders classify read (absolute), for a folder run."""
+        out = []
+        for i in self.inputs:
+            for f in i.get("folders", []) if isinstance(i.get("folders"), list) else []:
+                if isinstance(f, str):
+                    out.append(Path(f))
+        return list(dict.fromkeys(out))
+
+    def shards(self) -> set[str]:
+        """The public names of the shards classify read."""
+        return {s for i in self.inputs for s in (i.get("shards") or []) if isinstance(s, str)}
+
+
+def predictions_rows(out: str | Path, numbers: list[int]) -> list[str]:
+    """The paths of rows ``numbers`` (1-based, in the file's order) of a predictions file."""
+    out = Path(out)
+    wanted = set(numbers)
+    found: dict[int, str] = {}
+    if out.suffix.lower() == ".jsonl":
+        with open(out, encoding="utf-8") as f:
+            n = 0
+            for line in f:
+                if line.strip():
+                    n += 1
+                    if n in wanted:
+                        found[n] = json.loads(line)["path"]
+    else:
+        with open(out, newline="", encoding="utf-8") as f:
+            for n, row in enumerate(csv.DictReader(f), 1):
+                if n in wanted:
+                    found[n] = row["path"]
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise InputFormatError(f"{out} has no row {missing[0]} (rows are numbered from 1; it holds "
+                               f"{_count_rows(out)})")
+    return [found[n] for n in numbers]
+
+
+def _count_rows(out: Path) -> int:
+    with open(out, encoding="utf-8") as f:
+        return sum(1 for ln in f if ln.strip()) - (0 if out.suffix.lower() == ".jsonl" else 1)
+
+
+def split_shard_row(row: str) -> tuple[str, str] | None:
+    """(shard, key) of a ``SHARD/KEY`` row: the shard is the longest prefix named like a shard."""
+    at = len(row)
+    while (at := row.rfind("/", 0, at)) > 0:
+        shard = row[:at]
+        base = shard.split("?", 1)[0]
+        if is_shard_name(base):
+            return shard, row[at + 1:]
+    return None
+
+
+def row_bytes(row: str, cwd: Path | None = None) -> bytes:
+    """The image bytes of a row (a file, a URL, or a shard's sample), or ``ImageDecodeError`` naming
+    why not. ``cwd``: the directory classify ran in (relative rows are relative to it)."""
+    from coder_index.core.untrusted import NotARegularFile, open_regular_file
+
+    if row.startswith("pipe:"):
+        raise ImageDecodeError("read from a pipe: command, which is never run again from a row (a predictions "
+                               "file is data); classify the image as a file to explain it")
+    if is_url(row) and not split_shard_row(row):
+        try:
+            return fetch_bytes(row, max_bytes=MAX_IMAGE_BYTES)
+        except RemoteError as exc:
+            raise ImageDecodeError(str(exc)) from None
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    path = Path(local_path(row))
+    full = path if path.is_absolute() else base / path
+    if os.path.lexists(full) or not split_shard_row(row):
+        try:
+            with open_regular_file(full) as f:
+                return f.read(MAX_IMAGE_BYTES + 1)
+        except (NotARegularFile, IsADirectoryError):
+            raise ImageDecodeError("not a regular file") from None
+        except FileNotFoundError:
+            raise ImageDecodeError("file not found (moved or deleted since it was classified?)") from None
+        except OSError as exc:
+            raise ImageDecodeError(f"could not be read: {exc.strerror or exc}") from None
+    shard, key = split_shard_row(row)  # type: ignore[misc]
+    if shard.startswith("pipe:"):
+        raise ImageDecodeError("read from a pipe: command, which is never run again from a row")
+    if not is_remote(shard):
+        shard_path = Path(local_path(shard))
+        shard = str(shard_path if shard_path.is_absolute() else base / shard_path)
+    return sample_bytes(shard, key)
+
+
+def sample_bytes(shard: str, key: str) -> bytes:
+    """The image of sample ``key`` of a shard (local, compressed or by URL), read up to it."""
+    from coder_index.pipeline.shard_stream import stream_events
+
+    if not is_remote(shard) and not shard.lower().endswith((".tar.gz", ".tgz")):
+        return _local_member(shard, key)
+    for event in stream_events(shard):
+        if event.kind == "sample" and event.sample is not None and event.sample.key == key:
+            return event.sample.data or b""
+        if event.kind == "fatal":
+            raise ImageDecodeError(event.reason)
+    raise ImageDecodeError(f"no sample {key} with an image in the shard")
+
+
+def _local_member(shard: str, key: str) -> bytes:
+    from coder_index.core.decode import IMAGE_EXTENSIONS
+
+    try:
+        with tarfile.open(shard, mode="r:") as tf:
+            for info in tf:
+                k, ext = split_key(info.name)
+                if k == key and info.isreg() and "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                    f = tf.extractfile(info)
+                    return f.read() if f is not None else b""
+    except FileNotFoundError:
+        raise ImageDecodeError("the shard does not exist any more") from None
+    except (tarfile.TarError, OSError) as exc:
+        raise ImageDecodeError(f"the shard cannot be read ({exc})") from None
+    raise ImageDecodeError(f"no sample {key} with an image in the shard")
+
+
+def errors_of(out: str | Path) -> dict[str, str]:
+    """The rows of ``OUT.errors.csv`` (path -> reason)."""
+    p = errors_path_for(Path(out))
+    if not p.is_file():
+        return {}
+    with open(p, newline="", encoding="utf-8") as f:
+        return {r["path"]: r["error"] for r in csv.DictReader(io.StringIO(f.read()))}
