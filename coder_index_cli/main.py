@@ -34,7 +34,7 @@ def cli(verbose: bool) -> None:
           --model ViT-B-32 --pretrained openai
       coder-index classify photos/ --index my-index --out predictions.csv
       coder-index explain photos/cat.jpg --index my-index -k 10
-      coder-index serve my-index --predictions predictions.csv --images-root .
+      coder-index serve my-index --predictions predictions.csv
       coder-index info my-index
     """
     setup_logging(verbose)

@@ -23,8 +23,9 @@ def register(cli: click.Group) -> None:
     @click.option("--predictions", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="A classify output (.csv or .jsonl) to browse on the page; read again as it grows.")
     @click.option("--images-root", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
-                  help="The folder the --predictions paths are relative to (where classify ran). Only images the "
-                       "file lists, inside this folder, are served.")
+                  help="Serve --predictions' images from this folder (its paths relative to it, nothing outside it) "
+                       "instead of what the run record says classify read: for a file an older classify wrote, or "
+                       "images moved since.")
     @click.option("--report", "report_dir", default=None,
                   type=click.Path(exists=True, file_okay=False, path_type=Path),
                   help="An `eval --out` folder: its per-class accuracy, confusions and t-SNE figure on the page.")
@@ -61,7 +62,8 @@ def register(cli: click.Group) -> None:
         \b
         Examples:
           coder-index serve pets-index
-          coder-index serve pets-index --predictions preds.csv --images-root .
+          coder-index serve pets-index --predictions preds.csv
+          coder-index serve in1k --predictions laion.csv          # shard rows too, in place or by URL
           coder-index serve in1k --rerank --report eval-out/ --port 8080
           coder-index serve pets-index --corpus my-corpus --method coder+xmore
           curl -F files=@cat.jpg http://127.0.0.1:8000/api/classify

@@ -99,6 +99,8 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
     config.check()
     service = ModelService(config, note=note)
     preds = None if config.predictions is None else PredictionsFile(config.predictions, config.images_root)
+    if preds is not None and note is not None and (why := preds.servable()):
+        note(f"warning: {why}")  # once, at start
     # decoded pixels in flight across every request: one image at the pixel limit, or several smaller
     budget = PixelBudget(config.max_pixels)
     thumbnails = _ThumbnailCache()
@@ -166,7 +168,7 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
 
     def need_predictions() -> PredictionsFile:
         if preds is None:
-            raise HTTPException(404, "no predictions file is served: start with --predictions FILE --images-root DIR")
+            raise HTTPException(404, "no predictions file is served: start with --predictions FILE")
         return preds
 
     @app.get("/api/predictions/summary", summary="Rows, labels with their counts, methods of the predictions file")
@@ -221,8 +223,13 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size must be one of {THUMB_SIZES}")
         fh, _ = await run_in_threadpool(open_listed, path, row)
-        ident = identify_open(fh.fileno())  # None for a file changed just now: never cached
-        key = (ident.as_tuple(), size) if ident is not None else None
+        if hasattr(fh, "getbuffer"):  # a shard's sample (bytes in memory): keyed by the row and its bytes
+            import hashlib
+
+            key = (("sample", path or str(row), hashlib.sha1(fh.getbuffer()).hexdigest()), size)
+        else:
+            ident = identify_open(fh.fileno())  # None for a file changed just now: never cached
+            key = (ident.as_tuple(), size) if ident is not None else None
         data = thumbnails.get(key) if key is not None else None
         if data is None:
             data = await run_in_threadpool(decoded, lambda f: _jpeg(decode_thumbnail(f, size, config.max_pixels)), fh)

@@ -43,9 +43,6 @@ class ServeConfig:
         return self.max_files * self.max_file_bytes + 1024 * 1024
 
     def check(self) -> None:
-        if self.predictions is not None and self.images_root is None:
-            raise ValueError("--predictions needs --images-root DIR: the folder its paths are relative to (the "
-                             "directory classify ran in), e.g. --images-root .")
         if self.images_root is not None and self.predictions is None:
             raise ValueError("--images-root serves the images of a predictions file: add --predictions FILE")
         if self.images_root is not None and not Path(self.images_root).is_dir():

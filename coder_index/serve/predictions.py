@@ -4,11 +4,14 @@ The file is read once into arrays (labels as ids, scores as a matrix) and then o
 records as it grows (a classify run still writing to it); a file that shrank or was replaced is read
 afresh. Filters and sorting are array operations over all rows.
 
-Images are served only for paths the file lists, and only when the file actually opened lies inside
-``images_root``: the image is opened once, and the real path of the opened descriptor is checked
-(not the name before opening), so ``../``, absolute paths elsewhere, links out of the root and a
-folder swapped for such a link while a request runs are all refused, and what was checked is what
-is read.
+Images are served only for paths the file lists, and only when they lie inside the inputs classify
+read: the folder it classified, the directory it ran in for listed files, the shards it streamed
+(``OUT.run.json`` records them), or ``images_root`` when one is given (it narrows, or replaces a
+record an older classify did not write). A file is opened once, and the real path of the opened
+descriptor is checked (not the name before opening), so ``../``, absolute paths elsewhere, links out
+of the root and a folder swapped for such a link while a request runs are all refused, and what was
+checked is what is read. A row ``SHARD/KEY`` is served from its shard when that shard is one classify
+read (in place, compressed or by URL); a ``pipe:`` row is never run.
 
 Every state of the predictions file is an answer, never a server error: rows that are not
 predictions (a garbage line appended) are skipped and counted (``bad_lines``); a file deleted,
@@ -50,9 +53,29 @@ class Page:
 
 
 class PredictionsFile:
-    def __init__(self, path: Path, images_root: Path) -> None:
+    def __init__(self, path: Path, images_root: Path | None = None) -> None:
+        from coder_index.pipeline.rows import RunRecord
+
         self.path = Path(path)
-        self.root = os.path.realpath(images_root)
+        try:
+            self.record: Any = RunRecord.load(self.path)
+        except InputFormatError:
+            self.record = None
+        dirs = self.record.working_dirs() if self.record is not None else []
+        if images_root is not None:  # rows relative to it, and nothing outside it
+            self.base = os.path.realpath(images_root)
+            self.roots = [self.base]
+        elif dirs:  # where classify ran: relative rows name files from there
+            self.base = os.path.realpath(dirs[0])
+            folders = [os.path.realpath(f) for f in self.record.roots()]
+            kinds = {i.get("kind") for i in self.record.inputs}
+            self.roots = folders + ([self.base] if "files" in kinds else [])  # listed files: from where it ran
+        else:
+            self.base = os.path.realpath(self.path.parent)
+            self.roots = []
+        self.root = self.base  # (older name)
+        self.shards = self.record.shards() if self.record is not None else set()
+        self._samples: Any = None
         self.format = self.path.suffix.lower().lstrip(".")
         if self.format not in ("csv", "jsonl"):
             raise InputFormatError(f"--predictions {self.path}: a classify output (.csv or .jsonl) is expected")
@@ -263,27 +286,149 @@ class PredictionsFile:
                 raise NotListed(listed)
             return listed
 
+    def servable(self) -> str | None:
+        """None when rows can be served; else why not, with the fix (said once, at start)."""
+        if not self.roots and not self.shards:
+            return (f"{self.path}'s run record says nothing of what classify read (an older classify wrote it): "
+                    "pass --images-root DIR, the directory classify ran in, to show its images")
+        if not self.paths:
+            return None
+        try:
+            f, _ = self.open_image(row=0)
+            f.close()
+        except OutsideRoot:
+            return (f"the rows of {self.path} (e.g. {self.paths[0]}) lie outside what classify read "
+                    f"({', '.join(self.roots) or 'no folder'}): their images are not shown; pass --images-root DIR "
+                    "(the directory classify ran in) if they were moved")
+        except Exception as exc:  # a missing file: others may still be there
+            return f"the first row's image cannot be read ({exc}); rows whose images are gone show no thumbnail"
+        return None
+
     def open_image(self, listed: str | None = None, row: int | None = None) -> tuple[Any, str]:
-        """(open binary file, path as listed) of a listed image that lies inside the root. The file is
-        opened once, then the real path of the opened descriptor is checked against the root: a link
-        or folder swapped in between cannot make it read anything else. NotListed / OutsideRoot
+        """(open binary file, path as listed) of a listed image that lies inside the inputs classify
+        read. A file is opened once, then the real path of the opened descriptor is checked against
+        the roots: a link or folder swapped in between cannot make it read anything else. A shard's
+        sample comes from its shard, when classify read that shard. NotListed / OutsideRoot
         otherwise; OSError (missing, unreadable) and NotARegularFile pass through."""
         listed = self.listed_path(listed, row)
-        full = listed if os.path.isabs(listed) else os.path.join(self.root, listed)
-        if not os.path.isabs(listed) and os.path.commonpath([os.path.normpath(full), self.root]) != self.root:
-            raise OutsideRoot(listed)  # '..' leads out of the root by its letters alone: nothing is opened
+        sample = self._shard_sample(listed)
+        if sample is not None:
+            return sample, listed
+        if "://" in listed or listed.startswith("pipe:") or not self.roots:
+            raise OutsideRoot(listed)  # a URL or a command named by a row is never fetched or run
+        full = listed if os.path.isabs(listed) else os.path.join(self.base, listed)
+        if not any(_inside(os.path.normpath(full), r) for r in self.roots):
+            raise OutsideRoot(listed)  # '..' leads out of the roots by its letters alone: nothing is opened
         try:
             f = open_regular_file(full)
         except ValueError:  # an embedded NUL byte
             raise OutsideRoot(listed) from None
         try:
             real = _real_path_of(f.fileno(), full)
-            if real is None or os.path.commonpath([real, self.root]) != self.root:
+            if real is None or not any(_inside(real, r) for r in self.roots):
                 raise OutsideRoot(listed)
         except BaseException:
             f.close()
             raise
         return f, listed
+
+    def _shard_sample(self, listed: str) -> Any:
+        """A BytesIO of the sample ``SHARD/KEY`` when its shard is one classify read, else None."""
+        from coder_index.pipeline.rows import split_shard_row
+
+        found = split_shard_row(listed)
+        if found is None or found[0] not in self.shards:
+            return None
+        shard, key = found
+        if shard.startswith("pipe:"):
+            raise OutsideRoot(listed)
+        if self._samples is None:
+            self._samples = _SampleCache(self.base)
+        return io.BytesIO(self._samples.get(shard, key))
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:
+        return False
+
+
+class _SampleCache:
+    """Samples of the shards served: a local tar's members by offset (its table read once), a
+    streamed shard's images kept as they pass, within a byte budget, so that a page of thumbnails
+    from one shard does not read it once per image."""
+
+    BUDGET = 128 << 20
+
+    def __init__(self, base: str) -> None:
+        import collections
+
+        self.base = base
+        self.tables: collections.OrderedDict[str, dict[str, tuple[int, int]]] = collections.OrderedDict()
+        self.images: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, shard: str, key: str) -> bytes:
+        from coder_index.core.decode import ImageDecodeError
+        from coder_index.core.remote import is_remote
+        from coder_index.pipeline.shards import split_key
+
+        path = shard if is_remote(shard) or os.path.isabs(shard) else os.path.join(self.base, shard)
+        with self.lock:
+            if (shard, key) in self.images:
+                self.images.move_to_end((shard, key))
+                return self.images[(shard, key)]
+        if not is_remote(path) and not path.lower().endswith((".tar.gz", ".tgz")):
+            table = self._table(path, split_key)
+            if key not in table:
+                raise ImageDecodeError(f"no sample {key} with an image in the shard")
+            offset, size = table[key]
+            with open_regular_file(path) as f:
+                f.seek(offset)
+                return f.read(size)
+        from coder_index.pipeline.shard_stream import stream_events
+
+        wanted = None
+        for event in stream_events(path):
+            if event.kind == "sample" and event.sample is not None:
+                data = event.sample.data or b""
+                self._keep((shard, event.sample.key), data)
+                if event.sample.key == key:
+                    wanted = data
+        if wanted is None:
+            raise ImageDecodeError(f"no sample {key} with an image in the shard")
+        return wanted
+
+    def _keep(self, k: tuple[str, str], data: bytes) -> None:
+        with self.lock:
+            self.images[k] = data
+            self.size += len(data)
+            while self.size > self.BUDGET and self.images:
+                _, old = self.images.popitem(last=False)
+                self.size -= len(old)
+
+    def _table(self, path: str, split_key: Any) -> dict[str, tuple[int, int]]:
+        import tarfile
+
+        from coder_index.core.decode import IMAGE_EXTENSIONS
+
+        with self.lock:
+            if path in self.tables:
+                self.tables.move_to_end(path)
+                return self.tables[path]
+        table: dict[str, tuple[int, int]] = {}
+        with tarfile.open(path, mode="r:") as tf:
+            for info in tf:
+                k, ext = split_key(info.name)
+                if info.isreg() and "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS and k not in table:
+                    table[k] = (info.offset_data, info.size)
+        with self.lock:
+            self.tables[path] = table
+            while len(self.tables) > 16:
+                self.tables.popitem(last=False)
+        return table
 
 
 def _real_path_of(fd: int, opened: str) -> str | None:
