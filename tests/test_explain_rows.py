@@ -155,3 +155,21 @@ def test_shard_url_and_listed_rows_are_explained(env, tmp_path, monkeypatch):
             # a row named directly (SHARD/KEY, a URL, a file) is explained as well
             res = run("explain", rows[0]["path"], "--index", env / "idx", "--predictions", out, "--json")
             assert json.loads(res.stdout)[0]["prediction"] == rows[0]["label"], name
+
+
+def test_coder_star_rows_show_what_decided_them(env, tmp_path, monkeypatch):
+    """A CODER* row's label is its visible winner (its score the highest: the rerank's probability),
+    and CODER's own first class and probability are given beside it, named stage1_label/stage1_score."""
+    monkeypatch.chdir(env)
+    star, plain = tmp_path / "star.csv", tmp_path / "plain.csv"
+    run("classify", "images", "--index", "idx", "--out", star, "--workers", "0", "--rerank", "--llm", "none", "-q")
+    run("classify", "images", "--index", "idx", "--out", plain, "--workers", "0", "-q")
+    header = star.read_text().splitlines()[0]
+    assert header.startswith('"path","label","score","method","stage1_label","stage1_score","label_2"')
+    assert "stage1" not in plain.read_text().splitlines()[0]  # only CODER* rows carry them
+    stage1 = {r["path"]: r for r in rows_of(plain)}
+    for r in rows_of(star):
+        labels, scores = csv_ranking(r)
+        assert scores == sorted(scores, reverse=True), r  # bars follow the rerank
+        assert r["stage1_label"] == stage1[r["path"]]["label"]
+        assert abs(float(r["stage1_score"]) - float(stage1[r["path"]]["score"])) <= SCORE_ATOL

@@ -179,3 +179,56 @@ def test_ties_at_the_top5_cut_follow_torch_topk_under_ties_torch():
     assert found >= 5
     with pytest.raises(ValueError, match="ties must be"):
         rerank(x, o, pairs, top=5, ties="random")
+
+
+def reference_totals(x, logits, pair_texts, top=5):
+    """Per image: its top classes (stage-1 order) and each one's summed pair scores, straight from
+    METHODS.md §4; None where no candidate pair has texts."""
+    out = []
+    for n in range(len(x)):
+        xn = x[n] / np.linalg.norm(x[n])
+        order = sorted(range(logits.shape[1]), key=lambda c: (-logits[n, c], c))[:top]
+        totals, evidence = [], False
+        for a in order:
+            total = 0.0
+            for b in order:
+                tab, tba = pair_texts.get((a, b)), pair_texts.get((b, a))
+                if a == b or tab is None or tba is None or len(tab) == 0 or len(tba) == 0:
+                    continue
+                evidence = True
+                tab = tab / np.linalg.norm(tab, axis=1, keepdims=True)
+                tba = tba / np.linalg.norm(tba, axis=1, keepdims=True)
+                total += np.mean(tab @ xn) - np.mean(tba @ xn)
+            totals.append(total)
+        out.append((order, np.array(totals) if evidence else None))
+    return out
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_decisions_and_rows_that_follow_them(seed):
+    """rerank_decisions says what decided each image; rerank_rows orders and scores the row by it:
+    the rerank's probability (softmax of 100 x totals) over the candidates, the final class first."""
+    from coder_index.methods.predict import softmax_top_k
+    from coder_index.methods.rerank import rerank_decisions
+    from coder_index.methods.scorers import RERANK_SCALE, rerank_rows
+
+    x, logits, pairs = random_case(seed, missing=0.6)
+    d = rerank_decisions(x, logits, pairs)
+    np.testing.assert_array_equal(d.final, rerank(x, logits, pairs))
+    ids, probs = softmax_top_k(logits, 5)
+    row_ids, row_probs = rerank_rows(ids, probs, d)
+    for n, (order, totals) in enumerate(reference_totals(x, logits, pairs)):
+        assert list(d.candidates[n]) == order
+        assert row_ids[n, 0] == d.final[n]
+        if totals is None:  # stage 1 decided: its order and probabilities
+            assert not d.decided[n]
+            pos = [list(ids[n]).index(c) for c in row_ids[n]]
+            np.testing.assert_array_equal(row_probs[n], probs[n][pos])  # its own probabilities, final first
+            assert sorted(pos[1:]) == pos[1:]                              # the rest in stage-1 order
+            continue
+        np.testing.assert_allclose(d.totals[n], totals, atol=1e-5)
+        z = np.exp(RERANK_SCALE * (totals - totals.max()))
+        expected = dict(zip(order, z / z.sum(), strict=True))
+        assert all(abs(expected[c] - p) < 1e-5 for c, p in zip(row_ids[n], row_probs[n], strict=True))
+        assert list(row_probs[n]) == sorted(row_probs[n], reverse=True)  # the bars follow the rerank
+    assert d.decided.any() and (~d.decided).any()  # both kinds of rows were checked

@@ -66,17 +66,22 @@ class ClassifyWorker:
         errors = np.array([""] * len(paths), dtype=object)
         row = {p: i for i, p in enumerate(paths)}
         vectors = np.zeros((len(paths), self.index.dim if self.embeddings else 0), np.float32)
+        s1_ids, s1_scores = np.full(len(paths), -1, np.int64), np.zeros(len(paths))
         if loaded.pixels is not None:
             emb = self.index.encoder.encode_image_batch(loaded.pixels)
-            i, s = self.scorer(emb)
+            scored = self.scorer(emb)
+            i, s = scored
             at = [row[p] for p in loaded.paths]
             ids[at, : i.shape[1]] = i
             scores[at, : s.shape[1]] = s
+            if getattr(scored, "stage1", None) is not None:  # CODER*: stage 1's first class travels too
+                s1_ids[at], s1_scores[at] = scored.stage1
             if self.embeddings:
                 vectors[at] = emb
         for p, reason in loaded.errors:
             errors[row[p]] = reason
-        out = {"path": np.array(paths, dtype=object), "error": errors, "ids": ids, "scores": scores}
+        out = {"path": np.array(paths, dtype=object), "error": errors, "ids": ids, "scores": scores,
+               "s1_ids": s1_ids, "s1_scores": s1_scores}
         if self.embeddings:
             out["emb"] = vectors
         return out
@@ -102,6 +107,8 @@ class ShardWorker(ClassifyWorker):
         kinds: list[str] = []
         reasons: list[str] = []
         sidecars: list[str] = []  # a sample's key, caption and JSON, for --save-embeddings' metadata
+        s1_ids: list[np.ndarray] = []
+        s1_scores: list[np.ndarray] = []
         id_rows: list[np.ndarray] = []
         score_rows: list[np.ndarray] = []
         emb_rows: list[np.ndarray] = []
@@ -112,7 +119,11 @@ class ShardWorker(ClassifyWorker):
                 crash_once("ray.worker.batch")  # tests: a worker killed with a shard in hand
                 if fed.pixels is not None:
                     emb = self.index.encoder.encode_image_batch(fed.pixels)
-                    i, sc = self.scorer(emb)
+                    scored = self.scorer(emb)
+                    i, sc = scored
+                    stage1 = getattr(scored, "stage1", None) or (np.full(len(i), -1), np.zeros(len(i)))
+                    s1_ids.append(np.asarray(stage1[0], np.int64))
+                    s1_scores.append(np.asarray(stage1[1], np.float64))
                     paths += [str(p) for p in fed.paths]
                     kinds += ["row"] * len(fed.paths)
                     reasons += [""] * len(fed.paths)
@@ -125,6 +136,8 @@ class ShardWorker(ClassifyWorker):
                     kinds.append("error")
                     reasons.append(reason)
                     sidecars.append("null")
+                    s1_ids.append(np.full(1, -1, np.int64))
+                    s1_scores.append(np.zeros(1))
                     id_rows.append(np.full((1, k), -1, np.int64))
                     score_rows.append(np.zeros((1, k)))
                     emb_rows.append(np.zeros((1, dim), np.float32))
@@ -133,13 +146,17 @@ class ShardWorker(ClassifyWorker):
                     kinds.append("done")
                     reasons.append(json.dumps(counts))
                     sidecars.append("null")
+                    s1_ids.append(np.full(1, -1, np.int64))
+                    s1_scores.append(np.zeros(1))
                     id_rows.append(np.full((1, k), -1, np.int64))
                     score_rows.append(np.zeros((1, k)))
                     emb_rows.append(np.zeros((1, dim), np.float32))
         out = {"path": np.array(paths, dtype=object), "kind": np.array(kinds, dtype=object),
                "error": np.array(reasons, dtype=object), "sidecars": np.array(sidecars, dtype=object),
                "ids": np.concatenate(id_rows) if id_rows else np.zeros((0, k), np.int64),
-               "scores": np.concatenate(score_rows) if score_rows else np.zeros((0, k))}
+               "scores": np.concatenate(score_rows) if score_rows else np.zeros((0, k)),
+               "s1_ids": np.concatenate(s1_ids) if s1_ids else np.zeros(0, np.int64),
+               "s1_scores": np.concatenate(s1_scores) if s1_scores else np.zeros(0)}
         if self.embeddings:
             out["emb"] = np.concatenate(emb_rows) if emb_rows else np.zeros((0, dim), np.float32)
         return out
@@ -288,7 +305,9 @@ def _write_batch(out: dict[str, np.ndarray], seen: set[str], write: Callable, wr
         k = int((out["ids"][ok] >= 0).sum(axis=1).min())
         chosen = [(by_path or {}).get(p, p) for p, g in zip(paths, ok, strict=True) if g]
         emb = out["emb"][ok] if "emb" in out else None
-        write(chosen, out["ids"][ok][:, :k], out["scores"][ok][:, :k], emb)
+        stage1 = (out["s1_ids"][ok], out["s1_scores"][ok]) if "s1_ids" in out and (out["s1_ids"][ok] >= 0).any() \
+            else None
+        write(chosen, out["ids"][ok][:, :k], out["scores"][ok][:, :k], emb, (), stage1)
     bad = fresh & failed
     if bad.any():
         write_errors([(p, str(e)) for p, e, b in zip(paths, out["error"], bad, strict=True) if b])

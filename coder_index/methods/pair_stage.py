@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coder_index.methods.predict import top_k
-from coder_index.methods.rerank import rerank
+from coder_index.methods.rerank import RerankDecision, rerank_decisions
 from coder_index.stores import pairs as pair_store
 
 if TYPE_CHECKING:
@@ -78,10 +78,14 @@ class PairReranker:
         self.stats.pairs_without_texts += len(missing) - len(got)
 
     def __call__(self, image_emb: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        return self.decide(image_emb, logits).final
+
+    def decide(self, image_emb: np.ndarray, logits: np.ndarray) -> RerankDecision:
+        """The final classes and what decided them (``rerank.RerankDecision``)."""
         pairs = top_pairs(logits, self.top, self.ties)
         self.ensure_pairs(pairs)
-        return rerank(image_emb, logits, pair_store.pair_table(self.index, pairs), top=self.top,
-                      gap_threshold=self.gap_threshold, ties=self.ties)
+        return rerank_decisions(image_emb, logits, pair_store.pair_table(self.index, pairs), top=self.top,
+                                gap_threshold=self.gap_threshold, ties=self.ties)
 
     def summary(self) -> str:
         s = self.stats

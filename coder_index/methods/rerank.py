@@ -13,6 +13,7 @@ images. The released code loops per image and per pair in Python.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,9 +25,25 @@ from coder_index.model.compute import exact_float32, on_device
 from coder_index.stores.pairs import PairTable
 
 
+@dataclass
+class RerankDecision:
+    """What the rerank decided, per image: the ``final`` class, the stage-1 ``candidates`` it chose
+    among (stage-1 order), and each candidate's ``totals`` (the summed pair scores it won), NaN for an
+    image the rerank did not decide (gated out, or no pair texts among its candidates: stage 1 did)."""
+
+    final: np.ndarray        # [N] class ids
+    candidates: np.ndarray   # [N, t] class ids, stage-1 order
+    totals: np.ndarray       # [N, t] float64, NaN rows: not decided by the rerank
+
+    @property
+    def decided(self) -> np.ndarray:
+        return ~np.isnan(self.totals).any(axis=1)
+
+
 def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any] | PairTable, top: int = 5,
            gap_threshold: float | None = None, *, chunk: int = 1024, ties: str = "index") -> np.ndarray:
-    """Final class id per image after the one-to-one rerank of its ``top`` stage-1 classes.
+    """Final class id per image after the one-to-one rerank of its ``top`` stage-1 classes (see
+    ``rerank_decisions`` for what decided it).
 
     ``pair_texts[(a, b)]`` are ``[K_ab, D]`` embeddings of texts describing class a as different from
     class b (or a ``PairTable`` of them, as ``TextIndex.pair_table`` gives). With ``gap_threshold``
@@ -42,6 +59,13 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     candidates and for images not reranked: ``index`` (lower class id first) or ``torch``
     (``torch.topk``'s order, as the released code; the ``cvpr24`` preset).
     """
+    return rerank_decisions(image_emb, logits, pair_texts, top, gap_threshold, chunk=chunk, ties=ties).final
+
+
+def rerank_decisions(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any] | PairTable,
+                     top: int = 5, gap_threshold: float | None = None, *, chunk: int = 1024,
+                     ties: str = "index") -> RerankDecision:
+    """``rerank``, with what decided each image (``RerankDecision``): the same final classes."""
     o = _logits_tensor(logits)
     dev = o.device
     x = l2_normalize(as_float_matrix(image_emb, "image_emb"), "image_emb")
@@ -63,8 +87,9 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
     if gap_threshold is not None and c > 1:
         todo = np.flatnonzero(top2_gap(o) < gap_threshold)
     t = idx.shape[1]
+    totals_out = np.full((n, t), np.nan)
     if t < 2 or len(table.keys) == 0 or todo.size == 0:
-        return final
+        return RerankDecision(final, idx, totals_out)
     x_dev, (_, diff) = on_device(x, dev), table.on(dev)
     idx_dev = torch.from_numpy(idx).to(dev)
     ii_np, jj_np = np.triu_indices(t, k=1)  # the t(t-1)/2 unordered pairs of top positions, i < j
@@ -85,8 +110,13 @@ def rerank(image_emb: Any, logits: Any, pair_texts: Mapping[tuple[int, int], Any
         totals = pair_scores.sum(dim=2)
         best = _first_argmax(totals)                     # first max = stage-1 order
         picked[start:start + len(rows)] = cand.gather(1, best[:, None])[:, 0]
+        # an image none of whose candidate pairs has texts was not decided by the rerank (all ties)
+        evidence = valid.any(dim=1).cpu().numpy()
+        block = totals.cpu().numpy()
+        block[~evidence] = np.nan
+        totals_out[todo[start:start + len(rows)]] = block
     final[todo] = picked.cpu().numpy()
-    return final
+    return RerankDecision(final, idx, totals_out)
 
 
 def _first_argmax(totals: torch.Tensor) -> torch.Tensor:

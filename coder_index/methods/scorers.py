@@ -23,6 +23,49 @@ if TYPE_CHECKING:
     from coder_index.stores.text_index import TextStore
 
 
+class Scored(tuple):
+    """A scorer's rows: ``(ids, scores)``, best first (it unpacks as that pair), and for CODER* rows
+    ``stage1``: the class CODER's stage 1 ranked first and its probability, per row (what the rerank
+    started from, shown beside what decided)."""
+
+    stage1: tuple[np.ndarray, np.ndarray] | None
+
+    def __new__(cls, ids: np.ndarray, scores: np.ndarray, stage1: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> Scored:
+        self = super().__new__(cls, (ids, scores))
+        self.stage1 = stage1
+        return self
+
+
+RERANK_SCALE = 100.0  # the rerank's totals (summed differences of cosines) as logits, CLIP's scale
+
+
+def rerank_rows(ids: np.ndarray, probs: np.ndarray, decision: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ordered and scored by what decided them. An image the rerank decided: its candidates by
+    the rerank's probability (softmax of ``RERANK_SCALE`` x each candidate's summed pair scores; the
+    final class first, ties in stage-1 order), then any further class at 0. Others (gated out, or no
+    pair texts): stage 1's order and probabilities, the final class first."""
+    order = _rerank_order(ids, decision.final)
+    ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1).copy()
+    dec = np.flatnonzero(decision.decided)
+    if dec.size == 0:
+        return ids, probs
+    cand = decision.candidates[dec]
+    z = RERANK_SCALE * decision.totals[dec]
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    r = z / z.sum(axis=1, keepdims=True)
+    by = np.argsort(-r, axis=1, kind="stable")  # the final class is the first maximum: first here too
+    cand, r = np.take_along_axis(cand, by, axis=1), np.take_along_axis(r, by, axis=1)
+    rows = ids[dec]
+    outside = ~(rows[:, :, None] == cand[:, None, :]).any(axis=2)        # the row's classes past the candidates
+    t, k = cand.shape[1], rows.shape[1]
+    if k < t or not bool((outside.sum(axis=1) == k - t).all()):
+        return ids, probs  # an exact tie put a candidate past the row's classes: stage 1's rows, final first
+    ids[dec] = np.concatenate([cand, rows[outside].reshape(len(dec), k - t)], axis=1)
+    probs[dec] = np.concatenate([r, np.zeros((len(dec), k - t))], axis=1)
+    return ids, probs
+
+
 class CoderScorer:
     """Stage-1 logits (CODER by default, or ``logits``), softmax, top-k; with ``reranker``, the
     rerank's choice is placed first (``chunk`` images at a time, so that the pair texts missing for
@@ -52,10 +95,16 @@ class CoderScorer:
             return self._with_candidates(emb)
         logits = self.logits(emb)
         ids, probs = softmax_top_k(logits, max(self.top_k, 5 if self.reranker else 1))
-        if self.reranker is not None:
+        if self.reranker is None:
+            return Scored(ids[:, : self.top_k], probs[:, : self.top_k])
+        stage1 = (ids[:, 0].copy(), probs[:, 0].copy())
+        decide = getattr(self.reranker, "decide", None)
+        if decide is not None:  # the rows follow what decided them (rerank_rows)
+            ids, probs = rerank_rows(ids, probs, decide(emb, logits))
+        else:  # a plain function of (emb, logits) -> final classes: its class first, stage-1 scores
             order = _rerank_order(ids, self.reranker(emb, logits))
             ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
-        return ids[:, : self.top_k], probs[:, : self.top_k]
+        return Scored(ids[:, : self.top_k], probs[:, : self.top_k], stage1)
 
     def _with_candidates(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cand, vals = self.candidates.candidate_logits(emb, normalized=True)

@@ -237,12 +237,12 @@ def classify_folder(index: TextIndex, folder: str | Path | ListedFiles | ShardFi
                 counts["err"] += len(rows)
 
         def write(paths: list[str], ids: np.ndarray, scores: np.ndarray, emb: np.ndarray | None = None,
-                  shards_done: list[tuple[str, dict[str, int]]] = ()) -> None:
+                  shards_done: list[tuple[str, dict[str, int]]] = (), stage1: Any = None) -> None:
             row_paths = [prefix + p for p in paths]
             if paths:
                 if saver is not None:  # embeddings first: a kill never leaves a row without its embedding
                     saver.append(row_paths, emb, paths)
-                run.results.write(prediction_rows(row_paths, ids, scores, names, scorer.method))
+                run.results.write(prediction_rows(row_paths, ids, scores, names, scorer.method, stage1))
                 crash_point("classify.rows_written")  # tests: killed with these rows written, the run not done
                 counts["ok"] += len(paths)
                 if saver is not None:
@@ -337,11 +337,17 @@ def special_kinds(special: list[tuple[str, str]]) -> dict[str, int]:
 
 
 def prediction_rows(paths: list[str], ids: np.ndarray, scores: np.ndarray, names: list[str],
-                    method: str) -> list[dict[str, Any]]:
-    """One output row per image (what .jsonl holds; .csv flattens ``top_k``), best class first."""
-    return [{"path": p, "label": names[i[0]], "score": float(s[0]), "method": method,
+                    method: str, stage1: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """One output row per image (what .jsonl holds; .csv flattens ``top_k``), best class first.
+    ``stage1`` (CODER* rows): CODER's own first class and probability per row, kept as ``stage1``."""
+    rows = [{"path": p, "label": names[i[0]], "score": float(s[0]), "method": method,
              "top_k": [{"label": names[c], "score": float(v)} for c, v in zip(i, s, strict=True)]}
             for p, i, s in zip(paths, ids, scores, strict=True)]
+    if stage1 is not None:
+        for row, c, v in zip(rows, stage1[0], stage1[1], strict=True):
+            if c >= 0:
+                row["stage1"] = {"label": names[int(c)], "score": float(v)}
+    return rows
 
 
 def _local_batches(index: TextIndex, root: Path, todo: list[str], batch_size: int, plan: Any,
@@ -379,15 +385,17 @@ def _streaming(scorer: Any, index: TextIndex, root: Path, chunks: Iterator[list[
             done = list(marks)
             buffered.clear()
             marks.clear()
-            ids = scores = None
+            ids = scores = stage1 = None
             if emb is not None:
                 with clock.stage("score"):
-                    ids, scores = scorer(emb)
+                    scored = scorer(emb)
+                ids, scores = scored
+                stage1 = getattr(scored, "stage1", None)  # CODER*: what stage 1 ranked first
             if writer is not None:
-                writer.put(paths, ids, scores, emb, done)
+                writer.put(paths, ids, scores, emb, done, stage1)
             else:
                 with clock.stage("write"):
-                    write(paths, ids, scores, emb, done)
+                    write(paths, ids, scores, emb, done, stage1)
 
     plan_ctx = None
     failed = False

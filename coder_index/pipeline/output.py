@@ -154,7 +154,9 @@ def _csv_writer(buf: io.StringIO) -> Any:
 class ResultWriter(_AppendFile):
     """CSV (``.csv``) or JSON Lines (``.jsonl``) predictions, chosen by the file's extension."""
 
-    def __init__(self, path: str | Path, top_k: int) -> None:
+    def __init__(self, path: str | Path, top_k: int, stage1: bool = False) -> None:
+        """``stage1``: the rows are CODER*'s: two more columns, ``stage1_label`` and ``stage1_score``,
+        CODER's own first class and its probability (what the rerank started from)."""
         super().__init__(Path(path))
         suffix = self.path.suffix.lower()
         if suffix not in (".csv", ".jsonl"):
@@ -162,7 +164,8 @@ class ResultWriter(_AppendFile):
         self.format = suffix[1:]
         self.quoted = self.format == "csv"
         self.top_k = top_k
-        self.header = ["path", "label", "score", "method"] + [
+        self.stage1 = stage1
+        self.header = ["path", "label", "score", "method"] + (["stage1_label", "stage1_score"] if stage1 else []) + [
             f"{c}_{i}" for i in range(2, top_k + 1) for c in ("label", "score")]
 
     def done_paths(self) -> set[str]:
@@ -188,9 +191,10 @@ class ResultWriter(_AppendFile):
             if header is None:
                 return done
             if header != self.header:
+                why = "; CODER* rows have stage1_label and stage1_score since coder-index 0.4" if self.stage1 else ""
                 raise InputFormatError(
                     f"{self.path} exists with columns {header[:6]}..., which do not match this run (--top-k "
-                    f"{self.top_k}); resume with the same options, --overwrite, or choose a new --out")
+                    f"{self.top_k}{why}); resume with the same options, --overwrite, or choose a new --out")
             for row in reader:
                 if row:
                     done.add(row[0])
@@ -209,6 +213,9 @@ class ResultWriter(_AppendFile):
                 w.writerow(self.header)
             for r in rows:
                 flat: list[Any] = [r["path"], r["label"], round(float(r["score"]), 6), r["method"]]
+                if self.stage1:
+                    s1 = r.get("stage1") or {}
+                    flat += [s1.get("label", ""), round(float(s1["score"]), 6) if "score" in s1 else ""]
                 for t in r["top_k"][1:]:
                     flat += [t["label"], round(float(t["score"]), 6)]
                 flat += [""] * (len(self.header) - len(flat))

@@ -143,7 +143,7 @@ class OutputRun:
                                    f"--overwrite to start afresh (it deletes {what}), or choose another --out")
         else:
             self._save()
-        self.results = ResultWriter(self.out, self.top_k)
+        self.results = ResultWriter(self.out, self.top_k, stage1=self.provenance.get("method") == "coder*")
         self.errors = ErrorWriter(err)
 
     def _adopt_legacy_errors(self, err: Path) -> None:

@@ -93,6 +93,9 @@ class PredictionsFile:
         self._vocab_ids: dict[str, int] = {}
         self.methods: list[str] = []
         self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._changed_rows: list[np.ndarray] = []   # per record: the rerank put another class than stage 1's first
+        self._cols: list[tuple[int, int]] = []
+        self._stage1: int | None = None
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._header: list[str] | None = None
         self.bad_lines = 0               # records that are not predictions: skipped, counted
@@ -137,7 +140,7 @@ class PredictionsFile:
             raise InputFormatError(f"the predictions file {self.path.name} cannot be read: {why}")
         self.problem = f"{self.path.name}: {why}; showing the {len(self.paths)} rows read before"
 
-    def _parse_csv(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+    def _parse_csv(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]], bool]]:
         reader = csv.reader(io.StringIO(text, newline=""))
         out = []
         for row in reader:
@@ -148,17 +151,22 @@ class PredictionsFile:
                     raise InputFormatError(f"{self.path.name} is not a coder-index predictions file (its header "
                                            f"is {[display_text(c)[:40] for c in row[:4]]})")
                 self._header = row
+                self._cols = [(row.index(f"label_{i}"), row.index(f"score_{i}")) for i in range(2, len(row))
+                              if f"label_{i}" in row and f"score_{i}" in row]
+                self._stage1 = row.index("stage1_label") if "stage1_label" in row else None
                 continue
             try:
                 if len(row) != len(self._header):
                     raise ValueError("another number of columns")
-                top = [(row[i], _score(row[i + 1])) for i in range(4, len(row) - 1, 2) if row[i] != ""]
-                out.append((row[0], row[1], row[3], [(row[1], _score(row[2]))] + top))
+                top = [(row[a], _score(row[b])) for a, b in self._cols if row[a] != ""]
+                top = [(row[1], _score(row[2]))] + top
+                stage1 = row[self._stage1] if self._stage1 is not None and row[self._stage1] else None
+                out.append((row[0], row[1], row[3], top, _changed_row(row[1], stage1, top)))
             except (ValueError, IndexError):
                 self.bad_lines += 1  # skipped: the good rows stay browsable
         return out
 
-    def _parse_jsonl(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+    def _parse_jsonl(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]], bool]]:
         out = []
         for line in text.splitlines():
             if not line.strip():
@@ -168,25 +176,28 @@ class PredictionsFile:
                 top = [(str(t["label"]), _score(t["score"])) for t in r["top_k"]]
                 if not top or not all(isinstance(r[k], str) for k in ("path", "label", "method")):
                     raise ValueError("not a prediction")
-                out.append((r["path"], r["label"], r["method"], top))
+                stage1 = r.get("stage1")
+                stage1 = str(stage1["label"]) if isinstance(stage1, dict) and "label" in stage1 else None
+                out.append((r["path"], r["label"], r["method"], top, _changed_row(r["label"], stage1, top)))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
                 self.bad_lines += 1  # skipped: the good rows stay browsable
         return out
 
-    def _append(self, records: list[tuple[str, str, str, list[tuple[str, float]]]]) -> None:
+    def _append(self, records: list[tuple[str, str, str, list[tuple[str, float]], bool]]) -> None:
         if not records:
             return
         k = max(len(r[3]) for r in records)
         ids = np.full((len(records), k), -1, np.int32)
         scores = np.full((len(records), k), np.nan, np.float64)
         methods = np.empty(len(records), np.int16)
-        for n, (path, _label, method, top) in enumerate(records):
+        for n, (path, _label, method, top, _) in enumerate(records):
             self._where.setdefault(path, len(self.paths))
             self.paths.append(path)
             methods[n] = self._id(method, self.methods)
             for j, (lab, s) in enumerate(top):
                 ids[n, j] = self._vocab_id(lab)
                 scores[n, j] = s
+        self._changed_rows.append(np.fromiter((r[4] for r in records), bool, len(records)))
         self._chunks.append((ids, scores, methods))
         self._arrays = None
 
@@ -227,7 +238,7 @@ class PredictionsFile:
                     "problem": self.problem,
                     "labels": [{"label": self.vocab[i], "count": int(counts[i])}
                                for i in np.argsort(-counts, kind="stable") if counts[i]],
-                    "methods": list(self.methods), "changed_by_rerank": int(self._changed(scores).sum())}
+                    "methods": list(self.methods), "changed_by_rerank": int(self._changed_all().sum())}
 
     def page(self, *, label: str | None = None, min_score: float | None = None, max_score: float | None = None,
              method: str | None = None, changed: bool | None = None, path_contains: str | None = None,
@@ -245,7 +256,7 @@ class PredictionsFile:
             if method is not None:
                 keep &= methods == (self.methods.index(method) if method in self.methods else -2)
             if changed is not None:
-                keep &= self._changed(scores) == changed
+                keep &= self._changed_all() == changed
             if path_contains:
                 keep &= np.fromiter((path_contains in p for p in self.paths), bool, len(self.paths))
             rows = np.flatnonzero(keep)
@@ -255,7 +266,7 @@ class PredictionsFile:
             elif sort != "file":
                 raise ValueError(f"sort must be file, score (lowest first) or -score, got {sort!r}")
             chosen = rows[offset:offset + limit]
-            changed_rows = self._changed(scores[chosen])
+            changed_rows = self._changed_all()[chosen]
             return Page(len(rows), [self._row(int(r), ids, scores, methods, bool(c))
                                     for r, c in zip(chosen, changed_rows, strict=True)])
 
@@ -264,13 +275,11 @@ class PredictionsFile:
         return {"row": r, "path": display_text(self.paths[r]), "label": top[0]["label"], "score": top[0]["score"],
                 "method": self.methods[methods[r]], "top_k": top, "changed": changed}
 
-    @staticmethod
-    def _changed(scores: np.ndarray) -> np.ndarray:
-        """Rows whose first class is not stage 1's best: the rerank put a class with a lower stage-1
-        probability first (the rest keep stage-1 order, so this is first < second)."""
-        if scores.shape[1] < 2:
-            return np.zeros(len(scores), bool)
-        return np.nan_to_num(scores[:, 0], nan=np.inf) < np.nan_to_num(scores[:, 1], nan=-np.inf)
+    def _changed_all(self) -> np.ndarray:
+        """Per row: the rerank chose another class than stage 1's first."""
+        if len(self._changed_rows) > 1:
+            self._changed_rows = [np.concatenate(self._changed_rows)]
+        return self._changed_rows[0] if self._changed_rows else np.zeros(0, bool)
 
     # ------------------------------------------------------------------ images
     def listed_path(self, listed: str | None = None, row: int | None = None) -> str:
@@ -345,6 +354,15 @@ class PredictionsFile:
         if self._samples is None:
             self._samples = _SampleCache(self.base)
         return io.BytesIO(self._samples.get(shard, key))
+
+
+def _changed_row(label: str, stage1: str | None, top: list[tuple[str, float]]) -> bool:
+    """Whether the rerank changed a row: its label is not stage 1's first (``stage1``, written since
+    0.4); for files written before, whose CODER* rows kept stage-1 scores, a first score below the
+    second."""
+    if stage1 is not None:
+        return label != stage1
+    return len(top) > 1 and top[0][1] < top[1][1]
 
 
 def _inside(path: str, root: str) -> bool:

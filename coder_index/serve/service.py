@@ -59,6 +59,7 @@ class ModelService:
         fut: Future = Future()
         inner = self.worker.submit(Job(pixels=pixels, rowwise=self._rowwise))
         inner.add_done_callback(lambda f: _chain(f, fut, lambda scored: self._rows(paths, *_stack(scored))))
+        # (per row: ids, scores and, for CODER*, stage 1's first class and probability)
         return fut
 
     def explain(self, pixels: torch.Tensor, paths: list[str], k: int) -> Future:
@@ -91,21 +92,28 @@ class ModelService:
         return data
 
     # ------------------------------------------------------------------ scoring
-    def _score_rows(self, emb: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        ids, scores = self.scorer(emb)
-        return list(zip(ids, scores, strict=True))
+    def _score_rows(self, emb: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+        scored = self.scorer(emb)
+        ids, scores = scored
+        stage1 = getattr(scored, "stage1", None)
+        firsts = list(zip(*stage1, strict=True)) if stage1 is not None else [None] * len(ids)
+        return list(zip(ids, scores, firsts, strict=True))
 
     def _xmore(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.scorer.normalizers = None
         self.scorer.prepare(emb, {})
         return self.scorer(emb)
 
-    def _rows(self, paths: list[str], ids: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
-        return prediction_rows(paths, ids, scores, self.names, self.method)
+    def _rows(self, paths: list[str], ids: np.ndarray, scores: np.ndarray, stage1: Any = None
+              ) -> list[dict[str, Any]]:
+        return prediction_rows(paths, ids, scores, self.names, self.method, stage1)
 
 
-def _stack(scored: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([i for i, _ in scored]), np.stack([s for _, s in scored])
+def _stack(scored: list[tuple[np.ndarray, np.ndarray, Any]]) -> tuple[np.ndarray, np.ndarray, Any]:
+    stage1 = None
+    if scored and all(f is not None for _, _, f in scored):
+        stage1 = (np.array([f[0] for _, _, f in scored]), np.array([f[1] for _, _, f in scored]))
+    return np.stack([i for i, _, _ in scored]), np.stack([s for _, s, _ in scored]), stage1
 
 
 def _chain(done: Future, out: Future, then: Any) -> None:
