@@ -4,6 +4,7 @@ the report. Screenshots are kept in test-artifacts/ (or $CODER_INDEX_TEST_ARTIFA
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -122,18 +123,37 @@ def test_predictions_browser_filters_sorts_and_explains(page, site):
     page.wait_for_function(f"() => document.querySelector('#pred-count').textContent === '{count} image(s) match'")
     assert set(page.locator("#grid .thumb .lab").all_inner_texts()) == {label}
 
+    # a confidence ceiling strictly between two first scores near the median (the server filters
+    # on each row's first top-k score), whose count differs from the label filter's and from the total so
+    # that waiting for it cannot pass on the previous page
+    url, _ = site
+    with httpx.Client(base_url=url, timeout=60) as client:
+        listed = client.get("/api/predictions", params={"limit": min(total, 500)}).json()
+    first = sorted(r["score"] for r in listed["rows"])
+    assert len(first) == total
+    # (the input's step is 0.01: the browser refuses to submit a value off that grid)
+    grid = {i: math.floor(first[i] * 100) / 100 for i in range(1, total)}
+    cuts = [i for i in range(1, total) if first[i - 1] < grid[i] < first[i] and i not in (count, total)]
+    assert cuts, first
+    cut = min(cuts, key=lambda i: abs(i - total // 2))
+    ceiling = grid[cut]
     page.select_option("#f-label", "")
-    page.fill("#f-max", "0.5")
+    page.fill("#f-max", f"{ceiling:.2f}")
     page.click("#filters button")
-    page.wait_for_function("() => !document.querySelector('#pred-count').textContent.startsWith('"
-                           f"{total} ')")
-    assert all(float(t.split(" · ")[0]) <= 0.5 for t in page.locator("#grid .thumb .muted").all_inner_texts())
+    page.wait_for_function(f"() => document.querySelector('#pred-count').textContent === '{cut} image(s) match'")
+    texts = page.locator("#grid .thumb .muted").all_inner_texts()
+    assert all(float(t.split(" · ")[0]) <= ceiling + 5e-4 for t in texts), (texts, ceiling)  # shown to 3 places
+    assert len(texts) == min(cut, 60)
 
     page.fill("#f-max", "1")
     page.check("#f-changed")
     page.click("#filters button")
-    page.wait_for_selector("#grid .thumb .changed")
-    assert page.locator("#grid .thumb").count() == page.locator("#grid .thumb .changed").count()
+    changed = sum(r["changed"] for r in listed["rows"])
+    assert 0 < changed < total
+    # waited for by the count and by every card, so that the previous page cannot pass for this one
+    page.wait_for_function(f"() => document.querySelector('#pred-count').textContent === '{changed} image(s) match'"
+                           " && [...document.querySelectorAll('#grid .thumb')].every(t => t.querySelector('.changed'))")
+    assert page.locator("#grid .thumb").count() == page.locator("#grid .thumb .changed").count() == min(changed, 60)
 
     page.locator("#grid .thumb").first.click()
     page.wait_for_selector("#detail[open] .hit")

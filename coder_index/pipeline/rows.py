@@ -13,7 +13,6 @@ named by a row is never run (a predictions file may come from anyone).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import tarfile
@@ -24,7 +23,6 @@ from typing import Any
 from coder_index.core.decode import ImageDecodeError
 from coder_index.core.errors import InputFormatError
 from coder_index.core.remote import RemoteError, fetch_bytes, is_remote, is_url, local_path
-from coder_index.pipeline.output import errors_path_for
 from coder_index.pipeline.runrecord import sidecar_path
 from coder_index.pipeline.shards import is_shard_name, split_key
 
@@ -201,12 +199,3 @@ def _local_member(shard: str, key: str) -> bytes:
     except (tarfile.TarError, OSError) as exc:
         raise ImageDecodeError(f"the shard cannot be read ({exc})") from None
     raise ImageDecodeError(f"no sample {key} with an image in the shard")
-
-
-def errors_of(out: str | Path) -> dict[str, str]:
-    """The rows of ``OUT.errors.csv`` (path -> reason)."""
-    p = errors_path_for(Path(out))
-    if not p.is_file():
-        return {}
-    with open(p, newline="", encoding="utf-8") as f:
-        return {r["path"]: r["error"] for r in csv.DictReader(io.StringIO(f.read()))}
