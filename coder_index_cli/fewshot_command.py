@@ -34,8 +34,9 @@ def register(cli: click.Group) -> None:
     @click.option("--val-per-class", default=8, show_default=True, type=click.IntRange(1),
                   help="Held-out validation images per class when --val is not given.")
     @click.option("--augment-epochs", default=None, type=click.IntRange(0),
-                  help="Augmented views averaged per support image (0: none) [default: the released config of the "
-                       "index's dataset: 20, Oxford Pets 10, ImageNet 1].")
+                  help="Augmented views averaged per support image (0: none), for both adapters [default: the "
+                       "released config of the index's dataset: 20, Oxford Pets 10, ImageNet 1; under --preset "
+                       "cvpr24 the Tip-Adapter baseline averages Tip-Adapter's own 10].")
     @click.option("--search", type=click.Choice(["released", "fast"]), default="released", show_default=True,
                   help="Hyper-parameter grid: the released 3 rounds of 500 beta x 50 alpha, or a coarser 100 x 20.")
     @click.option("--method", "report", type=click.Choice(["both", "coder-adapter", "tip-adapter", "coder", "tip"]),

@@ -248,7 +248,8 @@ def test_support_embedding_is_the_normalised_mean_of_raw_views(fewshot_env):
     index = TextIndex.open(fewshot_env / "idx")
     enc = index.encoder
     paths = sorted((fewshot_env / "train" / "red").glob("*.png"))[:3]
-    got, errors = augmented_embeddings(enc, paths, 4, seed=5, workers=0)
+    support = augmented_embeddings(enc, paths, 4, seed=5, workers=0, also_first=(1, 3, 4, 9))
+    got, errors = support.keys, support.errors
     # the released way, whole: the augmentation with its ToTensor + Normalize on each Pillow image, seeded
     # per (seed, image, view); the feed splits it (uint8 views, normalised where the encoder runs)
     views = []
@@ -263,6 +264,11 @@ def test_support_embedding_is_the_normalised_mean_of_raw_views(fewshot_env):
     normalised_first /= np.linalg.norm(normalised_first, axis=1, keepdims=True)
     assert np.abs(got - normalised_first).max() > 2e-5  # the two orders really differ here (atol above: 1e-6)
     assert not errors and not np.allclose(raw[:, 0], raw[:, 1])  # the views really differ
+    # the means of the first n views (the Tip-Adapter baseline's fewer views), from the same encoding
+    assert sorted(support.first) == [1, 3]  # 4 is all of them, 9 more than there are
+    for n in (1, 3):
+        head = raw[:, :n].mean(1)
+        np.testing.assert_allclose(support.first[n], head / np.linalg.norm(head, axis=1, keepdims=True), atol=1e-6)
 
 
 def test_released_defaults_per_dataset(fewshot_env):
@@ -327,3 +333,35 @@ def test_fit_reports_the_chosen_tip_adapter_point(fewshot_env, tiny_model):
     assert f"alpha={tip['alpha']:.4g} beta={tip['beta']:.4g}" in lines[0]
     assert (tip["init"]["alpha"], tip["init"]["beta"]) == (3.0, 1.0)
     assert m["search"]["tip-adapter"][0]["betas"][2] == 200 and len(m["search"]["tip-adapter"]) == 1
+
+
+def test_cvpr24_tip_adapter_keys_average_tip_adapters_own_views(fewshot_env, tiny_model):
+    """Under cvpr24 the Tip-Adapter baseline's keys average Tip-Adapter's augment_epoch (10, its
+    configs) while CODER-Adapter keeps the CODER config's 20; --augment-epochs sets both."""
+    import sqlite3
+
+    from coder_index.pipeline.support_views import augmented_embeddings
+
+    (fewshot_env / "c.txt").write_text("red\ngreen\nblue\n")
+    idx = fewshot_env / "cv-views"
+    res = CliRunner().invoke(cli, ["build", str(idx), "--classes", str(fewshot_env / "c.txt"), "--model", tiny_model,
+                                   "--preset", "cvpr24", "--dataset", "caltech-101", "--task", "few-shot"])
+    assert res.exit_code == 0, res.output
+    base = ["fewshot", "fit", str(fewshot_env / "train"), "--index", str(idx), "--shots", "2", "--workers", "0",
+            "--search", "fast"]
+    res = CliRunner().invoke(cli, [*base, "--out", str(fewshot_env / "v20")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((fewshot_env / "v20" / "manifest.json").read_text())
+    assert (m["augment_epochs"], m["tip_adapter_augment_epochs"]) == (20, 10)
+    with sqlite3.connect(fewshot_env / "v20" / "meta.sqlite") as conn:
+        paths = [p for (p,) in conn.execute("select path from support order by id")]
+    keys = np.load(fewshot_env / "v20" / "support_images.npy")
+    enc = TextIndex.open(idx).encoder
+    ten = augmented_embeddings(enc, paths, 10, seed=1, workers=0).keys
+    twenty = augmented_embeddings(enc, paths, 20, seed=1, workers=0).keys
+    np.testing.assert_allclose(keys, ten, atol=1e-5)
+    assert np.abs(keys - twenty).max() > 1e-4  # not CODER-Adapter's 20 views
+    res = CliRunner().invoke(cli, [*base, "--out", str(fewshot_env / "v3"), "--augment-epochs", "3"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((fewshot_env / "v3" / "manifest.json").read_text())
+    assert (m["augment_epochs"], m["tip_adapter_augment_epochs"]) == (3, 3)

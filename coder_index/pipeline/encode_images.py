@@ -35,6 +35,8 @@ class EncodedBatch:
     errors: list[tuple[str, str]]     # (item, reason) of those that gave none
     positions: list[int]              # where each of ``items`` stands in the list given
     done_shards: list[tuple[str, dict[str, int]]] = field(default_factory=list)  # streamed shards read to the end
+    # with views: {n: [n_items, D]} the L2-normalised means of each image's first n views (``Views.prefixes``)
+    prefix_embeddings: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class _NoClock:
@@ -93,6 +95,7 @@ def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, b
             if batch is None:
                 return
             emb = None
+            prefix_emb: dict[int, np.ndarray] = {}
             if batch.pixels is not None:
                 ready = process_age() if first_batch["pending"] else None
                 with clock.stage("encode"):
@@ -100,15 +103,22 @@ def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, b
                         emb = encoder.encode_image_batch(batch.pixels)
                     else:
                         raw = encoder.encode_image_batch(batch.pixels, normalize=False)
-                        raw = raw.reshape(len(batch.paths), views.count, -1).mean(axis=1)
-                        emb = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+                        raw = raw.reshape(len(batch.paths), views.count, -1)
+                        emb = _normalised_mean(raw)
+                        prefix_emb = {n: _normalised_mean(raw[:, :n]) for n in views.prefixes if 0 < n < views.count}
                 if first_batch["pending"]:
                     first_batch["pending"] = False
                     _say_first_batch(len(batch.paths), ready)
             yield EncodedBatch(list(batch.paths), emb, list(batch.errors), list(batch.positions or []),
-                               list(batch.done_shards))
+                               list(batch.done_shards), prefix_emb)
     finally:
         batches.close()
+
+
+def _normalised_mean(raw: np.ndarray) -> np.ndarray:
+    """[n, views, D] raw features -> [n, D]: their mean, L2-normalised (the released few-shot keys)."""
+    mean = raw.mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
 def _say_first_batch(n: int, ready: float | None) -> None:

@@ -52,12 +52,15 @@ class Views:
     support set's augmentations): ``geometry`` (PIL -> PIL, random) is applied ``count`` times, with
     torch's generator seeded per (``seed``, the item's position, the view) so that any worker makes
     the same views. ``tensor`` (PIL -> normalised float tensor) replaces geometry + the model's
-    normalisation for a preprocessing that cannot be split."""
+    normalisation for a preprocessing that cannot be split. ``prefixes``: view counts whose means are
+    also wanted (the first n views of each image: the Tip-Adapter baseline averages fewer views than
+    CODER-Adapter, and the first n views are the same in both, so they are encoded once)."""
 
     geometry: Callable[[Any], Any]
     count: int
     seed: int
     tensor: Callable[[Any], Any] | None = None
+    prefixes: tuple[int, ...] = ()
 
     def make(self, image: Any, position: int, parts: PreprocessParts | None) -> torch.Tensor:
         views = []

@@ -70,13 +70,17 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     recipe = index.recipe
     defaults = few_shot_defaults(recipe.released or recipe.dataset)
     epochs = defaults["augment_epochs"] if cfg.augment_epochs is None else cfg.augment_epochs
+    tip_epochs = tip_adapter_epochs(recipe, epochs, cfg.augment_epochs)
     encoder = index.encoder
     paths = [support_data.paths[i] for i in support_idx]
     labels = support_data.labels[support_idx]
-    emb, errors = augmented_embeddings(encoder, paths, epochs, cfg.seed, batch_size=cfg.batch_size,
-                                       workers=cfg.workers, threads=cfg.threads)
+    # one encoding of max(epochs, tip_epochs) views: each adapter's keys average its own first views
+    support = augmented_embeddings(encoder, paths, max(epochs, tip_epochs), cfg.seed, batch_size=cfg.batch_size,
+                                   workers=cfg.workers, threads=cfg.threads, also_first=(epochs, tip_epochs))
+    emb, tip_emb = (support.first.get(n, support.keys) for n in (epochs, tip_epochs))
+    errors = support.errors
     ok = ~np.isnan(emb).any(axis=1)
-    emb, labels, shot_no = emb[ok], labels[ok], shot_no[ok]
+    emb, tip_emb, labels, shot_no = emb[ok], tip_emb[ok], labels[ok], shot_no[ok]
     paths = [p for p, k in zip(paths, ok, strict=True) if k]
 
     table = index.text_table(tuple(cfg.kinds))
@@ -98,12 +102,13 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     coder_search = search_hyperparameters(coder, matmul_t(val_x, table.embeddings), val_y, val_zs, search=cfg.search,
                                           init=init)
     tip_grid, tip_init, tip_source = tip_adapter_search(recipe, cfg.search, init)
-    tip = TipAdapter(*tip_init, cfg.T).fit(emb, labels, n_classes)
+    tip = TipAdapter(*tip_init, cfg.T).fit(tip_emb, labels, n_classes)
     tip_search = search_hyperparameters(tip, val_x, val_y, val_zs, search=tip_grid, init=tip_init)
     tip_search["grid_source"] = tip_source
 
     manifest = new_manifest(index, list(cfg.kinds), table.ids, shots=cfg.shots, seed=cfg.seed,
-                            augment_epochs=epochs, support_images=int(len(paths)),
+                            augment_epochs=epochs, tip_adapter_augment_epochs=tip_epochs,
+                            support_images=int(len(paths)),
                             validation={"source": val_source, "images": int(len(val_y))},
                             zero_shot_prompts=zs_weights.prompts,
                             adapters={"coder-adapter": _summary(coder_search), "tip-adapter": _summary(tip_search)},
@@ -112,8 +117,18 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
                             skipped=errors)
     rows = [{"path": public_url(str(p)), "label": int(y), "shot": int(s), "augment_epochs": epochs}
             for p, y, s in zip(paths, labels, shot_no, strict=True)]
-    save_adapter(out, manifest, table.ids, support_coder, emb, rows, zs_weights.weights)
+    save_adapter(out, manifest, table.ids, support_coder, tip_emb, rows, zs_weights.weights)
     return manifest
+
+
+def tip_adapter_epochs(recipe: Any, coder_epochs: int, given: int | None) -> int:
+    """The augmented views the Tip-Adapter baseline's keys average. Under the cvpr24 preset, Tip-Adapter's
+    own release's ``augment_epoch`` for the dataset (10 in all its configs; CODER's configs say 20); a
+    given ``--augment-epochs`` sets both adapters; otherwise CODER-Adapter's."""
+    tip = tip_adapter_config(recipe.released) if recipe.is_released else None
+    if given is not None or tip is None:
+        return coder_epochs
+    return int(tip.get("augment_epoch", coder_epochs))
 
 
 def tip_adapter_search(recipe: Any, search: str, init: tuple[float, float]

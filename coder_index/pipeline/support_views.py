@@ -4,6 +4,7 @@ augmentations (random resized crop, scale 0.5-1, horizontal flip), as the releas
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,20 +69,31 @@ def augmentation_geometry(encoder: ClipEncoder) -> Callable:
     ])
 
 
+@dataclass
+class SupportEmbeddings:
+    keys: np.ndarray                     # [M, D] the mean of all views, L2-normalised (NaN rows: not decoded)
+    errors: list[tuple[str, str]]        # (path, reason) of the files that could not be decoded
+    first: dict[int, np.ndarray] = field(default_factory=dict)  # {n: [M, D]} the means of the first n views
+
+
 def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, seed: int, *, batch_size: int = 32,
-                         workers: int | None = 0, threads: int | None = None, decode: str = "cpu"
-                         ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """[M, D] support embeddings: the mean of the raw (unnormalised) features of ``epochs`` augmented
-    views, then L2-normalised, as the released code builds its cache keys (plain preprocessing if
-    epochs == 0, through ``decode``'s feed); and (path, reason) for files that could not be decoded
-    (their rows are NaN). Images come through the one feed (``encode_images``)."""
+                         workers: int | None = 0, threads: int | None = None, decode: str = "cpu",
+                         also_first: tuple[int, ...] = ()) -> SupportEmbeddings:
+    """Support embeddings: the mean of the raw (unnormalised) features of ``epochs`` augmented views,
+    then L2-normalised, as the released code builds its cache keys (plain preprocessing if epochs ==
+    0, through ``decode``'s feed), and the same mean over each image's first n views for every n of
+    ``also_first`` below ``epochs`` (the views are the same, so they are encoded once). Files that
+    could not be decoded are listed with their reason (their rows are NaN). Images come through the
+    one feed (``encode_images``)."""
     if epochs > 0:
-        views = Views(augmentation_geometry(encoder), epochs, seed, tensor=augmentation(encoder))
+        views = Views(augmentation_geometry(encoder), epochs, seed, tensor=augmentation(encoder),
+                      prefixes=tuple(n for n in also_first if 0 < n < epochs))
     else:  # one plain view: the released keys are raw features, normalised after the (trivial) mean
         parts = split_preprocess(encoder.preprocess)
         views = Views(parts.geometry if parts is not None else encoder.preprocess, 1, seed,
                       tensor=encoder.preprocess)
     out = np.full((len(paths), encoder.embed_dim), np.nan, dtype=np.float32)
+    first = {n: out.copy() for n in views.prefixes}
     errors: list[tuple[str, str]] = []
     items = [RemoteFile(p) if isinstance(p, str) and is_url(p) else str(Path(p).absolute()) for p in paths]
     given = {str(i): public_url(str(p)) for i, p in zip(items, paths, strict=True)}
@@ -91,4 +103,6 @@ def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, s
             errors += [(given[p], reason) for p, reason in batch.errors]
             if batch.embeddings is not None:
                 out[batch.positions] = batch.embeddings
-    return out, errors
+                for n, emb in batch.prefix_embeddings.items():
+                    first[n][batch.positions] = emb
+    return SupportEmbeddings(out, errors, first)
