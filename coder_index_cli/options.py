@@ -145,6 +145,10 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
         help="Request budget (retries included); the run stops cleanly before exceeding it."),
     "temperature": click.option("--temperature", default=0.0, show_default=True, type=float,
                                 help="Sampling temperature."),
+    "max_tokens": click.option(
+        "--max-tokens", default=None, type=click.IntRange(0), metavar="N",
+        help="max_tokens sent with each request; 0 sends none (the endpoint's own limit) [default: 600; under "
+             "--preset cvpr24 none, as the released generator sends the model name only]."),
     "max_retries": click.option(
         "--max-retries", default=6, show_default=True, type=click.IntRange(0),
         help="Retries of a request after 429, 5xx, timeouts, connection errors or malformed bodies (exponential "
@@ -176,7 +180,7 @@ METHOD = ("method", "rerank", "gap_threshold", "adapter", "corpus", "retrieve_k"
 PARALLEL = ("workers", "threads")
 ENGINE = ("engine", "ray_address", "ray_actors", "ray_gpus")
 LLM_CLIENT = ("llm", "base_url", "llm_model", "api_key_env", "concurrency", "max_requests", "temperature",
-              "max_retries", "max_answer_chars", "cache")
+              "max_tokens", "max_retries", "max_answer_chars", "cache")
 GENERATOR = ("synonyms_from", "analogous_threshold", "filter_model", "filter_pretrained", "dry_run")
 
 

@@ -16,21 +16,23 @@ KIND_CHOICES = ("attribute", "analogous", "synonym")
 
 def make_generator(encoder: Any, llm_kind: str, base_url: str | None, llm_model: str, api_key_env: str,
                    concurrency: int, max_requests: int | None, temperature: float, cache_path: str | None,
-                   max_answer_chars: int = 4000, max_retries: int = 6,
+                   max_answer_chars: int = 4000, max_retries: int = 6, max_tokens: int | None = None,
                    synonyms_from: str = "wordnet", analogous_threshold: float = 0.9, filter_model: str | None = None,
                    filter_pretrained: str | None = None, prompts: str = "default", planning_only: bool = False) -> Any:
     """The Auto Text Generator the LLM options describe; ``prompts='cvpr24'`` sends the released
     generator's prompts and reads its answers the released way (the ``cvpr24`` preset).
     ``planning_only`` (``--dry-run``): a generator that only counts prompts and cache hits: no API key
-    is asked for and no CLIP model is loaded (``encoder`` may be None)."""
+    is asked for and no CLIP model is loaded (``encoder`` may be None). ``max_tokens``: None for the
+    default (``llm.DEFAULT_MAX_TOKENS``; none under cvpr24, as released), 0 to send none."""
     from coder_index.textgen.generator import AutoTextGenerator
-    from coder_index.textgen.llm import LLMCache, LLMClient, LLMConfig
+    from coder_index.textgen.llm import LLMCache, LLMClient, LLMConfig, default_max_tokens
 
     llm = None
     if llm_kind == "openai":
+        tokens = default_max_tokens(prompts) if max_tokens is None else (max_tokens or None)
         llm = LLMClient(LLMConfig(model=llm_model, base_url=base_url, api_key_env=api_key_env,
                                   concurrency=concurrency, max_requests=max_requests, temperature=temperature,
-                                  max_answer_chars=max_answer_chars, max_retries=max_retries),
+                                  max_tokens=tokens, max_answer_chars=max_answer_chars, max_retries=max_retries),
                         LLMCache(cache_path))
         if not planning_only:
             llm.check_credentials()  # a missing key is reported before any image or text is processed

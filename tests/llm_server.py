@@ -83,6 +83,7 @@ class FakeLLMServer:
         self.by_kind: Counter[str] = Counter()
         self.prompts: list[str] = []
         self.messages: list[list[dict[str, str]]] = []  # every request's messages, as sent
+        self.params: list[dict[str, Any]] = []  # every request's other fields (model, temperature, max_tokens...)
         self.queues: dict[tuple[str, str], list[str]] = {}  # (kind, class) -> answers, one per request
         self.auth_headers: set[str] = set()
         self.usage_total = [0, 0]
@@ -148,6 +149,7 @@ class FakeLLMServer:
                 with server._lock:
                     server.prompts.append(text)
                     server.messages.append(list(body.get("messages", [])))
+                    server.params.append({k: v for k, v in body.items() if k != "messages"})
                     server.by_kind[kind] += 1
                     queue = server.queues.get((kind, names[0] if names else ""))
                     queued = queue.pop(0) if queue else None

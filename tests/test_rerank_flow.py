@@ -101,3 +101,40 @@ def test_pair_texts_from_a_knowledge_file(setup):
     res, rows = classify(tmp_path, folder, server, "a.csv", "--llm", "none")
     assert "pair texts already in the index" in res.output and server.requests == 0
     assert {r["method"] for r in rows} == {"coder*"}
+
+
+def test_cvpr24_pair_prompts_follow_the_class_list_and_send_no_max_tokens(tmp_path, tiny_model, monkeypatch):
+    """Under cvpr24 each one-to-one prompt names its classes in the class list's order (not
+    alphabetically) and, as the released generator, sends no max_tokens; the default preset sends
+    its documented 600, and --max-tokens sets it."""
+    from llm_server import prompt_kind
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    listed = ["samoyed", "pug", "beagle", "Bengal", "Abyssinian"]  # reversed alphabetical order
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(listed) + "\n")
+    folder = make_messy_folder(tmp_path / "imgs")
+    for name, preset in (("cvpr24", "cvpr24"), ("default", "default"), ("cvpr24-50", "cvpr24")):
+        res = CliRunner().invoke(cli, ["build", str(tmp_path / name), "--classes", str(classes), "--model",
+                                       tiny_model, "--dataset", "oxford-pet", "--preset", preset])
+        assert res.exit_code == 0, res.output
+    with FakeLLMServer() as server:
+        base = ["classify", str(folder), "--workers", "0", "--rerank", "--base-url", server.base_url,
+                "--llm-model", "fake", "-q"]
+        res = CliRunner().invoke(cli, [*base, "--index", str(tmp_path / "cvpr24"), "--out", str(tmp_path / "a.csv"),
+                                       "--cache", str(tmp_path / "a.sqlite")])
+        assert res.exit_code == 0, res.output
+        pairs = [prompt_kind(p)[1] for p in server.prompts]
+        assert len(pairs) == 10 and all(listed.index(a) < listed.index(b) for a, b in pairs), pairs
+        assert server.params and all("max_tokens" not in p for p in server.params)
+        assert all(set(p) <= {"model", "temperature"} for p in server.params)  # the model (and the temperature)
+        server.params.clear()
+        res = CliRunner().invoke(cli, [*base, "--index", str(tmp_path / "default"), "--out", str(tmp_path / "b.csv"),
+                                       "--cache", str(tmp_path / "b.sqlite")])
+        assert res.exit_code == 0, res.output
+        assert server.params and all(p["max_tokens"] == 600 for p in server.params)
+        server.params.clear()
+        res = CliRunner().invoke(cli, [*base, "--index", str(tmp_path / "cvpr24-50"), "--out", str(tmp_path / "c.csv"),
+                                       "--cache", str(tmp_path / "c.sqlite"), "--max-tokens", "50"])
+        assert res.exit_code == 0, res.output
+        assert server.params and all(p["max_tokens"] == 50 for p in server.params)

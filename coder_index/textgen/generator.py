@@ -349,7 +349,10 @@ class AutoTextGenerator:
     def one_to_one(self, pairs: Iterable[tuple[str, str]], progress: bool = False
                    ) -> tuple[dict[tuple[str, str], list[str]], bool]:
         """Features of ``a`` that tell it from ``b`` for each ordered pair, and whether the budget
-        stopped the run. One prompt serves both directions: (a, b) and (b, a) share it."""
+        stopped the run. One prompt serves both directions: (a, b) and (b, a) share it. The prompt
+        names the two classes in alphabetical order; under cvpr24 in the order first given (the
+        rerank gives each pair in the class list's order, as a driver walking the released class
+        list would), and an answer with one empty side is kept for the other, as released."""
         if self.llm is None:
             raise ValueError("one-to-one texts need an LLM (--llm openai); WordNet cannot describe differences")
         return asyncio.run(self._pairs(list(pairs), progress))
@@ -358,19 +361,32 @@ class AutoTextGenerator:
                      ) -> tuple[dict[tuple[str, str], list[str]], bool]:
         from tqdm import tqdm
 
-        canonical = list(dict.fromkeys(tuple(sorted(p)) for p in pairs if p[0] != p[1]))
+        if self.released:  # the first orientation given of each unordered pair
+            firsts: dict[frozenset[str], tuple[str, str]] = {}
+            for p in pairs:
+                if p[0] != p[1]:
+                    firsts.setdefault(frozenset(p), p)
+            canonical = list(firsts.values())
+        else:
+            canonical = list(dict.fromkeys(tuple(sorted(p)) for p in pairs if p[0] != p[1]))
         out: dict[tuple[str, str], list[str]] = {}
         stopped = False
 
         def read(answer: str, a: str, b: str) -> tuple[list[str], list[str]]:
             return released.read_pair(answer) if self.released else parse_pair(answer, a, b)
 
+        def usable(answer: str, a: str, b: str) -> bool:
+            if is_refusal(answer):
+                return False
+            # the released code keeps whatever it read, one side empty included; asked again otherwise
+            return self.released or all(read(answer, a, b))
+
         async def one(a: str, b: str) -> None:
             nonlocal stopped
             prompt = released.one_to_one_prompt(a, b) if self.released else one_to_one_prompt(a, b)
             try:
                 answer = await self.llm.complete(  # type: ignore[union-attr]
-                    prompt, usable=lambda t: not is_refusal(t) and all(read(t, a, b)))
+                    prompt, usable=lambda t: usable(t, a, b))
             except BudgetExhausted:
                 stopped = True
                 return

@@ -113,6 +113,15 @@ class LLMCache:
             return len(conn.execute(select(llm_cache.c.key)).all())
 
 
+DEFAULT_MAX_TOKENS = 600  # enough for the longest list the prompts ask for; a runaway answer stops there
+
+
+def default_max_tokens(prompts: str) -> int | None:
+    """The max_tokens a request carries unless --max-tokens says otherwise: none under the cvpr24
+    preset (the released generator sends the model and the messages only), else DEFAULT_MAX_TOKENS."""
+    return None if prompts == "cvpr24" else DEFAULT_MAX_TOKENS
+
+
 @dataclass
 class LLMConfig:
     model: str
@@ -125,13 +134,16 @@ class LLMConfig:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     temperature: float = 0.0
-    max_tokens: int = 600
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: not sent (the endpoint's own limit)
     bad_answer_retries: int = 1
     max_answer_chars: int = MAX_ANSWER_CHARS
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        params: dict[str, Any] = {"temperature": self.temperature}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        return params
 
 
 @dataclass
@@ -292,7 +304,7 @@ class LLMClient:
                 text = cut[: cut.rfind("\n")] if "\n" in cut else cut  # whole lines only
             if self._secret and self._secret in text:
                 text = ""  # an answer that repeats the key is never stored (nor used): counted as unusable below
-            if text and usable(text):
+            if text.strip() and usable(text):
                 self.cache.put(key, self.config.model, messages, self.config.params, text, tokens)
                 return text
             self.usage.unusable_answers += 1
@@ -311,4 +323,5 @@ class LLMClient:
         message = choices[0].message
         if getattr(message, "refusal", None):
             return "", tokens
-        return (message.content or "").strip(), tokens
+        # as sent: the released reader keeps the spaces at an answer's ends (an item's, a refused name's)
+        return message.content or "", tokens
