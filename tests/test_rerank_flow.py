@@ -138,3 +138,18 @@ def test_cvpr24_pair_prompts_follow_the_class_list_and_send_no_max_tokens(tmp_pa
                                        "--cache", str(tmp_path / "c.sqlite"), "--max-tokens", "50"])
         assert res.exit_code == 0, res.output
         assert server.params and all(p["max_tokens"] == 50 for p in server.params)
+
+
+def test_rerank_with_candidates_scores_rows_as_without(setup):
+    """--candidates M with M = every class is stage 1 exactly; the CODER* rows (order, scores, the
+    stage-1 columns) then equal the dense run's: the rerank decides them the same way in both."""
+    tmp_path, folder, server = setup
+    _, dense = classify(tmp_path, folder, server, "dense.csv", "--top-k", "5")
+    _, cand = classify(tmp_path, folder, server, "cand.csv", "--top-k", "5", "--candidates", str(len(CLASSES)))
+    assert len(dense) == len(cand) == len(GOOD)
+    for d, c in zip(dense, cand, strict=True):
+        assert (d["path"], d["label"], d["stage1_label"]) == (c["path"], c["label"], c["stage1_label"])
+        for key in ("score", "stage1_score"):
+            assert float(c[key]) == pytest.approx(float(d[key]), abs=1e-5)
+    # the decided rows really moved off stage 1's probabilities (else the check above says little)
+    assert any(abs(float(r["score"]) - float(r["stage1_score"])) > 1e-3 for r in dense)

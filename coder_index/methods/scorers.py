@@ -112,18 +112,24 @@ class CoderScorer:
         pos, _ = top_k(probs, max(self.top_k, 5 if self.reranker else 1))
         ids = np.take_along_axis(cand, pos, axis=1)
         probs = np.take_along_axis(probs, pos, axis=1)
-        if self.reranker is not None:
-            # the rerank reads [n, C] logits: build them (-inf outside the candidates) a few rows at a time
-            n_classes = self.candidates.n_classes
-            rows = max(1, (64 << 20) // (4 * n_classes))
-            final = np.empty(len(emb), np.int64)
-            for s in range(0, len(emb), rows):
-                dense = np.full((len(cand[s:s + rows]), n_classes), -np.inf, np.float32)
-                np.put_along_axis(dense, cand[s:s + rows], vals[s:s + rows], axis=1)
-                final[s:s + rows] = self.reranker(emb[s:s + rows], dense)
-            order = _rerank_order(ids, final)
-            ids, probs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(probs, order, axis=1)
-        return ids[:, : self.top_k], probs[:, : self.top_k]
+        if self.reranker is None:
+            return Scored(ids[:, : self.top_k], probs[:, : self.top_k])
+        stage1 = (ids[:, 0].copy(), probs[:, 0].copy())
+        decide = getattr(self.reranker, "decide", None)
+        # the rerank reads [n, C] logits: build them (-inf outside the candidates) a few rows at a time
+        n_classes = self.candidates.n_classes
+        rows = max(1, (64 << 20) // (4 * n_classes))
+        for s in range(0, len(emb), rows):
+            e = s + rows
+            dense = np.full((len(cand[s:e]), n_classes), -np.inf, np.float32)
+            np.put_along_axis(dense, cand[s:e], vals[s:e], axis=1)
+            if decide is not None:  # the rows follow what decided them, as without --candidates
+                ids[s:e], probs[s:e] = rerank_rows(ids[s:e], probs[s:e], decide(emb[s:e], dense))
+            else:
+                order = _rerank_order(ids[s:e], self.reranker(emb[s:e], dense))
+                ids[s:e] = np.take_along_axis(ids[s:e], order, axis=1)
+                probs[s:e] = np.take_along_axis(probs[s:e], order, axis=1)
+        return Scored(ids[:, : self.top_k], probs[:, : self.top_k], stage1)
 
 
 def _rerank_order(ids: np.ndarray, final: np.ndarray) -> np.ndarray:
