@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from coder_index.core.errors import CoderIndexError
+from coder_index.core.processes import pid_alive
 
 _TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -127,7 +128,7 @@ def remove_stale_temps(directory: Path, prefix: str = ".") -> list[str]:
     removed = []
     for p in directory.iterdir():
         m = _TEMP.match(p.name)
-        if m and p.name.startswith(prefix) and not _pid_alive(int(m.group(1))):
+        if m and p.name.startswith(prefix) and not pid_alive(int(m.group(1))):
             try:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 removed.append(p.name)
@@ -136,19 +137,11 @@ def remove_stale_temps(directory: Path, prefix: str = ".") -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable. Windows cannot open a directory to flush it (NTFS
+    journals the rename itself): nothing to do there."""
+    if os.name == "nt":
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -12,17 +12,24 @@ the run on one ``--out`` (``OUT.lock``), a ``--save-embeddings`` folder, the wei
 * **The owner is named.** The holder writes ``pid N: command`` into the lock file; a refused process
   quotes it. ``remove=True`` deletes the file on release (``OUT.lock``: no trace after a run); a
   process that opened the file just before it was deleted notices (another inode) and opens again.
+* **Where the kernel offers no lock** (neither ``fcntl`` nor ``msvcrt``; tested by making ``fcntl``
+  unimportable), the lock file's existence is the lock: created with ``O_EXCL``, it names the holder's
+  pid and host, is deleted on release, and is taken over once that process is gone from this host
+  (the takeover itself under a second exclusive file, so two waiters never both take it).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from coder_index.core.errors import CoderIndexError
+from coder_index.core.processes import pid_alive
 
 try:  # POSIX
     import fcntl as _fcntl
@@ -36,6 +43,12 @@ except ImportError:
 # msvcrt locks byte ranges and a locked range cannot be read by others: lock one byte far past the
 # owner's line, so that a refused process can still read who holds it.
 _WINDOWS_LOCK_OFFSET = 1 << 30
+
+
+# the kernel's locks, or lock files whose existence is the lock (see the module docstring)
+KERNEL_LOCKS = _fcntl is not None or _msvcrt is not None
+_OWNER = re.compile(r"pid (\d+) on (\S+):")
+_ORPHAN_AGE = 10.0  # seconds after which a lock file that names no owner (its writer died at once) is stale
 
 
 class BusyError(CoderIndexError):
@@ -126,6 +139,8 @@ class FileLock:
         """One try: None when the lock is now ours, else the holder's line."""
         if self._fd is not None:
             raise RuntimeError(f"the lock of {self.what} is already held by this object")
+        if not KERNEL_LOCKS:
+            return self._attempt_exclusive_file()
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -150,9 +165,71 @@ class FileLock:
             pass  # the owner's line is a courtesy; the lock is what counts
         return None
 
+    # ------------------------------------------------------------------ no kernel lock
+    def _attempt_exclusive_file(self) -> str | None:
+        for _ in range(100):  # a holder releasing between our tries: try again at once
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._holder()
+                if owner is None:
+                    continue  # released meanwhile
+                if self._stale(owner):
+                    self._take_over(owner)
+                    continue
+                return owner
+            self._fd = fd
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[:6])}\n"
+                     .encode("utf-8", "replace"))
+            return None
+        return self._holder() or "unknown"
+
+    def _holder(self) -> str | None:
+        """The lock file's owner line ('' while its creator has not written it yet); None when gone."""
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(4096).decode("utf-8", "replace").strip()
+        except FileNotFoundError:
+            return None
+
+    def _stale(self, owner: str) -> bool:
+        m = _OWNER.match(owner)
+        if m is None:  # no owner line: stale only once its creator has long had the time to write it
+            try:
+                return time.time() - self.path.stat().st_mtime > _ORPHAN_AGE
+            except FileNotFoundError:
+                return False
+        return m.group(2) == socket.gethostname() and not pid_alive(int(m.group(1)))
+
+    def _take_over(self, owner: str) -> None:
+        """Delete a dead holder's lock file, under an exclusive breaker file, after checking again that
+        it still names that holder (another waiter may have taken it over and locked it since)."""
+        breaker = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:  # a breaker whose process died mid-way
+                if time.time() - breaker.stat().st_mtime > _ORPHAN_AGE:
+                    breaker.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            if self._holder() == owner:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+            breaker.unlink(missing_ok=True)
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
+            return
+        if not KERNEL_LOCKS:  # the file is the lock
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
             return
         try:
             if self.remove:

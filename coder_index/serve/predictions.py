@@ -456,9 +456,11 @@ def _real_path_of(fd: int, opened: str) -> str | None:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         pass
-    import fcntl
-
-    if hasattr(fcntl, "F_GETPATH"):
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is not None and hasattr(fcntl, "F_GETPATH"):
         try:
             return fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0").decode("utf-8", "surrogateescape")
         except OSError:
