@@ -14,11 +14,12 @@ from .textgen_commands import make_generator, parse_kinds, report_generation
 
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", "classes_file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Class names, one per line, in label order.")
+@click.option("--classes", "classes_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Class names, one per line, in label order [default: the list shipped for --dataset].")
 @click.option("--dataset", default=None,
               help="Use this dataset's prompt templates (e.g. imagenet, oxford_pets, eurosat, dtd, food101, or a "
-                   "released key such as ImageNet, oxford-pet, DTD, CUB200).")
+                   "released key such as ImageNet, oxford-pet, DTD, CUB200), and its shipped class list unless "
+                   "--classes is given (lists ship for every dataset of --preset cvpr24).")
 @options("preset")
 @click.option("--task", type=click.Choice(["zero-shot", "few-shot"]), default=None,
               help="With --preset cvpr24: the released wording of attribute/analogous texts differs per task "
@@ -29,7 +30,9 @@ from .textgen_commands import make_generator, parse_kinds, report_generation
                    "running any code.")
 @click.option("--descriptors", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON {class: [descriptor, ...]} stored as attribute texts '{class} which has {descriptor}'. "
-                   "Repeatable.")
+                   "Repeatable. The published GPT-3 descriptors of ImageNet, CUB, DTD, EuroSAT, Food-101, Pets and "
+                   "Places (descriptors/descriptors_*.json of github.com/sachit-menon/classify_by_description_release) "
+                   "are not shipped: their repository shows no licence.")
 @click.option("--knowledge", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Knowledge file from `coder-index generate` (or descriptor / CuPL JSON): all its kinds go "
                    "into the index. Repeatable.")
@@ -45,7 +48,7 @@ from .textgen_commands import make_generator, parse_kinds, report_generation
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str | None, task: str | None,
+def build(index_dir: Path, classes_file: str | None, dataset: str | None, preset: str | None, task: str | None,
           expert_knowledge: str | None, descriptors: tuple[str, ...], knowledge: tuple[str, ...],
           generate_kinds: str | None, model: str | None, pretrained: str | None, device: str | None,
           engine: str, ray_address: str | None, ray_actors: int | None, ray_gpus: float, text_cache: str | None,
@@ -53,12 +56,14 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
           as_json: bool, quiet: bool, dry_run: bool, **llm: Any) -> None:
     """Create INDEX_DIR (or add to it) from a class list and attribute files.
 
-    Name texts come from the dataset's templates; descriptor files add attribute texts; knowledge
+    The classes come from --classes, or from the list shipped for --dataset. Name texts come
+    from the dataset's templates; descriptor files add attribute texts; knowledge
     files (from `coder-index generate`) add attribute, analogous and synonym texts; --generate makes
     them on the fly. Running build again with more files adds only what is new.
 
     \b
     Examples:
+      coder-index build in1k --dataset imagenet --model ViT-B-32 --pretrained openai   # shipped class list
       coder-index build pets-index --classes oxford-pet.txt --dataset oxford_pets \\
           --descriptors descriptors_pets.json --model ViT-B-32 --pretrained openai
       coder-index build in1k --classes ImageNet.txt --descriptors descriptors_imagenet.json \\
@@ -76,6 +81,17 @@ def build(index_dir: Path, classes_file: str, dataset: str | None, preset: str |
     from coder_index.textgen.knowledge import load_knowledge
 
     check_engine_options(engine, ray_address, ray_actors, ray_gpus)
+    if classes_file is None:
+        from coder_index.core.presets import shipped_class_list, shipped_class_lists
+
+        if dataset is None:
+            raise click.UsageError("name the classes: --classes FILE (one class name per line, in label order), or "
+                                   "--dataset NAME for the list shipped with coder-index (" +
+                                   ", ".join(shipped_class_lists()) + ")")
+        classes_file = str(shipped_class_list(dataset))
+        if not quiet and not as_json:
+            click.echo(f"classes: the list shipped for {dataset} ({Path(classes_file).name}, from the released "
+                       "CODER code)", err=True)
     encode_with = None
     if engine == "ray":
         from coder_index.engines.ray_text import RayTextEncoder

@@ -48,8 +48,8 @@ def test_every_source_module_and_data_file_is_in_the_wheel(wheel_dir):
         path = mod.replace(".", "/")
         assert f"{path}.py" in shipped or f"{path}/__init__.py" in shipped, f"{mod} is missing from the wheel"
     for folder in ("coder_index/data", "coder_index/serve/static"):
-        for p in (ROOT / folder).iterdir():
-            if p.is_file() and p.suffix != ".py" and not p.name.startswith("."):
+        for p in (ROOT / folder).rglob("*"):
+            if p.is_file() and p.suffix not in (".py", ".pyc") and not p.name.startswith("."):
                 assert str(p.relative_to(ROOT)) in shipped, f"{p.relative_to(ROOT)} is missing from the wheel"
     assert not any(s.startswith(("cli/", "data/", "tests/")) for s in shipped)
 
@@ -68,7 +68,9 @@ def test_every_module_imports_from_the_wheel(wheel_dir, tmp_path):
         "import coder_index\n"
         "from coder_index.core.presets import data_file\n"
         "datasets = len(data_file('cvpr24.json'))\n"
-        "print(json.dumps({'failed': failed, 'file': coder_index.__file__, 'datasets': datasets}))\n"
+        "from coder_index.core.presets import shipped_class_list\n"
+        "lists = str(shipped_class_list('imagenet'))\n"
+        "print(json.dumps({'failed': failed, 'file': coder_index.__file__, 'datasets': datasets, 'lists': lists}))\n"
     )
     env = {"PYTHONPATH": str(wheel_dir), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     res = subprocess.run([sys.executable, "-c", script, json.dumps(source_modules())], capture_output=True, text=True,
@@ -78,3 +80,4 @@ def test_every_module_imports_from_the_wheel(wheel_dir, tmp_path):
     assert out["failed"] == {}
     assert Path(out["file"]).is_relative_to(wheel_dir)
     assert out["datasets"] > 10
+    assert Path(out["lists"]).is_relative_to(wheel_dir) and Path(out["lists"]).name == "ImageNet.txt"

@@ -104,6 +104,30 @@ def _released_entry(dataset: str) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def shipped_class_lists() -> list[str]:
+    """The datasets whose class list ships in the package (the released keys of the cvpr24 preset)."""
+    return [k for k in data_file("cvpr24.json") if not k.startswith("_") and k != "ImageNet-V2"]
+
+
+def shipped_class_list(dataset: str) -> Path:
+    """The class list shipped for ``dataset`` (any name the cvpr24 preset knows it by): the released
+    CODER code's ``datasets/class_name/{key}.txt`` (``coder_index/data/classnames/README.md``)."""
+    found = _released_entry(dataset)
+    if found is None:
+        raise InputFormatError(f"no class list ships for --dataset {dataset!r}; pass --classes FILE (one class "
+                               f"name per line, in label order). Lists ship for: {', '.join(shipped_class_lists())}")
+    key = "ImageNet" if found[0] == "ImageNet-V2" else found[0]  # the same 1,000 classes
+    name = f"classnames/{key}.txt"
+    try:
+        path = Path(str(resources.files("coder_index.data").joinpath(name)))
+    except ModuleNotFoundError:  # pragma: no cover - a source tree without install
+        path = Path(__file__).resolve().parent.parent / "data" / name
+    if not path.is_file():
+        raise InputFormatError(f"the shipped class list {name} is missing from this installation of coder-index; "
+                               "reinstall it, or pass --classes FILE")
+    return path
+
+
 def released_dataset(dataset: str | None) -> tuple[str, dict[str, Any]]:
     """(released key, its cvpr24.json entry) for any name of a dataset the released code covers."""
     found = _released_entry(dataset) if dataset else None
