@@ -12,7 +12,7 @@ from typing import Any
 
 from coder_index import _moved
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _EXPORTS = {
     "coder_features": ".methods.coder", "coder_feature_chunks": ".methods.coder",

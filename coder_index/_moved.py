@@ -76,7 +76,7 @@ class _OldPathFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         warnings.warn(f"{module.__name__} moved to {MOVED[module.__name__][0]} in coder-index 0.3; the old "
-                      "import path works until 0.4 (README: Changelog)", DeprecationWarning, stacklevel=2)
+                      "import path works until 0.4 (docs: Changelog)", DeprecationWarning, stacklevel=2)
 
 
 def install() -> None:

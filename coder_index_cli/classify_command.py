@@ -73,7 +73,7 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
     --files-from; paths or URLs), or the samples of webdataset shards with CODER zero-shot. Shards
     are .tar files (read in place), .tar.gz/.tgz files, a folder of them, a brace pattern such as
     'data/{00000..00099}.tar', URLs (https://, s3://, gs://, anything fsspec reads; brace patterns
-    too) or pipe:COMMAND (its output is the shard), streamed with retries; see README: Data in
+    too) or pipe:COMMAND (its output is the shard), streamed with retries; see the docs (At scale): Data in
     object stores and on clusters.
 
     Writes one row per image to --out (path as FOLDER/relative path, as the file was named, or
@@ -324,7 +324,7 @@ def _resolve_candidates(value: str | None, index, spec) -> int:  # noqa: ANN001 
             click.echo(f"note: {n_texts:,} texts over {counts['classes']:,} classes: a dense CODER reads "
                        f"every text per image; --candidates {DEFAULT_CANDIDATES} scores each image's "
                        f"{DEFAULT_CANDIDATES} most likely classes exactly and is several times faster "
-                       "(see README: Large vocabularies)", err=True)
+                       "(see the docs, At scale: Large vocabularies)", err=True)
         return 0
     return spec.candidates
 

@@ -70,7 +70,7 @@ def register(cli: click.Group) -> None:
         The released configs' initial alpha/beta are evaluated and reported, but the searched values
         are used (the released code reports the better of the two on the test set, which peeks at it).
         On a --preset cvpr24 index the Tip-Adapter baseline is searched on Tip-Adapter's own released
-        grid for the dataset (one round; see README: Fidelity).
+        grid for the dataset (one round; see the docs: Fidelity).
 
         \b
         Examples:

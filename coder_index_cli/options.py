@@ -92,7 +92,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
         "--preset", type=click.Choice(PRESETS), default=None,
         help="Text recipe and prompts: coder-index's own (default), or exactly those of the authors' released CODER "
              "code (cvpr24: its templates, needing --dataset, and its generator's prompts word for word; see "
-             "README: Fidelity). An existing index keeps its own."),
+             "docs: Fidelity). An existing index keeps its own."),
     # ------------------------------------------------------------------ reading images
     "decode": click.option(
         "--decode", default="auto", show_default=True, type=click.Choice(DECODE_CHOICES),
@@ -100,7 +100,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
              "in batches where the encoder runs (nvJPEG on a GPU, libjpeg-turbo on the CPU), resized and "
              "normalised there, other files the reference way; auto: gpu on a CUDA device, else cpu (always cpu "
              "for a --preset cvpr24 index). fewshot fit's augmented support views are always Pillow's. See "
-             "README: Decoding."),
+             "docs, On a GPU: Decoding."),
     "workers": click.option(
         "--workers", default=None, type=click.IntRange(0),
         help="Decoding processes, 0 = decode in the main process [default: chosen from the cores and the model: a "
@@ -112,7 +112,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "engine": click.option(
         "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
         help="Where the work runs: here, or on a Ray cluster (pip install 'coder-index[ray]'; the model and inputs "
-             "must be readable on every node: see README, Ray)."),
+             "must be readable on every node: see the docs, At scale)."),
     "ray_address": click.option(
         "--ray-address", default=None, metavar="auto|ADDR",
         help="With --engine ray: 'auto' joins the running cluster, ray://HOST:10001 a remote one; unset starts a "

@@ -52,6 +52,11 @@ def test_every_source_module_and_data_file_is_in_the_wheel(wheel_dir):
             if p.is_file() and p.suffix not in (".py", ".pyc") and not p.name.startswith("."):
                 assert str(p.relative_to(ROOT)) in shipped, f"{p.relative_to(ROOT)} is missing from the wheel"
     assert not any(s.startswith(("cli/", "data/", "tests/")) for s in shipped)
+    # the version comes from coder_index.__version__, its one place
+    from coder_index import __version__
+
+    assert f"coder_index-{__version__}.dist-info/METADATA" in shipped
+    assert sum(p.endswith(".txt") for p in shipped if p.startswith("coder_index/data/classnames/")) == 14
 
 
 def test_every_module_imports_from_the_wheel(wheel_dir, tmp_path):

@@ -361,9 +361,9 @@ def check_reachable(specs: list[str]) -> None:
     for scheme in dict.fromkeys(scheme_of(s) for s in specs):
         if scheme in (None, "file", "http", "https", "pipe"):
             continue
-        import fsspec
-
         try:
+            import fsspec
+
             fsspec.get_filesystem_class(scheme)
         except ImportError as exc:
             raise RemoteError(f"{scheme}:// needs a package that is not installed ({exc}): {CLOUD_EXTRA}",
@@ -375,10 +375,10 @@ def check_reachable(specs: list[str]) -> None:
 
 def filesystem(spec: str) -> tuple[Any, str]:
     """(fsspec filesystem, path) of a URL; a missing driver names the extra to install."""
-    import fsspec
-
     scheme = scheme_of(spec) or "file"
     try:
+        import fsspec
+
         fs, path = fsspec.core.url_to_fs(spec)
     except ImportError as exc:
         raise RemoteError(f"{scheme}:// needs a package that is not installed ({exc}): {CLOUD_EXTRA}",

@@ -92,6 +92,21 @@ def write_clip_benchmark(report: dict[str, Any], out_dir: Path, fingerprint: Any
     return written
 
 
+REPORT_EXTRA = "pip install 'coder-index[report]'"
+
+
+def tsne_unavailable() -> str | None:
+    """None when the t-SNE picture can be drawn; else one line saying what is missing and the fix."""
+    import importlib.util
+
+    missing = [dist for mod, dist in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(mod) is None]
+    if not missing:
+        return None
+    return (f"t-SNE picture skipped: it needs {' and '.join(missing)} (the report extra): {REPORT_EXTRA}, or "
+            "--tsne-samples 0 to say no picture is wanted")
+
+
 def tsne_figure(raw: np.ndarray, coder: np.ndarray, labels: np.ndarray, names: list[str], path: Path,
                 seed: int = 0) -> None:
     """Paper Fig. 5: t-SNE of raw image embeddings beside one of CODERs, coloured by class."""

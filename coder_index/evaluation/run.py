@@ -16,6 +16,7 @@ from coder_index.evaluation.report import (
     per_class_accuracy,
     rerank_effect,
     tsne_figure,
+    tsne_unavailable,
     write_clip_benchmark,
     write_reports,
 )
@@ -102,7 +103,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
             report["rerank"][report["methods"][-1]["name"]] = rerank_effect(stage1, preds, labels)
             report["notes"].append(f"{report['methods'][-1]['name']}: {reranker.summary()}")
     out_dir = Path(out_dir)
-    if tsne_samples and len(x) >= 10:
+    why_not = tsne_unavailable() if tsne_samples and len(x) >= 10 else None
+    if why_not:
+        report["notes"].append(why_not)  # shown in report.md and printed by `eval`
+    elif tsne_samples and len(x) >= 10:
         rng = np.random.default_rng(0)
         sample = rng.choice(len(x), min(tsne_samples, len(x)), replace=False)
         table = index.text_table()

@@ -1,6 +1,8 @@
-"""FAISS searches on a GPU when the device is one and FAISS has GPU support (``pip install
-coder-index[gpu]`` on Linux x86-64 with CUDA); otherwise the same searches on the CPU, said once per
-process, not per call.
+"""FAISS searches on a GPU when the device is one and FAISS has GPU support (faiss-gpu-cu12 installed
+*in place of* faiss-cpu, on Linux x86-64 with CUDA); otherwise the same searches on the CPU, said once
+per process, not per call. Two FAISS builds installed side by side (faiss-cpu and a faiss-gpu
+package: both unpack into ``faiss/``, file over file) are named, with the fix, the first time a
+search is asked for on a GPU.
 
 Used by the corpus search (X-MoRe) and the nearest-text search (explain). The few-shot support search
 and the candidate search do not need it: their keys are flat, exact sets, searched as one GEMM and a
@@ -24,11 +26,42 @@ _resources: Any = None
 _said: set[str] = set()
 
 
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
+GPU_INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12"
+
+
+def installed_faiss_builds() -> list[tuple[str, str]]:
+    """(distribution, version) of every FAISS build installed in this environment."""
+    import importlib.metadata as md
+
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            found.append((name, md.version(name)))
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def mixed_install() -> str | None:
+    """None with one FAISS build installed; else the message naming the builds and the fix."""
+    builds = installed_faiss_builds()
+    if len(builds) < 2:
+        return None
+    names = " and ".join(f"{n} {v}" for n, v in builds)
+    keep = next((n for n, _ in builds if n != "faiss-cpu"), builds[-1][0])
+    return (f"two FAISS builds are installed ({names}): they unpack into the same faiss/ folder and overwrite "
+            f"each other's files, so which one runs is an accident. Keep one: `pip uninstall -y "
+            f"{' '.join(n for n, _ in builds)} && pip install {keep}` (GPU) or `... && pip install faiss-cpu` (CPU)")
+
+
 def gpu_support() -> str | None:
     """None if FAISS can search on a GPU here, else why not (for the one message)."""
+    mixed = mixed_install()
+    if mixed is not None:
+        say_once("mixed", mixed)
     if not hasattr(faiss, "StandardGpuResources"):
-        return ("this FAISS build has no GPU support (faiss-cpu); `pip install coder-index[gpu]` installs "
-                "faiss-gpu on Linux x86-64 with CUDA")
+        return f"this FAISS build has no GPU support (faiss-cpu); for FAISS on the GPU replace it: `{GPU_INSTALL}`"
     try:
         if faiss.get_num_gpus() < 1:
             return "FAISS sees no GPU"
