@@ -139,8 +139,9 @@ def test_without_fcntl_a_lock_file_of_no_live_process_is_taken_over(tmp_path, mo
     with FileLock(lock, "x") as held:
         assert held.held and f"pid {os.getpid()}" in lock.read_text()
     lock.write_text(f"pid {dead.pid} on another-host.example: coder-index classify\n")
-    with pytest.raises(BusyError, match="another-host"):
+    with pytest.raises(BusyError, match="another-host") as err:
         FileLock(lock, "x").acquire()
+    assert f"delete {lock}" in str(err.value)  # the way out when that process is gone
     lock.write_text("")
     assert not FileLock(lock, "x").try_acquire()  # its creator may be writing its line right now
     old = time.time() - 60

@@ -131,8 +131,10 @@ class FileLock:
         """Take the lock, or raise ``BusyError`` naming the holder once the wait is over."""
         if not self.try_acquire():
             waited = f"; waited {self.wait:.0f} s" if self.wait >= 1 else ""
-            raise BusyError(f"{self.what} is in use by another coder-index process ({self._last_owner}){waited}; "
-                            "wait for it to finish, or write elsewhere")
+            # without the kernel's lock a pid can outlive its holder (reused, or another host's): say the way out
+            stale = "" if KERNEL_LOCKS else f" (if no such process runs any more, delete {self.path})"
+            raise BusyError(f"{self.what} is in use by another coder-index process ({self._last_owner or 'starting'})"
+                            f"{waited}; wait for it to finish, or write elsewhere{stale}")
         return self
 
     def _attempt(self) -> str | None:
