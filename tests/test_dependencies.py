@@ -95,6 +95,23 @@ def test_a_mixed_faiss_install_is_named_with_the_fix(monkeypatch):
     message = faiss_gpu.mixed_install()
     assert "faiss-cpu 1.9.0 and faiss-gpu-cu12 1.9.0" in message
     assert "pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in message
+    # said at the first FAISS search of a process, on the CPU too, once
+    import logging
+
+    import numpy as np
+
+    monkeypatch.setattr(faiss_gpu, "_said", set())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger(faiss_gpu.__name__).addHandler(handler)
+    try:
+        vectors = np.eye(4, dtype=np.float32)
+        for _ in range(2):
+            faiss_gpu.knn(vectors[:1], vectors, 2, None)
+    finally:
+        logging.getLogger(faiss_gpu.__name__).removeHandler(handler)
+    assert [r.getMessage() for r in records] == [message]
     del versions["faiss-gpu-cu12"]
     assert faiss_gpu.mixed_install() is None
 

@@ -1,8 +1,8 @@
 """FAISS searches on a GPU when the device is one and FAISS has GPU support (faiss-gpu-cu12 installed
 *in place of* faiss-cpu, on Linux x86-64 with CUDA); otherwise the same searches on the CPU, said once
 per process, not per call. Two FAISS builds installed side by side (faiss-cpu and a faiss-gpu
-package: both unpack into ``faiss/``, file over file) are named, with the fix, the first time a
-search is asked for on a GPU.
+package: both unpack into ``faiss/``, file over file) are named, with the fix, at the first FAISS
+search of a process, on any device.
 
 Used by the corpus search (X-MoRe) and the nearest-text search (explain). The few-shot support search
 and the candidate search do not need it: their keys are flat, exact sets, searched as one GEMM and a
@@ -55,11 +55,21 @@ def mixed_install() -> str | None:
             f"{' '.join(n for n, _ in builds)} && pip install {keep}` (GPU) or `... && pip install faiss-cpu` (CPU)")
 
 
+def check_install_once() -> None:
+    """Name a mixed FAISS install once per process (a metadata look-up: about 30 ms, paid once)."""
+    if "mixed" in _said:
+        return
+    mixed = mixed_install()
+    if mixed is None:
+        with _lock:
+            _said.add("mixed")
+        return
+    say_once("mixed", mixed)
+
+
 def gpu_support() -> str | None:
     """None if FAISS can search on a GPU here, else why not (for the one message)."""
-    mixed = mixed_install()
-    if mixed is not None:
-        say_once("mixed", mixed)
+    check_install_once()
     if not hasattr(faiss, "StandardGpuResources"):
         return f"this FAISS build has no GPU support (faiss-cpu); for FAISS on the GPU replace it: `{GPU_INSTALL}`"
     try:
@@ -98,6 +108,7 @@ def _wants_gpu(device: torch.device | None) -> bool:
 
 def index_for_device(index: Any, device: torch.device | None) -> Any:
     """``index`` on ``device``'s GPU where it can be; the CPU index as it is otherwise."""
+    check_install_once()
     if not _wants_gpu(device):
         return index
     try:
@@ -111,6 +122,7 @@ def index_for_device(index: Any, device: torch.device | None) -> Any:
 def knn(queries: np.ndarray, vectors: np.ndarray, k: int, device: torch.device | None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product kNN of ``queries`` over ``vectors`` (a memory map is read in place on the
     CPU): (similarities [N, k], positions [N, k])."""
+    check_install_once()
     if _wants_gpu(device):
         try:
             return faiss.knn_gpu(_gpu_resources(), queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT,
