@@ -107,6 +107,7 @@ def register(cli: click.Group) -> None:
           coder-index generate --classes classes.txt --out knowledge.json --llm-model gpt-4o-mini
           coder-index generate --classes classes.txt --out k.json --base-url http://localhost:8000/v1 \\
               --llm-model Qwen2.5-7B-Instruct --concurrency 32 --max-requests 5000
+      coder-index generate --classes classes.txt --out k.json --max-tokens 1200   # longer answers allowed
           coder-index generate --classes classes.txt --out k.json --llm none     # offline, WordNet
           coder-index generate --classes classes.txt --out k.json --preset cvpr24  # the authors' prompts
           coder-index generate --classes classes.txt --out k.json --dry-run

@@ -444,7 +444,7 @@ def test_pipe_reads_in_a_process_with_many_open_files():
     """select() refuses descriptors past 1,023: a process holding many files must still read a command."""
     import resource
 
-    from coder_index.core.remote import fetch_bytes
+    from coder_index.core.remote import open_stream
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
@@ -453,7 +453,8 @@ def test_pipe_reads_in_a_process_with_many_open_files():
                                                 else min(max(soft, 1200), hard), hard))
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
-        assert fetch_bytes("pipe:printf 'a%.0s' $(seq 1 5000)") == b"a" * 5000
+        with open_stream("pipe:printf 'a%.0s' $(seq 1 5000)") as stream:  # as a shard given on the command line
+            assert stream.read() == b"a" * 5000
     finally:
         for fd in held:
             os.close(fd)
@@ -498,3 +499,13 @@ def test_eval_of_a_class_folder_in_an_object_store(index_dir, tmp_path, s3, monk
         assert a["name"] == b["name"] and abs(a["top1"] - b["top1"]) < 1e-9
     res = run("eval", tmp_path / "nope", "--index", index_dir, "--out", tmp_path / "x", ok=False)
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_fetching_an_object_whole_never_runs_a_command(tmp_path):
+    """What is fetched whole is named by data (lists, CSVs, rows): a pipe: there is refused, not run."""
+    from coder_index.core.remote import RemoteError, fetch_bytes
+
+    marker = tmp_path / "ran"
+    with pytest.raises(RemoteError, match="only when given as a shard on the command line"):
+        fetch_bytes(f"pipe:touch {marker}")
+    assert not marker.exists()

@@ -258,7 +258,12 @@ def open_stream(spec: str, policy: RetryPolicy | None = None) -> io.BufferedRead
 
 
 def fetch_bytes(spec: str, max_bytes: int = 1 << 30, policy: RetryPolicy | None = None) -> bytes:
-    """The whole of a (small) remote object, e.g. one listed image, with the same retries."""
+    """The whole of a (small) remote object, e.g. one listed image, with the same retries. Never a
+    ``pipe:`` command: what is fetched whole is named by data (a file list, a CSV, a predictions row),
+    and data never runs a command."""
+    if str(spec).startswith("pipe:"):
+        raise RemoteError("a pipe: command runs only when given as a shard on the command line, never when "
+                          "named by a file list, a CSV or a predictions file", fatal=True)
     parts = []
     size = 0
     with open_stream(spec, policy) as r:
@@ -308,6 +313,10 @@ class _PipeStream:
 
     def __init__(self, command: str, timeout: float) -> None:
         self.command, self.timeout = command, timeout
+        # shell=True on purpose: `pipe:` is webdataset's convention for a shell pipeline the user typed
+        # (quotes, pipes, `aws s3 cp ... -`), run with the user's own rights. Only a shard spec from the
+        # command line reaches here: file lists, CSVs and predictions rows refuse pipe: (discover.walk_listed,
+        # rows.row_bytes, fetch_bytes), so a file someone else wrote never runs a command.
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
 
