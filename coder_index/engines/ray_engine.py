@@ -131,20 +131,12 @@ class ShardWorker(ClassifyWorker):
                     id_rows.append(_pad(i, k, -1))
                     score_rows.append(_pad(sc, k, 0.0))
                     emb_rows.append(emb if self.embeddings else np.zeros((len(emb), 0), np.float32))
-                for p, reason in fed.errors:
-                    paths.append(str(p))
-                    kinds.append("error")
+                # rows without an image (an error, a shard read to its end): the same columns, empty
+                for path, kind, reason in [*((str(p), "error", r) for p, r in fed.errors),
+                                           *((n, "done", json.dumps(c)) for n, c in fed.done_shards)]:
+                    paths.append(path)
+                    kinds.append(kind)
                     reasons.append(reason)
-                    sidecars.append("null")
-                    s1_ids.append(np.full(1, -1, np.int64))
-                    s1_scores.append(np.zeros(1))
-                    id_rows.append(np.full((1, k), -1, np.int64))
-                    score_rows.append(np.zeros((1, k)))
-                    emb_rows.append(np.zeros((1, dim), np.float32))
-                for shard_name, counts in fed.done_shards:
-                    paths.append(shard_name)
-                    kinds.append("done")
-                    reasons.append(json.dumps(counts))
                     sidecars.append("null")
                     s1_ids.append(np.full(1, -1, np.int64))
                     s1_scores.append(np.zeros(1))

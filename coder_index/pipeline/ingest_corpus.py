@@ -113,6 +113,14 @@ def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, f
     return manifest
 
 
+def _take_key_and_url(meta: Any, out: dict[str, str | None]) -> None:
+    """img2dataset's ``key`` and ``url`` of a sample's JSON metadata, where it has them, into ``out``."""
+    if isinstance(meta, dict):
+        for k in ("key", "url"):
+            if isinstance(meta.get(k), (str, int)):
+                out[k] = str(meta[k])
+
+
 def _shard_trace(m: Any) -> dict[str, str | None]:
     out: dict[str, str | None] = {"image_path": str(m), "key": m.key}
     if m.meta:
@@ -120,10 +128,7 @@ def _shard_trace(m: Any) -> dict[str, str | None]:
             meta = json.loads(m.meta)
         except (ValueError, RecursionError):
             return out
-        if isinstance(meta, dict):
-            for k in ("key", "url"):
-                if isinstance(meta.get(k), (str, int)):
-                    out[k] = str(meta[k])
+        _take_key_and_url(meta, out)
     return out
 
 
@@ -196,8 +201,5 @@ def sidecar_trace(images: Path, rel: str) -> dict[str, str | None]:
             meta = json.loads(read_bytes(side, "sidecar", max_bytes=1 << 20))
         except (InputFormatError, ValueError, RecursionError):
             return out
-        if isinstance(meta, dict):
-            for k in ("key", "url"):
-                if isinstance(meta.get(k), (str, int)):
-                    out[k] = str(meta[k])
+        _take_key_and_url(meta, out)
     return out
