@@ -1,7 +1,7 @@
 """Inputs where large image sets live, measured side by side in one run (ratios; no timed assertions):
 
 1. `classify` of N CIFAR-10 JPEGs as a folder vs the same images as 4 webdataset tar shards
-   (read in place at their offsets by the decoding workers);
+   (read in place by the decoding workers);
 2. the cost of `--save-embeddings` (clip-retrieval layout, float16) on the shard run.
 
 Each configuration runs `repeats` times, alternating, and the best time is kept (this machine's
@@ -58,7 +58,7 @@ def main() -> None:
     from coder_index.core.presets import TextRecipe
     from coder_index.pipeline.classify import classify_folder
     from coder_index.pipeline.embeddings_out import EmbeddingSaver
-    from coder_index.pipeline.shards import ShardFiles
+    from coder_index.pipeline.sources.shards import ShardSource
 
     with tempfile.TemporaryDirectory(prefix="bench-inputs-") as tmp:
         root = Path(tmp)
@@ -84,8 +84,8 @@ def main() -> None:
             assert s.classified == args.n, (name, s.classified)
             return dt
 
-        configs = {"folder": (folder, False), "shards": (ShardFiles(shards), False),
-                   "shards + save-embeddings": (ShardFiles(shards), True)}
+        configs = {"folder": (folder, False), "shards": (ShardSource(shards), False),
+                   "shards + save-embeddings": (ShardSource(shards), True)}
         best = {k: float("inf") for k in configs}
         once("warm-up", folder, False)
         for _ in range(args.repeats):

@@ -1,8 +1,7 @@
-"""`coder-index classify`: one row per image of a folder, listed files or webdataset shards."""
+"""`coder-index classify`: one row per image of a folder, listed files, webdataset shards or parquet files."""
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -10,13 +9,13 @@ from typing import Any
 
 import click
 
-from .common import IMAGE_SUFFIXES, friendly_errors, resolve_gap_threshold
-from .options import ENGINE, LLM_CLIENT, METHOD, MODEL, PARALLEL, check_engine_options, options
+from .common import EXIT_INCOMPLETE, IMAGE_SUFFIXES, friendly_errors, resolve_gap_threshold
+from .options import ENGINE, LLM_CLIENT, METHOD, MODEL, PARALLEL, PARQUET, check_engine_options, options
 from .textgen_commands import make_generator
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE... | SHARD...")
+@click.argument("inputs", nargs=-1, metavar="FOLDER | IMAGE... | SHARD... | PARQUET...")
 @click.option("--files-from", "files_from", default=None, metavar="LIST",
               help="Classify the image files LIST names, one path per line ('-': standard input), relative to the "
                    "working directory; rows name them as listed.")
@@ -58,7 +57,7 @@ from .textgen_commands import make_generator
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Encoder precision on a GPU (auto: fp16 on CUDA, fp32 on the CPU). CODER, the rerank and the "
                    "adapter always compute in float32, without TF32.")
-@options("decode")
+@options("decode", *PARQUET)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bool, save_embeddings: str | None,
@@ -68,21 +67,27 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
              rerank: bool, gap_threshold: float | None, adapter_dir: Path | None, corpus_dir: Path | None,
              retrieve_k: int, rerank_chunk: int, candidates: str | None, engine: str, ray_address: str | None,
              ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
-             precision: str, decode: str, quiet: bool, **llm: Any) -> None:
-    """Classify every image under FOLDER (recursively), or the IMAGE files named (and those of
-    --files-from; paths or URLs), or the samples of webdataset shards with CODER zero-shot. Shards
-    are .tar files (read in place), .tar.gz/.tgz files, a folder of them, a brace pattern such as
-    'data/{00000..00099}.tar', URLs (https://, s3://, gs://, anything fsspec reads; brace patterns
-    too) or pipe:COMMAND (its output is the shard), streamed with retries; see the docs (At scale): Data in
-    object stores and on clusters.
+             precision: str, decode: str, image_column: str | None, key_column: str | None, quiet: bool,
+             **llm: Any) -> None:
+    """Classify every image under FOLDER (recursively), the IMAGE files named (and those of
+    --files-from; paths or URLs), the samples of webdataset shards, or the rows of parquet files,
+    with CODER zero-shot. Shards are .tar files, .tar.gz/.tgz files, a folder of them, a brace
+    pattern such as 'data/{00000..00099}.tar', URLs (https://, s3://, gs://, anything fsspec reads)
+    or pipe:COMMAND (its output is the shard; 'pipe:aws s3 cp s3://b/{000..099}.tar -' is one
+    command per shard, as webdataset expands it). Parquet files (Hugging Face datasets, img2dataset's
+    output or its URL lists), local or by URL, are read by row group.
 
-    Writes one row per image to --out (path as FOLDER/relative path, as the file was named, or
-    SHARD/KEY for a shard's sample, a URL without its credentials; label, score = softmax
-    probability, method, then the next top-k classes). Files that cannot be decoded, and FIFOs,
-    sockets or devices named like images, are listed with the reason in OUT.errors.csv; hidden
-    files are not classified (counted in the summary). Interrupted runs resume: rerun the same
-    command. OUT.run.json records the index, model and settings: a rerun with others is refused
-    (--overwrite starts afresh). A second run on the same OUT is refused while the first runs.
+    Writes one row per image to --out (path as FOLDER/relative path, as the file was named,
+    SHARD/KEY for a shard's sample, FILE.parquet/KEY for a parquet row, a URL without its
+    credentials; label, score = softmax probability, method, then the next top-k classes). What
+    cannot be classified (an image that does not decode, a FIFO named like an image, a sample
+    without an image) is listed with the reason in OUT.errors.csv; so is what cannot be read (a
+    missing file or shard, a 404, a command that fails, a damaged shard, retries spent), marked
+    retry: the other inputs are classified, the run exits with status 3 (incomplete), and a rerun
+    retries only those. A refusal that holds for every input (no credentials, a bucket that does not
+    exist) stops at once with status 1. Interrupted runs resume: rerun the same command.
+    OUT.run.json records the index, model and settings: a rerun with others is refused (--overwrite
+    starts afresh). A second run on the same OUT is refused while the first runs.
 
     \b
     Examples:
@@ -103,7 +108,10 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
       coder-index classify 'https://host/data/{00000..00099}.tar' --index in1k --out preds.csv
       coder-index classify 's3://bucket/shards/{00000..00999}.tar.gz' --index in1k --out preds.csv \
           --save-embeddings s3://bucket/emb/
-      coder-index classify 'pipe:aws s3 cp --quiet s3://bucket/00000.tar -' --index in1k --out preds.csv
+      coder-index classify 'pipe:aws s3 cp --quiet s3://bucket/{00000..00099}.tar -' --index in1k --out preds.csv
+      coder-index classify 'hf-data/train-{00000..00003}-of-00004.parquet' --index in1k --out preds.csv
+      coder-index classify 'https://host/laion/{00000..00009}.parquet' --image-column jpg --key-column key \
+          --index in1k --out preds.csv
     """
     from coder_index.methods.pair_stage import PairReranker
     from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
@@ -112,7 +120,7 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
     from coder_index.pipeline.output import ResultWriter
     from coder_index.pipeline.runrecord import check_writable
 
-    source = _classify_source(inputs, files_from, null_separated)
+    source = _classify_source(inputs, files_from, null_separated, image_column, key_column)
     if save_embeddings is not None:
         from coder_index.core.remote import check_reachable
 
@@ -182,67 +190,56 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
         if reranker.generator is not None and reranker.generator.llm.usage.requests:
             click.echo(f"LLM: {reranker.generator.llm.usage.summary()}", err=True)
     _print_summary(summary)
-    if summary.found == 0 and not summary.already_done:
-        folder = f"{inputs[0]} holds" if isinstance(source, Path) else "the listed files hold" \
-            if not hasattr(source, "shards") else "the shards hold"
-        click.echo(f"warning: {folder} no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+    if summary.found == 0 and not summary.already_done and not summary.failed:
+        click.echo(f"warning: {summary.what} no image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
                    f"{'; ' + str(summary.other_files) + ' other file(s)' if summary.other_files else ''}"
                    f"{'; ' + str(summary.hidden) + ' hidden' if summary.hidden else ''})", err=True)
+    if summary.failed:
+        _say_incomplete(summary)
+        sys.exit(1 if summary.found == 0 and not summary.already_done else EXIT_INCOMPLETE)
     if strict and (summary.found == 0 or summary.errors):
         sys.exit(1)
 
 
-def _classify_source(inputs: tuple[str, ...], files_from: str | None, null_separated: bool) -> Any:
-    """One folder, image files (arguments and/or --files-from; paths or URLs), or webdataset shards
-    (local, by URL, or pipe: commands): what classify_folder reads."""
-    from coder_index.core.remote import check_reachable, is_remote, local_path, public_url
-    from coder_index.pipeline.discover import ListedFiles, read_file_list
-    from coder_index.pipeline.shards import ShardFiles, expand_shards, is_shard_spec
+def _say_incomplete(summary: Any) -> None:
+    """What could not be read, named, and what to do: the other inputs are done, a rerun retries these."""
+    shown = "; ".join(f"{what}: {why}" for what, why in summary.failed[:3])
+    more = f" (and {len(summary.failed) - 3} more)" if len(summary.failed) > 3 else ""
+    if summary.found == 0 and not summary.already_done:
+        click.echo(f"error: nothing could be read: {shown}{more}. Listed in {summary.errors_file}; rerun the same "
+                   "command to try again", err=True)
+        return
+    click.echo(f"incomplete: {len(summary.failed)} input(s) could not be read: {shown}{more}. Listed in "
+               f"{summary.errors_file} (retry: yes); rerun the same command to try them again (exit status "
+               f"{EXIT_INCOMPLETE})", err=True)
+
+
+def _classify_source(inputs: tuple[str, ...], files_from: str | None, null_separated: bool,
+                     image_column: str | None = None, key_column: str | None = None) -> Any:
+    """What classify reads (``sources.resolve``: the one place the input's kind is decided)."""
+    from coder_index.pipeline.discover import read_file_list
+    from coder_index.pipeline.sources.parquet import ParquetOptions
+    from coder_index.pipeline.sources.resolve import UsageError, open_source
 
     if null_separated and not files_from:
         raise click.UsageError("-0/--null applies to --files-from")
-    shard_args = [p for p in inputs if is_shard_spec(p)]
-    if shard_args:
-        others = [p for p in inputs if p not in shard_args]
-        if others or files_from:
-            what = public_url(others[0]) if others else "--files-from"
-            raise click.UsageError(f"{what} is not a shard: classify shards (.tar, .tar.gz or .tgz files or URLs, a "
-                                   "folder of them, a brace pattern, pipe:COMMAND), a folder, or image files, in "
-                                   "one run")
-        check_reachable(shard_args)  # a missing driver is one line, before the model loads
-        shards = expand_shards(shard_args)
-        missing = [s for s in shards if not is_remote(s) and not os.path.exists(s)]
-        if missing and len(missing) == len(shards):
-            raise click.UsageError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                      if len(missing) > 1 else ""))
-        return ShardFiles(shards)  # a missing shard among others is listed in the errors file
-    check_reachable([p for p in inputs if is_remote(p)])
-    local = [local_path(p) for p in inputs if not is_remote(p)]
-    absent = [p for p in local if not os.path.lexists(p)]
-    if absent:
-        raise click.UsageError(f"{absent[0]}: no such file or folder")
-    folders = [Path(p) for p in local if os.path.isdir(p)]
-    if folders and (len(inputs) > 1 or files_from):
-        raise click.UsageError(f"{folders[0]} is a folder: classify one folder, or image files (arguments and/or "
-                               "--files-from), in one run")
-    if folders:
-        return folders[0]
-    if not inputs and not files_from:
-        raise click.UsageError("name a FOLDER, image files, or --files-from LIST")
+    if files_from and files_from != "-":
+        _check_file_list(files_from)
 
-    def paths() -> Any:
-        yield from (str(p) for p in inputs)
+    def listed() -> Any:
         if files_from == "-":
             yield from read_file_list(sys.stdin.buffer, null_separated)
-        elif files_from:
+        else:
             from coder_index.core.untrusted import open_regular_file
 
             with open_regular_file(files_from) as f:
                 yield from read_file_list(f, null_separated)
 
-    if files_from and files_from != "-":
-        _check_file_list(files_from)
-    return ListedFiles(paths())
+    try:
+        return open_source(inputs, listed() if files_from else None,
+                           parquet=ParquetOptions(image_column=image_column, key_column=key_column))
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _check_file_list(path: str) -> None:
@@ -279,15 +276,21 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - ClassifySummary
     msg += f", {summary.errors} unreadable"
     if summary.already_done:
         msg += f"; {summary.already_done} done in earlier runs"
+    if summary.retried:
+        msg += f"; {summary.retried} input(s) earlier runs could not read tried again"
     if summary.special:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary.special_kinds.items())) or str(summary.special)
         msg += f"; skipped before decoding (listed as unreadable): {kinds}"
+    if summary.failed:
+        msg += f"; {len(summary.failed)} input(s) could not be read (to retry)"
     if summary.other_files:
         msg += f"; {summary.other_files} non-image file(s) ignored"
     if summary.hidden:
         msg += f"; {summary.hidden} hidden file(s)/folder(s) skipped"
     if summary.rows_in_out or summary.out_exists:
         msg += f". {summary.out} holds {summary.rows_in_out} row(s)"
+    elif summary.failed:
+        msg += f". No {summary.out} written"
     else:
         msg += f". No {summary.out} written: no image was classified"
     msg += (f", {summary.errors_file} lists {summary.errors_in_file} unreadable file(s)" if summary.errors_in_file

@@ -34,6 +34,11 @@ HUB_HINTS = {
 }
 
 
+# The exit status of a run that read some inputs and could not read others (a missing file or shard, a
+# 404, a command that failed, retries spent): the rest is done, a rerun retries those. Documented in the
+# classify guide.
+EXIT_INCOMPLETE = 3
+
 # Commands whose rerun picks up where an interrupted run stopped (outputs resumed, caches kept).
 RESUMABLE = {"build", "classify", "generate", "eval", "corpus build", "fewshot fit", "reproduce"}
 

@@ -70,9 +70,9 @@ def register(cli: click.Group) -> None:
         from coder_index.methods.text_index import TextIndex
         from coder_index.model.encoder import ClipEncoder
         from coder_index.pipeline.ingest_corpus import ingest_folder, ingest_laion
-        from coder_index.pipeline.shards import is_shard_spec
+        from coder_index.pipeline.sources.resolve import input_kind
 
-        shard_specs = [i for i in images if is_shard_spec(i)]
+        shard_specs = [i for i in images if input_kind(i) in ("shards", "remote-folder")]
         if shard_specs and len(shard_specs) != len(images):
             raise click.UsageError("--images takes one folder, or shards (one or more): not both")
         if len(images) > 1 and not shard_specs:
@@ -90,16 +90,20 @@ def register(cli: click.Group) -> None:
         check_writable(corpus_dir, "corpus directory", is_dir=True)
         if corpus_dir.exists() and any(corpus_dir.iterdir()):
             raise click.ClickException(f"{corpus_dir} exists and is not empty; choose a new corpus directory")
+        if shard_specs:
+            from coder_index.pipeline.sources.resolve import UsageError, open_source
+
+            try:
+                shard_list = open_source(shard_specs).specs  # a typo or a missing driver: before any model loads
+            except UsageError as exc:
+                raise click.UsageError(str(exc)) from None
         encoder = TextIndex.open(index_dir, device=device).encoder if index_dir else \
             ClipEncoder(model or "ViT-B-32", pretrained, device=device)
         with torch_threads_if(threads):
             if shard_specs:
-                from coder_index.core.remote import check_reachable
                 from coder_index.pipeline.ingest_corpus import ingest_shards
-                from coder_index.pipeline.shards import expand_shards
 
-                check_reachable(shard_specs)
-                m = ingest_shards(corpus_dir, encoder, expand_shards(shard_specs), factory=index_factory,
+                m = ingest_shards(corpus_dir, encoder, shard_list, factory=index_factory,
                                   batch_size=batch_size, workers=workers, threads=threads, progress=not quiet,
                                   decode=decode)
                 if m.get("uncaptioned"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,8 @@ import click
 
 from coder_index.core.choices import RERANK_METHODS
 
-from .common import friendly_errors, resolve_gap_threshold
-from .options import LLM_CLIENT, MODEL, PARALLEL, options
+from .common import EXIT_INCOMPLETE, friendly_errors, resolve_gap_threshold
+from .options import LLM_CLIENT, MODEL, PARALLEL, PARQUET, options
 from .textgen_commands import make_generator
 
 GATED_DEFAULT = 0.3  # the gate of the coder*-gated row when --gap-threshold is not given
@@ -62,21 +63,26 @@ def register(cli: click.Group) -> None:
                   help="Image embedding cache [default: ~/.cache/coder-index/image-embeddings.sqlite].")
     @click.option("--tsne-samples", default=1000, show_default=True, type=click.IntRange(0),
                   help="Images in the t-SNE figure (0: no figure).")
-    @options("adapter", "corpus", "retrieve_k", *MODEL, *LLM_CLIENT)
+    @options("adapter", "corpus", "retrieve_k", *MODEL, *LLM_CLIENT, *PARQUET, "label_column")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def eval_cmd(data: str, index_dir: str, methods: str, out_dir: str, mapping: str | None,
                  gap_threshold: float | str | None, batch_size: int, workers: int | None, threads: int | None,
                  decode: str, embedding_cache: str | None, tsne_samples: int, adapter_dir: Path | None,
                  corpus_dir: Path | None, retrieve_k: int, model: str | None, pretrained: str | None,
-                 device: str | None, quiet: bool, prompts: str, report_formats: tuple[str, ...], **llm: Any) -> None:
+                 device: str | None, quiet: bool, prompts: str, report_formats: tuple[str, ...],
+                 image_column: str | None, key_column: str | None, label_column: str | None, **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
 
         DATA is a folder with one subfolder per class (names matched to the index's classes;
         --mapping when they differ), such a folder in an object store (s3://bucket/test/, gs://...),
-        or a CSV of path,label (paths relative to the CSV, or image URLs). Image embeddings of local
-        files are computed once and cached, so rerunning with other methods or texts does not
-        re-encode.
+        a CSV of path,label (paths relative to the CSV, or image URLs), labelled webdataset shards
+        (KEY.cls holds the class id, in the index's class order, as webdataset and CLIP_benchmark
+        write it, or a class name; local, by URL or a brace pattern), or parquet files with a label
+        column (Hugging Face datasets' ClassLabel ids are read as their names). Image embeddings of
+        local files are computed once and cached, so rerunning with other methods or texts does not
+        re-encode. What could not be read (a missing file or shard, a 404) is left out of the report,
+        named, and the command exits with status 3.
 
         \b
         Examples:
@@ -87,6 +93,9 @@ def register(cli: click.Group) -> None:
           coder-index eval test/ --index pets-index --adapter pets-16shot
           coder-index eval test/ --index pets-index --corpus my-corpus        # clip, xmore, coder, coder+xmore
           coder-index eval test/ --index in1k-cvpr24 --gap-threshold preset --report-format clip_benchmark
+          coder-index eval 'wds/test-{000..009}.tar' --index cifar-index --llm none     # KEY.cls labels
+          coder-index eval hf-cifar10/test-00000-of-00001.parquet --index cifar-index --image-column img \\
+              --llm none
         """
         from coder_index.core.atomic import check_writable
         from coder_index.core.remote import is_url, public_url
@@ -95,7 +104,7 @@ def register(cli: click.Group) -> None:
         from coder_index.methods.text_index import TextIndex
         from coder_index.pipeline.labelled import load_labelled
 
-        if not is_url(data) and not Path(data).exists():  # before anything else, as for any missing path
+        if not is_url(data) and "{" not in data and not Path(data).exists():  # before anything else
             raise click.UsageError(f"DATA {data} does not exist: a folder with one subfolder per class, a CSV of "
                                    "path,label, or a folder's URL (s3://bucket/test/)")
         check_writable(Path(out_dir), "--out", is_dir=True)
@@ -121,7 +130,10 @@ def register(cli: click.Group) -> None:
 
             corpus = Corpus(corpus_dir, index.fingerprint, device=index.compute_device)
             xmore = XMore(index, corpus, k=retrieve_k, prompts=prompts)
-        labelled = load_labelled(data, index.class_names(), mapping)
+        from coder_index.pipeline.sources.parquet import ParquetOptions
+
+        labelled = load_labelled(data, index.class_names(), mapping,
+                                 ParquetOptions(image_column, key_column, label_column))
         generator = None
 
         def reranker_factory(gap: float | None) -> PairReranker | None:
@@ -143,3 +155,8 @@ def register(cli: click.Group) -> None:
         click.echo(markdown(report))
         written = ["report.json", *(["tsne.png"] if "tsne" in report else []), *report.get("clip_benchmark_files", [])]
         click.echo(f"wrote {Path(out_dir) / 'report.md'}, " + ", ".join(written), err=True)
+        if report.get("unread"):
+            first = "; ".join(f"{what}: {why}" for what, why in report.get("unread_first", [])[:3])
+            click.echo(f"incomplete: {report['unread']} input(s) could not be read and are not in the report: "
+                       f"{first}; rerun to try them again (exit status {EXIT_INCOMPLETE})", err=True)
+            sys.exit(EXIT_INCOMPLETE)

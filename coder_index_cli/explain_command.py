@@ -56,7 +56,7 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
     from coder_index.methods.text_index import TextIndex
     from coder_index.pipeline.rows import RunRecord, predictions_rows, row_bytes
 
-    record, cwd = None, None
+    record, cwd, parquet = None, None, None
     given = dict(method=zs_method, rerank=rerank, retrieve_k=retrieve_k,
                  adapter=None if adapter_dir is None else str(adapter_dir),
                  corpus=None if corpus_dir is None else str(corpus_dir), gap_threshold=gap_threshold)
@@ -66,6 +66,7 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
         given = {**given, **record.spec()}
         dirs = record.working_dirs()
         cwd = dirs[0] if dirs else Path(predictions).resolve().parent
+        parquet = record.parquet_options()
         images = (*images, *predictions_rows(predictions, list(rows)))
     elif rows:
         raise click.UsageError("--row N names a row of a predictions file: add --predictions OUT")
@@ -79,7 +80,7 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
     loaded, bad = [], []
     for path in images:  # every image is read before the model loads: a bad one is named, the rest explained
         try:
-            loaded.append((path, decode_image_bytes(row_bytes(path, cwd))))
+            loaded.append((path, decode_image_bytes(row_bytes(path, cwd, parquet))))
         except ImageDecodeError as exc:
             bad.append((path, str(exc)))
     results = []

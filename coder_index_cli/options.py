@@ -173,6 +173,19 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "filter_pretrained": click.option("--filter-pretrained", default=None, metavar="TAG|FILE",
                                       help="Pretrained tag or checkpoint of --filter-model."),
     "dry_run": click.option("--dry-run", is_flag=True, help="Print how many prompts would be sent, send none."),
+    # ------------------------------------------------------------------ parquet inputs
+    "image_column": click.option(
+        "--image-column", default=None, metavar="NAME",
+        help="Parquet inputs: the column of the images (bytes, a {bytes, path} struct as Hugging Face datasets "
+             "writes, or image URLs) [default: found from the schema: image, img, jpg, url, ...]."),
+    "key_column": click.option(
+        "--key-column", default=None, metavar="NAME",
+        help="Parquet inputs: the column whose values name the rows (FILE/KEY) [default: key if there is one, else "
+             "the row's number in the file]."),
+    "label_column": click.option(
+        "--label-column", default=None, metavar="NAME",
+        help="Parquet inputs: the column of the class (an id, or a name; Hugging Face ClassLabel ids are read as "
+             "their names) [default: label, labels, cls or class]."),
 }
 
 MODEL = ("model", "pretrained", "device")
@@ -181,6 +194,7 @@ PARALLEL = ("workers", "threads")
 ENGINE = ("engine", "ray_address", "ray_actors", "ray_gpus")
 LLM_CLIENT = ("llm", "base_url", "llm_model", "api_key_env", "concurrency", "max_requests", "temperature",
               "max_tokens", "max_retries", "max_answer_chars", "cache")
+PARQUET = ("image_column", "key_column")
 GENERATOR = ("synonyms_from", "analogous_threshold", "filter_model", "filter_pretrained", "dry_run")
 
 

@@ -94,20 +94,22 @@ class FileServer:
         if not str(file).startswith(str(self.root.resolve())) or not file.is_file():
             return self._status(h, 404)
         data = file.read_bytes()
-        start, status = 0, 200
+        start, end, status = 0, len(data), 200
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes="):
-            start = int(rng[6:].split("-")[0] or 0)
+            first, _, last = rng[6:].partition("-")
+            start = int(first or 0)
+            end = min(len(data), int(last) + 1) if last else len(data)
             if start >= len(data):
                 return self._status(h, 416)
             status = 206
-        body = data[start:]
+        body = data[start:end]
         h.send_response(status)
         h.send_header("Content-Type", "application/x-tar")
         h.send_header("Content-Length", str(len(body)))
         h.send_header("Accept-Ranges", "bytes")
         if status == 206:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         h.end_headers()
         if head:
             return

@@ -47,10 +47,17 @@ def folder(tmp_path_factory):
     return root
 
 
+def units(root, names):
+    """The files of ``root`` named ``names`` as the feed's units, each row named by its relative path."""
+    from coder_index.pipeline.sources.files import FileUnit
+
+    return [FileUnit(n, str(root / n), i) for i, n in enumerate(names)]
+
+
 def _all(feed, root, names, batch_size=5, workers=0):
     got, errors = {}, {}
-    for b in feed.batches(root, names, batch_size=batch_size, workers=workers):
-        errors.update(dict(b.errors))
+    for b in feed.batches(units(root, names), batch_size=batch_size, workers=workers):
+        errors.update({e.row: e.reason for e in [*b.errors, *b.failures]})
         if b.pixels is not None:
             for p, px in zip(b.paths, b.pixels, strict=True):
                 got[p] = px

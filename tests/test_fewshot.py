@@ -174,11 +174,11 @@ def fit(env, out, *extra):
 
 
 def test_fit_never_reads_test_images(fewshot_env, monkeypatch):
-    from coder_index.pipeline import feed
+    from coder_index.pipeline.sources.base import Sample
 
     seen = []
-    real = feed.load_image  # every image of fewshot fit, support and validation, comes through the one feed
-    monkeypatch.setattr(feed, "load_image", lambda p: (seen.append(str(p)), real(p))[1])
+    real = Sample.open  # every image of fewshot fit, support and validation, is opened by the one feed
+    monkeypatch.setattr(Sample, "open", lambda self: (seen.append(str(self.path or self.row)), real(self))[1])
     manifest = fit(fewshot_env, "ad")
     assert seen and not any("/test/" in p for p in seen)
     assert manifest["validation"]["images"] == 3 * 6  # the 6 non-support images of each class

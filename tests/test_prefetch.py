@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from coder_index.pipeline.feed import FedBatch, Prefetched
+from coder_index.pipeline.sources.base import Sample
 
 
 def batch(i: int) -> FedBatch:
-    return FedBatch([f"img{i}.jpg"], torch.full((1, 3, 2, 2), float(i)), [])
+    return FedBatch([Sample(f"img{i}.jpg")], torch.full((1, 3, 2, 2), float(i)), [])
 
 
 def test_batches_arrive_in_order_and_the_source_is_closed_at_the_end():
@@ -153,7 +154,10 @@ def test_batches_made_on_the_feeds_stream_equal_those_made_in_line(tmp_path, dec
     feed = make_feed(decode, open_clip.image_transform(224, is_train=False), dev)
 
     def made():
-        return feed.batches(folder, names, batch_size=4, workers=2)
+        from coder_index.pipeline.sources.files import FileUnit
+
+        return feed.batches([FileUnit(n, str(folder / n), i) for i, n in enumerate(names)], batch_size=4,
+                            workers=2)
 
     in_line = [(b.paths, b.pixels.clone() if b.pixels is not None else None, b.errors) for b in made()]
     with Prefetched(made, dev) as ahead:

@@ -142,6 +142,47 @@ def test_shards_and_saved_embeddings_on_ray_equal_the_local_engine(index_dir, tm
         np.testing.assert_allclose(vec.astype(np.float32), saved["local"][path][1].astype(np.float32), atol=2e-3)
 
 
+def test_parquet_list_and_shard_faults_on_ray_equal_the_local_engine(index_dir, tmp_path, monkeypatch):
+    """Any source through Ray actors, faults included: a parquet file by row group (a failed download
+    among its rows), a file list with a missing file, shards with a missing one. The same rows, the
+    same errors (final, and to retry), the same exit status (3: incomplete) as the local engine."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cifar = shared_path("data", "cifar10-test")
+    files = [f for c in ("cat", "ship") for f in sorted((cifar / c).iterdir())[:7]]
+    monkeypatch.chdir(tmp_path)
+    keys = [f"{f.parent.name}_{f.stem}" for f in files]
+    pq.write_table(pa.table({"key": [*keys, "failed"], "jpg": pa.array([f.read_bytes() for f in files] + [None],
+                                                                        pa.binary()),
+                             "status": ["success"] * len(files) + ["failed_to_download"]}), "x.parquet",
+                   row_group_size=4)
+    Path("list.txt").write_text("".join(f"{f}\n" for f in files) + "gone.jpg\n")
+    with tarfile.open("00000.tar", "w") as tf:
+        for key, f in zip(keys, files, strict=True):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = f.stat().st_size
+            tf.addfile(info, io.BytesIO(f.read_bytes()))
+    cases = {"parquet": ["x.parquet"], "list": ["--files-from", "list.txt"], "shards": ["{00000..00001}.tar"]}
+    for name, args in cases.items():
+        outs = {}
+        for engine in ("local", "ray"):
+            outs[engine] = tmp_path / f"{name}-{engine}.csv"
+            res = run("classify", *args, "--index", index_dir, "--out", outs[engine], "--batch-size", "4", "-q",
+                      *(["--engine", "ray"] if engine == "ray" else []), ok=False)
+            assert res.exit_code == (0 if name == "parquet" else 3), (name, engine, res.output)
+        assert len(rows(outs["ray"])) == len(files)
+        assert_same_rows(outs["local"], outs["ray"])
+        with open(outs["local"].with_name(outs["local"].name + ".errors.csv"), newline="") as f:
+            local_errors = sorted(tuple(r.values()) for r in csv.DictReader(f))
+        with open(outs["ray"].with_name(outs["ray"].name + ".errors.csv"), newline="") as f:
+            ray_errors = sorted(tuple(r.values()) for r in csv.DictReader(f))
+        assert ray_errors == local_errors and len(ray_errors) == 1, name
+
+
 def test_a_killed_worker_loses_nothing(index_dir, folder, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv("CODER_INDEX_CRASH_ONCE", f"ray.worker.batch:{marker}")

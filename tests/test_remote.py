@@ -40,12 +40,13 @@ def rows(path: Path) -> dict[str, dict]:
         return {r["path"]: r for r in csv.DictReader(f)}
 
 
-def errors(out: Path) -> dict[str, str]:
+def errors(out: Path, retry: str | None = None) -> dict[str, str]:
+    """path -> reason of OUT's errors file (``retry``: only the rows marked so, "yes" or "no")."""
     p = out.with_name(out.name + ".errors.csv")
     if not p.exists():
         return {}
     with open(p, newline="") as f:
-        return {r["path"]: r["error"] for r in csv.DictReader(f)}
+        return {r["path"]: r["error"] for r in csv.DictReader(f) if retry is None or r["retry"] == retry}
 
 
 def by_key(table: dict[str, dict]) -> dict[str, dict]:
@@ -111,7 +112,7 @@ def test_http_shards_and_compressed_shards_give_the_local_rows(index_dir, shards
             assert_same_rows(got, shards["reference"])
             if name.startswith("http"):
                 assert all(p.startswith(server.base_url + "/") for p in got)  # rows name URL/KEY
-            done = out.with_name(out.name + ".shards-done").read_text().splitlines()
+            done = out.with_name(out.name + ".units-done").read_text().splitlines()
             assert len(done) == 3
         # each shard read once, front to back, never whole before its first image (one request each)
         assert sum(1 for p, _, _ in server.requests if p.startswith("tar/")) == 3
@@ -127,7 +128,7 @@ def test_a_rerun_opens_no_complete_shard_and_a_cut_run_resumes_at_the_image(inde
         res = run("classify", url, "--index", index_dir, "--out", out, "--workers", "0", "-q")
         assert "classified 0 images" in res.output and len(server.requests) == before  # nothing re-read
         # forget that shard 1 was complete and drop two of its rows: only those two are classified again
-        done_file = out.with_name(out.name + ".shards-done")
+        done_file = out.with_name(out.name + ".units-done")
         kept = [ln for ln in done_file.read_text().splitlines() if not ln.endswith("00001.tar")]
         done_file.write_text("\n".join(kept) + "\n")
         lines = out.read_text().splitlines()
@@ -194,23 +195,40 @@ def test_retries_spent_report_the_shard_and_keep_the_rest(index_dir, shards, tmp
         server.faults["00001.tar"] = Fault(status=[503] * 50)
         out = tmp_path / "r.csv"
         res = run("classify", server.base_url + "/{00000..00002}.tar", "--index", index_dir, "--out", out,
-                  "--workers", "0", "-q")
-        errs = errors(out)
+                  "--workers", "0", "-q", ok=False)
+        assert res.exit_code == 3, res.output  # incomplete: the rest is classified, the shard named
+        errs = errors(out, retry="yes")
         bad = server.base_url + "/00001.tar"
-        assert list(errs) == [bad] and "HTTP 503" in errs[bad] and "4 tries" in errs[bad]
+        assert list(errs) == [bad] and "HTTP 503" in errs[bad] and "4 tries" in errs[bad] and not errors(out, "no")
         assert {k.split("/")[0] for k in by_key(rows(out))} == {"00000", "00002"}
-        assert "1 unreadable" in res.output
-        # the server recovers: the rerun reads only the shard that failed (its error row stays listed)
+        assert "1 input(s) could not be read" in res.output and bad in res.output and "hold no image" not in res.output
+        # the server recovers: the rerun reads only the shard that failed, and its row leaves the errors file
         server.faults.clear()
         n = len(server.requests)
-        run("classify", server.base_url + "/{00000..00002}.tar", "--index", index_dir, "--out", out,
-            "--workers", "0", "-q")
-        assert [p for p, _, _ in server.requests[n:]] == ["00001.tar"]
+        res = run("classify", server.base_url + "/{00000..00002}.tar", "--index", index_dir, "--out", out,
+                  "--workers", "0", "-q")
+        assert [p for p, _, _ in server.requests[n:]] == ["00001.tar"] and errors(out) == {}
+        assert "1 input(s) earlier runs could not read tried again" in res.output
     assert_same_rows(rows(out), shards["reference"])
 
 
-@pytest.mark.parametrize("status, says", [(404, "not found (HTTP 404)"), (403, "forbidden (HTTP 403)"),
-                                          (401, "not authorised (HTTP 401)")])
+def test_a_missing_shard_by_url_is_one_row_to_retry_and_the_rest_is_classified(index_dir, shards, tmp_path,
+                                                                                 monkeypatch):
+    fast_retries(monkeypatch)
+    with FileServer(shards["root"] / "tar") as server:
+        server.faults["00001.tar"] = Fault(status=[404] * 50)
+        out = tmp_path / "m.csv"
+        for _ in range(2):  # every rerun reads the others' rows from OUT, and tries the missing shard once more
+            n = len(server.requests)
+            res = run("classify", server.url("{00000..00002}.tar"), "--index", index_dir, "--out", out, "--workers",
+                      "0", "-q", ok=False)
+            assert res.exit_code == 3 and "not found (HTTP 404)" in res.output and "Traceback" not in res.output
+            assert sum(1 for p, _, _ in server.requests[n:] if p == "00001.tar") == 1  # not retried within a run
+        assert list(errors(out, retry="yes")) == [server.url("00001.tar")]
+        assert {k.split("/")[0] for k in by_key(rows(out))} == {"00000", "00002"}
+
+
+@pytest.mark.parametrize("status, says", [(403, "forbidden (HTTP 403)"), (401, "not authorised (HTTP 401)")])
 def test_refusals_stop_at_once_with_one_line(index_dir, shards, tmp_path, monkeypatch, status, says):
     fast_retries(monkeypatch)
     with FileServer(shards["root"] / "tar") as server:
@@ -233,7 +251,7 @@ def test_credentials_never_shown_anywhere(index_dir, shards, tmp_path, monkeypat
         out = tmp_path / "c.csv"
         res = CliRunner().invoke(cli, ["-v", "classify", signed, "--index", str(index_dir), "--out", str(out),
                                        "--workers", "0", "--save-embeddings", str(tmp_path / "emb"), "-q"])
-        assert res.exit_code == 0, res.output
+        assert res.exit_code == 3, res.output  # incomplete: one shard could not be read
         assert all(auth for _, _, auth in server.requests)  # the credentials were used
     got = rows(out)
     assert len(got) == 12 and all(p.startswith(server.base_url + "/") and "keep=1" in p for p in got)
@@ -346,13 +364,15 @@ def test_image_urls_in_a_file_list(index_dir, shards, tmp_path, monkeypatch):
         listing.write_text("\n".join([*urls, server.url("broken.jpg", "u", PASSWORD),
                                       server.url("missing.jpg", "u", PASSWORD)]) + "\n")
         out = tmp_path / "l.csv"
-        res = run("classify", "--files-from", listing, "--index", index_dir, "--out", out, "--workers", "2", "-q")
+        res = run("classify", "--files-from", listing, "--index", index_dir, "--out", out, "--workers", "2", "-q",
+                  ok=False)
+        assert res.exit_code == 3, res.output  # the missing URL is to retry, as a missing file or shard is
         got, errs = rows(out), errors(out)
         assert len(got) == len(samples) and all(p.startswith(server.base_url + "/") for p in got)
         # the reason a local file with these bytes gets (core.decode reads it from the bytes)
         assert errs[server.base_url + "/broken.jpg"] == \
             "truncated JPEG image (the file ends before the image data does)"
-        assert "not found" in errs[server.base_url + "/missing.jpg"]
+        assert "not found" in errors(out, retry="yes")[server.base_url + "/missing.jpg"]
     assert PASSWORD not in res.output + everything_written(tmp_path, out)
     # the same images read from the disk give the same scores
     local = tmp_path / "local.csv"

@@ -80,12 +80,13 @@ def rows(path: Path) -> dict[str, dict]:
         return {r["path"]: r for r in csv.DictReader(f)}
 
 
-def errors(out: Path) -> dict[str, str]:
+def errors(out: Path, retry: str | None = None) -> dict[str, str]:
+    """path -> reason of OUT's errors file (``retry``: only the rows marked so, "yes" or "no")."""
     p = out.with_name(out.name + ".errors.csv")
     if not p.exists():
         return {}
     with open(p, newline="") as f:
-        return {r["path"]: r["error"] for r in csv.DictReader(f)}
+        return {r["path"]: r["error"] for r in csv.DictReader(f) if retry is None or r["retry"] == retry}
 
 
 @pytest.fixture(scope="module")
@@ -155,30 +156,43 @@ def test_odd_shards_are_reported_and_the_rest_classified(index_dir, dataset, tmp
     (odd / "00002.tar").write_bytes(bytes(garbled))
     import gzip
 
-    (odd / "00003.tar").write_bytes(gzip.compress(data))  # compressed: not readable in place
+    (odd / "00003.tar").write_bytes(gzip.compress(data))  # a gzip named .tar: read as webdataset reads it
     (odd / "00004.tar").write_bytes(b"")                   # empty file
     out = tmp_path / "odd.csv"
-    run("classify", "odd/{00000..00005}.tar", "--index", index_dir, "--out", out, "--workers", "0", "-q")
-    got, errs = rows(out), errors(out)
-    assert set(got) == {"odd/00000.tar/ok_0", "odd/00000.tar/ok_1", "odd/00001.tar/first", "odd/00002.tar/first"}
-    assert "corrupt" in errs["odd/00000.tar/corrupt"]
-    assert "no image in this sample" in errs["odd/00000.tar/captiononly"] and "json, txt" in errs[
+    res = run("classify", "odd/{00000..00005}.tar", "--index", index_dir, "--out", out, "--workers", "0", "-q",
+              ok=False)
+    assert res.exit_code == 3, res.output  # incomplete: what could not be read is named, the rest classified
+    got, final, retried = rows(out), errors(out, retry="no"), errors(out, retry="yes")
+    assert set(got) == {"odd/00000.tar/ok_0", "odd/00000.tar/ok_1", "odd/00001.tar/first", "odd/00002.tar/first",
+                        "odd/00003.tar/first", "odd/00003.tar/second"}
+    assert "corrupt" in final["odd/00000.tar/corrupt"]
+    assert "no image in this sample" in final["odd/00000.tar/captiononly"] and "json, txt" in final[
         "odd/00000.tar/captiononly"]
-    assert "not a regular file" in errs["odd/00000.tar/linked"]
-    assert "not an image" in errs["odd/00000.tar/notimage"]
-    assert "truncated shard" in errs["odd/00001.tar/second"]
-    assert "truncated or damaged" in errs["odd/00002.tar"]
-    assert "compressed shard" in errs["odd/00003.tar"]
-    assert "odd/00004.tar" in errs and "odd/00005.tar" in errs and "no such shard" in errs["odd/00005.tar"]
-    # nothing was left out, nothing counted twice, and a rerun finds everything done
-    res = run("classify", "odd/{00000..00005}.tar", "--index", index_dir, "--out", out, "--workers", "0", "-q")
-    assert "classified 0 images" in res.output and "0 unreadable" in res.output
+    assert "not a regular file" in final["odd/00000.tar/linked"]
+    assert "not an image" in final["odd/00000.tar/notimage"]
+    assert set(final) == {f"odd/00000.tar/{k}" for k in ("corrupt", "captiononly", "linked", "notimage")}
+    # what could not be read is one row per shard, to retry; a shard cut short keeps the samples before the cut
+    assert set(retried) == {"odd/00001.tar", "odd/00002.tar", "odd/00004.tar", "odd/00005.tar"}
+    assert "truncated" in retried["odd/00001.tar"] or "cut short" in retried["odd/00001.tar"]
+    assert "damaged header" in retried["odd/00002.tar"]
+    assert "empty shard" in retried["odd/00004.tar"] and "no such shard" in retried["odd/00005.tar"]
+    for shard in retried:
+        assert shard in res.output or "more" in res.output
+    assert "hold no image" not in res.output
+    # a rerun reads again only what could not be read: nothing is doubled, the same four fail again
+    res = run("classify", "odd/{00000..00005}.tar", "--index", index_dir, "--out", out, "--workers", "0", "-q",
+              ok=False)
+    assert res.exit_code == 3 and "classified 0 images" in res.output and "0 unreadable" in res.output
+    assert rows(out) == got and errors(out, retry="no") == final and set(errors(out, retry="yes")) == set(retried)
+    with open(out.with_name(out.name + ".errors.csv"), newline="") as f:
+        paths = [r["path"] for r in csv.DictReader(f)]
+    assert len(paths) == len(set(paths))  # one row each, after the rerun too
 
 
 def test_cli_refuses_mixed_or_missing_inputs(index_dir, dataset, tmp_path):
     res = run("classify", dataset["shards"][0], dataset["folder"], "--index", index_dir, "--out",
               tmp_path / "x.csv", ok=False)
-    assert res.exit_code == 2 and "is not a shard" in res.output
+    assert res.exit_code == 2 and "is not like the other inputs" in res.output
     res = run("classify", tmp_path / "nope", "--index", index_dir, "--out", tmp_path / "x.csv", ok=False)
     assert res.exit_code == 2 and "no such file or folder" in res.output
     res = run("classify", tmp_path / "none-{0..3}.tar", "--index", index_dir, "--out", tmp_path / "x.csv", ok=False)

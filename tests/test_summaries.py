@@ -28,8 +28,9 @@ def test_what_was_skipped_is_named_by_kind(built_index, tmp_path, monkeypatch):
     listing = tmp_path / "list.txt"
     listing.write_text("ok.jpg\nmissing.jpg\nafolder\n")
     res = run("classify", "--files-from", listing, "--index", built_index.path, "--out", "l.csv", "--workers", "0",
-              "-q")
-    assert "1 folder(s) named as image files" in res.output and "1 missing file(s)" in res.output
+              "-q", ok=False)
+    assert res.exit_code == 3  # the missing file is listed to retry
+    assert "1 folder(s) named as image files" in res.output and "missing.jpg: not read: no such file" in res.output
     assert "FIFO" not in res.output
     # a sample without an image is one error row, not also a non-image file; a missing shard is named so
     with tarfile.open(tmp_path / "s.tar", "w") as tf:
@@ -37,8 +38,10 @@ def test_what_was_skipped_is_named_by_kind(built_index, tmp_path, monkeypatch):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    res = run("classify", "{s,gone}.tar", "--index", built_index.path, "--out", "s.csv", "--workers", "0", "-q")
-    assert "1 sample(s) without an image" in res.output and "1 missing shard(s)" in res.output
+    res = run("classify", "{s,gone}.tar", "--index", built_index.path, "--out", "s.csv", "--workers", "0", "-q",
+              ok=False)
+    assert res.exit_code == 3
+    assert "1 sample(s) without an image" in res.output and "gone.tar: not read: no such shard" in res.output
     assert "non-image file" not in res.output
 
 
@@ -101,7 +104,7 @@ def test_a_shard_in_a_file_list_is_named_as_such(built_index, tmp_path, monkeypa
     res = run("classify", "--files-from", "list.txt", "--index", built_index.path, "--out", "l.csv", "-q")
     assert "1 shard(s) in a file list" in res.output
     errors = (tmp_path / "l.csv.errors.csv").read_text()
-    assert "a webdataset shard, not an image" in errors and "not an image (unrecognised" not in errors
+    assert "a webdataset shard or parquet file, not an image" in errors and "not an image (unrecognised" not in errors
 
 
 def test_a_sample_with_two_images_never_drops_one_silently(built_index, tmp_path, monkeypatch):

@@ -17,8 +17,14 @@ Every input coder-index reads (shards, listed images, index copies) and every re
 **Faults.** A read that fails transiently (HTTP 5xx and 429, a reset connection, a body cut short, a
 read stalled past the timeout) is retried with bounded, jittered exponential backoff, going on from
 the byte where it stopped; when the retries are spent, ``RemoteError`` says so (the caller reports it
-for that input). A refusal that retrying cannot fix (401, 403, 404, 410, a missing object, a command
-that fails) raises ``RemoteError`` with ``fatal=True`` at once.
+for that input). A failure that retrying cannot fix raises ``RemoteError`` with ``fatal=True`` at
+once: for that input alone (404, 410, a missing object, a command that exits non-zero: ``missing``
+or not) or, with ``everywhere=True``, for every input (401, 403, no credentials at all, a bucket that
+does not exist, an unknown host): the caller stops the run with that one line.
+
+**One retry layer.** The object-store libraries retry on their own (botocore up to 5 times, s3fs 5
+more around it): the S3 filesystems made here have both turned off, so that a dead input costs at
+most ``RetryPolicy.attempts`` requests, not their product.
 
 **Secrets.** ``public_url`` is what rows, errors files, run records, logs and messages show: the URL
 without ``user:password@`` and without signing parameters (``X-Amz-Signature``, ``sig=``, tokens).
@@ -54,10 +60,11 @@ class RemoteError(CoderIndexError):
     """Data could not be read (or written) where it lives. ``fatal``: retrying cannot help (a refusal,
     a missing object); otherwise the retries were spent. The message names the input by its public URL."""
 
-    def __init__(self, message: str, *, fatal: bool = False, missing: bool = False) -> None:
+    def __init__(self, message: str, *, fatal: bool = False, missing: bool = False, everywhere: bool = False) -> None:
         super().__init__(message)
-        self.fatal = fatal
-        self.missing = missing  # not found or gone (a listed file that is missing is one error row)
+        self.fatal = fatal or everywhere
+        self.missing = missing  # not found or gone
+        self.everywhere = everywhere  # a refusal that holds for every input (credentials, a bucket, a host)
 
 
 @dataclass(frozen=True)
@@ -171,8 +178,7 @@ class ResumableReader(io.RawIOBase):
     def _transient(self, exc: BaseException, failures: int) -> None:
         fatal = _fatal(exc)
         if fatal is not None:
-            missing = _status(exc) in (404, 410) or isinstance(exc, FileNotFoundError)
-            raise RemoteError(f"{self.public}: {fatal}", fatal=True, missing=missing) from None
+            raise _refusal(self.public, fatal, exc) from None
         if failures >= self.policy.attempts:
             raise RemoteError(f"{self.public}: {_describe(exc, self.spec)}, still after {failures} tries "
                               f"(at byte {self.pos})") from None
@@ -257,6 +263,107 @@ def open_stream(spec: str, policy: RetryPolicy | None = None) -> io.BufferedRead
     return io.BufferedReader(raw, buffer_size=STREAM_BUFFER)
 
 
+def open_random_access(spec: str, policy: RetryPolicy | None = None) -> IO[bytes]:
+    """A seekable, buffered file of ``spec`` (what a parquet reader needs: the footer, then column
+    chunks): a local file, or a URL read by byte ranges, each with the retry policy. A ``pipe:``
+    command gives a stream, which is refused here with the way out."""
+    policy = policy or RetryPolicy.from_env()
+    scheme = scheme_of(spec)
+    if scheme is None or scheme == "file":
+        return open(local_path(spec), "rb")
+    if scheme == "pipe":
+        raise RemoteError(f"{public_url(spec)}: a pipe: command gives a stream, and a parquet file is read from its "
+                          "end (its footer) first; copy it to a file, or name it by its URL", fatal=True)
+    if scheme in ("http", "https"):
+        reader = RangeReader(spec, lambda start, n: _http_range(spec, start, n, policy.timeout), policy)
+    else:
+        fs, path = filesystem(spec)
+        reader = RangeReader(spec, lambda start, n: _fsspec_range(fs, path, start, n), policy)
+    return io.BufferedReader(reader, buffer_size=STREAM_BUFFER)
+
+
+class RangeReader(io.RawIOBase):
+    """A remote object read by byte ranges (``read_range(start, n) -> (bytes, object size)``), seekable,
+    each range retried within the policy."""
+
+    def __init__(self, spec: str, read_range: Callable[[int, int], tuple[bytes, int | None]],
+                 policy: RetryPolicy) -> None:
+        super().__init__()
+        self.spec, self.public, self.policy = spec, public_url(spec), policy
+        self._read_range = read_range
+        self.pos = 0
+        self.size: int | None = None
+        self._range(0, 1)  # the size, and a refusal now rather than at the first read
+
+    def _range(self, start: int, n: int) -> bytes:
+        failures = 0
+        while True:
+            try:
+                data, size = self._read_range(start, n)
+                if size is not None:
+                    self.size = size
+                return data
+            except RemoteError:
+                raise
+            except Exception as exc:
+                fatal = _fatal(exc)
+                if fatal is not None:
+                    raise _refusal(self.public, fatal, exc) from None
+                failures += 1
+                if failures >= self.policy.attempts:
+                    raise RemoteError(f"{self.public}: {_describe(exc, self.spec)}, still after {failures} tries "
+                                      f"(at byte {start})") from None
+                self.policy.wait(failures)
+
+    def readinto(self, buf: Any) -> int:
+        if self.size is not None and self.pos >= self.size:
+            return 0
+        n = len(buf) if self.size is None else min(len(buf), self.size - self.pos)
+        data = self._range(self.pos, n) if n > 0 else b""
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            if self.size is None:
+                raise OSError(f"{self.public}: the server does not say the object's size")
+            offset += self.size
+        elif whence == io.SEEK_CUR:
+            offset += self.pos
+        self.pos = max(0, offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _http_range(url: str, start: int, n: int, timeout: float) -> tuple[bytes, int | None]:
+    resp, _ = _http_open(url, start, timeout, end=start + n - 1)
+    with resp:
+        size = None
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit():
+            size = int(total)
+        elif resp.status == 200 and (resp.headers.get("Content-Length") or "").isdigit():
+            size = int(resp.headers["Content-Length"])
+        data = resp.read(n)
+    if len(data) < n and (size is None or start + len(data) < size):
+        raise _CutShort(f"a range of {n} bytes at {start} came back with {len(data)}")
+    return data, size
+
+
+def _fsspec_range(fs: Any, path: str, start: int, n: int) -> tuple[bytes, int | None]:
+    size = None if start else int(fs.size(path))
+    return fs.cat_file(path, start=start, end=start + n), size
+
+
 def fetch_bytes(spec: str, max_bytes: int = 1 << 30, policy: RetryPolicy | None = None) -> bytes:
     """The whole of a (small) remote object, e.g. one listed image, with the same retries. Never a
     ``pipe:`` command: what is fetched whole is named by data (a file list, a CSV, a predictions row),
@@ -282,7 +389,7 @@ def _local_open(path: str, at: int) -> tuple[IO[bytes], int | None]:
     return f, None
 
 
-def _http_open(url: str, at: int, timeout: float) -> tuple[IO[bytes], int | None]:
+def _http_open(url: str, at: int, timeout: float, end: int | None = None) -> tuple[IO[bytes], int | None]:
     import base64
     import urllib.request
 
@@ -292,8 +399,8 @@ def _http_open(url: str, at: int, timeout: float) -> tuple[IO[bytes], int | None
         userinfo, host = parts.netloc.rsplit("@", 1)
         headers["Authorization"] = "Basic " + base64.b64encode(unquote(userinfo).encode()).decode()
         url = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    if at:
-        headers["Range"] = f"bytes={at}-"
+    if at or end is not None:
+        headers["Range"] = f"bytes={at}-{'' if end is None else end}"
     resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     length = resp.headers.get("Content-Length")
     remaining = int(length) if length and length.isdigit() else None
@@ -309,7 +416,8 @@ def _http_open(url: str, at: int, timeout: float) -> tuple[IO[bytes], int | None
 
 
 class _PipeStream:
-    """A command's standard output, with a stall timeout; a failing command is a refusal."""
+    """A command's standard output, with a stall timeout; a command that exits non-zero fails its input
+    at once (it may have retried on its own; running it again is the next run's choice)."""
 
     def __init__(self, command: str, timeout: float) -> None:
         self.command, self.timeout = command, timeout
@@ -388,7 +496,9 @@ def filesystem(spec: str) -> tuple[Any, str]:
     try:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(spec)
+        fs, path = fsspec.core.url_to_fs(spec, **_one_retry_layer(scheme))
+        if scheme in ("s3", "s3a"):
+            fs.retries = 1  # s3fs's own loop around botocore's: one attempt (ours retries)
     except ImportError as exc:
         raise RemoteError(f"{scheme}:// needs a package that is not installed ({exc}): {CLOUD_EXTRA}",
                           fatal=True) from None
@@ -396,6 +506,18 @@ def filesystem(spec: str) -> tuple[Any, str]:
         raise RemoteError(f"{public_url(spec)}: {scheme}:// is not a protocol fsspec knows ({exc})",
                           fatal=True) from None
     return fs, path
+
+
+def _one_retry_layer(scheme: str) -> dict[str, Any]:
+    """Storage options that turn the library's own retries off, merged into the user's fsspec
+    configuration (theirs kept for everything else)."""
+    if scheme not in ("s3", "s3a"):
+        return {}
+    import fsspec.config
+
+    config = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs") or {})
+    config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
+    return {"config_kwargs": config}
 
 
 def copy_folder(spec: str, dest: str) -> None:
@@ -441,6 +563,9 @@ _FATAL_STATUS = {400: "refused (HTTP 400)", 401: "not authorised (HTTP 401): che
 
 def _fatal(exc: BaseException) -> str | None:
     """Why retrying cannot help, or None for a transient failure."""
+    everywhere = _everywhere(exc)
+    if everywhere is not None:
+        return everywhere
     status = _status(exc)
     if status in _FATAL_STATUS:
         return _FATAL_STATUS[status]
@@ -459,6 +584,49 @@ def _fatal(exc: BaseException) -> str | None:
         if isinstance(reason, OSError) and "Name or service not known" in str(reason):
             return f"the host is unknown ({reason})"
     return None
+
+
+_EVERYWHERE_CODES = {
+    "NoSuchBucket": "the bucket does not exist: check its name (and the endpoint, FSSPEC_S3_ENDPOINT_URL)",
+    "InvalidAccessKeyId": "the access key is not known to the store: check the credentials",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check the credentials",
+    "ExpiredToken": "the credentials have expired: renew them",
+    "InvalidToken": "the session token is not valid: renew the credentials",
+    "AccessDenied": "forbidden (access denied): check the credentials and the object's permissions",
+    "AllAccessDisabled": "all access to this object has been disabled",
+}
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "DefaultCredentialsError", "RefreshError")
+
+
+def _everywhere(exc: BaseException) -> str | None:
+    """Why no input of this store can be read (credentials, a bucket), from the exception or its causes."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__class__.__name__ in _NO_CREDENTIALS:
+            return ("no credentials were found: set them where the store's library looks (for S3: "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an instance role; "
+                    "for GCS: gcloud auth application-default login)")
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code in _EVERYWHERE_CODES:
+                return _EVERYWHERE_CODES[code]
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    if "NoSuchBucket" in text or "The specified bucket does not exist" in text:
+        return _EVERYWHERE_CODES["NoSuchBucket"]
+    return None
+
+
+def _refusal(public: str, why: str, exc: BaseException) -> RemoteError:
+    """The RemoteError of a failure that no retry fixes: for this input, or for every input."""
+    status = _status(exc)
+    missing = status in (404, 410) or (isinstance(exc, FileNotFoundError) and _everywhere(exc) is None)
+    everywhere = status in (401, 403) or _everywhere(exc) is not None or why.startswith("the host is unknown")
+    return RemoteError(f"{public}: {why}", fatal=True, missing=missing, everywhere=everywhere)
 
 
 def _describe(exc: BaseException, spec: str) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coder_index.core.errors import InputFormatError
 from coder_index.evaluation.methods import ALL_METHODS, RERANK_METHODS, stage1_classifier
 from coder_index.evaluation.report import (
     accuracy,
@@ -23,7 +24,7 @@ from coder_index.evaluation.report import (
 from coder_index.methods.coder import coder_features
 from coder_index.methods.zeroshot import zero_shot_weights
 from coder_index.pipeline.encode_images import requested_decode
-from coder_index.pipeline.labelled import LabelledSet, embed_labelled
+from coder_index.pipeline.labelled import LabelledSet
 from coder_index.stores.embcache import EmbeddingCache, image_embedding_key
 
 if TYPE_CHECKING:
@@ -52,9 +53,14 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
     fp = index.fingerprint
     decode = requested_decode(decode, index.compute_device, index.recipe.is_released)
     cache = EmbeddingCache(cache_path, image_embedding_key(fp.weights_sha256, decode), fp.embed_dim)
-    x, keep, enc = embed_labelled(index, data, cache, batch_size=batch_size, workers=workers, threads=threads,
-                                  progress=progress, decode=decode)
-    labels = data.labels[keep]
+    x, labels, enc = data.embed(index, cache, batch_size=batch_size, workers=workers, threads=threads,
+                                progress=progress, decode=decode)
+    unread = enc.pop("unread", [])
+    enc["unread"], enc["unread_first"] = len(unread), unread[:50]
+    if len(x) == 0:
+        first = (unread or enc["errors"] or [("", "")])[0]
+        raise InputFormatError(f"no image of {data_name or 'DATA'} could be read ({enc['skipped']} unreadable"
+                               + (f"; first: {first[0]}: {first[1]}" if first[0] else "") + ")")
     names = data.class_names
     report: dict[str, Any] = {"data": data_name, "index": str(index.path), "model": fp.describe(),
                               "images": int(len(x)), "classes": names, **{k: v for k, v in enc.items()},

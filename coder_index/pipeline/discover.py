@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -72,96 +72,6 @@ def walk_images(root: Path, stats: Discovery) -> Iterator[str]:
                 stats.special.append((r, f"skipped: {exc.strerror or exc}"))
 
     yield from walk(str(root), "")
-
-
-@dataclass
-class ListedFiles:
-    """Image files named one by one (command-line arguments, ``--files-from``), read relative to the
-    working directory; a row names each file as given (normalised). ``paths`` may be a stream (the
-    lines of a file list): it is read once, as the run goes."""
-
-    paths: Iterable[str]
-
-
-class RemoteFile(str):
-    """A listed image URL: a row named by its public form (``core.remote.public_url``: no credentials)
-    that reads its own bytes (with ``core.remote``'s retries) in the decoding workers."""
-
-    __slots__ = ("source", "ext")
-
-    def __new__(cls, source: str) -> RemoteFile:
-        from coder_index.core.remote import path_part, public_url
-
-        self = super().__new__(cls, public_url(source))
-        self.source = source
-        self.ext = os.path.splitext(path_part(source))[1].lower()
-        return self
-
-    def __reduce__(self) -> tuple:
-        return (RemoteFile, (self.source,))
-
-    def read(self) -> bytes:
-        """The image's bytes; a missing one is that file's error row (as a missing listed path is),
-        a refusal (401, 403) stops the run."""
-        from coder_index.core.decode import ImageDecodeError
-        from coder_index.core.remote import RemoteError, fetch_bytes
-
-        try:
-            return fetch_bytes(self.source, max_bytes=MAX_REMOTE_IMAGE_BYTES)
-        except RemoteError as exc:
-            if exc.missing:
-                raise ImageDecodeError(str(exc).split(": ", 1)[-1]) from None
-            raise
-
-
-MAX_REMOTE_IMAGE_BYTES = 256 << 20
-
-
-def walk_listed(paths: Iterable[str], stats: Discovery) -> Iterator[str]:
-    """The listed paths that are regular files (or links to one), normalised, each once; what is
-    missing or not a regular file goes to ``stats.special`` with the reason (the errors file lists
-    it). The extension is not checked: the user named the file. A listed URL is read where it lives
-    (``RemoteFile``); its row is its public form."""
-    from coder_index.core.remote import is_url, local_path
-
-    seen: set[str] = set()
-    for given in paths:
-        if not given:
-            continue
-        if given.startswith("pipe:"):  # a list is data: a command in it is never run
-            if given not in seen:
-                seen.add(given)
-                stats.special.append((given, "skipped: a pipe: command runs only when given as a shard on the "
-                                             "command line, never from a file list"))
-            continue
-        if is_url(given):
-            item = RemoteFile(given)
-            if str(item) not in seen:
-                seen.add(str(item))
-                stats.found += 1
-                yield item
-            continue
-        path = os.path.normpath(local_path(given))
-        if path in seen:
-            continue
-        seen.add(path)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            why = "a broken symbolic link" if os.path.islink(path) else "no such file"
-            stats.special.append((path, f"skipped: {why}"))
-            continue
-        except OSError as exc:
-            stats.special.append((path, f"skipped: {exc.strerror or exc}"))
-            continue
-        if stat.S_ISREG(st.st_mode) and path.lower().endswith((".tar", ".tar.gz", ".tgz")):
-            stats.special.append((path, "skipped: a webdataset shard, not an image; classify shards given as "
-                                        "arguments (classify SHARD.tar ...), not listed in --files-from"))
-        elif stat.S_ISREG(st.st_mode):
-            stats.found += 1
-            yield path
-        else:
-            stats.special.append((path, f"skipped: {_kind(st.st_mode)}, not a regular file"))
 
 
 def read_file_list(source: BinaryIO, null_separated: bool = False) -> Iterator[str]:

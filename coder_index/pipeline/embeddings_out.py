@@ -272,7 +272,7 @@ class EmbeddingSaver:
         rows = []
         for path, src in zip(paths, samples, strict=True):
             rows.append({"image_path": path, "caption": getattr(src, "caption", None),
-                         "key": getattr(src, "key", None), "shard": getattr(src, "shard_as_given", None),
+                         "key": getattr(src, "key", None), "shard": getattr(src, "container", None),
                          "json": getattr(src, "meta", None)})
         emb_file, meta_file = self._staging_files()
         with open(emb_file, "ab") as f:

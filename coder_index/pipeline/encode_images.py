@@ -13,14 +13,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from coder_index.core.startup import process_age
 from coder_index.pipeline.feed import Prefetched, Views, make_feed
-from coder_index.pipeline.shard_stream import ShardPlan
+from coder_index.pipeline.sources.base import ItemError, ReadFailure, Sample, UnitDone
 
 if TYPE_CHECKING:
     from coder_index.model.encoder import ClipEncoder
@@ -30,13 +29,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EncodedBatch:
-    items: list[str]                  # the items that gave an embedding, in the order given
+    samples: list[Sample]             # the images that gave an embedding, in order (their bytes dropped)
     embeddings: np.ndarray | None     # [n, D] float32, L2-normalised
-    errors: list[tuple[str, str]]     # (item, reason) of those that gave none
-    positions: list[int]              # where each of ``items`` stands in the list given
-    done_shards: list[tuple[str, dict[str, int]]] = field(default_factory=list)  # streamed shards read to the end
+    errors: list[ItemError]           # images that gave none (final)
+    failures: list[ReadFailure] = field(default_factory=list)  # what could not be read (a rerun retries it)
+    done: list[UnitDone] = field(default_factory=list)         # units (or parts) read to their end
     # with views: {n: [n_items, D]} the L2-normalised means of each image's first n views (``Views.prefixes``)
     prefix_embeddings: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def items(self) -> list[str]:
+        """The rows of the images that gave an embedding."""
+        return [s.row for s in self.samples]
+
+    @property
+    def positions(self) -> list[int]:
+        """Where each image's unit stands in the list given."""
+        return [s.position for s in self.samples]
 
 
 class _NoClock:
@@ -67,12 +76,13 @@ def prefetch_batches(device: Any) -> bool:
     return getattr(device, "type", str(device)) == "cuda"
 
 
-def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, batch_size: int, workers: int,
+def encoded_batches(encoder: ClipEncoder, units: Sequence[Any], *, batch_size: int, workers: int,
                     decode: str = "cpu", views: Views | None = None, clock: Any = None,
                     first_batch: dict[str, bool] | None = None) -> Iterator[EncodedBatch]:
-    """Embeddings of ``items`` (paths relative to ``root``, or shard samples), batch after batch, in
-    order; the errors of each batch come with it. ``workers`` is the number of decoding processes
-    (``parallelism.parallel_encoding`` chooses it and the torch threads; hold it around the call).
+    """Embeddings of the images of ``units`` (``sources``: files, URLs, shards, row groups), batch
+    after batch; the errors, read failures and units done of each batch come with it. ``workers`` is
+    the number of decoding processes (``parallelism.parallel_encoding`` chooses it and the torch
+    threads; hold it around the call).
 
     ``views`` (the few-shot support set): each image's augmented views are encoded and their raw
     features averaged, then L2-normalised, as the released few-shot code builds its keys.
@@ -82,8 +92,7 @@ def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, b
     feed = make_feed(decode, encoder.preprocess, encoder.device)
 
     def made() -> Iterator[Any]:
-        given = items if isinstance(items, ShardPlan) else list(items)  # a plan: the workers stream its shards
-        return feed.batches(root, given, batch_size=batch_size, workers=workers, views=views)
+        return feed.batches(list(units), batch_size=batch_size, workers=workers, views=views)
 
     ahead = prefetch_batches(encoder.device) and not getattr(clock, "measured", False)
     batches = Prefetched(made, encoder.device) if ahead else made()
@@ -109,8 +118,8 @@ def encoded_batches(encoder: ClipEncoder, root: Path, items: Sequence[str], *, b
                 if first_batch["pending"]:
                     first_batch["pending"] = False
                     _say_first_batch(len(batch.paths), ready)
-            yield EncodedBatch(list(batch.paths), emb, list(batch.errors), list(batch.positions or []),
-                               list(batch.done_shards), prefix_emb)
+            yield EncodedBatch(list(batch.samples), emb, list(batch.errors), list(batch.failures), list(batch.done),
+                               prefix_emb)
     finally:
         batches.close()
 

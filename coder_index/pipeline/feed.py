@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,20 +29,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from coder_index.core.choices import DECODE_CHOICES
-from coder_index.core.decode import ImageDecodeError, decode_image_bytes, jpeg_has_end_marker, load_image
+from coder_index.core.decode import ImageDecodeError, decode_image_bytes, jpeg_has_end_marker, load_image_from
 from coder_index.core.remote import RemoteError
-from coder_index.pipeline.shard_stream import ShardPlan, stream_worker_events
-from coder_index.pipeline.shards import Member
+from coder_index.pipeline.sources.base import ItemError, ReadFailure, Sample, UnitDone
 
 
 @dataclass
 class FedBatch:
-    paths: list[str]               # the items (relative paths, shard samples) of the images in ``pixels``, in order
+    samples: list[Sample]          # the images in ``pixels``, in order (their bytes dropped)
     pixels: torch.Tensor | None    # [n, 3, H, W] float32 ([n * views, ...] with views), normalised, on the device
-    errors: list[tuple[str, str]]  # (item, reason)
-    positions: list[int] | None = None  # where each of ``paths`` stands in the list given to ``batches``
-    # streamed shards (shard_stream.ShardPlan): shards read to their end in this batch, with their counts
-    done_shards: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+    errors: list[ItemError]        # images that cannot be classified (final)
+    failures: list[ReadFailure] = field(default_factory=list)  # what could not be read (retried by a rerun)
+    done: list[UnitDone] = field(default_factory=list)         # units (or parts) read to their end
+
+    @property
+    def paths(self) -> list[str]:
+        return [s.row for s in self.samples]
+
+    @property
+    def positions(self) -> list[int]:
+        """Where each image's unit stands in the list given to ``batches``."""
+        return [s.position for s in self.samples]
 
 
 @dataclass(frozen=True)
@@ -134,111 +140,74 @@ def _is_plain_jpeg(data: bytes) -> bool:
     return False
 
 
-class _FeedFiles(Dataset):
-    """What a worker hands over for one item: ``(position, item, "jpeg", bytes)`` for the tensor
-    decoder, ``(..., "pixels", uint8 [3, H, W])`` after the reference geometry (``[views, 3, H, W]``
-    with ``views``), or ``(..., "error", reason)``."""
+class _UnitStream(IterableDataset):
+    """The units' events, read and decoded in the workers: each worker reads its own units (blocks of
+    ``block`` consecutive units in turn, so that one-image units come back in their order), turning
+    each ``Sample`` into ``("pixels", sample, uint8 [3, H, W])`` (``[views, 3, H, W]`` with ``views``),
+    ``("jpeg", sample, bytes)`` for the tensor decoder, or ``("error", ItemError)``; the other events
+    pass as ``("failed", ReadFailure)``, ``("done", UnitDone)``, and a refusal as ``("fatal", text)``."""
 
-    def __init__(self, root: Path, rel_paths: list[str], preprocess: Any, parts: PreprocessParts | None,
+    def __init__(self, units: list[Any], block: int, preprocess: Any, parts: PreprocessParts | None,
                  jpeg_bytes: bool, views: Views | None = None) -> None:
-        self.root, self.rel_paths, self.preprocess, self.parts = root, rel_paths, preprocess, parts
-        self.jpeg_bytes, self.views = jpeg_bytes, views
+        self.units, self.block = units, max(1, block)
+        self.preprocess, self.parts, self.jpeg_bytes, self.views = preprocess, parts, jpeg_bytes, views
 
-    def __len__(self) -> int:
-        return len(self.rel_paths)
+    def __iter__(self) -> Iterator[tuple[str, Any, Any]]:
+        from torch.utils.data import get_worker_info
 
-    def __getitem__(self, i: int) -> tuple[int, str, str, Any]:
-        rel = self.rel_paths[i]
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, unit in enumerate(self.units):
+            if (i // self.block) % workers != worker:
+                continue
+            try:
+                for event in unit.read():
+                    if isinstance(event, Sample):
+                        yield self._decode(event)
+                    elif isinstance(event, ItemError):
+                        yield "error", event, None
+                    elif isinstance(event, ReadFailure):
+                        yield "failed", event, None
+                    else:
+                        yield "done", event, None
+            except RemoteError as exc:
+                if exc.everywhere:  # a refusal for every unit: the run stops, in the main process
+                    yield "fatal", str(exc), None
+                    return
+                yield "failed", ReadFailure(unit.name, f"not read: {exc}"), None
+            except Exception as exc:  # a reader's own failure on strange data must not kill the run
+                yield "failed", ReadFailure(unit.name, f"could not be read: {exc.__class__.__name__}: {exc}"), None
+
+    def _decode(self, sample: Sample) -> tuple[str, Any, Any]:
         try:
-            if self.jpeg_bytes and self.views is None and _jpeg_named(rel):
-                data = rel.read() if _readable(rel) else _read_regular(self.root / rel)
-                if data is not None and _is_plain_jpeg(data):
-                    return i, rel, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                if data is not None and _readable(rel):
-                    return i, rel, "pixels", self._pixels(decode_image_bytes(data), i)
-            return i, rel, "pixels", self._pixels(load_any(self.root, rel), i)
+            if self.jpeg_bytes and self.views is None and sample.jpeg_named():
+                data = sample.read()
+                if _is_plain_jpeg(data):
+                    return "jpeg", sample.without_bytes(), torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return "pixels", sample.without_bytes(), self._pixels(decode_image_bytes(data), sample.position)
+            with sample.open() as fh:
+                image = load_image_from(fh)
+            return "pixels", sample.without_bytes(), self._pixels(image, sample.position)
         except ImageDecodeError as exc:
-            return i, rel, "error", str(exc)
-        except RemoteError as exc:  # a refusal stops the run (in the main process, with its own message)
-            if exc.fatal:
-                return i, rel, "fatal", str(exc)
-            return i, rel, "error", f"could not be read: {exc}"
+            return "error", ItemError(sample.row, str(exc)), None
+        except FileNotFoundError:
+            return "failed", ReadFailure(sample.row, "not read: no such file (removed while running?)"), None
+        except PermissionError:
+            return "failed", ReadFailure(sample.row, "not read: permission denied"), None
+        except OSError as exc:
+            from coder_index.core.untrusted import NotARegularFile
+
+            if isinstance(exc, (NotARegularFile, IsADirectoryError)):
+                return "error", ItemError(sample.row, "skipped: not a regular file (FIFO, socket, device or "
+                                                      "directory)", "FIFO(s), socket(s) or device(s)"), None
+            return "failed", ReadFailure(sample.row, f"not read: {exc.strerror or exc}"), None
         except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
-            return i, rel, "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
+            return "error", ItemError(sample.row, f"could not preprocess: {exc.__class__.__name__}: {exc}"), None
 
     def _pixels(self, image: Any, position: int) -> torch.Tensor:
         if self.views is not None:
             return self.views.make(image, position, self.parts)
         return reference_pixels(image, self.preprocess, self.parts)
-
-
-def _jpeg_named(rel: str) -> bool:
-    ext = getattr(rel, "ext", None) or str(rel).lower()
-    return ext.endswith(_JPEG_EXTENSIONS)
-
-
-def _readable(rel: str) -> bool:
-    """An item that reads its own bytes (a shard's sample, a listed URL), not a path under the root."""
-    return callable(getattr(rel, "read", None))
-
-
-class _StreamedShards(IterableDataset):
-    """The samples of streamed shards (``shard_stream``), decoded where they are read: each worker
-    streams its own shards. Items as ``_FeedFiles``'s, plus ``done`` (a shard read to its end, with
-    its counts) and ``fatal`` (a refusal)."""
-
-    def __init__(self, plan: ShardPlan, preprocess: Any, parts: PreprocessParts | None, jpeg_bytes: bool) -> None:
-        self.plan, self.preprocess, self.parts, self.jpeg_bytes = plan, preprocess, parts, jpeg_bytes
-
-    def __iter__(self) -> Iterator[tuple[int, str, str, Any]]:
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for position, event in enumerate(stream_worker_events(self.plan, worker, workers)):
-            if event.kind == "sample":
-                yield self._sample(position, event.sample)
-            elif event.kind == "done":
-                yield position, event.row, "done", event.counts
-            else:  # error, fatal
-                yield position, event.row, event.kind, event.reason
-
-    def _sample(self, position: int, sample: Member) -> tuple[int, str, str, Any]:
-        data = sample.data
-        try:
-            if self.jpeg_bytes and _jpeg_named(sample) and _is_plain_jpeg(data):
-                return position, sample, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            pixels = reference_pixels(decode_image_bytes(data), self.preprocess, self.parts)
-            return position, _without_bytes(sample), "pixels", pixels
-        except ImageDecodeError as exc:
-            return position, _without_bytes(sample), "error", str(exc)
-        except Exception as exc:  # a preprocessing failure on a strange image must not kill the run
-            return position, _without_bytes(sample), "error", f"could not preprocess: {exc.__class__.__name__}: {exc}"
-
-
-def _without_bytes(m: Member) -> Member:
-    """The sample without its bytes, once decoded: only its pixels travel on."""
-    return Member(str(m), m.shard, m.offset, m.size, m.key, m.ext, m.caption, m.meta)
-
-
-_JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
-
-
-def load_any(root: Path, rel: str) -> Any:
-    """The decoded image of a folder's file, or of an item that reads its own bytes (a shard's sample,
-    a listed URL)."""
-    return decode_image_bytes(rel.read()) if _readable(rel) else load_image(root / rel)
-
-
-def _read_regular(path: Path) -> bytes | None:
-    """The file's bytes if it is a regular file (else None: the reference path gives the reason)."""
-    from coder_index.core.untrusted import NotARegularFile, open_regular_file
-
-    try:
-        with open_regular_file(path) as f:
-            return f.read()
-    except (NotARegularFile, OSError):
-        return None
 
 
 def reference_pixels(image: Any, preprocess: Any, parts: PreprocessParts | None) -> torch.Tensor:
@@ -249,7 +218,7 @@ def reference_pixels(image: Any, preprocess: Any, parts: PreprocessParts | None)
     return to_uint8_chw(parts.geometry(image))
 
 
-def _collate(samples: list[tuple[int, str, str, Any]]) -> list[tuple[int, str, str, Any]]:
+def _collate(samples: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     return samples
 
 
@@ -273,29 +242,28 @@ class ReferenceFeed:
         self.preprocess, self.device = preprocess, torch.device(device)
         self.parts = split_preprocess(preprocess)
 
-    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int,
+    def batches(self, units: list[Any], *, batch_size: int, workers: int,
                 views: Views | None = None) -> Iterator[FedBatch]:
-        """Batches of the items in order (``root``-relative paths, or shard samples); with ``views``,
-        each image's ``views.count`` augmented views, consecutive in ``pixels``."""
-        if isinstance(rel_paths, ShardPlan):
-            files: Dataset = _StreamedShards(rel_paths, self.preprocess, self.parts, jpeg_bytes=False)
-        else:
-            files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=False, views=views)
-        for samples in _loader(files, batch_size, workers):
-            yield self._assemble(samples, {})
+        """Batches of the units' images (``sources``: files, URLs, shards, row groups), with their
+        errors, read failures and units read to their end; one-image units in their order. With
+        ``views``, each image's ``views.count`` augmented views, consecutive in ``pixels``."""
+        stream = _UnitStream(units, batch_size, self.preprocess, self.parts, jpeg_bytes=False, views=views)
+        for events in _loader(stream, batch_size, workers):
+            yield self._assemble(events, {})
 
-    def _assemble(self, samples: list[tuple[int, str, str, Any]], decoded: dict[int, torch.Tensor]) -> FedBatch:
-        """One batch from the workers' samples and the tensor decoder's images (by sample index): rows
-        in the order of the items, whichever way each was decoded."""
-        fatal = next((payload for _, _, kind, payload in samples if kind == "fatal"), None)
+    def _assemble(self, events: list[tuple[str, Any, Any]], decoded: dict[int, torch.Tensor]) -> FedBatch:
+        """One batch from the workers' events and the tensor decoder's images (by event index): images in
+        the order of the events, whichever way each was decoded."""
+        fatal = next((payload for kind, payload, _ in events if kind == "fatal"), None)
         if fatal is not None:
-            raise RemoteError(fatal, fatal=True)
-        errors = [(rel, payload) for _, rel, kind, payload in samples if kind == "error"]
-        done = [(rel, payload) for _, rel, kind, payload in samples if kind == "done"]
-        ready = [k for k, (_, _, kind, _) in enumerate(samples) if kind == "pixels"]
+            raise RemoteError(fatal, fatal=True, everywhere=True)
+        errors = [payload for kind, payload, _ in events if kind == "error"]
+        failures = [payload for kind, payload, _ in events if kind == "failed"]
+        done = [payload for kind, payload, _ in events if kind == "done"]
+        ready = [k for k, (kind, _, _) in enumerate(events) if kind == "pixels"]
         pieces = []
         if ready:
-            stacked = torch.stack([samples[k][3] for k in ready])
+            stacked = torch.stack([events[k][2] for k in ready])
             if stacked.dim() == 5:  # views: [n, views, 3, H, W] -> consecutive rows
                 stacked = stacked.flatten(0, 1)
             if self.device.type == "cuda":
@@ -307,13 +275,13 @@ class ReferenceFeed:
             pieces.append(torch.stack(list(decoded.values())))
         taken = ready + list(decoded)
         if not taken:
-            return FedBatch([], None, errors, [], done)
+            return FedBatch([], None, errors, failures, done)
         pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         order = sorted(range(len(taken)), key=lambda j: taken[j])
         if order != list(range(len(taken))):  # only when both decoders made images (never with views)
             pixels = pixels[torch.tensor(order, device=pixels.device)]
             taken = [taken[j] for j in order]
-        return FedBatch([samples[k][1] for k in taken], pixels, errors, [samples[k][0] for k in taken], done)
+        return FedBatch([events[k][1] for k in taken], pixels, errors, failures, done)
 
 
 class TensorFeed(ReferenceFeed):
@@ -328,26 +296,23 @@ class TensorFeed(ReferenceFeed):
             raise ValueError("--decode gpu reproduces a Resize(shorter side, bicubic) + CenterCrop preprocessing; "
                              "this model's preprocessing has another shape: use --decode cpu")
 
-    def batches(self, root: Path, rel_paths: list[str], *, batch_size: int, workers: int,
+    def batches(self, units: list[Any], *, batch_size: int, workers: int,
                 views: Views | None = None) -> Iterator[FedBatch]:
         if views is not None:  # augmented views are Pillow's geometry: the reference path makes them
-            yield from super().batches(root, rel_paths, batch_size=batch_size, workers=workers, views=views)
+            yield from super().batches(units, batch_size=batch_size, workers=workers, views=views)
             return
-        if isinstance(rel_paths, ShardPlan):
-            files: Dataset = _StreamedShards(rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
-        else:
-            files = _FeedFiles(root, rel_paths, self.preprocess, self.parts, jpeg_bytes=True)
-        for samples in _loader(files, batch_size, workers):
-            jpegs = [(k, rel, data) for k, (_, rel, kind, data) in enumerate(samples) if kind == "jpeg"]
+        stream = _UnitStream(units, batch_size, self.preprocess, self.parts, jpeg_bytes=True)
+        for events in _loader(stream, batch_size, workers):
+            jpegs = [(k, sample.row, data) for k, (kind, sample, data) in enumerate(events) if kind == "jpeg"]
             decoded, refused = self._decode(jpegs)
             for k in refused:  # the tensor decoder said no: the reference path decides (pixels or reason)
-                position, rel = samples[k][0], samples[k][1]
+                sample, data = events[k][1], events[k][2]
                 try:
-                    samples[k] = (position, rel, "pixels", reference_pixels(load_any(root, rel), self.preprocess,
-                                                                            self.parts))
+                    image = decode_image_bytes(data.numpy().tobytes())
+                    events[k] = ("pixels", sample, reference_pixels(image, self.preprocess, self.parts))
                 except ImageDecodeError as exc:
-                    samples[k] = (position, rel, "error", str(exc))
-            yield self._assemble(samples, decoded)
+                    events[k] = ("error", ItemError(sample.row, str(exc)), None)
+            yield self._assemble(events, decoded)
 
     def _decode(self, jpegs: list[tuple[int, str, torch.Tensor]]) -> tuple[dict[int, torch.Tensor], list[int]]:
         """{sample index: normalised [3, S, S]} of the JPEGs decoded on the device, and the sample

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from coder_index.core.parallelism import parallel_encoding
 from coder_index.core.untrusted import read_bytes, read_text
 from coder_index.pipeline.discover import discover_images
 from coder_index.pipeline.encode_images import encoded_batches, requested_decode
+from coder_index.pipeline.sources.files import FileUnit
 from coder_index.stores.corpus import (
     Chunk,
     build_corpus,
@@ -39,11 +41,12 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
     caption_of = dict(pairs)
     errors: list[tuple[str, str]] = []
 
+    units = [FileUnit(rel, os.path.abspath(images / rel), i) for i, (rel, _) in enumerate(pairs)]
+
     def chunks() -> Iterator[Chunk]:
         with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-            for batch in encoded_batches(encoder, images, [p for p, _ in pairs], batch_size=batch_size,
-                                         workers=plan.workers, decode=decode):
-                errors.extend(batch.errors)
+            for batch in encoded_batches(encoder, units, batch_size=batch_size, workers=plan.workers, decode=decode):
+                errors.extend((e.row, e.reason) for e in [*batch.errors, *batch.failures])
                 if batch.embeddings is not None:
                     yield Chunk(batch.embeddings, [caption_of[p] for p in batch.items],
                                 list(batch.items), None, [sidecar_trace(images, p) for p in batch.items])
@@ -62,12 +65,11 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
 def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, factory: str = "Flat",
                   batch_size: int = 64, workers: int | None = None, threads: int | None = None,
                   progress: bool = False, decode: str = "auto") -> dict[str, Any]:
-    """A corpus of webdataset shards (local, compressed or by URL: ``pipeline.shard_stream``): each
+    """A corpus of webdataset shards (local, compressed, by URL or pipe:, read by ``sources.shards``): each
     sample's image with its ``.txt`` caption; samples without a caption are left out (counted in
     ``skipped``), their key and URL (from the ``.json`` sidecar, as img2dataset writes it) kept."""
-    from coder_index.pipeline.discover import Discovery
-    from coder_index.pipeline.shard_stream import ShardPlan
-    from coder_index.pipeline.shards import needs_streaming, walk_shards
+    from coder_index.pipeline.sources.base import ItemError, ReadFailure
+    from coder_index.pipeline.sources.shards import ShardSource
 
     if factory != "Flat":
         raise ValueError("a shard corpus uses the Flat index; IVF/HNSW factories are for large precomputed "
@@ -75,30 +77,25 @@ def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, f
     decode = requested_decode(decode, encoder.device)
     errors: list[tuple[str, str]] = []
     uncaptioned = [0]
-    if needs_streaming(shards):
-        items: Any = ShardPlan(list(shards))
-        total = None
-    else:
-        found = Discovery(Path.cwd(), [], 0)
-        members = list(walk_shards(shards, found))
-        errors += found.special
-        items = [m for m in members if m.caption]
-        uncaptioned[0] = len(members) - len(items)
-        total = len(items)
+    units = []
+    for u in ShardSource(list(shards)).units():
+        if isinstance(u, (ItemError, ReadFailure)):
+            errors.append((u.row, u.reason))
+        else:
+            units.append(u)
 
     def chunks() -> Iterator[Chunk]:
         rows = 0
         with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-            for batch in encoded_batches(encoder, Path.cwd(), items, batch_size=batch_size, workers=plan.workers,
-                                         decode=decode):
-                errors.extend(batch.errors)
+            for batch in encoded_batches(encoder, units, batch_size=batch_size, workers=plan.workers, decode=decode):
+                errors.extend((e.row, e.reason) for e in [*batch.errors, *batch.failures])
                 if batch.embeddings is None:
                     continue
-                keep = [i for i, m in enumerate(batch.items) if getattr(m, "caption", None)]
-                uncaptioned[0] += len(batch.items) - len(keep)
-                chosen = [batch.items[i] for i in keep]
+                keep = [i for i, m in enumerate(batch.samples) if m.caption]
+                uncaptioned[0] += len(batch.samples) - len(keep)
+                chosen = [batch.samples[i] for i in keep]
                 rows += len(chosen)
-                yield Chunk(batch.embeddings[keep], [m.caption for m in chosen], [str(m) for m in chosen], None,
+                yield Chunk(batch.embeddings[keep], [m.caption for m in chosen], [m.row for m in chosen], None,
                             [_shard_trace(m) for m in chosen])
         if rows == 0:  # raised inside the build: nothing is left behind
             raise InputFormatError("the shards hold no captioned image (a KEY.txt beside KEY.jpg, as img2dataset "
@@ -107,7 +104,7 @@ def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, f
     from coder_index.core.remote import public_url
 
     sources = {"shards": [public_url(s) for s in shards][:100], "captions": "the shards' .txt members"}
-    manifest = build_corpus(out, encoder, chunks(), total, factory=factory, sources=sources, progress=progress)
+    manifest = build_corpus(out, encoder, chunks(), None, factory=factory, sources=sources, progress=progress)
     manifest["skipped"] = errors
     manifest["uncaptioned"] = uncaptioned[0]
     return manifest
@@ -122,7 +119,7 @@ def _take_key_and_url(meta: Any, out: dict[str, str | None]) -> None:
 
 
 def _shard_trace(m: Any) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"image_path": str(m), "key": m.key}
+    out: dict[str, str | None] = {"image_path": m.row, "key": m.key}
     if m.meta:
         try:
             meta = json.loads(m.meta)

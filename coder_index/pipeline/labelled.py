@@ -1,5 +1,7 @@
 """Labelled data for `eval` and `fewshot fit`: a folder with one subfolder per class, or a CSV of
-path,label; and their image embeddings, from the embedding cache or encoded in workers."""
+path,label (their image embeddings from the embedding cache or encoded in workers); and, for `eval`,
+labelled shards (webdataset's ``.cls``: a class id, as webdataset and CLIP_benchmark write it, or a
+name) and parquet files with a label column, read through the same sources as classify's."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from coder_index.core.parallelism import parallel_encoding
 from coder_index.core.remote import is_url, public_url
 from coder_index.core.sources import match_classes
 from coder_index.core.untrusted import MapOf, Text, check, read_json, read_text
-from coder_index.pipeline.discover import RemoteFile, discover_images
+from coder_index.pipeline.discover import discover_images
 from coder_index.pipeline.encode_images import encoded_batches
+from coder_index.pipeline.sources.files import units_of
 
 if TYPE_CHECKING:
     from coder_index.stores.embcache import EmbeddingCache
@@ -35,6 +38,73 @@ class LabelledSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def embed(self, index: TextStore, cache: EmbeddingCache, **kw: Any
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(embeddings, class ids, stats) of the decodable images (``embed_labelled``)."""
+        x, keep, stats = embed_labelled(index, self, cache, **kw)
+        return x, self.labels[keep], stats
+
+
+@dataclass
+class LabelledSource:
+    """Labelled shards or parquet files: the labels come with the images (``Sample.label``), resolved
+    to the index's classes once read (names matched as folder names are; ids taken as the index's
+    class ids, or through ``mapping``)."""
+
+    source: Any
+    class_names: list[str]
+    mapping: dict[str, str] | None = None
+
+    def embed(self, index: TextStore, cache: EmbeddingCache, *, batch_size: int = 64, workers: int | None = None,
+              threads: int | None = None, progress: bool = False, decode: str = "auto"
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        from coder_index.pipeline.sources.base import ItemError, ReadFailure
+
+        t0 = time.perf_counter()
+        vecs: list[np.ndarray] = []
+        raw: list[int | str] = []
+        errors: list[tuple[str, str]] = []
+        unread: list[tuple[str, str]] = []
+        units = []
+        for u in self.source.units():
+            if isinstance(u, ItemError):
+                errors.append((u.row, u.reason))
+            elif isinstance(u, ReadFailure):
+                unread.append((u.row, u.reason))
+            else:
+                units.append(u)
+        encoder = index.encoder
+        with tqdm(unit="img", desc="encoding images", disable=not progress) as bar, \
+                parallel_encoding(encoder, threads=threads, workers=workers) as plan:
+            for batch in encoded_batches(encoder, units, batch_size=batch_size, workers=plan.workers, decode=decode):
+                errors += [(e.row, e.reason) for e in batch.errors]
+                unread += [(f.row, f.reason) for f in batch.failures]
+                if batch.embeddings is not None:
+                    for sample, v in zip(batch.samples, batch.embeddings, strict=True):
+                        if sample.label is None:
+                            errors.append((sample.row, "no label (a .cls member, or the label column)"))
+                            continue
+                        raw.append(sample.label)
+                        vecs.append(v)
+                bar.update(len(batch.samples) + len(batch.errors))
+        stats = {"encode_seconds": time.perf_counter() - t0, "embeddings_from_cache": 0, "encoded": len(vecs),
+                 "skipped": len(errors) + len(unread), "errors": errors[:50], "unread": unread}
+        if not vecs:
+            return np.zeros((0, encoder.embed_dim), np.float32), np.zeros(0, np.int64), stats
+        return np.stack(vecs), self._class_ids(raw), stats
+
+    def _class_ids(self, raw: list[int | str]) -> np.ndarray:
+        """Class ids of the index for the labels read: names matched (``--mapping`` first), ids as given."""
+        names = sorted({str(r) for r in raw if isinstance(r, str)} |
+                       {str(r) for r in raw if isinstance(r, int) and self.mapping and str(r) in self.mapping})
+        by_name = _resolve(names, self.class_names, self.mapping, "label(s)") if names else {}
+        n = len(self.class_names)
+        bad = sorted({r for r in raw if isinstance(r, int) and str(r) not in by_name and not 0 <= r < n})
+        if bad:
+            raise InputFormatError(f"class id(s) {bad[:5]} are outside the index's {n} classes (ids count from 0 in "
+                                   "the index's class order); pass --mapping FILE (CSV id,class) to name them")
+        return np.asarray([by_name[str(r)] if str(r) in by_name else int(r) for r in raw], dtype=np.int64)
 
 
 def read_mapping(path: str | Path) -> dict[str, str]:
@@ -65,10 +135,17 @@ def _resolve(labels: list[str], class_names: list[str], mapping: dict[str, str] 
     return {lab: ids[c] for lab, c in {**mapped, **loose}.items()}
 
 
-def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path | None = None) -> LabelledSet:
+def load_labelled(data: str | Path, class_names: list[str], mapping: str | Path | None = None,
+                  parquet: Any = None) -> LabelledSet | LabelledSource:
     """A folder with one subfolder per class (local, or a URL of an object store: ``s3://bucket/test/``),
-    or a CSV of path,label (paths relative to the CSV, or image URLs)."""
+    a CSV of path,label (paths relative to the CSV, or image URLs), or labelled webdataset shards or
+    parquet files (``parquet``: a ``sources.parquet.ParquetOptions`` naming their columns)."""
+    from coder_index.pipeline.sources.resolve import labelled_source
+
     table = read_mapping(mapping) if mapping else None
+    source = labelled_source(str(data), parquet)
+    if source is not None:
+        return LabelledSource(source, class_names, table)
     if is_url(str(data)):
         return _remote_folder(str(data), class_names, table)
     data = Path(data)
@@ -141,38 +218,44 @@ def embed_labelled(index: TextStore, data: LabelledSet, cache: EmbeddingCache, *
                    workers: int | None = None, threads: int | None = None, progress: bool = False,
                    decode: str = "auto") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Embeddings of the decodable images (cache first, then the one feed: ``encode_images``), a
-    keep-mask over ``data``, and stats. ``decode`` as classify's ``--decode`` (auto: the tensor
-    decoder on a CUDA device, the reference elsewhere)."""
+    keep-mask over ``data``, and stats (``unread``: what could not be read, a missing file, a URL
+    that failed). ``decode`` as classify's ``--decode`` (auto: the tensor decoder on a CUDA device,
+    the reference elsewhere)."""
     t0 = time.perf_counter()
     hit, emb, identities = cache.lookup(data.paths)
     keep = np.ones(len(data), bool)
     misses = np.flatnonzero(~hit)
     errors: list[tuple[str, str]] = []
+    unread: list[tuple[str, str]] = []
     if misses.size:
         encoder = index.encoder
         where: dict[str, list[int]] = {}  # resolved file -> rows of data (a CSV may list a file twice)
-        items: dict[str, str] = {}        # the feed's item of each: a path, or a RemoteFile for a URL
+        items: dict[str, Any] = {}        # the item to read of each: a path, or a URL
         for i in misses:
             p = data.paths[i]
             key = public_url(p) if isinstance(p, str) else str(p.resolve())
             where.setdefault(key, []).append(int(i))
-            items.setdefault(key, RemoteFile(p) if isinstance(p, str) else key)
+            items.setdefault(key, p if isinstance(p, str) else key)
         done_ids, done_vecs = [], []
         with tqdm(total=len(where), unit="img", desc="encoding images", disable=not progress) as bar, \
                 parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-            for batch in encoded_batches(encoder, Path("/"), list(items.values()), batch_size=batch_size,
+            for batch in encoded_batches(encoder, units_of(list(items.values())), batch_size=batch_size,
                                          workers=plan.workers, decode=decode):
                 if batch.embeddings is not None:
                     for p, v in zip(batch.items, batch.embeddings, strict=True):
                         emb[where[p]] = v
                         done_ids.append(identities[where[p][0]])  # the identity taken before the read
                         done_vecs.append(v)
-                for p, reason in batch.errors:
-                    keep[where[p]] = False
-                    errors.append((p, reason))
-                bar.update(len(batch.items) + len(batch.errors))
+                for e in batch.errors:
+                    keep[where[e.row]] = False
+                    errors.append((e.row, e.reason))
+                for f in batch.failures:
+                    keep[where[f.row]] = False
+                    unread.append((f.row, f.reason))
+                bar.update(len(batch.items) + len(batch.errors) + len(batch.failures))
         if done_vecs:
             cache.store(done_ids, np.stack(done_vecs))
     stats = {"encode_seconds": time.perf_counter() - t0, "embeddings_from_cache": int(hit.sum()),
-             "encoded": int((~hit).sum() - (~keep).sum()), "skipped": int((~keep).sum()), "errors": errors[:50]}
+             "encoded": int((~hit).sum() - (~keep).sum()), "skipped": int((~keep).sum()), "errors": errors[:50],
+             "unread": unread}
     return emb[keep], keep, stats

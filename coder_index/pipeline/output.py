@@ -224,28 +224,62 @@ class ResultWriter(_AppendFile):
 
 
 class ErrorWriter(_AppendFile):
-    """``<out>.errors.csv``: path,error for every file that produced no prediction."""
+    """``<out>.errors.csv``: ``path,error,retry`` for everything that produced no prediction.
 
-    header = ["path", "error"]
+    ``retry`` is ``yes`` for what could not be *read* (a missing file or shard, a 404, a command that
+    failed, a damaged stream, retries spent): the next run drops these rows and tries again. Rows
+    without it (``no``, or files of coder-index 0.4 and before, which have two columns) are final: an
+    image that does not decode, a sample without an image, a FIFO named like an image."""
 
-    def done_paths(self) -> set[str]:
-        if self._empty():
-            return set()
+    header = ["path", "error", "retry"]
+
+    def _rows(self) -> list[list[str]]:
         repair_tail(self.path, True)
         with open(self.path, **_ENC) as f:
             reader = csv.reader(f)
             next(reader, None)
-            return {row[0] for row in reader if row}
+            return [row for row in reader if row]
 
-    def write(self, errors: list[tuple[str, str]]) -> None:
+    def done_paths(self) -> set[str]:
+        """What a rerun skips: the final rows (those to retry are not done)."""
+        if self._empty():
+            return set()
+        return {row[0] for row in self._rows() if not _retried(row)}
+
+    def drop_retried(self) -> list[str]:
+        """Remove the rows a rerun retries (rewritten atomically, in the current layout); their paths."""
+        if self._empty():
+            return []
+        with open(self.path, **_ENC) as f:
+            header = next(csv.reader(f), None)
+        rows = self._rows()
+        dropped = [row[0] for row in rows if _retried(row)]
+        if not dropped and header == self.header:
+            return []
+        from coder_index.core.atomic import atomic_write_bytes
+
+        buf = io.StringIO()
+        w = _csv_writer(buf)
+        w.writerow(self.header)
+        w.writerows([(row[0], row[1] if len(row) > 1 else "", "no") for row in rows if not _retried(row)])
+        self.close()
+        with translate_disk_full(self.path):
+            atomic_write_bytes(self.path, buf.getvalue().encode("utf-8", "surrogateescape"))
+        return dropped
+
+    def write(self, errors: list[tuple[str, str]], retry: bool = False) -> None:
         if not errors:
             return
         buf = io.StringIO()
         w = _csv_writer(buf)
         if self._empty():
             w.writerow(self.header)
-        w.writerows(errors)
+        w.writerows([(p, reason, "yes" if retry else "no") for p, reason in errors])
         self._append(buf.getvalue())
+
+
+def _retried(row: list[str]) -> bool:
+    return len(row) > 2 and row[2] == "yes"
 
 
 def errors_path_for(out: str | Path) -> Path:

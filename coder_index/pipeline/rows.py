@@ -1,7 +1,8 @@
 """A row of a predictions file, back to what made it: the image's bytes and the method's settings.
 
 ``classify`` names each row after what it read: ``FOLDER/relative/path``, a listed file as given, a
-URL, or ``SHARD/KEY`` for a webdataset sample (the shard a local path, a URL or a ``.tar.gz``). The run
+URL, ``SHARD/KEY`` for a webdataset sample (the shard a local path, a URL or a ``.tar.gz``), or
+``FILE.parquet/KEY`` for a parquet row. The run
 record (``OUT.run.json``) holds the settings that made the rows, the state a method kept (X-MoRe's
 normalisers) and, since 0.4, what classify read and from which working directory (``inputs``).
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from coder_index.core.decode import ImageDecodeError
 from coder_index.core.errors import InputFormatError
 from coder_index.core.remote import RemoteError, fetch_bytes, is_remote, is_url, local_path
 from coder_index.pipeline.runrecord import sidecar_path
-from coder_index.pipeline.shards import is_shard_name, split_key
+from coder_index.pipeline.sources.lookup import container_image, split_container_row
+from coder_index.pipeline.sources.parquet import ParquetOptions
 
 MAX_IMAGE_BYTES = 256 << 20
 
@@ -90,8 +91,15 @@ class RunRecord:
         return list(dict.fromkeys(out))
 
     def shards(self) -> set[str]:
-        """The public names of the shards classify read."""
-        return {s for i in self.inputs for s in (i.get("shards") or []) if isinstance(s, str)}
+        """The public names of the containers classify read (shards, parquet files)."""
+        return {s for i in self.inputs for key in ("shards", "files") for s in (i.get(key) or [])
+                if isinstance(s, str)}
+
+    def parquet_options(self) -> ParquetOptions:
+        """The columns a parquet run was told to read (its rows are found by them)."""
+        given = next((i for i in self.inputs if i.get("kind") == "parquet"), {})
+        return ParquetOptions(**{k: given.get(k) for k in ("image_column", "key_column", "label_column")
+                                 if isinstance(given.get(k), str)})
 
 
 def predictions_rows(out: str | Path, numbers: list[int]) -> list[str]:
@@ -125,19 +133,14 @@ def _count_rows(out: Path) -> int:
 
 
 def split_shard_row(row: str) -> tuple[str, str] | None:
-    """(shard, key) of a ``SHARD/KEY`` row: the shard is the longest prefix named like a shard."""
-    at = len(row)
-    while (at := row.rfind("/", 0, at)) > 0:
-        shard = row[:at]
-        base = shard.split("?", 1)[0]
-        if is_shard_name(base):
-            return shard, row[at + 1:]
-    return None
+    """(container, key) of a ``SHARD/KEY`` or ``FILE.parquet/KEY`` row (``sources.lookup``)."""
+    return split_container_row(row)
 
 
-def row_bytes(row: str, cwd: Path | None = None) -> bytes:
-    """The image bytes of a row (a file, a URL, or a shard's sample), or ``ImageDecodeError`` naming
-    why not. ``cwd``: the directory classify ran in (relative rows are relative to it)."""
+def row_bytes(row: str, cwd: Path | None = None, parquet: ParquetOptions | None = None) -> bytes:
+    """The image bytes of a row (a file, a URL, a shard's sample or a parquet row), or
+    ``ImageDecodeError`` naming why not. ``cwd``: the directory classify ran in (relative rows are
+    relative to it); ``parquet``: the columns of a parquet run."""
     from coder_index.core.untrusted import NotARegularFile, open_regular_file
 
     if row.startswith("pipe:"):
@@ -161,41 +164,8 @@ def row_bytes(row: str, cwd: Path | None = None) -> bytes:
             raise ImageDecodeError("file not found (moved or deleted since it was classified?)") from None
         except OSError as exc:
             raise ImageDecodeError(f"could not be read: {exc.strerror or exc}") from None
-    shard, key = split_shard_row(row)  # type: ignore[misc]
-    if shard.startswith("pipe:"):
-        raise ImageDecodeError("read from a pipe: command, which is never run again from a row")
-    if not is_remote(shard):
-        shard_path = Path(local_path(shard))
-        shard = str(shard_path if shard_path.is_absolute() else base / shard_path)
-    return sample_bytes(shard, key)
-
-
-def sample_bytes(shard: str, key: str) -> bytes:
-    """The image of sample ``key`` of a shard (local, compressed or by URL), read up to it."""
-    from coder_index.pipeline.shard_stream import stream_events
-
-    if not is_remote(shard) and not shard.lower().endswith((".tar.gz", ".tgz")):
-        return _local_member(shard, key)
-    for event in stream_events(shard):
-        if event.kind == "sample" and event.sample is not None and event.sample.key == key:
-            return event.sample.data or b""
-        if event.kind == "fatal":
-            raise ImageDecodeError(event.reason)
-    raise ImageDecodeError(f"no sample {key} with an image in the shard")
-
-
-def _local_member(shard: str, key: str) -> bytes:
-    from coder_index.core.decode import IMAGE_EXTENSIONS
-
-    try:
-        with tarfile.open(shard, mode="r:") as tf:
-            for info in tf:
-                k, ext = split_key(info.name)
-                if k == key and info.isreg() and "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
-                    f = tf.extractfile(info)
-                    return f.read() if f is not None else b""
-    except FileNotFoundError:
-        raise ImageDecodeError("the shard does not exist any more") from None
-    except (tarfile.TarError, OSError) as exc:
-        raise ImageDecodeError(f"the shard cannot be read ({exc})") from None
-    raise ImageDecodeError(f"no sample {key} with an image in the shard")
+    container, key = split_shard_row(row)  # type: ignore[misc]
+    if not is_remote(container):
+        local = Path(local_path(container))
+        container = str(local if local.is_absolute() else base / local)
+    return container_image(container, key, parquet)

@@ -1,17 +1,19 @@
 """Who owns an output file, and where its rows came from.
 
     OUT               the predictions (.csv or .jsonl)
-    OUT.errors.csv    files that produced no prediction (p.csv -> p.csv.errors.csv: two outputs that
-                      differ by their extension never share it)
+    OUT.errors.csv    what produced no prediction (p.csv -> p.csv.errors.csv: two outputs that
+                      differ by their extension never share it); rows marked ``retry`` (what could
+                      not be read) are dropped when a run starts, and read again
     OUT.run.json      provenance: index (id, text generation, recipe), model, method, top-k, and the
                       rerank / adapter / corpus settings; plus state a resumed run must reuse (the
                       X-MoRe normalisers); and inputs: what each run read (its working directory,
                       the folder or the shards' public names), so that explain and serve find
                       every row's image without a guess
     OUT.lock          held while a run writes (pid and command inside)
-    OUT.shards-done   streamed shards (remote or compressed) read to their end, one public name per
-                      line, each written after the rows of its samples: a resumed run does not open
-                      them again
+    OUT.units-done    units of many images (shards, parquet row groups) read to their end with
+                      nothing left unread, one name per line, each written after the rows of its
+                      images: a resumed run does not open them again (``OUT.shards-done``, its
+                      name before coder-index 0.5, is read too)
 
 A second run on the same OUT is refused at once, naming the running process. A rerun with other
 settings is refused with what differs, so a resumed file never mixes rows of different settings;
@@ -43,7 +45,11 @@ def lock_path(out: Path) -> Path:
     return out.with_name(out.name + ".lock")
 
 
-def shards_done_path(out: Path) -> Path:
+def units_done_path(out: Path) -> Path:
+    return out.with_name(out.name + ".units-done")
+
+
+def legacy_units_done_path(out: Path) -> Path:
     return out.with_name(out.name + ".shards-done")
 
 
@@ -94,11 +100,13 @@ class OutputRun:
         self.results: ResultWriter | None = None
         self.errors: ErrorWriter | None = None
         self.earlier = {"rows": 0, "errors": 0}  # what the files held before this run
+        self.retried: list[str] = []  # rows of earlier runs that could not be read: tried again
 
     def __enter__(self) -> OutputRun:
         ResultWriter(self.out, self.top_k)  # the file name is checked before anything else
         check_writable(self.out)
-        for p in (errors_path_for(self.out), sidecar_path(self.out), lock_path(self.out), shards_done_path(self.out)):
+        for p in (errors_path_for(self.out), sidecar_path(self.out), lock_path(self.out), units_done_path(self.out),
+                  legacy_units_done_path(self.out)):
             if p.exists() and not p.is_file():
                 raise InputFormatError(f"{p} exists and is not a regular file (a FIFO, socket, device or directory); "
                                        "remove it or choose another --out")
@@ -116,7 +124,7 @@ class OutputRun:
         side = sidecar_path(self.out)
         err = errors_path_for(self.out)
         if self.overwrite:
-            for p in (self.out, err, side, shards_done_path(self.out)):
+            for p in (self.out, err, side, units_done_path(self.out), legacy_units_done_path(self.out)):
                 p.unlink(missing_ok=True)
         else:
             self._adopt_legacy_errors(err)
@@ -145,6 +153,7 @@ class OutputRun:
             self._save()
         self.results = ResultWriter(self.out, self.top_k, stage1=self.provenance.get("method") == "coder*")
         self.errors = ErrorWriter(err)
+        self.retried = self.errors.drop_retried()  # what could not be read before is read again
 
     def _adopt_legacy_errors(self, err: Path) -> None:
         """A run begun by coder-index 0.2 listed its errors in ``p.errors.csv``; take that file over
@@ -181,21 +190,22 @@ class OutputRun:
         self.earlier = {"rows": len(rows), "errors": len(errors)}
         return rows | errors
 
-    def shards_done(self) -> set[str]:
-        """Streamed shards an earlier run read to their end (their rows and errors are in OUT)."""
-        path = shards_done_path(self.out)
-        if not path.is_file():
-            return set()
-        lines = path.read_bytes().split(b"\n")
-        return {ln.decode("utf-8", "surrogateescape") for ln in lines[:-1] if ln}  # a cut last line is not one
+    def units_done(self) -> set[str]:
+        """Units of many images an earlier run read to their end (their rows and errors are in OUT)."""
+        done: set[str] = set()
+        for path in (units_done_path(self.out), legacy_units_done_path(self.out)):
+            if path.is_file():
+                lines = path.read_bytes().split(b"\n")
+                done |= {ln.decode("utf-8", "surrogateescape") for ln in lines[:-1] if ln}  # a cut last line is not one
+        return done
 
-    def mark_shards_done(self, names: list[str]) -> None:
-        """Record shards read to their end (call after their rows are written): appended and fsynced."""
+    def mark_units_done(self, names: list[str]) -> None:
+        """Record units read to their end (call after their rows are written): appended and fsynced."""
         if not names:
             return
         import os
 
-        with translate_disk_full(self.out), open(shards_done_path(self.out), "ab") as f:
+        with translate_disk_full(self.out), open(units_done_path(self.out), "ab") as f:
             f.write("".join(n + "\n" for n in names).encode("utf-8", "surrogateescape"))
             f.flush()
             os.fsync(f.fileno())

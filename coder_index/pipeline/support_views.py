@@ -13,10 +13,9 @@ from torchvision import transforms
 
 from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
-from coder_index.core.remote import is_url, public_url
-from coder_index.pipeline.discover import RemoteFile
 from coder_index.pipeline.encode_images import encoded_batches
 from coder_index.pipeline.feed import Views, split_preprocess
+from coder_index.pipeline.sources.files import units_of
 
 if TYPE_CHECKING:
     from coder_index.model.encoder import ClipEncoder
@@ -95,12 +94,10 @@ def augmented_embeddings(encoder: ClipEncoder, paths: list[Path], epochs: int, s
     out = np.full((len(paths), encoder.embed_dim), np.nan, dtype=np.float32)
     first = {n: out.copy() for n in views.prefixes}
     errors: list[tuple[str, str]] = []
-    items = [RemoteFile(p) if isinstance(p, str) and is_url(p) else str(Path(p).absolute()) for p in paths]
-    given = {str(i): public_url(str(p)) for i, p in zip(items, paths, strict=True)}
     with parallel_encoding(encoder, threads=threads, workers=workers) as plan:
-        for batch in encoded_batches(encoder, Path("/"), items, batch_size=batch_size, workers=plan.workers,
+        for batch in encoded_batches(encoder, units_of(list(paths)), batch_size=batch_size, workers=plan.workers,
                                      decode=decode, views=views):
-            errors += [(given[p], reason) for p, reason in batch.errors]
+            errors += [(e.row, e.reason) for e in [*batch.errors, *batch.failures]]
             if batch.embeddings is not None:
                 out[batch.positions] = batch.embeddings
                 for n, emb in batch.prefix_embeddings.items():

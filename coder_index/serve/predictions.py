@@ -352,7 +352,7 @@ class PredictionsFile:
         if shard.startswith("pipe:"):
             raise OutsideRoot(listed)
         if self._samples is None:
-            self._samples = _SampleCache(self.base)
+            self._samples = _SampleCache(self.base, self.record.parquet_options() if self.record else None)
         return io.BytesIO(self._samples.get(shard, key))
 
 
@@ -373,16 +373,16 @@ def _inside(path: str, root: str) -> bool:
 
 
 class _SampleCache:
-    """Samples of the shards served: a local tar's members by offset (its table read once), a
+    """Samples of the containers served: a local tar's members by offset (its table read once), a
     streamed shard's images kept as they pass, within a byte budget, so that a page of thumbnails
-    from one shard does not read it once per image."""
+    from one shard does not read it once per image; a parquet row found by its key."""
 
     BUDGET = 128 << 20
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, parquet: Any = None) -> None:
         import collections
 
-        self.base = base
+        self.base, self.parquet = base, parquet
         self.tables: collections.OrderedDict[str, dict[str, tuple[int, int]]] = collections.OrderedDict()
         self.images: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
         self.size = 0
@@ -390,31 +390,34 @@ class _SampleCache:
 
     def get(self, shard: str, key: str) -> bytes:
         from coder_index.core.decode import ImageDecodeError
-        from coder_index.core.remote import is_remote
-        from coder_index.pipeline.shards import split_key
+        from coder_index.core.remote import is_remote, open_stream
+        from coder_index.pipeline.sources.base import Sample
+        from coder_index.pipeline.sources.lookup import container_image
+        from coder_index.pipeline.sources.parquet import is_parquet_name
+        from coder_index.pipeline.sources.tar_samples import tar_samples
 
         path = shard if is_remote(shard) or os.path.isabs(shard) else os.path.join(self.base, shard)
         with self.lock:
             if (shard, key) in self.images:
                 self.images.move_to_end((shard, key))
                 return self.images[(shard, key)]
+        if is_parquet_name(shard.split("?", 1)[0]):
+            return container_image(path, key, self.parquet)
         if not is_remote(path) and not path.lower().endswith((".tar.gz", ".tgz")):
-            table = self._table(path, split_key)
+            table = self._table(path)
             if key not in table:
                 raise ImageDecodeError(f"no sample {key} with an image in the shard")
             offset, size = table[key]
             with open_regular_file(path) as f:
                 f.seek(offset)
                 return f.read(size)
-        from coder_index.pipeline.shard_stream import stream_events
-
         wanted = None
-        for event in stream_events(path):
-            if event.kind == "sample" and event.sample is not None:
-                data = event.sample.data or b""
-                self._keep((shard, event.sample.key), data)
-                if event.sample.key == key:
-                    wanted = data
+        with open_stream(path) as stream:
+            for event in tar_samples(stream, shard, seekable=False):
+                if isinstance(event, Sample) and event.data is not None:
+                    self._keep((shard, event.key or ""), event.data)
+                    if event.key == key:
+                        wanted = event.data
         if wanted is None:
             raise ImageDecodeError(f"no sample {key} with an image in the shard")
         return wanted
@@ -427,10 +430,10 @@ class _SampleCache:
                 _, old = self.images.popitem(last=False)
                 self.size -= len(old)
 
-    def _table(self, path: str, split_key: Any) -> dict[str, tuple[int, int]]:
+    def _table(self, path: str) -> dict[str, tuple[int, int]]:
         import tarfile
 
-        from coder_index.core.decode import IMAGE_EXTENSIONS
+        from coder_index.pipeline.sources.tar_samples import is_image_ext, split_key
 
         with self.lock:
             if path in self.tables:
@@ -440,7 +443,7 @@ class _SampleCache:
         with tarfile.open(path, mode="r:") as tf:
             for info in tf:
                 k, ext = split_key(info.name)
-                if info.isreg() and "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS and k not in table:
+                if info.isreg() and is_image_ext(ext) and k not in table:
                     table[k] = (info.offset_data, info.size)
         with self.lock:
             self.tables[path] = table
