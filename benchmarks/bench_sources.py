@@ -55,7 +55,10 @@ def make_data(photos: list[Path], work: Path, gb: float, per_shard: int, row_gro
         table = pa.table({"key": batch["key"], "jpg": pa.array(batch["jpg"], pa.binary()),
                           "caption": batch["caption"]})
         if writer is None:
-            writer = pq.ParquetWriter(work / "pq" / "all.parquet", table.schema)
+            # no dictionary: the photos repeat, and parquet would store each distinct one once (a real set's
+            # images are all distinct); JPEGs do not compress
+            writer = pq.ParquetWriter(work / "pq" / "all.parquet", table.schema, use_dictionary=False,
+                                      compression="none")
         writer.write_table(table, row_group_size=row_group)
         for v in batch.values():
             v.clear()

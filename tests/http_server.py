@@ -86,30 +86,32 @@ class FileServer:
         if self.auth is not None:
             want = "Basic " + base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
             if auth != want:
-                return self._status(h, 401)
+                return self._status(h, 401, head)
         fault = self.faults.get(path)
         if fault is not None and fault.status:
-            return self._status(h, fault.status.pop(0))
+            return self._status(h, fault.status.pop(0), head)
         file = (self.root / path).resolve()
         if not str(file).startswith(str(self.root.resolve())) or not file.is_file():
-            return self._status(h, 404)
-        data = file.read_bytes()
-        start, end, status = 0, len(data), 200
+            return self._status(h, 404, head)
+        size = file.stat().st_size
+        start, end, status = 0, size, 200
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes="):
             first, _, last = rng[6:].partition("-")
             start = int(first or 0)
-            end = min(len(data), int(last) + 1) if last else len(data)
-            if start >= len(data):
-                return self._status(h, 416)
+            end = min(size, int(last) + 1) if last else size
+            if start >= size:
+                return self._status(h, 416, head)
             status = 206
-        body = data[start:end]
+        with open(file, "rb") as f:  # only the range asked for: a 1 GB file is not read for its footer
+            f.seek(start)
+            body = f.read(end - start)
         h.send_response(status)
         h.send_header("Content-Type", "application/x-tar")
         h.send_header("Content-Length", str(len(body)))
         h.send_header("Accept-Ranges", "bytes")
         if status == 206:
-            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         h.end_headers()
         if head:
             return
@@ -145,7 +147,7 @@ class FileServer:
         except (BrokenPipeError, ConnectionResetError, OSError):
             h.close_connection = True
 
-    def _status(self, h: BaseHTTPRequestHandler, code: int) -> None:
+    def _status(self, h: BaseHTTPRequestHandler, code: int, head: bool = False) -> None:
         body = f"status {code}".encode()
         h.send_response(code)
         if code == 401:
@@ -154,7 +156,8 @@ class FileServer:
             h.send_header("Retry-After", "0")
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        h.wfile.write(body)
+        if not head:  # a HEAD answer has no body (a body would be read as the next answer's status line)
+            h.wfile.write(body)
 
 
 def fast_retries(monkeypatch_or_env: object = None) -> dict[str, str]:

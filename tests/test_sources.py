@@ -16,6 +16,7 @@ labelled shards (``.cls``) and parquet (a label column) evaluate as the same ima
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -86,8 +87,9 @@ def write_tar(path: Path, samples: list[tuple[str, bytes]], labels: bool = False
 
 
 def write_img2dataset_parquet(path: Path, samples: list[tuple[str, bytes]], row_group: int = 3,
-                              failed: bool = False) -> None:
-    """img2dataset's parquet output: key, jpg (bytes), caption, url, status, width, height, ..."""
+                              failed: bool = False, signed: bool = False) -> None:
+    """img2dataset's parquet output: key, jpg (bytes), caption, url, status, width, height, ...
+    (``signed``: the URLs carry credentials and a signature, which must never be written out)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -95,7 +97,8 @@ def write_img2dataset_parquet(path: Path, samples: list[tuple[str, bytes]], row_
                              "error_message": []}
     for key, data in samples:
         for name, value in (("key", key), ("jpg", data), ("caption", f"a photo numbered {key}"),
-                            ("url", f"http://example.org/{key}.jpg"), ("status", "success"), ("width", 32),
+                            ("url", f"http://u:pw-SECRET@example.org/{key}.jpg?X-Amz-Signature=SECRET{key}"
+                             if signed else f"http://example.org/{key}.jpg"), ("status", "success"), ("width", 32),
                             ("error_message", None)):
             cols[name].append(value)
     if failed:  # a failed download: img2dataset keeps the row, its image null
@@ -428,7 +431,7 @@ def test_parquet_written_by_hugging_face_datasets_gives_the_folder_rows(index_di
 
 def test_img2dataset_parquet_rows_are_keys_and_a_failed_download_is_named(index_dir, data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_img2dataset_parquet(tmp_path / "x.parquet", data["samples"], row_group=2, failed=True)
+    write_img2dataset_parquet(tmp_path / "x.parquet", data["samples"], row_group=2, failed=True, signed=True)
     out = tmp_path / "x.csv"
     emb = tmp_path / "emb"
     run("classify", "x.parquet", "--index", index_dir, "--out", out, "--workers", "2", "--save-embeddings", emb, "-q")
@@ -443,6 +446,8 @@ def test_img2dataset_parquet_rows_are_keys_and_a_failed_download_is_named(index_
     assert sorted(m["key"] for m in meta) == sorted(k for k, _ in data["samples"])
     assert all(m["caption"] == f"a photo numbered {m['key']}" and json.loads(m["json"])["status"] == "success"
                and m["shard"] == "x.parquet" for m in meta)
+    assert all(json.loads(m["json"])["url"] == f"http://example.org/{m['key']}.jpg" for m in meta)  # shown, no secret
+    assert "SECRET" not in json.dumps(meta)
     # every row explains from the predictions file (the parquet row found by its key)
     res = run("explain", "--index", index_dir, "--predictions", out, "--row", "1", "--row", str(len(got)), "--json")
     assert [r["path"] for r in json.loads(res.output)] == [list(got)[0], list(got)[-1]]
@@ -553,3 +558,159 @@ def test_labelled_shards_and_parquet_evaluate_as_the_same_images_in_class_folder
             assert a["name"] == b["name"]
             np.testing.assert_allclose([a["top1"], a["mean_per_class_recall"]], [b["top1"], b["mean_per_class_recall"]],
                                        atol=1e-9, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- every offset
+def _tiny_samples() -> list[tuple[str, bytes]]:
+    from PIL import Image
+
+    out = []
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 3), color).save(buf, "PNG")
+        out.append((f"k{i}", buf.getvalue()))
+    return out
+
+
+@pytest.mark.parametrize("seekable", [True, False], ids=["file", "stream"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["tar", "gz"])
+def test_a_shard_cut_at_every_byte_keeps_whole_samples_before_the_cut_and_says_so(seekable, compressed):
+    """The one grouping stage, on a shard cut at every byte offset (a file or a stream, plain or
+    gzip): nothing escapes as an exception; the samples it gives are the first ones, whole; it ends
+    with the shard done only when nothing was lost, else with one read failure naming the shard."""
+    import gzip
+
+    from coder_index.pipeline.sources.base import ReadFailure, Sample, UnitDone
+    from coder_index.pipeline.sources.tar_samples import tar_samples
+
+    samples = _tiny_samples()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, blob in samples:
+            add(tf, f"{key}.png", blob)
+            add(tf, f"{key}.txt", key.encode())
+    blob = gzip.compress(buf.getvalue()) if compressed else buf.getvalue()
+    complete_from = None
+    for cut in range(len(blob) + 1):
+        events = list(tar_samples(io.BytesIO(blob[:cut]), "s.tar", seekable=seekable))
+        got = [e for e in events if isinstance(e, Sample)]
+        assert [(s.key, s.data, s.caption) for s in got] == [(k, b, k) for k, b in samples[:len(got)]], cut
+        assert isinstance(events[-1], (UnitDone, ReadFailure)), cut
+        assert sum(isinstance(e, (UnitDone, ReadFailure)) for e in events) == 1, cut
+        if isinstance(events[-1], UnitDone):
+            assert len(got) == len(samples), cut
+            complete_from = cut if complete_from is None else complete_from
+        else:
+            assert events[-1].row == "s.tar" and complete_from is None, cut  # once complete, always complete
+    assert complete_from is not None and complete_from <= len(blob)
+
+
+def test_a_parquet_file_cut_at_every_offset_is_a_read_failure_never_a_crash(tmp_path):
+    from coder_index.pipeline.sources.base import ReadFailure, Sample
+    from coder_index.pipeline.sources.parquet import ParquetSource
+
+    whole = tmp_path / "whole.parquet"
+    write_img2dataset_parquet(whole, _tiny_samples(), row_group=1)
+    blob = whole.read_bytes()
+    cut_file = tmp_path / "cut.parquet"
+    for cut in range(0, len(blob), 7):
+        cut_file.write_bytes(blob[:cut])
+        events = []
+        for unit in ParquetSource([str(cut_file)]).units():
+            events += [unit] if isinstance(unit, ReadFailure) else list(unit.read())
+        assert any(isinstance(e, ReadFailure) for e in events), cut  # the footer is at the end: never whole
+        assert not any(isinstance(e, Sample) for e in events), cut
+
+
+@pytest.mark.parametrize("name", ["x.tar", "x.tar.gz", "x.parquet"])
+def test_a_fifo_named_as_a_unit_is_skipped_never_read(index_dir, data, tmp_path, name):
+    """A FIFO would block a reader forever: it is named in the errors file, the other units are read."""
+    good = tmp_path / f"good{name[1:]}"
+    if name.endswith(".parquet"):
+        write_img2dataset_parquet(good, data["samples"][:3])
+    else:
+        write_tar(tmp_path / "good.tar", data["samples"][:3])
+        if name.endswith(".gz"):
+            import gzip
+
+            good.write_bytes(gzip.compress((tmp_path / "good.tar").read_bytes()))
+    odd = tmp_path / name
+    os.mkfifo(odd)
+    out = tmp_path / "f.csv"
+    cmd = [sys.executable, "-m", "coder_index_cli.main", "classify", str(good), str(odd), "--index", str(index_dir),
+           "--out", str(out), "--workers", "0", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a read of the FIFO would hang
+    assert proc.returncode == 0, proc.stderr  # final: a FIFO is no shard, and no retry can make it one
+    assert len(rows(out)) == 3
+    assert list(errors(out, "no")) == [str(odd)] and "not a" in errors(out)[str(odd)]
+    # a folder named like a shard or parquet file is a folder of them: one that holds none is a usage error
+    odd.unlink()
+    odd.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"{odd} holds no" in proc.stderr, proc.stderr
+
+
+def test_gcs_keeps_its_own_retries_and_coder_index_adds_none():
+    """gcsfs retries each request 6 times and cannot be told not to: for gs:// its layer is the one."""
+    from coder_index.core.remote import RetryPolicy, _one_layer
+
+    assert _one_layer("gs", RetryPolicy(attempts=6)).attempts == 1
+    assert _one_layer("s3", RetryPolicy(attempts=6)).attempts == 6 and _one_layer(None, RetryPolicy()).attempts == 6
+
+
+# ---------------------------------------------------------------------------------------------- workers
+@dataclasses.dataclass(frozen=True)
+class _WhoReads:
+    """A unit of one sample that says which decoding worker read it (in its caption)."""
+
+    name: str
+    position: int = 0
+    skip: frozenset = frozenset()
+    single = False
+    noun = "unit"
+    container = "c"
+
+    def read(self):  # noqa: ANN201 - events
+        from torch.utils.data import get_worker_info
+
+        from coder_index.pipeline.sources.base import Sample, UnitDone
+
+        info = get_worker_info()
+        yield Sample(f"c/{self.name}", data=_tiny_samples()[0][1], key=self.name, container="c",
+                     caption=str(info.id if info is not None else -1))
+        yield UnitDone(self.name)
+
+    def split(self, parts):  # noqa: ANN001, ANN201
+        return [self]
+
+
+def test_units_of_many_images_keep_every_worker_busy_and_files_keep_their_order(data):
+    import open_clip
+    import torch
+
+    from coder_index.pipeline.feed import ReferenceFeed
+    from coder_index.pipeline.sources.files import FileUnit
+
+    feed = ReferenceFeed(open_clip.image_transform(32, is_train=False), torch.device("cpu"))
+    readers = {s.key: s.caption for b in feed.batches([_WhoReads(f"u{i}", i) for i in range(6)], batch_size=64,
+                                                       workers=2) for s in b.samples}
+    assert sorted(readers) == [f"u{i}" for i in range(6)] and set(readers.values()) == {"0", "1"}
+    files = sorted((data["root"] / "folder").iterdir())
+    units = [FileUnit(p.name, str(p), i) for i, p in enumerate(files)]
+    got = [s.row for b in feed.batches(units, batch_size=3, workers=2) for s in b.samples]
+    assert got == [p.name for p in files]  # one-image units come back in the order given
+
+
+def test_a_local_tar_split_between_workers_gives_each_sample_once(data):
+    from coder_index.pipeline.sources.base import Sample, UnitDone
+    from coder_index.pipeline.sources.shards import shard_unit
+
+    unit = shard_unit(str(data["root"] / "tar" / "00000.tar"), 0)
+    parts = unit.split(3)
+    assert len(parts) == 3
+    events = [e for p in parts for e in p.read()]
+    keys = sorted(e.key for e in events if isinstance(e, Sample))
+    assert keys == sorted(k for k, _ in data["samples"][:4])
+    assert sorted((e.part, e.parts) for e in events if isinstance(e, UnitDone)) == [(0, 3), (1, 3), (2, 3)]
+    assert shard_unit(str(data["root"] / "gz" / "00000.tar.gz"), 0).split(3) == [
+        shard_unit(str(data["root"] / "gz" / "00000.tar.gz"), 0)]  # a stream is read once, whole

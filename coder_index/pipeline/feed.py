@@ -141,15 +141,19 @@ def _is_plain_jpeg(data: bytes) -> bool:
 
 
 class _UnitStream(IterableDataset):
-    """The units' events, read and decoded in the workers: each worker reads its own units (blocks of
-    ``block`` consecutive units in turn, so that one-image units come back in their order), turning
+    """The units' events, read and decoded in the workers: each worker reads its own units (one-image
+    units in blocks of a batch, in turn, so that they come back in their order; larger ones one by
+    one, in turn), turning
     each ``Sample`` into ``("pixels", sample, uint8 [3, H, W])`` (``[views, 3, H, W]`` with ``views``),
     ``("jpeg", sample, bytes)`` for the tensor decoder, or ``("error", ItemError)``; the other events
     pass as ``("failed", ReadFailure)``, ``("done", UnitDone)``, and a refusal as ``("fatal", text)``."""
 
-    def __init__(self, units: list[Any], block: int, preprocess: Any, parts: PreprocessParts | None,
+    def __init__(self, units: list[Any], batch_size: int, preprocess: Any, parts: PreprocessParts | None,
                  jpeg_bytes: bool, views: Views | None = None) -> None:
-        self.units, self.block = units, max(1, block)
+        # one-image units go to the workers a batch at a time (so that they come back in their order);
+        # larger units (shards, row groups) one at a time, in turn
+        self.units = units
+        self.block = max(1, batch_size) if units and units[0].single else 1
         self.preprocess, self.parts, self.jpeg_bytes, self.views = preprocess, parts, jpeg_bytes, views
 
     def __iter__(self) -> Iterator[tuple[str, Any, Any]]:

@@ -440,7 +440,7 @@ class _SampleCache:
                 self.tables.move_to_end(path)
                 return self.tables[path]
         table: dict[str, tuple[int, int]] = {}
-        with tarfile.open(path, mode="r:") as tf:
+        with open_regular_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for info in tf:
                 k, ext = split_key(info.name)
                 if info.isreg() and is_image_ext(ext) and k not in table:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from coder_index.core.decode import ImageDecodeError
 from coder_index.core.remote import RemoteError, is_remote, local_path, open_stream
+from coder_index.core.untrusted import open_regular_file
 from coder_index.pipeline.sources.parquet import ParquetOptions, find_row, is_parquet_name
 from coder_index.pipeline.sources.shards import is_shard_name
 from coder_index.pipeline.sources.tar_samples import find_sample
@@ -36,7 +37,7 @@ def container_image(container: str, key: str, parquet: ParquetOptions | None = N
             with open_stream(container) as f:
                 data = find_sample(f, key, seekable=False)
         else:
-            with open(local_path(container), "rb") as f:
+            with open_regular_file(local_path(container)) as f:
                 data = find_sample(f, key, seekable=True)
     except RemoteError as exc:
         raise ImageDecodeError(str(exc)) from None

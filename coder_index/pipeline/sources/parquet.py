@@ -29,6 +29,7 @@ from typing import Any
 
 from coder_index.core.errors import InputFormatError
 from coder_index.core.remote import RemoteError, fetch_bytes, is_remote, local_path, open_random_access, public_url
+from coder_index.core.untrusted import NotARegularFile
 from coder_index.pipeline.sources.base import Event, ItemError, Listing, ReadFailure, Sample, UnitDone
 from coder_index.pipeline.sources.files import MAX_REMOTE_IMAGE_BYTES
 
@@ -140,6 +141,7 @@ class RowGroupUnit:
     columns: Columns
     position: int = 0
     skip: frozenset[str] = frozenset()
+    metadata: Any = field(default=None, compare=False, repr=False)  # the file's footer, read once by the source
     single = False
     noun = "row group"
 
@@ -151,8 +153,8 @@ class RowGroupUnit:
         row_number = self.first_row
         try:
             with open_random_access(self.spec) as f:
-                batches = pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, row_groups=[self.group],
-                                                         columns=self.columns.read(), use_threads=False)
+                batches = pq.ParquetFile(f, metadata=self.metadata).iter_batches(
+                    batch_size=BATCH_ROWS, row_groups=[self.group], columns=self.columns.read(), use_threads=False)
                 for batch in batches:
                     for row in batch.to_pylist():
                         for event in self._row(row, row_number):
@@ -161,6 +163,8 @@ class RowGroupUnit:
                                 counts["found"] += 1
                             yield event
                         row_number += 1
+                del batches
+            _release_arrow_memory()
         except RemoteError as exc:
             if exc.everywhere:
                 raise
@@ -203,7 +207,7 @@ class RowGroupUnit:
             yield ItemError(out, f"skipped: no image in this row{why}", "row(s) without an image")
             return
         caption = row.get(c.caption) if c.caption else None
-        meta = {m: row.get(m) for m in c.meta}
+        meta = {m: _shown(row.get(m)) for m in c.meta}
         meta_text = json.dumps(meta, default=str, ensure_ascii=False)[:META_BYTES] if meta else None
         yield Sample(out, data=bytes(value), ext=ext, key=key, container=self.container,
                      caption=str(caption) if caption is not None else None, meta=meta_text, label=label)
@@ -220,13 +224,13 @@ class ParquetSource:
     units_per_task: int = 1
     listing: Listing = field(default_factory=Listing)
 
-    def units(self) -> Iterator[RowGroupUnit | ReadFailure]:
+    def units(self) -> Iterator[RowGroupUnit | ItemError | ReadFailure]:
         position = 0
         for spec in self.specs:
             name = public_url(spec) if is_remote(spec) else os.path.normpath(local_path(spec))
             where = spec if is_remote(spec) else os.path.abspath(name)
             try:
-                groups, columns = _layout(where, name, self.options)
+                groups, columns, metadata = _layout(where, name, self.options)
             except RemoteError as exc:
                 if exc.everywhere:
                     raise
@@ -234,6 +238,10 @@ class ParquetSource:
                 continue
             except FileNotFoundError:
                 yield ReadFailure(name, "not read: no such file")
+                continue
+            except NotARegularFile:
+                yield ItemError(name, "skipped: not a regular file (a FIFO, socket, device or directory)",
+                                "inputs that are not files")
                 continue
             except InputFormatError:
                 raise
@@ -243,7 +251,8 @@ class ParquetSource:
                 continue
             first = 0
             for i, rows in enumerate(groups):
-                yield RowGroupUnit(f"{name}#row-group-{i}", name, where, i, first, columns, position)
+                yield RowGroupUnit(f"{name}#row-group-{i}", name, where, i, first, columns, position,
+                                   metadata=metadata)
                 position += 1
                 first += rows
 
@@ -253,15 +262,34 @@ class ParquetSource:
                 **{k: v for k, v in vars(self.options).items() if v is not None}}
 
 
-def _layout(spec: str, name: str, options: ParquetOptions) -> tuple[list[int], Columns]:
-    """The row counts of a file's row groups and its columns (the footer only is read)."""
+def _layout(spec: str, name: str, options: ParquetOptions) -> tuple[list[int], Columns, Any]:
+    """The row counts of a file's row groups, its columns and its footer (the footer only is read; the
+    units carry it, so that no worker reads it again)."""
     import pyarrow.parquet as pq
 
     with open_random_access(spec) as f:
         meta = pq.ParquetFile(f).metadata
         schema = meta.schema.to_arrow_schema()
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    return groups, find_columns(schema, schema.metadata, options, name)
+    return groups, find_columns(schema, schema.metadata, options, name), meta
+
+
+def _release_arrow_memory() -> None:
+    """Hand the row group's buffers back to the system (Arrow's allocator keeps them otherwise): a
+    worker's memory is one row group at a time, not its largest so far times the groups it read."""
+    import pyarrow as pa
+
+    try:
+        pa.default_memory_pool().release_unused()
+    except AttributeError:  # pyarrow before 9
+        pass
+
+
+def _shown(value: Any) -> Any:
+    """A metadata value as it may be written: a URL without its credentials or signing parameters."""
+    from coder_index.core.remote import is_url
+
+    return public_url(value) if isinstance(value, str) and is_url(value) else value
 
 
 def is_parquet_name(name: str) -> bool:
@@ -274,9 +302,9 @@ def find_row(spec: str, key: str, options: ParquetOptions) -> bytes | None:
     import pyarrow.parquet as pq
 
     name = public_url(spec) if is_remote(spec) else spec
-    groups, columns = _layout(spec, name, options)
+    groups, columns, metadata = _layout(spec, name, options)
     with open_random_access(spec) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, metadata=metadata)
         first = 0
         for i, rows in enumerate(groups):
             if columns.key is None:

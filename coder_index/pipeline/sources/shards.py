@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from coder_index.core.remote import RemoteError, is_remote, local_path, open_stream, public_url
+from coder_index.core.untrusted import NotARegularFile, open_regular_file
 from coder_index.pipeline.sources.base import Event, ItemError, Listing, ReadFailure
 from coder_index.pipeline.sources.files import file_kind
 from coder_index.pipeline.sources.tar_samples import tar_samples
@@ -66,12 +67,12 @@ class ShardUnit:
         except OSError as exc:
             yield ReadFailure(self.name, f"not read: {exc.strerror or exc}")
             return
-        if not os.path.isfile(self.spec):
+        try:
+            f = open_regular_file(self.spec)  # a FIFO named like a shard never blocks the read
+        except NotARegularFile:
             yield ItemError(self.name, f"skipped: {file_kind(st.st_mode)}, not a shard file",
                             "inputs that are not files")
             return
-        try:
-            f = open(self.spec, "rb")
         except OSError as exc:
             yield ReadFailure(self.name, f"not read: {exc.strerror or exc}")
             return
@@ -85,7 +86,7 @@ class ShardUnit:
         if parts <= 1 or is_remote(self.spec):
             return [self]
         try:
-            with open(self.spec, "rb") as f:
+            with open_regular_file(self.spec) as f:
                 if f.read(6).startswith(_COMPRESSED):
                     return [self]
         except OSError:

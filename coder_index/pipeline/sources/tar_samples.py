@@ -10,8 +10,9 @@ class (an integer id or a name), as webdataset and CLIP_benchmark write them.
 What cannot be classified is a final error row (a sample without an image, a second image in a
 sample, an image member that is not a regular file or is too large to read from a stream). What
 cannot be *read* (not a tar, a corrupt compressed stream, a header damaged or a file cut short, a
-read that fails for good) ends the shard with a ``ReadFailure`` naming it: the samples before are
-kept, and the shard is not marked done, so a rerun reads it again (skipping what OUT holds).
+read that fails for good) ends the shard with a ``ReadFailure`` naming it: the samples read whole
+before are kept (the one being read is not: it may lack a member), and the shard is not marked
+done, so a rerun reads it again (skipping what OUT holds).
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def tar_samples(fileobj: BinaryIO, container: str, *, seekable: bool, skip: froz
                 key, ext = split_key(info.name)
                 yield from grouper.start(key)
                 grouper.add(info, ext, _member_bytes(tf, info, ext, grouper.wanted()))
-            yield from grouper.start(None)
             problem = _end_problem(tf)
+            if not problem:
+                yield from grouper.start(None)
         except RemoteError as exc:
             if exc.everywhere:
                 raise
@@ -100,8 +102,8 @@ def tar_samples(fileobj: BinaryIO, container: str, *, seekable: bool, skip: froz
             problem = str(exc)
         except Exception as exc:  # tarfile, EOF, OSError, zlib.error, lzma.LZMAError: the stream is damaged
             problem = f"the tar is truncated or damaged after {seen} member(s) ({exc.__class__.__name__}: {exc})"
-        if problem:
-            yield from grouper.start(None)  # the samples read before the damage are kept
+        if problem:  # the samples read whole before the damage are kept; the one being read is not (it may
+            # lack a member): the unit is read again by the next run, which skips the others
             yield ReadFailure(unit, f"the rest of the shard could not be read: {problem}")
             return
     yield UnitDone(unit, part, parts, counts)
