@@ -163,8 +163,10 @@ def test_odd_shards_are_reported_and_the_rest_classified(index_dir, dataset, tmp
               ok=False)
     assert res.exit_code == 3, res.output  # incomplete: what could not be read is named, the rest classified
     got, final, retried = rows(out), errors(out, retry="no"), errors(out, retry="yes")
-    assert set(got) == {"odd/00000.tar/ok_0", "odd/00000.tar/ok_1", "odd/00001.tar/first", "odd/00002.tar/first",
-                        "odd/00003.tar/first", "odd/00003.tar/second"}
+    # (00002.tar's first sample was being read when the damaged header came: it may lack a member, so it is
+    # not kept; the rerun reads the shard again)
+    assert set(got) == {"odd/00000.tar/ok_0", "odd/00000.tar/ok_1", "odd/00001.tar/first", "odd/00003.tar/first",
+                        "odd/00003.tar/second"}
     assert "corrupt" in final["odd/00000.tar/corrupt"]
     assert "no image in this sample" in final["odd/00000.tar/captiononly"] and "json, txt" in final[
         "odd/00000.tar/captiononly"]

@@ -37,6 +37,7 @@ from scores import assert_same_ranking, csv_ranking
 from test_shards import photos
 
 CLASSES = ["cat", "ship", "truck", "airplane"]
+BUCKET = "sources-tests"
 
 
 def run(*args, code=0):
@@ -207,7 +208,7 @@ class Kinds:
 
                     blob = gzip.compress(blob)
                 if kind == "s3-shards":
-                    s3_fs(self.s3).pipe_file(f"data/{tmp.name}/00003{ext}", blob)
+                    s3_fs(self.s3).pipe_file(f"{BUCKET}/{tmp.name}/00003{ext}", blob)
                 else:
                     missing.write_bytes(blob)
 
@@ -219,8 +220,8 @@ class Kinds:
             if kind == "s3-shards":
                 fs = s3_fs(self.s3)
                 for p in sorted(sub.iterdir()):
-                    fs.put_file(str(p), f"data/{tmp.name}/{p.name}")
-                return [f"s3://data/{tmp.name}/{{00000..00003}}.tar"], f"s3://data/{tmp.name}/00003.tar", mend
+                    fs.put_file(str(p), f"{BUCKET}/{tmp.name}/{p.name}")
+                return [f"s3://{BUCKET}/{tmp.name}/{{00000..00003}}.tar"], f"s3://{BUCKET}/{tmp.name}/00003.tar", mend
             return [f"{sub}/{{00000..00003}}{ext}"], str(missing), mend
         if kind in ("parquet", "http-parquet", "s3-parquet"):
             sub = tmp / "pq"
@@ -232,7 +233,7 @@ class Kinds:
             def mend_parquet() -> None:
                 write_img2dataset_parquet(tmp / "new.parquet", extra)
                 if kind == "s3-parquet":
-                    s3_fs(self.s3).put_file(str(tmp / "new.parquet"), f"data/{tmp.name}/00002.parquet")
+                    s3_fs(self.s3).put_file(str(tmp / "new.parquet"), f"{BUCKET}/{tmp.name}/00002.parquet")
                 else:
                     (tmp / "new.parquet").rename(missing)
 
@@ -243,8 +244,8 @@ class Kinds:
             if kind == "s3-parquet":
                 fs = s3_fs(self.s3)
                 for p in sorted(sub.iterdir()):
-                    fs.put_file(str(p), f"data/{tmp.name}/{p.name}")
-                return [f"s3://data/{tmp.name}/{{00000..00002}}.parquet"], f"s3://data/{tmp.name}/00002.parquet", \
+                    fs.put_file(str(p), f"{BUCKET}/{tmp.name}/{p.name}")
+                return [f"s3://{BUCKET}/{tmp.name}/{{00000..00002}}.parquet"], f"s3://{BUCKET}/{tmp.name}/00002.parquet", \
                     mend_parquet
             return [f"{sub}/{{00000..00002}}.parquet"], str(missing), mend_parquet
         raise AssertionError(kind)
@@ -253,7 +254,7 @@ class Kinds:
 @pytest.fixture(scope="module")
 def s3():
     with s3_server() as env:
-        s3_fs(env).mkdir("data")
+        s3_fs(env).mkdir(BUCKET)  # moto's buckets live as long as the process: a name of this module's own
         yield env
 
 
@@ -354,7 +355,7 @@ def test_no_credentials_or_no_bucket_stop_at_once_with_one_line(index_dir, tmp_p
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    res = run("classify", f"s3://data/x/{{0..3}}{ext}", "--index", index_dir, "--out", out, "-q", code=1)
+    res = run("classify", f"s3://{BUCKET}/x/{{0..3}}{ext}", "--index", index_dir, "--out", out, "-q", code=1)
     lines = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
     assert len(lines) == 1 and "no credentials" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], res.output
     assert not rows(out)
