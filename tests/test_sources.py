@@ -245,8 +245,8 @@ class Kinds:
                 fs = s3_fs(self.s3)
                 for p in sorted(sub.iterdir()):
                     fs.put_file(str(p), f"{BUCKET}/{tmp.name}/{p.name}")
-                return [f"s3://{BUCKET}/{tmp.name}/{{00000..00002}}.parquet"], f"s3://{BUCKET}/{tmp.name}/00002.parquet", \
-                    mend_parquet
+                where = f"s3://{BUCKET}/{tmp.name}"
+                return [f"{where}/{{00000..00002}}.parquet"], f"{where}/00002.parquet", mend_parquet
             return [f"{sub}/{{00000..00002}}.parquet"], str(missing), mend_parquet
         raise AssertionError(kind)
 
