@@ -31,12 +31,11 @@ from .textgen_commands import make_generator
               help="Float type of --save-embeddings (recorded in DIR/embeddings.json).")
 @click.option("--embeddings-part-rows", default=100_000, show_default=True, type=click.IntRange(1),
               help="Rows per img_emb_N.npy of --save-embeddings (a part closes at the first batch that reaches it).")
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The text index to classify against.")
+@options("index")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Predictions file: .csv or .jsonl. Rerunning with the same file resumes.")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Classes per row.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+@options("batch_size")
 @options(*PARALLEL, *MODEL, *METHOD)
 @click.option("--rerank-chunk", default=2048, show_default=True, type=click.IntRange(1),
               help="Images per rerank step (their missing pairs are generated together).")
@@ -65,8 +64,9 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
              top_k: int, batch_size: int, workers: int | None,
              threads: int | None, model: str | None, pretrained: str | None, device: str | None, zs_method: str,
              rerank: bool, gap_threshold: float | None, adapter_dir: Path | None, corpus_dir: Path | None,
-             retrieve_k: int, rerank_chunk: int, candidates: str | None, engine: str, ray_address: str | None,
-             ray_actors: int | None, ray_gpus: float, ray_index_source: str | None, overwrite: bool, strict: bool,
+             retrieve_k: int, xmore_normalizer: str | None, rerank_chunk: int, candidates: str | None, engine: str,
+             ray_address: str | None, ray_actors: int | None, ray_gpus: float, ray_index_source: str | None,
+             overwrite: bool, strict: bool,
              precision: str, decode: str, image_column: str | None, key_column: str | None, quiet: bool,
              **llm: Any) -> None:
     """Classify every image under FOLDER (recursively), the IMAGE files named (and those of
@@ -106,11 +106,11 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
       coder-index classify /shared/images --index /shared/in1k --out preds.csv --engine ray --ray-address auto
       coder-index classify 'laion/{00000..00099}.tar' --index in1k --out preds.csv --save-embeddings laion-emb/
       coder-index classify 'https://host/data/{00000..00099}.tar' --index in1k --out preds.csv
-      coder-index classify 's3://bucket/shards/{00000..00999}.tar.gz' --index in1k --out preds.csv \
+      coder-index classify 's3://bucket/shards/{00000..00999}.tar.gz' --index in1k --out preds.csv \\
           --save-embeddings s3://bucket/emb/
       coder-index classify 'pipe:aws s3 cp --quiet s3://bucket/{00000..00099}.tar -' --index in1k --out preds.csv
       coder-index classify 'hf-data/train-{00000..00003}-of-00004.parquet' --index in1k --out preds.csv
-      coder-index classify 'https://host/laion/{00000..00009}.parquet' --image-column jpg --key-column key \
+      coder-index classify 'https://host/laion/{00000..00009}.parquet' --image-column jpg --key-column key \\
           --index in1k --out preds.csv
     """
     from coder_index.methods.pair_stage import PairReranker
@@ -127,7 +127,7 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
         check_reachable([save_embeddings])  # before any model loads
     spec = ScorerSpec(top_k=top_k, method=zs_method, rerank=rerank, rerank_chunk=rerank_chunk,
                       adapter=_str(adapter_dir), corpus=_str(corpus_dir), retrieve_k=retrieve_k,
-                      candidates=0 if candidates in (None, "auto") else int(candidates))
+                      candidates=0 if candidates in (None, "auto") else int(candidates), normalizer=xmore_normalizer)
     try:
         spec.check()
     except ValueError as exc:
@@ -151,6 +151,12 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
     index.require_model(model, pretrained)
     spec = replace(spec, top_k=top_k, gap_threshold=resolve_gap_threshold(gap_threshold, index),
                    candidates=_resolve_candidates(candidates, index, spec))
+    if spec.method != "coder":  # X-MoRe's normaliser decided once, here: the run records it
+        from coder_index.methods.scorer_spec import xmore_normalizer
+
+        spec = replace(spec, normalizer=xmore_normalizer(index, spec))
+        if engine == "ray":
+            _check_ray_options(spec, llm)
     if spec.candidates and top_k > spec.candidates:
         click.echo(f"warning: --top-k {top_k} is more than --candidates {spec.candidates}; writing "
                    f"{spec.candidates}", err=True)
@@ -164,14 +170,15 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
     reranker = getattr(scorer, "reranker", None)
     if not rerank:
         index.images_only()  # only images are encoded from here on: a third of the model is never kept
-    if decode == "auto" and index.recipe.is_released:
-        decode = "cpu"  # the cvpr24 preset reproduces the released numbers: the reference preprocessing
+    from coder_index.pipeline.feed import resolve_decode
+
+    # --decode decided once, by the one rule: where the images are encoded (Ray: the actors' devices)
+    decode = resolve_decode(decode, ("cuda" if ray_gpus else "cpu") if engine == "ray" else index.compute_device,
+                            released=index.recipe.is_released, probe=engine != "ray")
     run_engine = None
     if engine == "ray":
         from coder_index.engines.ray_engine import RayEngine
 
-        if decode == "auto":  # where the actors encode decides, not this driver's device
-            decode = "gpu" if ray_gpus else "cpu"
         run_engine = RayEngine(index, spec, address=ray_address, actors=ray_actors, batch_size=batch_size,
                                gpus_per_actor=ray_gpus, index_source=ray_index_source, progress=not quiet,
                                decode=decode)
@@ -333,9 +340,10 @@ def _resolve_candidates(value: str | None, index, spec) -> int:  # noqa: ANN001 
 
 
 def _check_ray_options(spec, llm: dict[str, Any]) -> None:  # noqa: ANN001 - ScorerSpec
-    if spec.method != "coder":
-        raise click.UsageError("--engine ray runs coder, --rerank and --adapter; X-MoRe needs every embedding of "
-                               "the folder first: run it with the local engine")
+    if spec.method != "coder" and spec.normalizer in ("set", "running"):
+        raise click.UsageError(f"--engine ray scores each image on its own: X-MoRe with --xmore-normalizer "
+                               f"{spec.normalizer} needs the run's images in one place; use the corpus's normalisers "
+                               "(the default) or the local engine")
     if spec.rerank and llm["llm_kind"] != "none":
         raise click.UsageError("--engine ray reranks with the pair texts stored in the index (its workers make no "
                                "LLM requests): add --llm none, or generate the pairs first with a local "

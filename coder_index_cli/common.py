@@ -107,7 +107,10 @@ def torch_threads_if(n: int | None):  # noqa: ANN201 - a context manager
 
 
 def print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+    """JSON on stdout; a name that is not UTF-8 as its ``\\udcXX`` escapes (read back by json.loads)."""
+    from coder_index.pipeline.output import escape_surrogates
+
+    click.echo(escape_surrogates(json.dumps(obj, indent=2, ensure_ascii=False)))
 
 
 def setup_logging(verbose: bool) -> None:

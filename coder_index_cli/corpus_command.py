@@ -39,11 +39,8 @@ def register(cli: click.Group) -> None:
     @click.option("--use-text-embeddings", is_flag=True,
                   help="Take the precomputed text_emb/text_emb_*.npy shards as caption embeddings instead of "
                        "encoding 'a photo of a {caption}' (raw captions: an approximation, far faster).")
-    @options("new_model")
-    @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                  help="Use this text index's CLIP model.")
-    @options("pretrained", "device")
-    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @options("new_model", "model_index", "pretrained", "device")
+    @options("batch_size")
     @options(*PARALLEL, "decode", *ENGINE)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors

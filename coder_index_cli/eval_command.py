@@ -40,8 +40,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command("eval")
     @click.argument("data", metavar="DATA")
-    @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-                  help="The text index to evaluate (its model encodes the images).")
+    @options("index")
     @click.option("--methods", default=",".join(ALL_METHODS), show_default=True,
                   help="Comma-separated methods: clip, vcd, coder, the ablations P, P+Att, P+Att+Ana, "
                        "P+Att+Ana+Syn, coder* (rerank) and coder*-gated; with --adapter also tip-adapter and "
@@ -57,19 +56,20 @@ def register(cli: click.Group) -> None:
                        "index); clip; names = the index's name texts; cvpr24 = the released few-shot list.")
     @click.option("--report-format", "report_formats", multiple=True, type=click.Choice(["clip_benchmark"]),
                   help="Also write CLIP_benchmark's result JSON (metrics.acc1, acc5, mean_per_class_recall).")
-    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @options("batch_size")
     @options(*PARALLEL, "decode")
     @click.option("--embedding-cache", type=click.Path(dir_okay=False),
                   help="Image embedding cache [default: ~/.cache/coder-index/image-embeddings.sqlite].")
     @click.option("--tsne-samples", default=1000, show_default=True, type=click.IntRange(0),
                   help="Images in the t-SNE figure (0: no figure).")
-    @options("adapter", "corpus", "retrieve_k", *MODEL, *LLM_CLIENT, *PARQUET, "label_column")
+    @options("adapter", "corpus", "retrieve_k", "xmore_normalizer", *MODEL, *LLM_CLIENT, *PARQUET, "label_column")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def eval_cmd(data: str, index_dir: str, methods: str, out_dir: str, mapping: str | None,
                  gap_threshold: float | str | None, batch_size: int, workers: int | None, threads: int | None,
                  decode: str, embedding_cache: str | None, tsne_samples: int, adapter_dir: Path | None,
-                 corpus_dir: Path | None, retrieve_k: int, model: str | None, pretrained: str | None,
+                 corpus_dir: Path | None, retrieve_k: int, xmore_normalizer: str | None, model: str | None,
+                 pretrained: str | None,
                  device: str | None, quiet: bool, prompts: str, report_formats: tuple[str, ...],
                  image_column: str | None, key_column: str | None, label_column: str | None, **llm: Any) -> None:
         """Accuracy of CLIP, VCD, CODER, CODER* and the text-kind ablations on labelled DATA.
@@ -149,7 +149,8 @@ def register(cli: click.Group) -> None:
                           workers=workers, threads=threads, tsne_samples=tsne_samples, data_name=public_url(data),
                           progress=not quiet,
                           fewshot=fewshot, xmore=xmore, prompts=prompts, report_formats=report_formats,
-                          decode=decode)
+                          decode=decode, xmore_normalizer=xmore_normalizer or (
+                              "running" if index.recipe.is_released else "corpus"))
         from coder_index.evaluation.report import markdown
 
         click.echo(markdown(report))

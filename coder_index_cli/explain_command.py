@@ -15,8 +15,7 @@ from .options import METHOD, MODEL, options
 
 @click.command()
 @click.argument("images", nargs=-1, metavar="[IMAGE | URL | SHARD/KEY]...")
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The text index whose texts explain the prediction.")
+@options("index")
 @click.option("--predictions", "predictions", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A classify output: explain its rows with the method that made them (settings and X-MoRe's "
                    "normalisers from OUT.run.json); IMAGE arguments are then its row paths (files, URLs, "
@@ -31,7 +30,8 @@ from .options import METHOD, MODEL, options
 def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, rows: tuple[int, ...], k: int,
             zs_method: str, rerank: bool,
             gap_threshold: float | None, adapter_dir: Path | None, corpus_dir: Path | None, retrieve_k: int,
-            as_json: bool, model: str | None, pretrained: str | None, device: str | None) -> None:
+            xmore_normalizer: str | None, as_json: bool, model: str | None, pretrained: str | None,
+            device: str | None) -> None:
     """Why an image gets its class, by the method that made the prediction (CODER by default;
     --rerank, --adapter, --method xmore as in classify; with --predictions OUT, the method that made
     OUT's rows, and for X-MoRe the run's own normalisers): the method's class scores, the k nearest
@@ -54,10 +54,10 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
     from coder_index.core.decode import ImageDecodeError, decode_image_bytes
     from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
     from coder_index.methods.text_index import TextIndex
-    from coder_index.pipeline.rows import RunRecord, predictions_rows, row_bytes
+    from coder_index.pipeline.rows import RunRecord, predictions_rows, row_bytes, run_scorer
 
     record, cwd, parquet = None, None, None
-    given = dict(method=zs_method, rerank=rerank, retrieve_k=retrieve_k,
+    given = dict(method=zs_method, rerank=rerank, retrieve_k=retrieve_k, normalizer=xmore_normalizer,
                  adapter=None if adapter_dir is None else str(adapter_dir),
                  corpus=None if corpus_dir is None else str(corpus_dir), gap_threshold=gap_threshold)
     if predictions is not None:
@@ -87,15 +87,21 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
     if loaded:
         index = TextIndex.open(index_dir, device=device)
         index.require_model(model, pretrained)
-        if record is not None and record.provenance.get("index", {}).get("index_id") not in (None, index.index_id):
-            raise click.UsageError(f"{predictions} was classified against another index than {index_dir}: explain "
-                                   "its rows with that index (--index)")
-        spec = replace(spec, top_k=min(5, len(index.class_names())),
-                       gap_threshold=resolve_gap_threshold(given["gap_threshold"], index))
-        scorer = build_scorer(index, spec, note=lambda m: click.echo(m, err=True))
+        note = lambda m: click.echo(m, err=True)  # noqa: E731
+        if record is not None:  # the rows' own scorer: their method, settings and normalisers
+            from coder_index.core.errors import InputFormatError
+
+            try:
+                scorer = run_scorer(index, record, top_k=5, note=note)
+            except InputFormatError as exc:
+                raise click.UsageError(f"{exc} (--index)") from None
+        else:
+            spec = replace(spec, top_k=min(5, len(index.class_names())),
+                           gap_threshold=resolve_gap_threshold(given["gap_threshold"], index))
+            scorer = build_scorer(index, spec, note=note)
         emb = index.encoder.encode_images([im for _, im in loaded])
-        if scorer.two_pass:  # X-MoRe: the run's normalisers when its record has them, else these images'
-            scorer.prepare(emb, record.state if record is not None else {})
+        if scorer.two_pass and scorer.normalizers is None:  # X-MoRe over a set: these images are the set
+            scorer.prepare(emb, {})
         results = index.explain(emb, k=k, scorer=scorer)
         for (path, _), r in zip(loaded, results, strict=True):
             r["path"] = path
@@ -110,7 +116,8 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
         sys.exit(1)
 
 
-_METHOD_OPTIONS = ("zs_method", "rerank", "gap_threshold", "adapter_dir", "corpus_dir", "retrieve_k")
+_METHOD_OPTIONS = ("zs_method", "rerank", "gap_threshold", "adapter_dir", "corpus_dir", "retrieve_k",
+                   "xmore_normalizer")
 
 
 def _refuse_method_options(record) -> None:  # noqa: ANN001 - RunRecord

@@ -24,8 +24,7 @@ def register(cli: click.Group) -> None:
 
     @fewshot.command("fit")
     @click.argument("support_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-    @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-                  help="The text index whose texts make the support CODERs (and whose model encodes the images).")
+    @options("index")
     @click.option("--shots", default=16, show_default=True, type=click.IntRange(1), help="Support images per class.")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter directory to create.")
     @click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False),
@@ -51,7 +50,7 @@ def register(cli: click.Group) -> None:
     @click.option("--allow-fewer", is_flag=True, help="Accept classes with fewer images than --shots.")
     @click.option("--mapping", type=click.Path(exists=True, dir_okay=False),
                   help="CSV label,class or JSON when folder names differ from the index's classes.")
-    @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @options("batch_size")
     @options(*PARALLEL, "decode", *MODEL)
     @click.option("--json", "as_json", is_flag=True, help="Print the adapter manifest as JSON.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

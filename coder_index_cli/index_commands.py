@@ -12,8 +12,7 @@ from .options import options
 
 @click.command()
 @click.argument("query")
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The text index to search.")
+@options("index")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Texts to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @options("device")

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from coder_index.core.choices import DECODE_CHOICES, PRESETS, ZERO_SHOT_METHODS
+from coder_index.core.choices import DECODE_CHOICES, PRESETS, XMORE_NORMALIZERS, ZERO_SHOT_METHODS
 
 
 class GapThreshold(click.ParamType):
@@ -49,6 +49,17 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 # name -> the click.option that declares it
 OPTIONS: dict[str, Callable[[Callable], Callable]] = {
+    # ------------------------------------------------------------------ the index, the batches
+    "index": click.option(
+        "--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+        help="The text index (a folder made by `coder-index build`): its texts, and its CLIP model, which encodes "
+             "the images."),
+    "model_index": click.option(
+        "--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
+        help="Use this text index's CLIP model instead of --model (nothing is downloaded when the index's model is "
+             "local: local-dir:, a checkpoint file)."),
+    "batch_size": click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
+                               help="Images per batch."),
     # ------------------------------------------------------------------ the model
     "model": click.option(
         "--model", default=None, metavar="NAME",
@@ -61,7 +72,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "pretrained": click.option(
         "--pretrained", default=None, metavar="TAG|FILE",
         help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint file. 'random' "
-             "builds an untrained model (benchmarks only)."),
+             "builds the model with untrained, seeded weights: the whole pipeline runs, offline, with meaningless "
+             "labels (trials, tests, benchmarks; the README's main job)."),
     "device": click.option("--device", default=None, help="cuda, mps or cpu (default: the best available)."),
     # ------------------------------------------------------------------ the method
     "method": click.option(
@@ -78,15 +90,22 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
              "row: 0.3]; 'preset' takes the released code's threshold for the index's dataset."),
     "adapter": click.option(
         "--adapter", "adapter_dir", default=None, type=_DIR,
-        help="Few-shot: classify with this CODER-Adapter (from `coder-index fewshot fit`); eval reports clip, "
-             "tip-adapter and coder-adapter rows for it."),
+        help="Few-shot: a CODER-Adapter (from `coder-index fewshot fit`). classify and serve predict with it, "
+             "explain explains its prediction, eval adds its tip-adapter and coder-adapter rows."),
     "corpus": click.option(
         "--corpus", "corpus_dir", default=None, type=_DIR,
-        help="X-MoRe: an image-text corpus (from `coder-index corpus build`) for --method xmore/coder+xmore; eval "
-             "reports clip, xmore, coder and coder+xmore rows with it."),
+        help="X-MoRe: an image-text corpus (from `coder-index corpus build`) for --method xmore/coder+xmore. "
+             "classify and serve predict with it, explain also shows the captions of the nearest corpus images, "
+             "eval adds its xmore and coder+xmore rows."),
     "retrieve_k": click.option(
         "--retrieve-k", default=16, show_default=True, type=click.IntRange(1),
         help="Corpus images retrieved per image for X-MoRe."),
+    "xmore_normalizer": click.option(
+        "--xmore-normalizer", default=None, type=click.Choice(XMORE_NORMALIZERS),
+        help="X-MoRe: what each modality's confidence is divided by. corpus: its mean over a fixed sample of the "
+             "corpus's own images (an image's answer depends on that image alone); set: its mean over the images "
+             "of this run (the evaluated set); running: the released code's running sums (order-dependent) "
+             "[default: running for a --preset cvpr24 index, else corpus]."),
     # ------------------------------------------------------------------ texts
     "preset": click.option(
         "--preset", type=click.Choice(PRESETS), default=None,
@@ -189,7 +208,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
 }
 
 MODEL = ("model", "pretrained", "device")
-METHOD = ("method", "rerank", "gap_threshold", "adapter", "corpus", "retrieve_k")
+METHOD = ("method", "rerank", "gap_threshold", "adapter", "corpus", "retrieve_k", "xmore_normalizer")
 PARALLEL = ("workers", "threads")
 ENGINE = ("engine", "ray_address", "ray_actors", "ray_gpus")
 LLM_CLIENT = ("llm", "base_url", "llm_model", "api_key_env", "concurrency", "max_requests", "temperature",

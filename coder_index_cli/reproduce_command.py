@@ -25,7 +25,7 @@ def register(cli: click.Group) -> None:
                   help="Comma-separated subset (e.g. ImageNet,DTD) [default: every zero-shot dataset found].")
     @click.option("--model", required=True, help="CLIP model, e.g. ViT-B-32 (the paper: RN50 ... ViT-L-14-336).")
     @options("pretrained", "device")
-    @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per batch.")
+    @options("batch_size")
     @options(*PARALLEL)
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors

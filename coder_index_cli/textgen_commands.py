@@ -86,12 +86,7 @@ def register(cli: click.Group) -> None:
                   help="Knowledge file to write (JSON).")
     @click.option("--kinds", default="attribute,analogous,synonym", show_default=True,
                   help="Comma-separated kinds to generate.")
-    @options("preset", *GENERATOR, *LLM_CLIENT, "new_model")
-    @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                  help="Use this index's CLIP model (for the analogous filter and WordNet's sense choice) instead of "
-                       "--model: nothing is downloaded when the index's model is local (local-dir:, a checkpoint "
-                       "file, or random). --llm none needs a CLIP model only for those two.")
-    @options("pretrained", "device")
+    @options("preset", *GENERATOR, *LLM_CLIENT, "new_model", "model_index", "pretrained", "device")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
     @friendly_errors
     def generate(classes_file: str, out: Path, kinds: str, preset: str | None, model: str | None, index_dir: str | None,

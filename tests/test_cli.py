@@ -14,15 +14,10 @@ from click.testing import CliRunner
 
 from coder_index_cli.main import cli
 
-from conftest import shared_path
+from conftest import run_cli, shared_path
 from images import BAD, GOOD, make_messy_folder
 
-
-def run(*args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ OTHER_MEANING = {
     ("reproduce", "--model"),       # required: the model every table row is computed with
 }
 NEW_MODEL_USERS = {"build", "generate", "corpus build"}  # their --model is a new index's or file's: new_model
+MODEL_INDEX_USERS = {"generate", "corpus build"}  # their --index lends its model: model_index (else: index)
 
 
 def commands(group: click.Group = cli, prefix: str = "") -> dict[str, click.Command]:
@@ -51,7 +52,10 @@ def shared_name(command: str, flag: str) -> str | None:
         return None
     if flag == "--model":
         return "new_model" if command in NEW_MODEL_USERS else "model"
-    return next((n for n in shared.OPTIONS if n not in ("model", "new_model") and flag in declared(n).opts), None)
+    if flag == "--index":
+        return "model_index" if command in MODEL_INDEX_USERS else "index"
+    return next((n for n in shared.OPTIONS if n not in ("model", "new_model", "index", "model_index")
+                 and flag in declared(n).opts), None)
 
 
 def test_every_command_offering_a_shared_option_declares_it_the_same_way():
@@ -70,14 +74,18 @@ def test_every_command_offering_a_shared_option_declares_it_the_same_way():
 
 
 @pytest.mark.parametrize("command, groups", [
-    ("classify", ["MODEL", "METHOD", "LLM_CLIENT", "PARALLEL", "ENGINE", "decode"]),
-    ("explain", ["MODEL", "METHOD"]),
+    ("classify", ["index", "batch_size", "MODEL", "METHOD", "LLM_CLIENT", "PARALLEL", "ENGINE", "decode", "PARQUET"]),
+    ("explain", ["index", "MODEL", "METHOD"]),
     ("serve", ["MODEL", "METHOD"]),
-    ("eval", ["MODEL", "LLM_CLIENT", "PARALLEL", "decode", "adapter", "corpus", "retrieve_k", "gap_threshold"]),
-    ("fewshot fit", ["MODEL", "PARALLEL", "decode"]),
-    ("corpus build", ["PARALLEL", "ENGINE", "decode", "new_model", "pretrained", "device"]),
+    ("eval", ["index", "batch_size", "MODEL", "LLM_CLIENT", "PARALLEL", "decode", "adapter", "corpus", "retrieve_k",
+              "xmore_normalizer", "gap_threshold", "PARQUET", "label_column"]),
+    ("fewshot fit", ["index", "batch_size", "MODEL", "PARALLEL", "decode"]),
+    ("corpus build", ["batch_size", "PARALLEL", "ENGINE", "decode", "new_model", "model_index", "pretrained",
+                      "device"]),
     ("build", ["GENERATOR", "LLM_CLIENT", "ENGINE", "preset", "new_model", "pretrained", "device"]),
-    ("generate", ["GENERATOR", "LLM_CLIENT", "preset", "new_model", "pretrained", "device"]),
+    ("generate", ["GENERATOR", "LLM_CLIENT", "preset", "new_model", "model_index", "pretrained", "device"]),
+    ("texts", ["index"]),
+    ("reproduce", ["batch_size"]),
 ])
 def test_commands_offer_the_shared_groups(command, groups):
     names = [n for g in groups for n in (getattr(shared, g) if g.isupper() else (g,))]
@@ -96,3 +104,19 @@ def test_main_is_a_table_of_contents():
     source = inspect.getsource(main)
     assert len(source.splitlines()) < 100  # the group and the list of commands; each command lives elsewhere
     assert "@cli.command" not in source and "@click.command" not in source
+
+
+def test_shared_options_are_declared_only_in_options_py():
+    """--index, --batch-size and the rest of the shared options are written once: no command module
+    declares one of its own (it would drift: fewshot's --batch-size once defaulted to 32, the others 64)."""
+    from pathlib import Path
+
+    other_meanings = {flag for _, flag in OTHER_MEANING}  # another option of the same name, on purpose
+    flags = {opt for name in shared.OPTIONS for opt in declared(name).opts if opt.startswith("--")} - other_meanings
+    package = Path(shared.__file__).parent
+    for module in package.glob("*.py"):
+        if module.name == "options.py":
+            continue
+        text = module.read_text(encoding="utf-8")
+        for flag in flags:
+            assert f'click.option("{flag}"' not in text, f"{module.name} declares {flag} again"

@@ -74,3 +74,66 @@ def test_one_version_everywhere():
     assert not re.search(r'^version\s*=\s*"', pyproject, re.M)  # no literal version here
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert re.search(rf"^## \[{re.escape(coder_index.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M)
+
+
+def _all_commands(group=cli, prefix=()):  # noqa: ANN001, ANN202 - (names, command) of every command
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if hasattr(cmd, "commands"):
+            yield from _all_commands(cmd, (*prefix, name))
+
+
+def test_the_cli_reference_shows_real_defaults_whole_summaries_and_examples_as_code():
+    import inspect
+
+    from coder_index_cli.reference import markdown_reference
+
+    md = markdown_reference(cli)
+    assert "Sentinel" not in md and "UNSET" not in md
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", md, re.S))
+    for names, cmd in _all_commands():
+        assert f"## coder-index {' '.join(names)}" in md, names
+        paragraphs = inspect.cleandoc(cmd.help or "").split("\n\n")
+        summary = " ".join(ln.strip() for ln in paragraphs[0].splitlines())
+        assert summary in md, (names, summary[:80])  # whole, never cut mid-sentence
+        for para in paragraphs:
+            if para.startswith("\b"):
+                for line in para.splitlines()[1:]:
+                    if line.strip() and not line.strip().endswith(":"):
+                        assert line.strip() in blocks, (names, line)  # examples as code, line by line
+    start = md.index("## coder-index classify\n")
+    classify = md[start:md.index("## coder-index", start + 5)]
+    assert re.search(r"\| `--index` \S+ \| required \|", classify)
+    assert re.search(r"\| `--batch-size` \S+ \| `64` \|", classify)
+    assert re.search(r"\| `-0`, `--null` \| off \|", classify)
+
+
+def test_help_examples_keep_their_line_breaks():
+    """A continued example ends its line with a backslash: nothing runs on after one (a docstring's
+    single backslash would join the next line to it)."""
+    for names, _cmd in _all_commands():
+        out = CliRunner().invoke(cli, [*names, "--help"], terminal_width=200).output
+        for line in out.splitlines():
+            if "\\" in line and "coder-index" in line:
+                assert line.rstrip().endswith("\\"), (names, line)
+
+
+def test_the_classify_guide_quotes_the_reasons_the_code_gives():
+    """Each reason the classify guide quotes is one the code writes (no stale promise such as
+    'decompress it first'); a format name stands for the one the code fills in."""
+    guide = (ROOT / "docs" / "guides" / "classify.md").read_text(encoding="utf-8")
+    source = "\n".join(p.read_text(encoding="utf-8") for d in ("coder_index", "coder_index_cli")
+                       for p in (ROOT / d).rglob("*.py"))
+    start = guide.index("The reason is one per kind")
+    quoted = re.findall(r"`([^`]+)`", guide[start:guide.index("\n\n", start)])
+    start = guide.index("## When something cannot be read")
+    quoted += [q for q in re.findall(r"`([^`]+)`", guide[start:guide.index("Exit statuses of", start)])
+               if " " in q and not q.startswith(("-", "OUT", "retry", "CODER_INDEX"))]
+    assert len(quoted) >= 8
+    for phrase in quoted:
+        if phrase in ("serve", "Connection refused"):  # a word of the guide's; the system's own wording
+            continue
+        for piece in re.split(r"\.\.\.|JPEG|PNG|data/00007\.tar|1 input\(s\)", " ".join(phrase.split())):
+            if piece.strip(" :()"):
+                assert piece.strip(" :") in source, (phrase, piece)
+    assert "decompress it first" not in guide and "decompressed first" not in guide

@@ -1,7 +1,6 @@
 """`coder-index eval`: report numbers against a direct computation, mapping, CSV, embedding cache."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from coder_index.core.decode import load_image
 from coder_index.methods.pair_stage import top_pairs
 from coder_index_cli.main import cli
 
+from conftest import run_cli
 from llm_server import FakeLLMServer
 
 CLASSES = ["Abyssinian", "Bengal", "beagle", "pug", "samoyed"]
@@ -120,14 +120,11 @@ def test_report_matches_direct_computation(env):
     assert server.by_kind["one_to_one"] > 0
 
 
-def test_embedding_cache_reused_and_invalidated(env, other_tiny_model, monkeypatch):
-    from coder_index.core import file_identity
-
+def test_embedding_cache_reused_and_invalidated(env, other_tiny_model, settle_clock):
     from test_identity import CHANGES
 
-    monkeypatch.setattr(file_identity, "SETTLE_SECONDS", 0.3)  # images written just now count as settled soon
     tmp_path, data, mapping, server = env
-    time.sleep(0.4)
+    settle_clock.advance(0.4)  # the images written just now count as settled
     first = run_eval(tmp_path, data, mapping, server, "a", "--methods", "coder")
     assert first["embeddings_from_cache"] == 0 and first["encoded"] == 20
     second = run_eval(tmp_path, data, mapping, server, "b", "--methods", "clip,coder")
@@ -137,11 +134,11 @@ def test_embedding_cache_reused_and_invalidated(env, other_tiny_model, monkeypat
     # and only it (each change settled first, so that only the file's identity can tell it)
     target = data / "pug" / "0.png"
     target.write_bytes(target.read_bytes() + b"\0" * 2048)  # room to rewrite it in place with other bytes
-    time.sleep(0.4)
+    settle_clock.advance(0.4)
     assert run_eval(tmp_path, data, mapping, server, "c0", "--methods", "coder")["encoded"] == 1
     for n, change in enumerate(CHANGES):
         change(target)
-        time.sleep(0.4)
+        settle_clock.advance(0.4)
         again = run_eval(tmp_path, data, mapping, server, f"c{n + 1}", "--methods", "coder")
         assert again["embeddings_from_cache"] == 19 and again["encoded"] == 1, change.__name__
     # another model never reads these embeddings
@@ -227,13 +224,16 @@ def test_eval_reads_images_through_the_one_feed_and_its_decoders(tmp_path, encod
 
     from coder_index.pipeline import feed
     from coder_index.pipeline.build import build_index
-    from coder_index.pipeline.encode_images import requested_decode
+    from coder_index.pipeline.feed import resolve_decode, tensor_decoder_works
 
     from conftest import shared_path
 
-    assert requested_decode("auto", torch.device("cuda")) == "gpu"
-    assert requested_decode("auto", torch.device("cuda"), released=True) == "cpu"
-    assert requested_decode("auto", torch.device("cpu")) == "cpu"
+    # the one rule of --decode auto: the tensor decoder on a CUDA device that decodes JPEGs, never for cvpr24
+    assert resolve_decode("auto", torch.device("cuda"), probe=False) == "gpu"
+    assert resolve_decode("auto", torch.device("cuda")) == ("gpu" if tensor_decoder_works(torch.device("cuda"))
+                                                            else "cpu")
+    assert resolve_decode("auto", torch.device("cuda"), released=True, probe=False) == "cpu"
+    assert resolve_decode("auto", torch.device("cpu")) == "cpu" and resolve_decode("gpu", "cpu") == "gpu"
     build_index(tmp_path / "idx", classes_file, encoder=encoder, dataset="oxford_pets")
     data = tmp_path / "data"
     cifar = shared_path("data", "cifar10-test")
@@ -267,3 +267,15 @@ def test_the_wrote_line_names_every_file_written(env):
     line = next(ln for ln in res.output.splitlines() if ln.startswith("wrote "))
     for name in sorted(p.name for p in (tmp_path / "w").iterdir()):
         assert name in line, (name, line)
+
+
+def test_eval_where_no_image_could_be_read_says_so_in_one_line(built_index, tmp_path):
+    for cls in ("pug", "beagle"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        (tmp_path / "data" / cls / "0.jpg").write_bytes(b"not an image at all")
+    res = run_cli("eval", tmp_path / "data", "--index", built_index.path, "--out", tmp_path / "rep", "--llm", "none",
+                  "--methods", "coder", "--workers", "0", "-q", ok=False)
+    assert res.exit_code == 1
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
+    assert len(errors) == 1 and "no image of" in errors[0] and "could be read" in errors[0], res.output
+    assert "not an image" in errors[0] and "shape" not in res.output and "empty" not in res.output

@@ -10,12 +10,7 @@ import gzip
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from click.testing import CliRunner
-from PIL import Image
-
-from coder_index_cli.main import cli
 
 from http_server import FileServer
 from scores import SCORE_ATOL, csv_ranking
@@ -24,47 +19,7 @@ from test_shards import photos, write_shards
 CLASSES = ["red", "green", "blue"]
 
 
-def run(*args, ok=True):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model):
-    """An index with pair texts, a few-shot adapter, a captioned corpus, and a folder of 9 images."""
-    root = tmp_path_factory.mktemp("explain-rows")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    pairs = {a: {b: [f"{a} is warmer than {b}", f"a brighter {a}"] for b in CLASSES if b != a} for a in CLASSES}
-    knowledge = {"format": "coder-index/knowledge", "version": 1, "provenance": {},
-                 "classes": {c: {"attribute": [f"{c} tint", f"{c} hue"], "analogous": [], "synonym": []}
-                             for c in CLASSES},
-                 "pairs": pairs}
-    (root / "k.json").write_text(json.dumps(knowledge))
-    run("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--knowledge",
-        root / "k.json", "-q")
-    rng = np.random.default_rng(3)
-    for split, n in (("train", 8), ("images", 3)):
-        for i, c in enumerate(CLASSES):
-            (root / split / c).mkdir(parents=True)
-            for j in range(n):
-                base = np.zeros(3)
-                base[i] = 180
-                arr = np.clip(base + rng.integers(0, 90, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{j}.png")
-    run("fewshot", "fit", root / "train", "--index", root / "idx", "--shots", "4", "--out", root / "adapter",
-        "--augment-epochs", "1", "--workers", "0", "--search", "fast", "-q")
-    captions = root / "captions.csv"
-    with open(captions, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "caption"])
-        for c in CLASSES:
-            for j in range(8):
-                w.writerow([f"{c}/{j}.png", f"a {c} square"])
-    run("corpus", "build", root / "corpus", "--images", root / "train", "--captions", captions, "--index",
-        root / "idx", "--workers", "0", "-q")
-    return root
+from conftest import run_cli as run  # noqa: E402
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -78,14 +33,14 @@ METHODS = {"coder": [], "coder*": ["--rerank", "--llm", "none"], "adapter": ["--
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_row_explained_agrees_with_it(env, tmp_path, monkeypatch, method):
-    monkeypatch.chdir(env)
+def test_every_row_explained_agrees_with_it(methods_env, tmp_path, monkeypatch, method):
+    monkeypatch.chdir(methods_env)
     out = tmp_path / f"{method}.csv"
-    extra = [a.replace("{root}", str(env)) for a in METHODS[method]]
+    extra = [a.replace("{root}", str(methods_env)) for a in METHODS[method]]
     run("classify", "images", "--index", "idx", "--out", out, "--workers", "0", "--top-k", "3", "-q", *extra)
     rows = rows_of(out)
     assert len(rows) == 9
-    args = ["explain", "--index", env / "idx", "--predictions", out, "--json"]
+    args = ["explain", "--index", methods_env / "idx", "--predictions", out, "--json"]
     for n in range(1, len(rows) + 1):
         args += ["--row", str(n)]
     monkeypatch.chdir(tmp_path)  # explain from elsewhere: the rows are read from where classify ran
@@ -101,25 +56,30 @@ def test_every_row_explained_agrees_with_it(env, tmp_path, monkeypatch, method):
         assert e["runner_up"] == labels[1]
 
 
-def test_xmore_explained_alone_uses_the_runs_normalisers(env, tmp_path, monkeypatch):
-    """Explaining one row of an X-MoRe run gives that row's numbers: the run's normalisers, not one image's."""
-    monkeypatch.chdir(env)
+@pytest.mark.parametrize("normalizer", ["corpus", "set"])
+def test_xmore_explained_alone_gives_the_rows_numbers(methods_env, tmp_path, monkeypatch, normalizer):
+    """Explaining one row of an X-MoRe run gives that row's numbers. With the corpus normaliser (the
+    default) the image explained on its own, without the run, gives them too; with the set normaliser
+    the run's record holds the normalisers its rows were scored with, and explaining by row uses them."""
+    monkeypatch.chdir(methods_env)
     out = tmp_path / "x.csv"
     run("classify", "images", "--index", "idx", "--out", out, "--workers", "0", "--corpus", "corpus", "--method",
-        "xmore", "-q")
+        "xmore", "--xmore-normalizer", normalizer, "-q")
     state = json.loads(out.with_name("x.csv.run.json").read_text())["state"]
-    assert "normalizers" in state
+    assert ("normalizers" in state) == (normalizer == "set")
     row = rows_of(out)[4]
     alone = json.loads(run("explain", "--index", "idx", "--predictions", out, "--row", "5", "--json").stdout)[0]
     assert abs(alone["classes"][0]["score"] - float(row["score"])) <= SCORE_ATOL
-    # without the record, the normalisers are this one image's own (documented), so the scores differ
     loose = json.loads(run("explain", row["path"], "--index", "idx", "--corpus", "corpus", "--method", "xmore",
-                           "--json").stdout)[0]
+                           "--xmore-normalizer", normalizer, "--json").stdout)[0]
     assert loose["path"] == row["path"]
+    if normalizer == "corpus":  # no company: the same class and score as in the run
+        assert loose["prediction"] == row["label"]
+        assert abs(loose["classes"][0]["score"] - float(row["score"])) <= SCORE_ATOL
 
 
-def test_method_options_beside_predictions_are_refused(env, tmp_path, monkeypatch):
-    monkeypatch.chdir(env)
+def test_method_options_beside_predictions_are_refused(methods_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(methods_env)
     out = tmp_path / "c.csv"
     run("classify", "images", "--index", "idx", "--out", out, "--workers", "0", "-q")
     res = run("explain", "--index", "idx", "--predictions", out, "--row", "1", "--rerank", ok=False)
@@ -130,7 +90,7 @@ def test_method_options_beside_predictions_are_refused(env, tmp_path, monkeypatc
     assert res.exit_code == 1 and "no row 99" in res.output
 
 
-def test_shard_url_and_listed_rows_are_explained(env, tmp_path, monkeypatch):
+def test_shard_url_and_listed_rows_are_explained(methods_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     samples = [p for p in photos(6) if not p[0].startswith("png")]
     shards = write_shards(tmp_path / "shards", samples, per_shard=3)
@@ -146,21 +106,21 @@ def test_shard_url_and_listed_rows_are_explained(env, tmp_path, monkeypatch):
                  "files": ["--files-from", "list.txt"]}
         for name, inputs in cases.items():
             out = tmp_path / f"{name}.csv"
-            run("classify", *inputs, "--index", env / "idx", "--out", out, "--workers", "0", "-q")
+            run("classify", *inputs, "--index", methods_env / "idx", "--out", out, "--workers", "0", "-q")
             rows = rows_of(out)
-            res = run("explain", "--index", env / "idx", "--predictions", out, "--json",
+            res = run("explain", "--index", methods_env / "idx", "--predictions", out, "--json",
                       *[a for n in range(1, len(rows) + 1) for a in ("--row", str(n))])
             explained = json.loads(res.stdout)
             assert [e["prediction"] for e in explained] == [r["label"] for r in rows], name
             # a row named directly (SHARD/KEY, a URL, a file) is explained as well
-            res = run("explain", rows[0]["path"], "--index", env / "idx", "--predictions", out, "--json")
+            res = run("explain", rows[0]["path"], "--index", methods_env / "idx", "--predictions", out, "--json")
             assert json.loads(res.stdout)[0]["prediction"] == rows[0]["label"], name
 
 
-def test_coder_star_rows_show_what_decided_them(env, tmp_path, monkeypatch):
+def test_coder_star_rows_show_what_decided_them(methods_env, tmp_path, monkeypatch):
     """A CODER* row's label is its visible winner (its score the highest: the rerank's probability),
     and CODER's own first class and probability are given beside it, named stage1_label/stage1_score."""
-    monkeypatch.chdir(env)
+    monkeypatch.chdir(methods_env)
     star, plain = tmp_path / "star.csv", tmp_path / "plain.csv"
     run("classify", "images", "--index", "idx", "--out", star, "--workers", "0", "--rerank", "--llm", "none", "-q")
     run("classify", "images", "--index", "idx", "--out", plain, "--workers", "0", "-q")

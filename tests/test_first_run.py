@@ -14,20 +14,16 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from coder_index_cli.main import cli
 
+from conftest import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, ok=True, env=None):
-    res = CliRunner(env=env).invoke(cli, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 def closed_port_url() -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -19,15 +18,19 @@ from coder_index.model import fingerprint_cache
 from coder_index.stores.embcache import EmbeddingCache
 
 SETTLE = 0.3
+_CLOCK: list = []
 
 
 @pytest.fixture(autouse=True)
-def short_settle(monkeypatch):
-    monkeypatch.setattr(file_identity, "SETTLE_SECONDS", SETTLE)
+def movable_clock(settle_clock):
+    """The settle rule's clock, moved by ``settle()`` instead of sleeping (conftest's ``settle_clock``)."""
+    assert file_identity.SETTLE_SECONDS == SETTLE
+    _CLOCK[:] = [settle_clock]
 
 
 def settle() -> None:
-    time.sleep(SETTLE + 0.1)
+    """As if the files just written had been left alone longer than the settle time."""
+    _CLOCK[0].advance(SETTLE + 0.1)
 
 
 def png(color: tuple[int, int, int]) -> bytes:

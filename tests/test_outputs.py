@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,17 +21,15 @@ from PIL import Image
 from coder_index.pipeline.output import ErrorWriter, ResultWriter, last_record_end
 from coder_index_cli.main import cli
 
+from conftest import run_cli
+
 # names a file system allows and a CSV or JSON writer can get wrong
 WEIRD = ["new\nline.png", "carriage\rreturn.png", "tab\there.png", 'quo"te.png', "comma,name.png",
          "both\r\n,\"all\".png", " leading space.png", "ünïcödé 猫.png", "trailing\n"]
 NON_UTF8 = os.fsdecode(b"bytes-\xff\xfe-latin1-\xe9.png")
 
 
-def run(*args, ok=True):
-    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 @pytest.fixture
@@ -209,10 +208,21 @@ def test_a_file_swapped_for_a_fifo_after_discovery_is_skipped(tmp_path):
     from coder_index.core.decode import ImageDecodeError, load_image
 
     os.mkfifo(tmp_path / "x.jpg")
-    t0 = time.perf_counter()
-    with pytest.raises(ImageDecodeError, match="not a regular file"):
-        load_image(tmp_path / "x.jpg")
-    assert time.perf_counter() - t0 < 5
+    # no writer ever opens the FIFO: a read that waited for one would never return (the thread would stay)
+    raised: list[BaseException] = []
+    reader = threading.Thread(target=lambda: raised.append(_raised(load_image, tmp_path / "x.jpg")), daemon=True)
+    reader.start()
+    reader.join(300)
+    assert not reader.is_alive(), "opening a FIFO named like an image blocked"
+    assert isinstance(raised[0], ImageDecodeError) and "not a regular file" in str(raised[0])
+
+
+def _raised(fn, *args):  # noqa: ANN001, ANN202 - the exception fn raises (None if none)
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
 
 
 SLOW_CLASSIFY = textwrap.dedent("""
@@ -231,9 +241,8 @@ def test_one_writer_per_out(built_index, weird_folder, tmp_path):
     deadline = time.time() + 120
     while not (lock.exists() and lock.read_text().startswith("pid")) and time.time() < deadline:
         time.sleep(0.2)
-    t0 = time.perf_counter()
     second = run("classify", weird_folder, "--index", built_index.path, "--out", out, "--workers", "0", ok=False)
-    assert second.exit_code == 1 and time.perf_counter() - t0 < 5
+    assert second.exit_code == 1 and first.poll() is None  # refused while the first still runs: it did not wait
     assert f"pid {first.pid}" in second.output and "in use" in second.output
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert len(read_rows(out)) == len(set(read_rows(out))) == len(WEIRD) + 1

@@ -21,7 +21,7 @@ def wheel_dir(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
     for name in ("coder_index", "coder_index_cli"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                           "-q", "-w", str(out)], capture_output=True, text=True, timeout=300)

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from coder_index_cli.main import cli
 
+from conftest import run_cli as run
 from http_server import Fault, FileServer, fast_retries
 from s3_server import environ, s3_fs, s3_server, use_in_process
 from scores import assert_same_ranking, csv_ranking
@@ -28,11 +29,6 @@ from test_shards import photos, read_saved, write_shards
 PASSWORD = "pa55-Word-never-shown-7"
 
 
-def run(*args, ok=True):
-    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def rows(path: Path) -> dict[str, dict]:
@@ -64,15 +60,7 @@ def everything_written(tmp_path: Path, out: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("remote-index")
-    (root / "classes.txt").write_text("cat\nship\ntruck\nairplane\n")
-    run("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--llm", "none", "-q")
-    return root / "idx"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, index_dir):
+def shards(tmp_path_factory, cifar_index):
     """Three .tar shards, their .tar.gz twins, and the rows of the local .tar shards (the reference)."""
     root = tmp_path_factory.mktemp("remote-shards")
     tars = write_shards(root / "tar", photos(14), per_shard=6)
@@ -80,7 +68,7 @@ def shards(tmp_path_factory, index_dir):
     for t in tars:
         (root / "gz" / (t.name + ".gz")).write_bytes(gzip.compress(t.read_bytes()))
     out = root / "local.csv"
-    run("classify", root / "tar", "--index", index_dir, "--out", out, "--workers", "0", "-q")
+    run("classify", root / "tar", "--index", cifar_index, "--out", out, "--workers", "0", "-q")
     return {"root": root, "tars": tars, "reference": by_key(rows(out))}
 
 
@@ -92,7 +80,7 @@ def assert_same_rows(got: dict[str, dict], reference: dict[str, dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------- equal rows
 @pytest.mark.parametrize("workers", [0, 2])
-def test_http_shards_and_compressed_shards_give_the_local_rows(index_dir, shards, tmp_path, workers):
+def test_http_shards_and_compressed_shards_give_the_local_rows(cifar_index, shards, tmp_path, workers):
     root = shards["root"]
     with FileServer(root) as server:
         cases = {"http": [server.base_url + "/tar/{00000..00002}.tar"],
@@ -101,7 +89,7 @@ def test_http_shards_and_compressed_shards_give_the_local_rows(index_dir, shards
                  "pipe": [f"pipe:cat {t}" for t in shards["tars"]]}
         for name, specs in cases.items():
             out = tmp_path / f"{name}.csv"
-            res = run("classify", *specs, "--index", index_dir, "--out", out, "--workers", workers, "--batch-size",
+            res = run("classify", *specs, "--index", cifar_index, "--out", out, "--workers", workers, "--batch-size",
                       "4", "-q")
             assert out.exists(), (name, res.output)
             got = rows(out)
@@ -118,14 +106,14 @@ def test_http_shards_and_compressed_shards_give_the_local_rows(index_dir, shards
         assert sum(1 for p, _, _ in server.requests if p.startswith("tar/")) == 3
 
 
-def test_a_rerun_opens_no_complete_shard_and_a_cut_run_resumes_at_the_image(index_dir, shards, tmp_path):
+def test_a_rerun_opens_no_complete_shard_and_a_cut_run_resumes_at_the_image(cifar_index, shards, tmp_path):
     root = shards["root"]
     with FileServer(root) as server:
         url = server.base_url + "/tar/{00000..00002}.tar"
         out = tmp_path / "p.csv"
-        run("classify", url, "--index", index_dir, "--out", out, "--workers", "0", "-q")
+        run("classify", url, "--index", cifar_index, "--out", out, "--workers", "0", "-q")
         before = len(server.requests)
-        res = run("classify", url, "--index", index_dir, "--out", out, "--workers", "0", "-q")
+        res = run("classify", url, "--index", cifar_index, "--out", out, "--workers", "0", "-q")
         assert "classified 0 images" in res.output and len(server.requests) == before  # nothing re-read
         # forget that shard 1 was complete and drop two of its rows: only those two are classified again
         done_file = out.with_name(out.name + ".units-done")
@@ -134,7 +122,7 @@ def test_a_rerun_opens_no_complete_shard_and_a_cut_run_resumes_at_the_image(inde
         lines = out.read_text().splitlines()
         dropped = [ln for ln in lines if "/00001.tar/" in ln][:2]
         out.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
-        res = run("classify", url, "--index", index_dir, "--out", out, "--workers", "0", "-q")
+        res = run("classify", url, "--index", cifar_index, "--out", out, "--workers", "0", "-q")
         assert "classified 2 images" in res.output
         assert [p for p, _, _ in server.requests[before:]] == ["tar/00001.tar"]
     got = rows(out)
@@ -143,14 +131,14 @@ def test_a_rerun_opens_no_complete_shard_and_a_cut_run_resumes_at_the_image(inde
 
 
 @pytest.mark.slow
-def test_killed_mid_stream_and_rerun_every_image_once(index_dir, shards, tmp_path):
+def test_killed_mid_stream_and_rerun_every_image_once(cifar_index, shards, tmp_path):
     root = shards["root"]
     with FileServer(root) as server:
         url = server.base_url + "/gz/{00000..00002}.tar.gz"
         out = tmp_path / "k.csv"
         code = ("import sys; from coder_index_cli.main import cli; cli(sys.argv[1:])")
         env = {**os.environ, "CODER_INDEX_CRASH_AT": "classify.rows_written#2"}
-        args = ["classify", url, "--index", str(index_dir), "--out", str(out), "--workers", "0", "--batch-size", "3",
+        args = ["classify", url, "--index", str(cifar_index), "--out", str(out), "--workers", "0", "--batch-size", "3",
                 "-q"]
         proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                               timeout=300)
@@ -168,7 +156,7 @@ def test_killed_mid_stream_and_rerun_every_image_once(index_dir, shards, tmp_pat
     {"stall_after": 0.25, "stall": 4.0}, {"reset_after": 0.2, "times": 3},
 ], ids=["503x2", "429", "reset", "cut-body", "stall", "reset-thrice"])
 @pytest.mark.parametrize("kind", ["tar", "gz"])
-def test_transient_faults_are_retried_and_lose_nothing(index_dir, shards, tmp_path, monkeypatch, fault, kind):
+def test_transient_faults_are_retried_and_lose_nothing(cifar_index, shards, tmp_path, monkeypatch, fault, kind):
     """Byte faults strike at a fraction of the shard (compressed or not); the retry goes on from there."""
     fast_retries(monkeypatch)
     name = "00001.tar" + (".gz" if kind == "gz" else "")
@@ -180,7 +168,7 @@ def test_transient_faults_are_retried_and_lose_nothing(index_dir, shards, tmp_pa
         server.faults[name] = fault
         out = tmp_path / "f.csv"
         run("classify", server.base_url + "/{00000..00002}.tar" + (".gz" if kind == "gz" else ""), "--index",
-            index_dir, "--out", out, "--workers", "0", "-q")
+            cifar_index, "--out", out, "--workers", "0", "-q")
         ranges = [r for p, r, _ in server.requests if p == name]
         assert len(ranges) >= 2  # retried
         if byte_fault:  # cut in the body: the retry goes on from the byte where the read stopped
@@ -189,12 +177,12 @@ def test_transient_faults_are_retried_and_lose_nothing(index_dir, shards, tmp_pa
     assert_same_rows(rows(out), shards["reference"])
 
 
-def test_retries_spent_report_the_shard_and_keep_the_rest(index_dir, shards, tmp_path, monkeypatch):
+def test_retries_spent_report_the_shard_and_keep_the_rest(cifar_index, shards, tmp_path, monkeypatch):
     fast_retries(monkeypatch)
     with FileServer(shards["root"] / "tar") as server:
         server.faults["00001.tar"] = Fault(status=[503] * 50)
         out = tmp_path / "r.csv"
-        res = run("classify", server.base_url + "/{00000..00002}.tar", "--index", index_dir, "--out", out,
+        res = run("classify", server.base_url + "/{00000..00002}.tar", "--index", cifar_index, "--out", out,
                   "--workers", "0", "-q", ok=False)
         assert res.exit_code == 3, res.output  # incomplete: the rest is classified, the shard named
         errs = errors(out, retry="yes")
@@ -205,14 +193,14 @@ def test_retries_spent_report_the_shard_and_keep_the_rest(index_dir, shards, tmp
         # the server recovers: the rerun reads only the shard that failed, and its row leaves the errors file
         server.faults.clear()
         n = len(server.requests)
-        res = run("classify", server.base_url + "/{00000..00002}.tar", "--index", index_dir, "--out", out,
+        res = run("classify", server.base_url + "/{00000..00002}.tar", "--index", cifar_index, "--out", out,
                   "--workers", "0", "-q")
         assert [p for p, _, _ in server.requests[n:]] == ["00001.tar"] and errors(out) == {}
         assert "1 input(s) earlier runs could not read tried again" in res.output
     assert_same_rows(rows(out), shards["reference"])
 
 
-def test_a_missing_shard_by_url_is_one_row_to_retry_and_the_rest_is_classified(index_dir, shards, tmp_path,
+def test_a_missing_shard_by_url_is_one_row_to_retry_and_the_rest_is_classified(cifar_index, shards, tmp_path,
                                                                                  monkeypatch):
     fast_retries(monkeypatch)
     with FileServer(shards["root"] / "tar") as server:
@@ -220,7 +208,7 @@ def test_a_missing_shard_by_url_is_one_row_to_retry_and_the_rest_is_classified(i
         out = tmp_path / "m.csv"
         for _ in range(2):  # every rerun reads the others' rows from OUT, and tries the missing shard once more
             n = len(server.requests)
-            res = run("classify", server.url("{00000..00002}.tar"), "--index", index_dir, "--out", out, "--workers",
+            res = run("classify", server.url("{00000..00002}.tar"), "--index", cifar_index, "--out", out, "--workers",
                       "0", "-q", ok=False)
             assert res.exit_code == 3 and "not found (HTTP 404)" in res.output and "Traceback" not in res.output
             assert sum(1 for p, _, _ in server.requests[n:] if p == "00001.tar") == 1  # not retried within a run
@@ -229,12 +217,12 @@ def test_a_missing_shard_by_url_is_one_row_to_retry_and_the_rest_is_classified(i
 
 
 @pytest.mark.parametrize("status, says", [(403, "forbidden (HTTP 403)"), (401, "not authorised (HTTP 401)")])
-def test_refusals_stop_at_once_with_one_line(index_dir, shards, tmp_path, monkeypatch, status, says):
+def test_refusals_stop_at_once_with_one_line(cifar_index, shards, tmp_path, monkeypatch, status, says):
     fast_retries(monkeypatch)
     with FileServer(shards["root"] / "tar") as server:
         server.faults["00001.tar"] = Fault(status=[status] * 50)
         out = tmp_path / "s.csv"
-        res = run("classify", server.url("{00000..00002}.tar", "user", PASSWORD), "--index", index_dir, "--out",
+        res = run("classify", server.url("{00000..00002}.tar", "user", PASSWORD), "--index", cifar_index, "--out",
                   out, "--workers", "0", "-q", ok=False)
         assert res.exit_code == 1 and says in res.output and "Traceback" not in res.output
         assert len([ln for ln in res.output.splitlines() if ln.startswith("Error")]) == 1
@@ -242,14 +230,14 @@ def test_refusals_stop_at_once_with_one_line(index_dir, shards, tmp_path, monkey
     assert PASSWORD not in res.output + everything_written(tmp_path, out)
 
 
-def test_credentials_never_shown_anywhere(index_dir, shards, tmp_path, monkeypatch, caplog):
+def test_credentials_never_shown_anywhere(cifar_index, shards, tmp_path, monkeypatch, caplog):
     fast_retries(monkeypatch)
     with FileServer(shards["root"] / "tar", auth=("user", PASSWORD)) as server:
         server.faults["00002.tar"] = Fault(status=[503] * 50)   # an error row, naming the shard
         url = server.url("{00000..00002}.tar", "user", PASSWORD)
         signed = url + f"?X-Amz-Signature=sig{PASSWORD}&X-Amz-Credential=cred{PASSWORD}&keep=1"
         out = tmp_path / "c.csv"
-        res = CliRunner().invoke(cli, ["-v", "classify", signed, "--index", str(index_dir), "--out", str(out),
+        res = CliRunner().invoke(cli, ["-v", "classify", signed, "--index", str(cifar_index), "--out", str(out),
                                        "--workers", "0", "--save-embeddings", str(tmp_path / "emb"), "-q"])
         assert res.exit_code == 3, res.output  # incomplete: one shard could not be read
         assert all(auth for _, _, auth in server.requests)  # the credentials were used
@@ -265,18 +253,18 @@ def test_credentials_never_shown_anywhere(index_dir, shards, tmp_path, monkeypat
     assert "00002.tar" in next(iter(errors(out)))
 
 
-def test_a_refusal_names_the_url_without_its_password(index_dir, shards, tmp_path, monkeypatch):
+def test_a_refusal_names_the_url_without_its_password(cifar_index, shards, tmp_path, monkeypatch):
     fast_retries(monkeypatch)
     with FileServer(shards["root"] / "tar", auth=("user", PASSWORD)) as server:
         for url in (server.url("nope-{0..1}.tar", "user", PASSWORD),
                     server.url("00000.tar", "user", "wrong" + PASSWORD)):
-            res = run("classify", url, "--index", index_dir, "--out", tmp_path / "d.csv", ok=False)
+            res = run("classify", url, "--index", cifar_index, "--out", tmp_path / "d.csv", ok=False)
             assert res.exit_code == 1 and PASSWORD not in res.output and "127.0.0.1" in res.output
 
 
-def test_pipe_commands_that_fail_stop_the_run_clearly(index_dir, tmp_path, monkeypatch):
+def test_pipe_commands_that_fail_stop_the_run_clearly(cifar_index, tmp_path, monkeypatch):
     fast_retries(monkeypatch)
-    res = run("classify", "pipe:exit 3", "--index", index_dir, "--out", tmp_path / "p.csv", ok=False)
+    res = run("classify", "pipe:exit 3", "--index", cifar_index, "--out", tmp_path / "p.csv", ok=False)
     assert res.exit_code == 1 and "exited with status 3" in res.output and "Traceback" not in res.output, res.output
 
 
@@ -291,10 +279,10 @@ def s3(shards):
         yield env
 
 
-def test_s3_shards_and_embeddings_to_s3(index_dir, shards, tmp_path, s3, monkeypatch):
+def test_s3_shards_and_embeddings_to_s3(cifar_index, shards, tmp_path, s3, monkeypatch):
     use_in_process(s3, monkeypatch)
     out = tmp_path / "s3.csv"
-    run("classify", "s3://data/tar/{00000..00002}.tar", "--index", index_dir, "--out", out, "--workers", "2",
+    run("classify", "s3://data/tar/{00000..00002}.tar", "--index", cifar_index, "--out", out, "--workers", "2",
         "--save-embeddings", "s3://data/emb/", "--embeddings-part-rows", "5", "-q")
     got = rows(out)
     assert all(p.startswith("s3://data/tar/") for p in got)
@@ -310,20 +298,20 @@ def test_s3_shards_and_embeddings_to_s3(index_dir, shards, tmp_path, s3, monkeyp
         not any((tmp_path / "s3.csv.embeddings-staging").iterdir())
     # a folder of shards in the bucket, listed
     out2 = tmp_path / "s3-folder.csv"
-    run("classify", "s3://data/tar/", "--index", index_dir, "--out", out2, "--workers", "0", "-q")
+    run("classify", "s3://data/tar/", "--index", cifar_index, "--out", out2, "--workers", "0", "-q")
     assert by_key(rows(out2)).keys() == shards["reference"].keys()
     # a missing object stops at once
-    res = run("classify", "s3://data/tar/missing.tar", "--index", index_dir, "--out", tmp_path / "m.csv", ok=False)
+    res = run("classify", "s3://data/tar/missing.tar", "--index", cifar_index, "--out", tmp_path / "m.csv", ok=False)
     assert res.exit_code == 1 and "not found" in res.output
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["embeddings.staged", "classify.rows_written", "embeddings.metadata_written",
                                    "embeddings.part_written"])
-def test_embeddings_to_s3_killed_anywhere_one_per_row_after_the_rerun(index_dir, shards, tmp_path, s3, point):
+def test_embeddings_to_s3_killed_anywhere_one_per_row_after_the_rerun(cifar_index, shards, tmp_path, s3, point):
     out = tmp_path / "k.csv"
     prefix = f"data/emb-{point}/"
-    args = ["classify", "s3://data/tar/{00000..00002}.tar", "--index", str(index_dir), "--out", str(out),
+    args = ["classify", "s3://data/tar/{00000..00002}.tar", "--index", str(cifar_index), "--out", str(out),
             "--workers", "0", "--batch-size", "3", "--save-embeddings", f"s3://{prefix}", "--embeddings-part-rows",
             "4", "-q"]
     code = "import sys; from coder_index_cli.main import cli; cli(sys.argv[1:])"
@@ -339,18 +327,18 @@ def test_embeddings_to_s3_killed_anywhere_one_per_row_after_the_rerun(index_dir,
     assert sorted(m["image_path"] for m in meta) == sorted(rows(out)) and len(rows(out)) == 14
 
 
-def test_a_scheme_whose_package_is_missing_names_the_extra(index_dir, tmp_path):
+def test_a_scheme_whose_package_is_missing_names_the_extra(cifar_index, tmp_path):
     code = ("import sys; sys.modules['s3fs'] = None\n"
             "from coder_index_cli.main import cli; cli(sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, "classify", "s3://bucket/{0..1}.tar", "--index",
-                           str(index_dir), "--out", str(tmp_path / "x.csv")], capture_output=True, text=True,
+                           str(cifar_index), "--out", str(tmp_path / "x.csv")], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1 and "pip install 'coder-index[cloud]'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------- listed URLs
-def test_image_urls_in_a_file_list(index_dir, shards, tmp_path, monkeypatch):
+def test_image_urls_in_a_file_list(cifar_index, shards, tmp_path, monkeypatch):
     fast_retries(monkeypatch)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -364,7 +352,7 @@ def test_image_urls_in_a_file_list(index_dir, shards, tmp_path, monkeypatch):
         listing.write_text("\n".join([*urls, server.url("broken.jpg", "u", PASSWORD),
                                       server.url("missing.jpg", "u", PASSWORD)]) + "\n")
         out = tmp_path / "l.csv"
-        res = run("classify", "--files-from", listing, "--index", index_dir, "--out", out, "--workers", "2", "-q",
+        res = run("classify", "--files-from", listing, "--index", cifar_index, "--out", out, "--workers", "2", "-q",
                   ok=False)
         assert res.exit_code == 3, res.output  # the missing URL is to retry, as a missing file or shard is
         got, errs = rows(out), errors(out)
@@ -376,7 +364,7 @@ def test_image_urls_in_a_file_list(index_dir, shards, tmp_path, monkeypatch):
     assert PASSWORD not in res.output + everything_written(tmp_path, out)
     # the same images read from the disk give the same scores
     local = tmp_path / "local.csv"
-    run("classify", *[folder / f"{k}.img" for k, _ in samples], "--index", index_dir, "--out", local, "--workers",
+    run("classify", *[folder / f"{k}.img" for k, _ in samples], "--index", cifar_index, "--out", local, "--workers",
         "0", "-q")
     ref = {Path(p).name: r for p, r in rows(local).items()}
     for p, r in got.items():
@@ -394,7 +382,7 @@ def test_shards_copy(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- corpus, eval
-def test_corpus_from_shards_local_compressed_and_by_url(index_dir, shards, tmp_path):
+def test_corpus_from_shards_local_compressed_and_by_url(cifar_index, shards, tmp_path):
     """corpus build --images SHARDS: each sample's image with its KEY.txt caption, whatever the shards are."""
     from coder_index.stores.corpus import Corpus
 
@@ -405,7 +393,7 @@ def test_corpus_from_shards_local_compressed_and_by_url(index_dir, shards, tmp_p
         built = {}
         for name, args in specs.items():
             out = tmp_path / f"corpus-{name}"
-            res = run("corpus", "build", out, *[a for s in args for a in ("--images", s)], "--index", index_dir,
+            res = run("corpus", "build", out, *[a for s in args for a in ("--images", s)], "--index", cifar_index,
                       "--workers", "0", "-q")
             assert "14 rows" in res.output, res.output
             c = Corpus(out)
@@ -421,7 +409,7 @@ def test_corpus_from_shards_local_compressed_and_by_url(index_dir, shards, tmp_p
     assert all(c.startswith("a photo numbered ") for c in captions(built["tar"]))
 
 
-def test_corpus_from_shards_without_captions_leaves_nothing(index_dir, tmp_path):
+def test_corpus_from_shards_without_captions_leaves_nothing(cifar_index, tmp_path):
     import io
     import tarfile
 
@@ -430,12 +418,12 @@ def test_corpus_from_shards_without_captions_leaves_nothing(index_dir, tmp_path)
             info = tarfile.TarInfo(f"{key}.jpg")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    res = run("corpus", "build", tmp_path / "c", "--images", tmp_path / "x.tar", "--index", index_dir, "--workers",
+    res = run("corpus", "build", tmp_path / "c", "--images", tmp_path / "x.tar", "--index", cifar_index, "--workers",
               "0", "-q", ok=False)
     assert res.exit_code == 1 and "no captioned image" in res.output and not (tmp_path / "c").exists()
 
 
-def test_eval_reads_image_urls_from_a_labels_csv(index_dir, tmp_path, monkeypatch):
+def test_eval_reads_image_urls_from_a_labels_csv(cifar_index, tmp_path, monkeypatch):
     fast_retries(monkeypatch)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -451,7 +439,7 @@ def test_eval_reads_image_urls_from_a_labels_csv(index_dir, tmp_path, monkeypatc
         reps = {}
         for name, data in (("local", local_csv), ("urls", url_csv)):
             out = tmp_path / f"rep-{name}"
-            run("eval", data, "--index", index_dir, "--out", out, "--methods", "clip,coder", "--llm", "none",
+            run("eval", data, "--index", cifar_index, "--out", out, "--methods", "clip,coder", "--llm", "none",
                 "--workers", "0", "--tsne-samples", "0", "-q")
             reps[name] = json.loads((out / "report.json").read_text())
     assert reps["urls"]["images"] == reps["local"]["images"] == 9
@@ -481,24 +469,24 @@ def test_pipe_reads_in_a_process_with_many_open_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_a_command_in_a_file_list_or_a_labels_csv_is_never_run(index_dir, tmp_path):
+def test_a_command_in_a_file_list_or_a_labels_csv_is_never_run(cifar_index, tmp_path):
     """pipe: runs only when the user types it as a shard; lists and CSVs are data, maybe someone else's."""
     marker = tmp_path / "ran"
     listing = tmp_path / "list.txt"
     listing.write_text(f"pipe:touch {marker}\n")
     out = tmp_path / "l.csv"
-    run("classify", "--files-from", listing, "--index", index_dir, "--out", out, "--workers", "0", "-q")
+    run("classify", "--files-from", listing, "--index", cifar_index, "--out", out, "--workers", "0", "-q")
     assert not marker.exists() and "never from a file list" in errors(out)[f"pipe:touch {marker}"]
     labels = tmp_path / "labels.csv"
     labels.write_text(f"path,label\npipe:touch {marker},cat\n")
-    res = run("eval", labels, "--index", index_dir, "--out", tmp_path / "rep", "--methods", "coder", "--llm",
+    res = run("eval", labels, "--index", cifar_index, "--out", tmp_path / "rep", "--methods", "coder", "--llm",
               "none", "--workers", "0", "--tsne-samples", "0", "-q", ok=False)
     assert not marker.exists()
     if res.exit_code == 0:  # the line is a (missing) file relative to the CSV: skipped, never run
         assert json.loads((tmp_path / "rep" / "report.json").read_text())["skipped"] == 1
 
 
-def test_eval_of_a_class_folder_in_an_object_store(index_dir, tmp_path, s3, monkeypatch):
+def test_eval_of_a_class_folder_in_an_object_store(cifar_index, tmp_path, s3, monkeypatch):
     """DATA/<class>/<image> in a bucket: listed there, read there; the same report as from the disk."""
     use_in_process(s3, monkeypatch)
     local = tmp_path / "data"
@@ -511,13 +499,13 @@ def test_eval_of_a_class_folder_in_an_object_store(index_dir, tmp_path, s3, monk
     reps = {}
     for name, data in (("local", local), ("s3", "s3://data/labelled/")):
         out = tmp_path / f"rep-{name}"
-        run("eval", data, "--index", index_dir, "--out", out, "--methods", "clip,coder", "--llm", "none", "--workers",
+        run("eval", data, "--index", cifar_index, "--out", out, "--methods", "clip,coder", "--llm", "none", "--workers",
             "0", "--tsne-samples", "0", "-q")
         reps[name] = json.loads((out / "report.json").read_text())
     assert reps["s3"]["images"] == reps["local"]["images"] == 9 and reps["s3"]["data"] == "s3://data/labelled/"
     for a, b in zip(reps["s3"]["methods"], reps["local"]["methods"], strict=True):
         assert a["name"] == b["name"] and abs(a["top1"] - b["top1"]) < 1e-9
-    res = run("eval", tmp_path / "nope", "--index", index_dir, "--out", tmp_path / "x", ok=False)
+    res = run("eval", tmp_path / "nope", "--index", cifar_index, "--out", tmp_path / "x", ok=False)
     assert res.exit_code == 2 and "does not exist" in res.output
 
 

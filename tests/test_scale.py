@@ -10,20 +10,14 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from coder_index.methods.candidates import CandidateClassifier
 from coder_index.methods.coder import CoderClassifier, coder_feature_chunks, coder_features, heuristic_logits
-from coder_index_cli.main import cli
 
+from conftest import run_cli
 from images import BAD, GOOD, make_messy_folder
 
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 def unit(a: np.ndarray) -> np.ndarray:

@@ -453,17 +453,18 @@ def test_worker_encodes_waiting_requests_together():
     """Jobs that queue while the model is busy share one forward pass; each gets its own rows."""
     import torch
 
-    gate, calls = threading.Event(), []
+    gate, busy, calls = threading.Event(), threading.Event(), []
 
     def encode(pixels):
         calls.append(len(pixels))
+        busy.set()
         gate.wait(10)
         return pixels.reshape(len(pixels), -1).numpy()
 
     worker = ModelWorker(encode, max_batch=64)
     try:
         first = worker.submit(Job(pixels=torch.zeros(1, 2), finish=lambda e: e.sum()))
-        time.sleep(0.1)
+        assert busy.wait(60)  # the model is busy with the first job: the next ones queue
         rowwise = lambda e: list(e[:, 0])  # noqa: E731
         futures = [worker.submit(Job(pixels=torch.full((2, 2), float(i)), rowwise=rowwise)) for i in range(10)]
         gate.set()
@@ -490,8 +491,11 @@ def test_serve_warns_loudly_off_loopback_and_refuses_bad_options(env, monkeypatc
     ran = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.append(sockets))
     res = CliRunner().invoke(cli, ["serve", str(env["index"]), "--host", "0.0.0.0", "--port", "0"])
+    assert res.exit_code == 0, res.output  # off loopback: a token is made and required, no warning needed
+    assert "WARNING" not in res.stderr and "?token=" in res.stderr and ran
+    res = CliRunner().invoke(cli, ["serve", str(env["index"]), "--host", "0.0.0.0", "--port", "0", "--no-token"])
     assert res.exit_code == 0, res.output
-    assert "WARNING" in res.stderr and "no authentication" in res.stderr and ran
+    assert "WARNING" in res.stderr and "--no-token" in res.stderr and "?token=" not in res.stderr
     res = CliRunner().invoke(cli, ["serve", str(env["index"]), "--port", "0"])
     assert "WARNING" not in res.stderr and "http://127.0.0.1:" in res.stderr
     # --predictions alone: the run record says where classify ran and what it read; no guess needed

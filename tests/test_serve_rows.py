@@ -6,7 +6,6 @@ served: a row planted in the file that names anything else is refused."""
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import httpx
@@ -14,26 +13,15 @@ import pytest
 
 pytest.importorskip("fastapi", reason="serve needs its extra: pip install -e '.[serve]'")
 
-from click.testing import CliRunner  # noqa: E402
 
 from coder_index.serve import ServeConfig, create_app  # noqa: E402
 from coder_index.serve.background import BackgroundServer  # noqa: E402
-from coder_index_cli.main import cli  # noqa: E402
 
+from conftest import run_cli
 from http_server import FileServer  # noqa: E402
 from test_shards import photos, write_shards  # noqa: E402
 
-
-def run(*args, cwd: Path | None = None):
-    old = os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        res = CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-    assert res.exit_code == 0, res.output
-    return res
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 @pytest.fixture(scope="module")

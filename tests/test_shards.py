@@ -16,28 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from coder_index_cli.main import cli
-
+from conftest import run_cli as run
 from conftest import shared_path
 from scores import SCORE_ATOL, assert_same_ranking, csv_ranking
-
-
-def run(*args, ok=True):
-    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
-
-
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("shard-index")
-    (root / "classes.txt").write_text("cat\nship\ntruck\nairplane\n")
-    run("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--llm", "none", "-q")
-    return root / "idx"
 
 
 def photos(n: int) -> list[tuple[str, bytes]]:
@@ -101,16 +84,16 @@ def dataset(tmp_path_factory):
     return {"root": root, "samples": samples, "folder": folder, "shards": shards}
 
 
-def test_shard_rows_equal_the_folder_rows_for_every_way_of_naming_the_shards(index_dir, dataset, tmp_path,
+def test_shard_rows_equal_the_folder_rows_for_every_way_of_naming_the_shards(cifar_index, dataset, tmp_path,
                                                                              monkeypatch):
     monkeypatch.chdir(dataset["root"])
-    run("classify", "folder", "--index", index_dir, "--out", tmp_path / "folder.csv", "--workers", "0", "-q")
+    run("classify", "folder", "--index", cifar_index, "--out", tmp_path / "folder.csv", "--workers", "0", "-q")
     by_key = {Path(p).stem: r for p, r in rows(tmp_path / "folder.csv").items()}
     outs = {}
     for name, args in {"files": [f"data/{s.name}" for s in dataset["shards"]], "folder": ["data"],
                        "braces": ["data/{00000..00002}.tar"]}.items():
         out = tmp_path / f"shards-{name}.csv"
-        run("classify", *args, "--index", index_dir, "--out", out, "--workers", "0", "--batch-size", "4", "-q")
+        run("classify", *args, "--index", cifar_index, "--out", out, "--workers", "0", "--batch-size", "4", "-q")
         outs[name] = rows(out)
     assert outs["files"].keys() == outs["folder"].keys() == outs["braces"].keys()
     got = outs["files"]
@@ -120,12 +103,12 @@ def test_shard_rows_equal_the_folder_rows_for_every_way_of_naming_the_shards(ind
         assert shard.startswith("data/000") and shard.endswith(".tar")  # rows are SHARD.tar/KEY
         assert_same_ranking(*csv_ranking(r), *csv_ranking(by_key[key]), what=path)
     # a rerun is done at once; a shard given twice is read once
-    res = run("classify", "data/00000.tar", "data/00000.tar", "data", "--index", index_dir, "--out",
+    res = run("classify", "data/00000.tar", "data/00000.tar", "data", "--index", cifar_index, "--out",
               tmp_path / "shards-files.csv", "--workers", "0", "-q")
     assert "classified 0 images" in res.output
 
 
-def test_odd_shards_are_reported_and_the_rest_classified(index_dir, dataset, tmp_path, monkeypatch):
+def test_odd_shards_are_reported_and_the_rest_classified(cifar_index, dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     good = dataset["samples"][:4]
     jpeg = good[0][1]
@@ -159,7 +142,7 @@ def test_odd_shards_are_reported_and_the_rest_classified(index_dir, dataset, tmp
     (odd / "00003.tar").write_bytes(gzip.compress(data))  # a gzip named .tar: read as webdataset reads it
     (odd / "00004.tar").write_bytes(b"")                   # empty file
     out = tmp_path / "odd.csv"
-    res = run("classify", "odd/{00000..00005}.tar", "--index", index_dir, "--out", out, "--workers", "0", "-q",
+    res = run("classify", "odd/{00000..00005}.tar", "--index", cifar_index, "--out", out, "--workers", "0", "-q",
               ok=False)
     assert res.exit_code == 3, res.output  # incomplete: what could not be read is named, the rest classified
     got, final, retried = rows(out), errors(out, retry="no"), errors(out, retry="yes")
@@ -182,7 +165,7 @@ def test_odd_shards_are_reported_and_the_rest_classified(index_dir, dataset, tmp
         assert shard in res.output or "more" in res.output
     assert "hold no image" not in res.output
     # a rerun reads again only what could not be read: nothing is doubled, the same four fail again
-    res = run("classify", "odd/{00000..00005}.tar", "--index", index_dir, "--out", out, "--workers", "0", "-q",
+    res = run("classify", "odd/{00000..00005}.tar", "--index", cifar_index, "--out", out, "--workers", "0", "-q",
               ok=False)
     assert res.exit_code == 3 and "classified 0 images" in res.output and "0 unreadable" in res.output
     assert rows(out) == got and errors(out, retry="no") == final and set(errors(out, retry="yes")) == set(retried)
@@ -191,13 +174,13 @@ def test_odd_shards_are_reported_and_the_rest_classified(index_dir, dataset, tmp
     assert len(paths) == len(set(paths))  # one row each, after the rerun too
 
 
-def test_cli_refuses_mixed_or_missing_inputs(index_dir, dataset, tmp_path):
-    res = run("classify", dataset["shards"][0], dataset["folder"], "--index", index_dir, "--out",
+def test_cli_refuses_mixed_or_missing_inputs(cifar_index, dataset, tmp_path):
+    res = run("classify", dataset["shards"][0], dataset["folder"], "--index", cifar_index, "--out",
               tmp_path / "x.csv", ok=False)
     assert res.exit_code == 2 and "is not like the other inputs" in res.output
-    res = run("classify", tmp_path / "nope", "--index", index_dir, "--out", tmp_path / "x.csv", ok=False)
+    res = run("classify", tmp_path / "nope", "--index", cifar_index, "--out", tmp_path / "x.csv", ok=False)
     assert res.exit_code == 2 and "no such file or folder" in res.output
-    res = run("classify", tmp_path / "none-{0..3}.tar", "--index", index_dir, "--out", tmp_path / "x.csv", ok=False)
+    res = run("classify", tmp_path / "none-{0..3}.tar", "--index", cifar_index, "--out", tmp_path / "x.csv", ok=False)
     assert res.exit_code == 2 and "no such shard" in res.output
 
 
@@ -217,9 +200,9 @@ def read_saved(directory: Path) -> tuple[np.ndarray, list[dict]]:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_save_embeddings_layout_values_and_corpus_round_trip(index_dir, dataset, tmp_path, dtype, encoder):
+def test_save_embeddings_layout_values_and_corpus_round_trip(cifar_index, dataset, tmp_path, dtype, encoder):
     emb_dir, out = tmp_path / "emb", tmp_path / "p.csv"
-    run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "--batch-size", "4",
+    run("classify", *dataset["shards"], "--index", cifar_index, "--out", out, "--workers", "0", "--batch-size", "4",
         "--save-embeddings", emb_dir, "--embeddings-dtype", dtype, "--embeddings-part-rows", "5", "-q")
     record = json.loads((emb_dir / "embeddings.json").read_text())
     assert record["dtype"] == dtype and record["dim"] == encoder.embed_dim and record["out"] == str(out.resolve())
@@ -236,7 +219,7 @@ def test_save_embeddings_layout_values_and_corpus_round_trip(index_dir, dataset,
     # float16 rounding, or float32 products of other batch shapes (tests/scores.py: SCORE_ATOL)
     np.testing.assert_allclose(emb.astype(np.float32), want, atol=2e-3 if dtype == "float16" else SCORE_ATOL)
     # read back as an X-MoRe corpus: one row per saved image, with its caption
-    res = run("corpus", "build", tmp_path / "corpus", "--embeddings", emb_dir, "--index", index_dir, "-q")
+    res = run("corpus", "build", tmp_path / "corpus", "--embeddings", emb_dir, "--index", cifar_index, "-q")
     assert f": {len(meta)} rows" in res.output and len(meta) == len(dataset["samples"])
     from coder_index.stores.corpus import Corpus
 
@@ -244,11 +227,11 @@ def test_save_embeddings_layout_values_and_corpus_round_trip(index_dir, dataset,
     assert corpus.index.ntotal == len(meta)
 
 
-def test_clip_retrievals_reader_reads_the_saved_embeddings(index_dir, dataset, tmp_path):
+def test_clip_retrievals_reader_reads_the_saved_embeddings(cifar_index, dataset, tmp_path):
     """embedding-reader (what clip-retrieval's back end and autofaiss read with), parquet_npy format."""
     reader_module = pytest.importorskip("embedding_reader", reason="embedding-reader is not installed (test extra)")
     emb_dir, out = tmp_path / "emb", tmp_path / "p.csv"
-    run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "-q",
+    run("classify", *dataset["shards"], "--index", cifar_index, "--out", out, "--workers", "0", "-q",
         "--save-embeddings", emb_dir, "--embeddings-part-rows", "6")
     ours, meta = read_saved(emb_dir)
     reader = reader_module.EmbeddingReader(str(emb_dir / "img_emb"), file_format="parquet_npy",
@@ -265,42 +248,42 @@ def test_clip_retrievals_reader_reads_the_saved_embeddings(index_dir, dataset, t
         assert got[m["image_path"]][1] == m["caption"]
 
 
-def test_save_embeddings_refuses_other_settings_and_says_what_earlier_rows_lack(index_dir, dataset, tmp_path):
+def test_save_embeddings_refuses_other_settings_and_says_what_earlier_rows_lack(cifar_index, dataset, tmp_path):
     emb_dir, out = tmp_path / "emb", tmp_path / "p.csv"
-    run("classify", dataset["shards"][0], "--index", index_dir, "--out", out, "--workers", "0", "-q")
-    res = run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "-q",
+    run("classify", dataset["shards"][0], "--index", cifar_index, "--out", out, "--workers", "0", "-q")
+    res = run("classify", *dataset["shards"], "--index", cifar_index, "--out", out, "--workers", "0", "-q",
               "--save-embeddings", emb_dir)
     n = len(dataset["samples"])
     assert f"holds the embeddings of {n - 7} row(s) (7 row(s) of earlier runs without --save-embeddings" in res.output
     staged = emb_dir / ".staging" / "meta_9.jsonl"   # as a killed run of this OUT would leave it
     staged.write_text('{"image_path": "x"}\n')
-    res = run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "-q",
+    res = run("classify", *dataset["shards"], "--index", cifar_index, "--out", out, "--workers", "0", "-q",
               "--save-embeddings", emb_dir, "--embeddings-dtype", "float32", ok=False)
     assert res.exit_code == 1 and "dtype differ" in res.output and "--overwrite" in res.output
     assert "dtype 'float16' there, 'float32' asked" in res.output  # the refusal names both values
     assert staged.read_text() == '{"image_path": "x"}\n'   # a refused run touches nothing
-    res = run("classify", *dataset["shards"], "--index", index_dir, "--out", tmp_path / "other.csv", "--workers",
+    res = run("classify", *dataset["shards"], "--index", cifar_index, "--out", tmp_path / "other.csv", "--workers",
               "0", "-q", "--save-embeddings", emb_dir, ok=False)
     assert res.exit_code == 1 and "out differ" in res.output
-    res = run("classify", *dataset["shards"], "--index", index_dir, "--out", tmp_path / "other.csv", "--workers",
+    res = run("classify", *dataset["shards"], "--index", cifar_index, "--out", tmp_path / "other.csv", "--workers",
               "0", "-q", "--save-embeddings", emb_dir, "--overwrite", ok=False)
     assert res.exit_code == 1 and "out differ" in res.output   # --overwrite never deletes another OUT's embeddings
     assert len(read_saved(emb_dir)[1]) == n - 7
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.md").write_text("mine")
-    res = run("classify", *dataset["shards"], "--index", index_dir, "--out", tmp_path / "third.csv", "--workers",
+    res = run("classify", *dataset["shards"], "--index", cifar_index, "--out", tmp_path / "third.csv", "--workers",
               "0", "-q", "--save-embeddings", tmp_path / "busy", ok=False)
     assert res.exit_code == 1 and "not empty" in res.output
     # --overwrite starts the run and its embeddings afresh: every row has one
-    res = run("classify", *dataset["shards"], "--index", index_dir, "--out", out, "--workers", "0", "-q",
+    res = run("classify", *dataset["shards"], "--index", cifar_index, "--out", out, "--workers", "0", "-q",
               "--save-embeddings", emb_dir, "--overwrite")
     emb, meta = read_saved(emb_dir)
     assert len(meta) == len(rows(out)) == n and "without --save-embeddings" not in res.output
 
 
-def _classify_cmd(dataset, index_dir, out, emb_dir):
+def _classify_cmd(dataset, cifar_index, out, emb_dir):
     return [sys.executable, "-m", "coder_index_cli.main", "classify", *map(str, dataset["shards"]), "--index",
-            str(index_dir), "--out", str(out), "--workers", "0", "--batch-size", "2", "--save-embeddings",
+            str(cifar_index), "--out", str(out), "--workers", "0", "--batch-size", "2", "--save-embeddings",
             str(emb_dir), "--embeddings-part-rows", "3", "-q"]
 
 
@@ -313,11 +296,11 @@ def _check_once_each(dataset, out, emb_dir):
     assert not list((emb_dir / ".staging").iterdir())
 
 
-def test_killed_mid_shard_twice_resumes_at_the_image_with_every_embedding_once(index_dir, dataset, tmp_path):
+def test_killed_mid_shard_twice_resumes_at_the_image_with_every_embedding_once(cifar_index, dataset, tmp_path):
     """Killed with a batch staged but its rows unwritten, then (resumed) killed with a part written
     from the staging but the staging not cleared; the third run completes."""
     emb_dir, out = tmp_path / "emb", tmp_path / "p.csv"
-    cmd = _classify_cmd(dataset, index_dir, out, emb_dir)
+    cmd = _classify_cmd(dataset, cifar_index, out, emb_dir)
     for point in ("embeddings.staged#3", "embeddings.part_written#2", None):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"CODER_INDEX_CRASH_AT": point} if point else {})}
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -332,9 +315,9 @@ def test_killed_mid_shard_twice_resumes_at_the_image_with_every_embedding_once(i
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["embeddings.staged#3", "embeddings.part_written#1",
                                    "embeddings.metadata_written#1", "output.mid_record#2"])
-def test_killed_once_at_each_point(index_dir, dataset, tmp_path, point):
+def test_killed_once_at_each_point(cifar_index, dataset, tmp_path, point):
     emb_dir, out = tmp_path / "emb", tmp_path / "p.csv"
-    cmd = _classify_cmd(dataset, index_dir, out, emb_dir)
+    cmd = _classify_cmd(dataset, cifar_index, out, emb_dir)
     env = {**os.environ, "CODER_INDEX_CRASH_AT": point, "HF_HUB_OFFLINE": "1"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]

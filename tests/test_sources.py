@@ -27,24 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from coder_index_cli.main import cli
-
+from conftest import CIFAR_CLASSES as CLASSES
+from conftest import run_cli as run
 from http_server import Fault, FileServer, fast_retries
 from s3_server import s3_fs, s3_server, use_in_process
 from scores import assert_same_ranking, csv_ranking
 from test_shards import photos
 
-CLASSES = ["cat", "ship", "truck", "airplane"]
 BUCKET = "sources-tests"
 
 
-def run(*args, code=0):
-    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if code is not None:
-        assert res.exit_code == code, res.output
-    return res
 
 
 def rows(out: Path) -> dict[str, dict]:
@@ -111,15 +104,7 @@ def write_img2dataset_parquet(path: Path, samples: list[tuple[str, bytes]], row_
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("sources-index")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    run("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--llm", "none", "-q")
-    return root / "idx"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, index_dir):
+def data(tmp_path_factory, cifar_index):
     """The same 11 images as a folder, shards (plain and gzip), img2dataset parquet, and the rows of the
     folder as the reference; plus 2 more images for the unit a fault test adds later."""
     root = tmp_path_factory.mktemp("sources-data")
@@ -139,7 +124,7 @@ def data(tmp_path_factory, index_dir):
     write_img2dataset_parquet(root / "pq" / "00000.parquet", samples[:6])
     write_img2dataset_parquet(root / "pq" / "00001.parquet", samples[6:])
     out = root / "reference.csv"
-    run("classify", root / "folder", "--index", index_dir, "--out", out, "--workers", "0", "-q")
+    run("classify", root / "folder", "--index", cifar_index, "--out", out, "--workers", "0", "-q")
     return {"root": root, "samples": samples, "extra": extra, "reference": {key_of(p): r for p, r in rows(out).items()}}
 
 
@@ -265,13 +250,13 @@ def server(tmp_path):
 
 
 @pytest.mark.parametrize("kind", Kinds.LOCAL + Kinds.REMOTE)
-def test_a_unit_that_cannot_be_read_is_one_row_to_retry_whatever_the_source(index_dir, data, tmp_path, kind,
+def test_a_unit_that_cannot_be_read_is_one_row_to_retry_whatever_the_source(cifar_index, data, tmp_path, kind,
                                                                             server, s3, monkeypatch):
     fast_retries(monkeypatch)
     use_in_process(s3, monkeypatch)
     args, unit, mend = Kinds(data, tmp_path, server, s3).make(kind)
     out = tmp_path / "p.csv"
-    res = run("classify", *args, "--index", index_dir, "--out", out, "--workers", "0", "--batch-size", "3", "-q",
+    res = run("classify", *args, "--index", cifar_index, "--out", out, "--workers", "0", "--batch-size", "3", "-q",
               code=3)
     good = {k for k, _ in data["samples"]}
     assert_rows_are_the_images(rows(out), data["reference"], good)
@@ -279,11 +264,11 @@ def test_a_unit_that_cannot_be_read_is_one_row_to_retry_whatever_the_source(inde
     assert "1 input(s) could not be read" in res.output and unit.split("//")[-1] in res.output
     assert "hold no image" not in res.output and "holds no image" not in res.output
     # the same again: the unit is tried once more, nothing else is read, nothing doubled
-    res = run("classify", *args, "--index", index_dir, "--out", out, "--workers", "0", "-q", code=3)
+    res = run("classify", *args, "--index", cifar_index, "--out", out, "--workers", "0", "-q", code=3)
     assert "classified 0 images" in res.output and list(errors(out, retry="yes")) == [unit]
     # mended: the rerun reads only it, the errors file no longer lists it, and the run is complete
     mend()
-    res = run("classify", *args, "--index", index_dir, "--out", out, "--workers", "0", "-q", code=0)
+    res = run("classify", *args, "--index", cifar_index, "--out", out, "--workers", "0", "-q", code=0)
     added = {k for k, _ in data["extra"]} if kind not in ("folder", "files", "url-list") else {"cat_new0"}
     assert f"classified {len(added)} images" in res.output, res.output
     assert errors(out) == {}
@@ -292,7 +277,7 @@ def test_a_unit_that_cannot_be_read_is_one_row_to_retry_whatever_the_source(inde
 
 
 @pytest.mark.parametrize("kind", ["local-shards", "gz-shards", "parquet", "http-parquet"])
-def test_a_damaged_unit_keeps_what_was_read_before_and_is_retried(index_dir, data, tmp_path, kind, server,
+def test_a_damaged_unit_keeps_what_was_read_before_and_is_retried(cifar_index, data, tmp_path, kind, server,
                                                                  monkeypatch):
     """A unit cut short (a tar cut in a member, a gzip stream cut, a parquet file truncated): its
     images read before the damage are kept, the unit is one row to retry, the others are classified."""
@@ -308,7 +293,7 @@ def test_a_damaged_unit_keeps_what_was_read_before_and_is_retried(index_dir, dat
     else:
         victim.write_bytes(blob[: len(blob) * 2 // 3])
     out = tmp_path / "d.csv"
-    res = run("classify", *args, "--index", index_dir, "--out", out, "--workers", "0", "-q", code=3)
+    res = run("classify", *args, "--index", cifar_index, "--out", out, "--workers", "0", "-q", code=3)
     retry = errors(out, retry="yes")
     assert len(retry) == 2, retry  # the damaged unit, and the one that does not exist (the fixture's)
     damaged = next(k for k in retry if "00003" not in k and "00002.parquet" not in k)
@@ -318,30 +303,30 @@ def test_a_damaged_unit_keeps_what_was_read_before_and_is_retried(index_dir, dat
     got = rows(out)
     assert len(got) == len(set(got)) and len(got) >= len(data["samples"]) - 5
     # the rerun reads it again and, still damaged, adds nothing twice
-    run("classify", *args, "--index", index_dir, "--out", out, "--workers", "0", "-q", code=3)
+    run("classify", *args, "--index", cifar_index, "--out", out, "--workers", "0", "-q", code=3)
     assert rows(out) == got
 
 
 @pytest.mark.parametrize("kind", ["http-shards", "url-list", "http-parquet"])
-def test_nothing_read_never_exits_0_and_never_blames_the_images(index_dir, tmp_path, kind, monkeypatch):
+def test_nothing_read_never_exits_0_and_never_blames_the_images(cifar_index, tmp_path, kind, monkeypatch):
     fast_retries(monkeypatch)
     (tmp_path / "list.txt").write_text("http://127.0.0.1:9/a.jpg\nhttp://127.0.0.1:9/b.jpg\n")
     args = {"http-shards": ["http://127.0.0.1:9/{0..1}.tar"], "url-list": ["--files-from", tmp_path / "list.txt"],
             "http-parquet": ["http://127.0.0.1:9/{0..1}.parquet"]}[kind]
     out = tmp_path / "n.csv"
-    res = run("classify", *args, "--index", index_dir, "--out", out, "-q", code=None)
+    res = run("classify", *args, "--index", cifar_index, "--out", out, "-q", ok=False)
     assert res.exit_code == 1, res.output
     assert "nothing could be read" in res.output and "onnection" in res.output  # the real reason
     assert "no image" not in res.output and "unreadable file" not in res.output.split("nothing")[1]
 
 
 @pytest.mark.parametrize("kind", ["s3-shards", "s3-parquet"])
-def test_no_credentials_or_no_bucket_stop_at_once_with_one_line(index_dir, tmp_path, s3, kind, monkeypatch):
+def test_no_credentials_or_no_bucket_stop_at_once_with_one_line(cifar_index, tmp_path, s3, kind, monkeypatch):
     fast_retries(monkeypatch)
     use_in_process(s3, monkeypatch)
     ext = ".tar" if kind == "s3-shards" else ".parquet"
     out = tmp_path / "c.csv"
-    res = run("classify", f"s3://no-such-bucket-here/{{0..3}}{ext}", "--index", index_dir, "--out", out, "-q",
+    res = run("classify", f"s3://no-such-bucket-here/{{0..3}}{ext}", "--index", cifar_index, "--out", out, "-q",
               code=1)
     assert "bucket does not exist" in res.output and "Traceback" not in res.output
     # no credentials anywhere the library looks: one line naming the cause and where to set them
@@ -355,13 +340,13 @@ def test_no_credentials_or_no_bucket_stop_at_once_with_one_line(index_dir, tmp_p
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    res = run("classify", f"s3://{BUCKET}/x/{{0..3}}{ext}", "--index", index_dir, "--out", out, "-q", code=1)
+    res = run("classify", f"s3://{BUCKET}/x/{{0..3}}{ext}", "--index", cifar_index, "--out", out, "-q", code=1)
     lines = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
     assert len(lines) == 1 and "no credentials" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], res.output
     assert not rows(out)
 
 
-def test_one_retry_layer_a_dead_s3_unit_costs_the_policys_attempts(index_dir, tmp_path, monkeypatch):
+def test_one_retry_layer_a_dead_s3_unit_costs_the_policys_attempts(cifar_index, tmp_path, monkeypatch):
     """An S3 endpoint that answers 503 to everything: botocore and s3fs retry nothing of their own, so the
     requests the server sees are those of coder-index's policy (4 attempts here), not their product."""
     fast_retries(monkeypatch)
@@ -377,7 +362,7 @@ def test_one_retry_layer_a_dead_s3_unit_costs_the_policys_attempts(index_dir, tm
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": server.base_url})
         s3fs.S3FileSystem.clear_instance_cache()
-        res = run("classify", "s3://bucket/dead.tar", "--index", index_dir, "--out", tmp_path / "r.csv", "-q",
+        res = run("classify", "s3://bucket/dead.tar", "--index", cifar_index, "--out", tmp_path / "r.csv", "-q",
                   code=1)
         assert "503" in res.output
         assert 1 <= len(server.requests) <= 4, server.requests  # the policy's attempts, no more
@@ -389,12 +374,12 @@ class _AlwaysFailing(dict):
 
 
 # ---------------------------------------------------------------------------------------------- pipe:
-def test_braces_inside_pipe_are_one_command_per_shard_as_webdataset_expands_them(index_dir, data, tmp_path):
+def test_braces_inside_pipe_are_one_command_per_shard_as_webdataset_expands_them(cifar_index, data, tmp_path):
     import braceexpand
 
     spec = f"pipe:cat {data['root']}/tar/{{00000..00002}}.tar"
     out = tmp_path / "p.csv"
-    run("classify", spec, "--index", index_dir, "--out", out, "--workers", "2", "-q")
+    run("classify", spec, "--index", cifar_index, "--out", out, "--workers", "2", "-q")
     got = rows(out)
     commands = {p.rsplit("/", 1)[0] for p in got}
     assert commands == set(braceexpand.braceexpand(spec)) and len(commands) == 3
@@ -403,14 +388,14 @@ def test_braces_inside_pipe_are_one_command_per_shard_as_webdataset_expands_them
     broken = tmp_path / "broken.sh"
     broken.write_text(f"head -c 3000 {data['root']}/tar/00001.tar; exit 7\n")
     out = tmp_path / "q.csv"
-    res = run("classify", f"pipe:cat {data['root']}/tar/00000.tar", f"pipe:sh {broken}", "--index", index_dir,
+    res = run("classify", f"pipe:cat {data['root']}/tar/00000.tar", f"pipe:sh {broken}", "--index", cifar_index,
               "--out", out, "--workers", "0", "-q", code=3)
     assert list(errors(out, "yes")) == [f"pipe:sh {broken}"] and "status 7" in res.output
     assert {key_of(p) for p in rows(out)} >= {k for k, _ in data["samples"][:4]}
 
 
 # ---------------------------------------------------------------------------------------------- parquet
-def test_parquet_written_by_hugging_face_datasets_gives_the_folder_rows(index_dir, data, tmp_path):
+def test_parquet_written_by_hugging_face_datasets_gives_the_folder_rows(cifar_index, data, tmp_path):
     import datasets
 
     samples = data["samples"]
@@ -420,7 +405,7 @@ def test_parquet_written_by_hugging_face_datasets_gives_the_folder_rows(index_di
     ds = datasets.Dataset.from_dict({"image": images, "label": labels}, features=feats)
     ds.to_parquet(str(tmp_path / "hf.parquet"), batch_size=4)
     out = tmp_path / "hf.csv"
-    run("classify", tmp_path / "hf.parquet", "--index", index_dir, "--out", out, "--workers", "2", "-q")
+    run("classify", tmp_path / "hf.parquet", "--index", cifar_index, "--out", out, "--workers", "2", "-q")
     got = rows(out)
     # rows are FILE/ROW-NUMBER (a datasets file has no key column): the row numbers are the samples' order
     assert sorted(int(p.rsplit("/", 1)[1]) for p in got) == list(range(len(samples)))
@@ -430,12 +415,12 @@ def test_parquet_written_by_hugging_face_datasets_gives_the_folder_rows(index_di
         assert_same_ranking(*csv_ranking(r), *csv_ranking(data["reference"][key]), what=p)
 
 
-def test_img2dataset_parquet_rows_are_keys_and_a_failed_download_is_named(index_dir, data, tmp_path, monkeypatch):
+def test_img2dataset_parquet_rows_are_keys_and_a_failed_download_is_named(cifar_index, data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_img2dataset_parquet(tmp_path / "x.parquet", data["samples"], row_group=2, failed=True, signed=True)
     out = tmp_path / "x.csv"
     emb = tmp_path / "emb"
-    run("classify", "x.parquet", "--index", index_dir, "--out", out, "--workers", "2", "--save-embeddings", emb, "-q")
+    run("classify", "x.parquet", "--index", cifar_index, "--out", out, "--workers", "2", "--save-embeddings", emb, "-q")
     got = rows(out)
     assert_rows_are_the_images(got, data["reference"], {k for k, _ in data["samples"]})
     assert all(p == f"x.parquet/{key_of(p)}" for p in got)
@@ -450,11 +435,11 @@ def test_img2dataset_parquet_rows_are_keys_and_a_failed_download_is_named(index_
     assert all(json.loads(m["json"])["url"] == f"http://example.org/{m['key']}.jpg" for m in meta)  # shown, no secret
     assert "SECRET" not in json.dumps(meta)
     # every row explains from the predictions file (the parquet row found by its key)
-    res = run("explain", "--index", index_dir, "--predictions", out, "--row", "1", "--row", str(len(got)), "--json")
+    res = run("explain", "--index", cifar_index, "--predictions", out, "--row", "1", "--row", str(len(got)), "--json")
     assert [r["path"] for r in json.loads(res.output)] == [list(got)[0], list(got)[-1]]
 
 
-def test_parquet_columns_named_by_options_and_refused_clearly(index_dir, data, tmp_path):
+def test_parquet_columns_named_by_options_and_refused_clearly(cifar_index, data, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -462,18 +447,18 @@ def test_parquet_columns_named_by_options_and_refused_clearly(index_dir, data, t
     table = pa.table({"id": [f"n{i}" for i in range(4)], "pixels": pa.array([b for _, b in samples], pa.binary())})
     pq.write_table(table, tmp_path / "o.parquet")
     out = tmp_path / "o.csv"
-    res = run("classify", tmp_path / "o.parquet", "--index", index_dir, "--out", out, "-q", code=1)
+    res = run("classify", tmp_path / "o.parquet", "--index", cifar_index, "--out", out, "-q", code=1)
     assert "no image column" in res.output and "--image-column" in res.output and "pixels" in res.output
     assert not out.exists()
-    res = run("classify", tmp_path / "o.parquet", "--image-column", "nope", "--index", index_dir, "--out", out, "-q",
+    res = run("classify", tmp_path / "o.parquet", "--image-column", "nope", "--index", cifar_index, "--out", out, "-q",
               code=1)
     assert "no column 'nope'" in res.output
-    run("classify", tmp_path / "o.parquet", "--image-column", "pixels", "--key-column", "id", "--index", index_dir,
+    run("classify", tmp_path / "o.parquet", "--image-column", "pixels", "--key-column", "id", "--index", cifar_index,
         "--out", out, "-q")
     assert sorted(p.rsplit("/", 1)[1] for p in rows(out)) == ["n0", "n1", "n2", "n3"]
 
 
-def test_a_parquet_of_image_urls_fetches_them_and_a_dead_url_is_retried(index_dir, data, tmp_path, monkeypatch):
+def test_a_parquet_of_image_urls_fetches_them_and_a_dead_url_is_retried(cifar_index, data, tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -485,13 +470,13 @@ def test_a_parquet_of_image_urls_fetches_them_and_a_dead_url_is_retried(index_di
         pq.write_table(pa.table({"url": urls, "caption": keys, "key": keys}), tmp_path / "urls.parquet",
                        row_group_size=4)
         out = tmp_path / "u.csv"
-        run("classify", tmp_path / "urls.parquet", "--index", index_dir, "--out", out, "--workers", "2", "-q", code=3)
+        run("classify", tmp_path / "urls.parquet", "--index", cifar_index, "--out", out, "--workers", "2", "-q", code=3)
         assert_rows_are_the_images(rows(out), data["reference"], {k for k, _ in data["samples"]})
         assert list(errors(out, "yes")) == [f"{tmp_path}/urls.parquet/gone"]
         (data["root"] / "folder" / "gone.jpg").write_bytes(data["samples"][0][1])
         try:
             n = len(server.requests)
-            res = run("classify", tmp_path / "urls.parquet", "--index", index_dir, "--out", out, "-q")
+            res = run("classify", tmp_path / "urls.parquet", "--index", cifar_index, "--out", out, "-q")
             assert "classified 1 images" in res.output and errors(out) == {}
             assert [p for p, _, _ in server.requests[n:]] == ["folder/gone.jpg"]  # only the row that failed
         finally:
@@ -504,12 +489,12 @@ KILLED = ["folder", "files", "local-shards", "gz-shards", "pipe", "parquet", "ht
 
 @pytest.mark.parametrize("kind", KILLED)
 @pytest.mark.parametrize("point", ["classify.rows_written#2"])
-def test_killed_and_rerun_every_image_exactly_once_whatever_the_source(index_dir, data, tmp_path, kind, point,
+def test_killed_and_rerun_every_image_exactly_once_whatever_the_source(cifar_index, data, tmp_path, kind, point,
                                                                        server):
     args, _, mend = Kinds(data, tmp_path, server, None).make(kind)
     mend()  # every unit readable: the run completes after its rerun
     out = tmp_path / "k.csv"
-    cmd = ["classify", *map(str, args), "--index", str(index_dir), "--out", str(out), "--workers", "0",
+    cmd = ["classify", *map(str, args), "--index", str(cifar_index), "--out", str(out), "--workers", "0",
            "--batch-size", "2", "-q"]
     env = {**os.environ, "CODER_INDEX_CRASH_AT": point}
     proc = subprocess.run([sys.executable, "-c", "import sys; from coder_index_cli.main import cli; cli(sys.argv[1:])",
@@ -527,7 +512,7 @@ def test_killed_and_rerun_every_image_exactly_once_whatever_the_source(index_dir
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def test_labelled_shards_and_parquet_evaluate_as_the_same_images_in_class_folders(index_dir, data, tmp_path):
+def test_labelled_shards_and_parquet_evaluate_as_the_same_images_in_class_folders(cifar_index, data, tmp_path):
     import datasets
 
     labelled = [(k, b) for k, b in data["samples"] if k.split("_")[0] in CLASSES]
@@ -547,7 +532,7 @@ def test_labelled_shards_and_parquet_evaluate_as_the_same_images_in_class_folder
     for name, spec in (("folder", folder), ("shards", f"{tmp_path}/wds/{{0..1}}.tar"), ("parquet",
                                                                                         tmp_path / "hf.parquet")):
         out = tmp_path / f"report-{name}"
-        run("eval", spec, "--index", index_dir, "--out", out, "--methods", "clip,coder", "--llm", "none",
+        run("eval", spec, "--index", cifar_index, "--out", out, "--methods", "clip,coder", "--llm", "none",
             "--tsne-samples", "0", "--workers", "0", "-q")
         reports[name] = json.loads((out / "report.json").read_text())
     ref = reports["folder"]
@@ -624,7 +609,7 @@ def test_a_parquet_file_cut_at_every_offset_is_a_read_failure_never_a_crash(tmp_
 
 
 @pytest.mark.parametrize("name", ["x.tar", "x.tar.gz", "x.parquet"])
-def test_a_fifo_named_as_a_unit_is_skipped_never_read(index_dir, data, tmp_path, name):
+def test_a_fifo_named_as_a_unit_is_skipped_never_read(cifar_index, data, tmp_path, name):
     """A FIFO would block a reader forever: it is named in the errors file, the other units are read."""
     good = tmp_path / f"good{name[1:]}"
     if name.endswith(".parquet"):
@@ -638,7 +623,7 @@ def test_a_fifo_named_as_a_unit_is_skipped_never_read(index_dir, data, tmp_path,
     odd = tmp_path / name
     os.mkfifo(odd)
     out = tmp_path / "f.csv"
-    cmd = [sys.executable, "-m", "coder_index_cli.main", "classify", str(good), str(odd), "--index", str(index_dir),
+    cmd = [sys.executable, "-m", "coder_index_cli.main", "classify", str(good), str(odd), "--index", str(cifar_index),
            "--out", str(out), "--workers", "0", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a read of the FIFO would hang
     assert proc.returncode == 0, proc.stderr  # final: a FIFO is no shard, and no retry can make it one

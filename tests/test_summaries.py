@@ -6,18 +6,10 @@ from __future__ import annotations
 import io
 import tarfile
 
-from click.testing import CliRunner
-
-from coder_index_cli.main import cli
-
+from conftest import run_cli
 from test_shards import photos
 
-
-def run(*args, ok=True):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 def test_what_was_skipped_is_named_by_kind(built_index, tmp_path, monkeypatch):

@@ -139,10 +139,8 @@ def test_budget_stops_cleanly_and_keeps_what_was_fetched(encoder, wordnet_texts,
 def test_concurrency_is_bounded(encoder, wordnet_texts, server, tmp_path):
     server.latency = 0.15
     classes = [f"class {i}" for i in range(12)]
-    t0 = time.perf_counter()
     make_gen(encoder, wordnet_texts, server, tmp_path / "c.sqlite", concurrency=4).generate(classes, ["attribute"])
-    assert 2 <= server.max_in_flight <= 4
-    assert time.perf_counter() - t0 < 12 * 0.15  # it did overlap
+    assert 2 <= server.max_in_flight <= 4  # requests overlapped, never more than 4 at once
 
 
 def test_token_usage_is_summed(encoder, wordnet_texts, server, tmp_path):

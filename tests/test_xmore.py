@@ -185,25 +185,36 @@ def xenv(tmp_path, tiny_model, encoder):
     return tmp_path, make_messy_folder(tmp_path / "imgs")
 
 
+@pytest.mark.parametrize("normalizer", ["corpus", "set"])
 @pytest.mark.parametrize("method", ["xmore", "coder+xmore"])
-def test_classify_with_corpus_matches_direct_computation(xenv, method):
+def test_classify_with_corpus_matches_direct_computation(xenv, method, normalizer):
+    """classify's labels are XMore.predict's, with the corpus's normalisers (the default: nothing of the
+    run is kept) or the set's (every image of the run; the record keeps them, for resume and explain)."""
     tmp_path, folder = xenv
     res = CliRunner().invoke(cli, ["classify", str(folder), "--index", str(tmp_path / "idx"), "--out",
                                    str(tmp_path / "p.csv"), "--corpus", str(tmp_path / "corpus"), "--method", method,
-                                   "--retrieve-k", "8", "--workers", "0", "-q"])
+                                   "--retrieve-k", "8", "--xmore-normalizer", normalizer, "--workers", "0", "-q"])
     assert res.exit_code == 0, res.output
     with open(tmp_path / "p.csv", newline="") as f:
         rows = {r["path"].split("/imgs/")[1]: r for r in csv.DictReader(f)}
     assert set(rows) == set(GOOD) and {r["method"] for r in rows.values()} == {method}
     index = TextIndex.open(tmp_path / "idx")
     x = index.encoder.encode_images([load_image(folder / g) for g in sorted(GOOD)])
-    probs = XMore(index, Corpus(tmp_path / "corpus"), k=8).predict(x, method)  # set normaliser: all images
+    xmore = XMore(index, Corpus(tmp_path / "corpus"), k=8)
+    expected = xmore.corpus_normalizers(method) if normalizer == "corpus" else xmore.normalizers(x, method)
+    probs = xmore.predict(x, method, expected)
     names = index.class_names()
     assert [rows[g]["label"] for g in sorted(GOOD)] == [names[i] for i in probs.argmax(1)]
+    top = (probs / probs.sum(1, keepdims=True)).max(1)  # the scorer scales each row to sum to 1
+    assert [float(rows[g]["score"]) for g in sorted(GOOD)] == pytest.approx(list(top), abs=1e-4)
     side = json.loads((tmp_path / "p.csv.run.json").read_text())
-    assert side["provenance"]["method"] == method and side["state"]["normalizer_images"] == len(GOOD)
-    assert side["state"]["normalizers"] == pytest.approx(list(XMore(index, Corpus(tmp_path / "corpus"), k=8)
-                                                               .normalizers(x, method)), rel=1e-6)
+    assert side["provenance"]["method"] == method
+    if normalizer == "set":
+        assert side["state"]["normalizer_images"] == len(GOOD)
+        assert side["state"]["normalizers"] == pytest.approx(list(expected), rel=1e-6)
+    else:
+        assert "normalizers" not in side["state"]
+        assert side["provenance"]["normalizers"] == pytest.approx(list(expected), rel=1e-6)
 
 
 def test_eval_and_search_with_corpus(xenv, other_tiny_model):

@@ -18,6 +18,8 @@ PROMPT_CHOICES = ("auto", "clip", "names", "cvpr24")
 
 # zero-shot methods of classify, explain and serve (methods/scorer_spec.py builds them)
 ZERO_SHOT_METHODS = ("coder", "xmore", "coder+xmore")
+# X-MoRe's confidence normalisers (methods/scorers.XMoreScorer)
+XMORE_NORMALIZERS = ("corpus", "set", "running")
 
 # --decode: the feed (pipeline/feed.py)
 DECODE_CHOICES = ("auto", "cpu", "gpu")

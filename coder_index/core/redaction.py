@@ -2,7 +2,10 @@
 
 * ``redact`` / ``redact_text``: what serve answers (``/api/info``, ``/api/report``) is redacted by
   the names of its keys and by the look of its values (below).
-* ``redact_url``: the user:password@ of a URL, before it is stored, printed or made a cache key.
+* ``public_url`` (and ``redact_url``, the same for an optional URL): a URL as it may be shown, stored or
+  made a key: no ``user:password@``, no signing or credential parameters (``X-Amz-Signature``,
+  ``sig=``, tokens), so that a freshly signed URL names the same thing; a ``pipe:`` command with its
+  secret-looking words redacted. The one rule for every URL coder-index shows.
 * ``could_be_secret`` and ``SecretFilter``: an API key from the environment, scrubbed from every
   log record and message (a placeholder key such as "x" is not a secret).
 
@@ -78,9 +81,33 @@ def redact(obj: Any, _env: list[str] | None = None) -> Any:
     return obj
 
 
-def redact_url(url: str | None, mask: str = "***") -> str | None:
-    """The URL without its user:password@ (``mask`` in its place), for what is stored or printed."""
-    return re.sub(r"//[^/@]+@", f"//{mask}@", url) if url else url
+# query parameters that sign or authorise a URL: dropped from what is shown (and from row names, so
+# that a rerun with a freshly signed URL names the same rows)
+_SECRET_PARAM = re.compile(r"^(x-amz-|x-goog-|signature$|sig$|se$|sp$|sv$|sr$|st$|spr$|skoid$|sktid$|skt$|ske$|"
+                           r"sks$|skv$|expires$|awsaccesskeyid$|googleaccessid$|.*token.*|.*secret.*|.*passw.*|"
+                           r"key$|api[_-]?key$|auth.*|credential.*|policy$|x-oss-|ossaccesskeyid$)", re.IGNORECASE)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def public_url(spec: str) -> str:
+    """What may be shown of ``spec``: no ``user:password@``, no signing or credential parameters; a
+    ``pipe:`` command with its secret-looking words redacted; anything else (a path) as it is."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    spec = str(spec)
+    if spec.startswith("pipe:"):
+        return redact_text(re.sub(r"(\s(?:-u|--user|--password|--token)[ =])\S+", r"\1<redacted>", spec))
+    if not _URL.match(spec):
+        return spec
+    parts = urlsplit(spec)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _SECRET_PARAM.match(k)]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+
+
+def redact_url(url: str | None) -> str | None:
+    """``public_url`` of an optional URL (an LLM endpoint): what is stored, printed or made a cache key."""
+    return public_url(url) if url else url
 
 
 # Keys that local servers (vLLM, Ollama, llama.cpp, LM Studio, LiteLLM) take as "no key": not secrets.

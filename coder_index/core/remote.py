@@ -43,18 +43,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from coder_index.core.errors import CoderIndexError
-from coder_index.core.redaction import redact_text
+from coder_index.core.redaction import public_url, redact_text  # noqa: F401 - public_url re-exported
 
 CLOUD_EXTRA = "pip install 'coder-index[cloud]'"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-# query parameters that sign or authorise a URL: dropped from what is shown (and from row names, so
-# that a rerun with a freshly signed URL names the same rows)
-_SECRET_PARAM = re.compile(r"^(x-amz-|x-goog-|signature$|sig$|se$|sp$|sv$|sr$|st$|spr$|skoid$|sktid$|skt$|ske$|"
-                           r"sks$|skv$|expires$|awsaccesskeyid$|googleaccessid$|.*token.*|.*secret.*|.*passw.*|"
-                           r"key$|api[_-]?key$|auth.*|credential.*|policy$|x-oss-|ossaccesskeyid$)", re.IGNORECASE)
+
 
 
 class RemoteError(CoderIndexError):
@@ -115,20 +111,6 @@ def is_url(spec: str) -> bool:
 def local_path(spec: str) -> str:
     """A plain path for a local spec (``file:///x`` -> ``/x``)."""
     return unquote(urlsplit(spec).path) if scheme_of(spec) == "file" else spec
-
-
-def public_url(spec: str) -> str:
-    """What may be shown of ``spec``: no ``user:password@``, no signing or credential parameters; a
-    ``pipe:`` command with its secret-looking words redacted."""
-    spec = str(spec)
-    if spec.startswith("pipe:"):
-        return redact_text(re.sub(r"(\s(?:-u|--user|--password|--token)[ =])\S+", r"\1<redacted>", spec))
-    if scheme_of(spec) is None:
-        return spec
-    parts = urlsplit(spec)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _SECRET_PARAM.match(k)]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
 
 
 def path_part(spec: str) -> str:
@@ -264,10 +246,11 @@ def open_stream(spec: str, policy: RetryPolicy | None = None) -> io.BufferedRead
     return io.BufferedReader(raw, buffer_size=STREAM_BUFFER)
 
 
-def open_random_access(spec: str, policy: RetryPolicy | None = None) -> IO[bytes]:
+def open_random_access(spec: str, policy: RetryPolicy | None = None, size: int | None = None) -> IO[bytes]:
     """A seekable, buffered file of ``spec`` (what a parquet reader needs: the footer, then column
-    chunks): a local file, or a URL read by byte ranges, each with the retry policy. A ``pipe:``
-    command gives a stream, which is refused here with the way out."""
+    chunks): a local file, or a URL read by byte ranges, each with the retry policy (``size``: the
+    object's, when known: no request is spent on it). A ``pipe:`` command gives a stream, which is
+    refused here with the way out."""
     policy = policy or RetryPolicy.from_env()
     scheme = scheme_of(spec)
     if scheme is None or scheme == "file":
@@ -278,34 +261,42 @@ def open_random_access(spec: str, policy: RetryPolicy | None = None) -> IO[bytes
         raise RemoteError(f"{public_url(spec)}: a pipe: command gives a stream, and a parquet file is read from its "
                           "end (its footer) first; copy it to a file, or name it by its URL", fatal=True)
     if scheme in ("http", "https"):
-        reader = RangeReader(spec, lambda start, n: _http_range(spec, start, n, policy.timeout), policy)
+        reader = RangeReader(spec, lambda start, n: _http_range(spec, start, n, policy.timeout), policy, size,
+                             lambda: _http_range(spec, 0, 1, policy.timeout)[1])
     else:
         fs, path = filesystem(spec)
-        reader = RangeReader(spec, lambda start, n: _fsspec_range(fs, path, start, n), _one_layer(scheme, policy))
+        reader = RangeReader(spec, lambda start, n: (fs.cat_file(path, start=start, end=start + n), None),
+                             _one_layer(scheme, policy), size, lambda: int(fs.size(path)))
     return io.BufferedReader(reader, buffer_size=STREAM_BUFFER)
 
 
 class RangeReader(io.RawIOBase):
-    """A remote object read by byte ranges (``read_range(start, n) -> (bytes, object size)``), seekable,
-    each range retried within the policy."""
+    """A remote object read by byte ranges (``read_range(start, n) -> (bytes, object size or None)``),
+    seekable, each range retried within the policy. ``size``: the object's, if known; else asked for
+    at once (``size_of``), so that a refusal comes now rather than at the first read."""
 
     def __init__(self, spec: str, read_range: Callable[[int, int], tuple[bytes, int | None]],
-                 policy: RetryPolicy) -> None:
+                 policy: RetryPolicy, size: int | None = None, size_of: Callable[[], int | None] | None = None
+                 ) -> None:
         super().__init__()
         self.spec, self.public, self.policy = spec, public_url(spec), policy
         self._read_range = read_range
         self.pos = 0
-        self.size: int | None = None
-        self._range(0, 1)  # the size, and a refusal now rather than at the first read
+        self.size: int | None = size
+        if size is None and size_of is not None:
+            self.size = self._retried(size_of, 0)
 
     def _range(self, start: int, n: int) -> bytes:
+        data, size = self._retried(lambda: self._read_range(start, n), start)
+        if size is not None:
+            self.size = size
+        return data
+
+    def _retried(self, call: Callable[[], Any], start: int) -> Any:
         failures = 0
         while True:
             try:
-                data, size = self._read_range(start, n)
-                if size is not None:
-                    self.size = size
-                return data
+                return call()
             except RemoteError:
                 raise
             except Exception as exc:
@@ -360,11 +351,6 @@ def _http_range(url: str, start: int, n: int, timeout: float) -> tuple[bytes, in
     if len(data) < n and (size is None or start + len(data) < size):
         raise _CutShort(f"a range of {n} bytes at {start} came back with {len(data)}")
     return data, size
-
-
-def _fsspec_range(fs: Any, path: str, start: int, n: int) -> tuple[bytes, int | None]:
-    size = None if start else int(fs.size(path))
-    return fs.cat_file(path, start=start, end=start + n), size
 
 
 def fetch_bytes(spec: str, max_bytes: int = 1 << 30, policy: RetryPolicy | None = None) -> bytes:

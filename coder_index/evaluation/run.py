@@ -23,7 +23,7 @@ from coder_index.evaluation.report import (
 )
 from coder_index.methods.coder import coder_features
 from coder_index.methods.zeroshot import zero_shot_weights
-from coder_index.pipeline.encode_images import requested_decode
+from coder_index.pipeline.feed import resolve_decode
 from coder_index.pipeline.labelled import LabelledSet
 from coder_index.stores.embcache import EmbeddingCache, image_embedding_key
 
@@ -38,8 +38,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
              cache_path: str | Path | None = None, batch_size: int = 64, workers: int | None = None,
              threads: int | None = None, tsne_samples: int = 1000, data_name: str = "", progress: bool = False,
              fewshot: Any | None = None, xmore: Any | None = None, prompts: str = "auto",
-             report_formats: Sequence[str] = (), decode: str = "auto") -> dict[str, Any]:
-    """``decode``: as classify's ``--decode`` (``encode_images.requested_decode``)."""
+             report_formats: Sequence[str] = (), decode: str = "auto", xmore_normalizer: str = "corpus"
+             ) -> dict[str, Any]:
+    """``decode``: as classify's ``--decode`` (``encode_images.requested_decode``); ``xmore_normalizer``:
+    X-MoRe's (``corpus``, ``set`` or ``running``, as classify's ``--xmore-normalizer``)."""
     few = [m for m in methods if m in FEWSHOT_METHODS]
     if few and fewshot is None:
         raise ValueError(f"{few} need a few-shot adapter (--adapter DIR)")
@@ -51,7 +53,7 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     fp = index.fingerprint
-    decode = requested_decode(decode, index.compute_device, index.recipe.is_released)
+    decode = resolve_decode(decode, index.compute_device, released=index.recipe.is_released)
     cache = EmbeddingCache(cache_path, image_embedding_key(fp.weights_sha256, decode), fp.embed_dim)
     x, labels, enc = data.embed(index, cache, batch_size=batch_size, workers=workers, threads=threads,
                                 progress=progress, decode=decode)
@@ -77,9 +79,10 @@ def evaluate(index: TextIndex, data: LabelledSet, out_dir: str | Path, *, method
         _record(report, method, logits, preds, labels, names, seconds)
         if method == "coder":
             stage1_logits = logits
-    for method in retrieval:  # normalisers over the evaluated set: order-independent
+    for method in retrieval:  # normalisers: the corpus's (each image alone), the evaluated set's, or running sums
         t0 = time.perf_counter()
-        probs = xmore.predict(x, method)
+        normalizer = xmore.corpus_normalizers(method) if xmore_normalizer == "corpus" else xmore_normalizer
+        probs = xmore.predict(x, method, normalizer=normalizer)
         _record(report, method, probs, probs.argmax(axis=1), labels, names, time.perf_counter() - t0)
     for method in few:
         t0 = time.perf_counter()

@@ -128,9 +128,7 @@ def zero_shot_classifier(index: TextStore, kinds: Sequence[str] = GENERAL_KINDS)
 
 def coder_classifier(index: TextStore) -> CoderClassifier:
     """The CODER stage-1 classifier over the store's general texts, built once per open store."""
-    if "classifier" not in index._cache:
-        index._cache["classifier"] = zero_shot_classifier(index)
-    return index._cache["classifier"]
+    return index.derived("classifier", lambda: zero_shot_classifier(index))
 
 
 def embed_images(index: TextStore, images: Any, batch_size: int = 64) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coder_index.core.choices import XMORE_NORMALIZERS
 from coder_index.methods.predict import coder_classifier
 from coder_index.methods.scorers import CoderScorer, XMoreScorer
 
@@ -32,6 +33,7 @@ class ScorerSpec:
     corpus: str | None = None           # an X-MoRe corpus directory
     retrieve_k: int = 16                # corpus images per image (X-MoRe)
     candidates: int = 0                 # > 0: stage 1 on each image's M candidate classes only
+    normalizer: str | None = None       # X-MoRe: corpus | set | running (None: running for a cvpr24 index, else corpus)
 
     def check(self) -> None:
         """Refuse combinations that mean nothing, with the fix."""
@@ -46,9 +48,22 @@ class ScorerSpec:
         if self.candidates and (self.adapter or self.method != "coder"):
             raise ValueError("--candidates applies to CODER's stage 1 (coder and --rerank); the adapter and "
                              "X-MoRe score every class")
+        if self.normalizer is not None and self.method == "coder":
+            raise ValueError("--xmore-normalizer applies to --method xmore and coder+xmore")
+        if self.normalizer not in (None, *XMORE_NORMALIZERS):
+            raise ValueError(f"--xmore-normalizer must be one of {', '.join(XMORE_NORMALIZERS)}, got "
+                             f"{self.normalizer!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def xmore_normalizer(index: TextStore, spec: ScorerSpec) -> str:
+    """X-MoRe's normaliser: as asked, else the released running sums for a ``--preset cvpr24`` index
+    (it reproduces the released numbers), else the corpus's own (an image's answer is its own)."""
+    if spec.normalizer is not None:
+        return spec.normalizer
+    return "running" if index.recipe.is_released else "corpus"
 
 
 def build_scorer(index: TextStore, spec: ScorerSpec, *, generator: Any = None, llm_model: str | None = None,
@@ -63,7 +78,8 @@ def build_scorer(index: TextStore, spec: ScorerSpec, *, generator: Any = None, l
         from coder_index.stores.corpus import Corpus
 
         corpus = Corpus(spec.corpus, index.fingerprint, device=index.compute_device)
-        return XMoreScorer(XMore(index, corpus, k=spec.retrieve_k), spec.method, spec.top_k)
+        return XMoreScorer(XMore(index, corpus, k=spec.retrieve_k), spec.method, spec.top_k,
+                           normalizer=xmore_normalizer(index, spec))
     if spec.adapter:
         from coder_index.methods.fewshot.model import FewShotModel
 

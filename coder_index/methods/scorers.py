@@ -2,9 +2,9 @@
 
 * ``CoderScorer``: CODER stage-1 logits, or any logits function (a few-shot adapter), optionally
   followed by the one-to-one rerank (CODER*);
-* ``XMoreScorer``: X-MoRe (``xmore`` / ``coder+xmore``), whose confidence normalisers are means over
-  the whole folder: it needs every embedding first (``two_pass``), and a resumed run reuses the
-  normalisers saved with the output's provenance.
+* ``XMoreScorer``: X-MoRe (``xmore`` / ``coder+xmore``), whose confidence normalisers belong to the
+  corpus by default (an image's answer depends on that image alone); over the whole run (``set``:
+  every embedding first, ``two_pass``) or the released running sums on request.
 
 Each scorer says what identifies its predictions (``provenance``), which the runner records with the
 output so that a resumed run never mixes rows of different settings.
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coder_index.core.choices import XMORE_NORMALIZERS
 from coder_index.methods.predict import coder_classifier, softmax, softmax_top_k, top_k
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class CoderScorer:
     scores each image's candidate classes only, and the softmax is over them."""
 
     two_pass = False
+    alone = True  # an image's answer depends on that image alone
+
+    def reset(self) -> None:
+        """Nothing is carried from one batch to the next."""
 
     def __init__(self, index: TextStore, top_k: int, *, reranker: Callable[[np.ndarray, np.ndarray], np.ndarray]
                  | None = None, logits: Callable[[np.ndarray], np.ndarray] | None = None, method: str | None = None,
@@ -139,34 +144,79 @@ def _rerank_order(ids: np.ndarray, final: np.ndarray) -> np.ndarray:
 
 
 class XMoreScorer:
-    """X-MoRe over a folder, order-independent: normalisers over every image of the run."""
+    """X-MoRe. ``normalizer`` (METHODS.md §6, how each modality's confidence is scaled):
 
-    two_pass = True
+    * ``corpus`` (the default): the mean confidences over a fixed sample of the corpus's own images
+      (``XMore.corpus_normalizers``), so an image's probabilities depend on that image alone;
+    * ``set``: the means over every image of the run (the evaluated set): every embedding is needed
+      first (``two_pass``) and a resumed run reuses the normalisers saved with its record;
+    * ``running``: the released code's running sums over the images in the order they are scored
+      (``--preset cvpr24``'s, for reproducing its numbers; order-dependent by design).
+    """
+
     chunk = 4096
 
-    def __init__(self, xmore: Any, method: str, top_k: int) -> None:
-        self.xmore, self.method, self.top_k = xmore, method, top_k
+    def __init__(self, xmore: Any, method: str, top_k: int, normalizer: str = "corpus") -> None:
+        if normalizer not in XMORE_NORMALIZERS:
+            raise ValueError(f"the X-MoRe normalizer must be one of {', '.join(XMORE_NORMALIZERS)}, got {normalizer!r}")
+        self.xmore, self.method, self.top_k, self.normalizer = xmore, method, top_k, normalizer
+        self.two_pass = normalizer == "set"
         self.normalizers: tuple[float, float] | None = None
+        self._running = (0.0, 0.0)  # the running sums of both confidences, over the images scored so far
 
     def provenance(self) -> dict[str, Any]:
         corpus = self.xmore.corpus
-        return {"method": self.method, "corpus": {"path": str(corpus.path.resolve()),
-                                                  "created_at": corpus.manifest.get("created_at"),
-                                                  "rows": corpus.manifest.get("rows")},
-                "retrieve_k": self.xmore.k}
+        out = {"method": self.method, "corpus": {"path": str(corpus.path.resolve()),
+                                                 "created_at": corpus.manifest.get("created_at"),
+                                                 "rows": corpus.manifest.get("rows")},
+               "retrieve_k": self.xmore.k}
+        if self.normalizer != "set":  # (a run recorded before 0.5 normalised over its set: it resumes so)
+            out["normalizer"] = self.normalizer
+        if self.normalizer == "corpus":  # a rebuilt corpus, other texts: another normaliser, another run
+            out["normalizers"] = [round(v, 12) for v in self.corpus_normalizers()]
+        return out
+
+    @property
+    def alone(self) -> bool:
+        """Whether an image's answer depends on that image alone (else on the others scored with it)."""
+        return self.normalizer == "corpus"
+
+    def reset(self) -> None:
+        """Forget what the images scored before left (a new set, new running sums)."""
+        self._running = (0.0, 0.0)
+        if self.normalizer == "set":
+            self.normalizers = None
+
+    def corpus_normalizers(self) -> tuple[float, float]:
+        if self.normalizers is None:
+            self.normalizers = self.xmore.corpus_normalizers(self.method)
+        return self.normalizers
 
     def prepare(self, all_emb: np.ndarray, state: dict[str, Any]) -> dict[str, Any]:
-        """Normalisers from the state of a resumed run, else from every embedding of this one."""
+        """``set``: the normalisers from the state of a resumed run, else from every embedding of this one."""
+        if self.normalizer != "set":
+            return {}
         if "normalizers" in state:
             self.normalizers = tuple(state["normalizers"])
             return {}
         self.normalizers = self.xmore.normalizers(all_emb, self.method)
         return {"normalizers": list(self.normalizers), "normalizer_images": int(len(all_emb))}
 
-    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        assert self.normalizers is not None, "prepare() first"
-        probs = self.xmore.predict(emb, self.method, normalizer=self.normalizers)
+    def probabilities(self, emb: np.ndarray) -> np.ndarray:
+        """[N, C] probabilities of the ensemble, each row scaled to sum to 1 (the ranking is unchanged)."""
+        from coder_index.methods.xmore.ensemble import combine, running_weights
+        from coder_index.methods.xmore.predict import IMAGE_MODALITIES
+
+        p_img, p_cap = self.xmore.modality_probs(emb, IMAGE_MODALITIES[self.method])
+        if self.normalizer == "running":
+            probs, self._running = running_weights(p_img, p_cap, self._running)
+        else:
+            normalizers = self.corpus_normalizers() if self.normalizer == "corpus" else self.normalizers
+            assert normalizers is not None, "prepare() first"
+            probs = combine(p_img, p_cap, normalizers)
         # The ensemble weighs two distributions by confidence, so a row does not sum to 1; scaled to
         # sum to 1 (the ranking is unchanged) the scores are probabilities again.
-        probs = probs / probs.sum(axis=1, keepdims=True)
-        return top_k(probs, self.top_k)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return top_k(self.probabilities(emb), self.top_k)

@@ -64,9 +64,10 @@ def class_prompt_texts(class_names: list[str], templates: list[str]) -> list[str
 
 def zero_shot_weights(index: TextStore, prompts: str = "auto", *, progress: bool = False) -> ZeroShotWeights:
     """``W_cls``: per class the mean of its normalised prompt embeddings, normalised again."""
-    key = f"zs:{prompts}"
-    if key in index._cache:
-        return index._cache[key]
+    return index.derived(f"zs:{prompts}", lambda: _zero_shot_weights(index, prompts, progress))
+
+
+def _zero_shot_weights(index: TextStore, prompts: str, progress: bool) -> ZeroShotWeights:
     name, templates = prompt_templates(index, prompts)
     classes = index.class_names()
     if name.startswith("cvpr24-few-shot:"):
@@ -88,5 +89,4 @@ def zero_shot_weights(index: TextStore, prompts: str = "auto", *, progress: bool
     w = l2_normalize(np.ascontiguousarray(means, dtype=np.float32), "class prompt embeddings")
     out = ZeroShotWeights(w, f"{name} ({len(templates) if templates else 'name'} templates)",
                           tuple(templates or ()))
-    index._cache[key] = out
     return out

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from coder_index.core import file_identity
 from coder_index.core.atomic import atomic_write_json, cache_dir, remove_stale_temps
 from coder_index.core.file_identity import identify
 from coder_index.core.locking import FileLock
@@ -39,7 +40,7 @@ def identity_key(files: Sequence[Path], *, model: str, pretrained: str | None, r
     or changed too recently: ``file_identity``'s rule)."""
     if not files:
         return None
-    now = time.time()
+    now = file_identity.clock()  # one clock for every file of the key (the settle rule's)
     parts = []
     for path in sorted({os.path.realpath(p) for p in files}):
         ident = identify(path, now)

@@ -22,7 +22,7 @@ from coder_index.core.atomic import translate_disk_full
 from coder_index.core.faults import pause_point
 from coder_index.methods.scorers import CoderScorer
 from coder_index.pipeline.embeddings_out import EmbeddingSaver
-from coder_index.pipeline.encode_images import requested_decode
+from coder_index.pipeline.feed import resolve_decode
 from coder_index.pipeline.local_engine import LocalEngine, StageClock, WriterThread  # noqa: F401 - re-exported
 from coder_index.pipeline.run_sink import RunSink, prediction_rows  # noqa: F401 - prediction_rows re-exported
 from coder_index.pipeline.runrecord import OutputRun
@@ -109,7 +109,8 @@ def classify_folder(index: TextIndex, source: Any, out: str | Path, *, scorer: A
     source = as_source(source)
     scorer = scorer or CoderScorer(index, top_k_n)
     provenance = {"index": index.provenance(), "top_k": top_k_n, **scorer.provenance()}
-    if requested_decode(decode, index.compute_device) == "gpu":
+    decode = resolve_decode(decode, index.compute_device, released=index.recipe.is_released)
+    if decode == "gpu":
         # the tensor decoder's pixels differ from the reference's by rounding: a resumed run must not mix
         # them (the reference, as every earlier version used, is not recorded: old runs resume)
         provenance["decode"] = "gpu"

@@ -56,19 +56,6 @@ class _NoClock:
         yield
 
 
-def requested_decode(decode: str, device: Any, released: bool = False) -> str:
-    """``--decode`` as ``cpu`` or ``gpu``: ``auto`` is the tensor decoder on a CUDA device, the reference
-    elsewhere and always for a ``--preset cvpr24`` index (``released``: it reproduces the released
-    numbers). Decided from the device alone, before any model loads (caches are keyed by it)."""
-    from coder_index.pipeline.feed import DECODE_CHOICES
-
-    if decode not in DECODE_CHOICES:
-        raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
-    if decode == "auto":
-        return "gpu" if getattr(device, "type", str(device)) == "cuda" and not released else "cpu"
-    return decode
-
-
 def prefetch_batches(device: Any) -> bool:
     """Whether batches are made by a thread ahead of the encoder on this device. On a GPU the next
     batch is made (decoded, resized, copied) while this one encodes. On a CPU the cores are already

@@ -364,16 +364,27 @@ class TensorFeed(ReferenceFeed):
         return F.center_crop(image, list(parts.crop))
 
 
+def resolve_decode(decode: str, device: Any, *, released: bool = False, probe: bool = True) -> str:
+    """``--decode`` as ``cpu`` or ``gpu``, the one rule every command uses: ``auto`` is the tensor
+    decoder on a CUDA device whose torchvision decodes JPEGs there, and the reference everywhere else
+    and always for a ``--preset cvpr24`` index (``released``: it reproduces the released numbers).
+    ``probe=False`` for a device elsewhere (Ray's GPU actors): its torchvision is not asked here."""
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if decode != "auto":
+        return decode
+    on_cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    if not on_cuda or released:
+        return "cpu"
+    return "gpu" if not probe or tensor_decoder_works(torch.device(device)) else "cpu"
+
+
 def make_feed(mode: str, preprocess: Any, device: torch.device) -> ReferenceFeed:
-    """The feed for ``--decode``: ``cpu`` the reference, ``gpu`` the tensor decoder on the encoder's
-    device (libjpeg-turbo when that is the CPU), ``auto`` the tensor decoder on a CUDA device and the
-    reference elsewhere."""
-    if mode not in DECODE_CHOICES:
-        raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {mode!r}")
+    """The feed for ``--decode`` (``resolve_decode``): ``cpu`` the reference, ``gpu`` the tensor decoder
+    on the encoder's device (libjpeg-turbo when that is the CPU)."""
     device = torch.device(device)
-    if mode == "auto":
-        mode = "gpu" if device.type == "cuda" and split_ok(preprocess) and tensor_decoder_works(device) else "cpu"
-    elif mode == "gpu" and not tensor_decoder_works(device):
+    mode = resolve_decode(mode, device)
+    if mode == "gpu" and not tensor_decoder_works(device):
         raise ValueError(f"--decode gpu: torchvision cannot decode JPEGs on {device} here ({_PROBED[str(device)]}); "
                          "use --decode cpu")
     return TensorFeed(preprocess, device) if mode == "gpu" else ReferenceFeed(preprocess, device)
@@ -405,11 +416,6 @@ def tensor_decoder_works(device: torch.device) -> bool:
         except Exception as exc:
             _PROBED[key] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     return _PROBED[key] is None
-
-
-def split_ok(preprocess: Any) -> bool:
-    parts = split_preprocess(preprocess)
-    return parts is not None and parts.shortest_side is not None
 
 
 # ---------------------------------------------------------------------------------------------- overlap

@@ -16,7 +16,7 @@ from coder_index.core.remote import public_url
 from coder_index.methods.fewshot.adapter import CoderAdapter, SearchGrid, TipAdapter, search_hyperparameters
 from coder_index.methods.fewshot.model import new_manifest, save_adapter
 from coder_index.methods.zeroshot import zero_shot_weights
-from coder_index.pipeline.encode_images import requested_decode
+from coder_index.pipeline.feed import resolve_decode
 from coder_index.pipeline.labelled import LabelledSet, embed_labelled
 from coder_index.pipeline.support_views import augmented_embeddings, sample_shots
 from coder_index.stores.embcache import EmbeddingCache, image_embedding_key
@@ -89,7 +89,7 @@ def fit_adapter(index: TextIndex, support_data: LabelledSet, out: str | Path, cf
     support_coder = matmul_t(emb, table.embeddings)
 
     fp = index.fingerprint
-    decode = requested_decode(cfg.decode, index.compute_device, recipe.is_released)
+    decode = resolve_decode(cfg.decode, index.compute_device, released=recipe.is_released)
     cache = EmbeddingCache(cache_path, image_embedding_key(fp.weights_sha256, decode), fp.embed_dim)
     val_x, keep, _ = embed_labelled(index, val_data, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                                     threads=cfg.threads, progress=progress, decode=decode)

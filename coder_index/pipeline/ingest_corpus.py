@@ -15,7 +15,8 @@ from coder_index.core.errors import InputFormatError
 from coder_index.core.parallelism import parallel_encoding
 from coder_index.core.untrusted import read_bytes, read_text
 from coder_index.pipeline.discover import discover_images
-from coder_index.pipeline.encode_images import encoded_batches, requested_decode
+from coder_index.pipeline.encode_images import encoded_batches
+from coder_index.pipeline.feed import resolve_decode
 from coder_index.pipeline.sources.files import FileUnit
 from coder_index.stores.corpus import (
     Chunk,
@@ -36,7 +37,7 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
     """A corpus of a captioned image folder; its images come through the one feed (``encode_images``,
     ``decode`` as classify's ``--decode``)."""
     images = Path(images)
-    decode = requested_decode(decode, encoder.device)
+    decode = resolve_decode(decode, encoder.device)
     pairs = folder_captions(images, Path(captions) if captions else None)
     caption_of = dict(pairs)
     errors: list[tuple[str, str]] = []
@@ -74,7 +75,7 @@ def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, f
     if factory != "Flat":
         raise ValueError("a shard corpus uses the Flat index; IVF/HNSW factories are for large precomputed "
                          "corpora (--embeddings)")
-    decode = requested_decode(decode, encoder.device)
+    decode = resolve_decode(decode, encoder.device)
     errors: list[tuple[str, str]] = []
     uncaptioned = [0]
     units = []

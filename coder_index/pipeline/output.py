@@ -24,69 +24,26 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from coder_index.core.atomic import translate_disk_full
 from coder_index.core.errors import InputFormatError
 from coder_index.core.faults import armed
+from coder_index.pipeline.record_ends import last_record_end, record_end_in  # noqa: F401 - re-exported
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CHUNK = 1 << 20
 
 
-def _escape_surrogates(text: str) -> str:
+def escape_surrogates(text: str) -> str:
+    """JSON text with a name's undecodable bytes (Python's lone surrogates) as ``\\udcXX`` escapes:
+    valid UTF-8 that ``json.loads`` reads back to the same name."""
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def json_line(obj: dict[str, Any]) -> str:
     """One JSON object as a line of valid UTF-8 text, whatever the strings in it hold."""
-    return _escape_surrogates(json.dumps(obj, ensure_ascii=False)) + "\n"
-
-
-def last_record_end(path: Path | BinaryIO, quoted: bool) -> int:
-    """Byte offset just after the last complete record: after the last newline that is outside any
-    quoted field (``quoted``: CSV) or after the last newline (JSONL, whose strings escape them).
-    ``path`` may be an open binary file (read from its start; its position is left anywhere)."""
-    if hasattr(path, "read"):
-        return _last_record_end(path, os.fstat(path.fileno()).st_size, quoted)
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    with open(path, "rb") as f:
-        return _last_record_end(f, size, quoted)
-
-
-def _last_record_end(f: BinaryIO, size: int, quoted: bool) -> int:
-    if size == 0:
-        return 0
-    total_quotes = 0
-    if quoted:  # quote parity of the whole file, counted fast in large chunks
-        f.seek(0)
-        remaining = size
-        while remaining > 0 and (block := f.read(min(_CHUNK, remaining))):
-            total_quotes += block.count(b'"')
-            remaining -= len(block)
-    pos = size
-    quotes_after = 0  # quotes in [pos, size)
-    while pos > 0:
-        start = max(0, pos - _CHUNK)
-        f.seek(start)
-        block = f.read(pos - start)
-        end = len(block)
-        while True:
-            nl = block.rfind(b"\n", 0, end)
-            if nl < 0:
-                break
-            if not quoted:
-                return start + nl + 1
-            q_after = quotes_after + block.count(b'"', nl, len(block))
-            if (total_quotes - q_after) % 2 == 0:  # even number of quotes before it: a record boundary
-                return start + nl + 1
-            end = nl
-        quotes_after += block.count(b'"') if quoted else 0
-        pos = start
-    return 0
+    return escape_surrogates(json.dumps(obj, ensure_ascii=False)) + "\n"
 
 
 def repair_tail(path: Path, quoted: bool) -> int:
@@ -169,35 +126,24 @@ class ResultWriter(_AppendFile):
             f"{c}_{i}" for i in range(2, top_k + 1) for c in ("label", "score")]
 
     def done_paths(self) -> set[str]:
-        """Paths already written by an earlier run (after cutting an interrupted last record)."""
+        """Paths already written by an earlier run (after cutting an interrupted last record), read by
+        the one reader of predictions files (``predictions_file``)."""
+        from coder_index.pipeline.predictions_file import BadRecord, PredictionsReader, read_rows
+
         if self._empty():
             return set()
         repair_tail(self.path, self.quoted)
-        done: set[str] = set()
-        if self.format == "jsonl":
-            with open(self.path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        done.add(json.loads(raw.decode("utf-8"))["path"])
-                    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                        raise InputFormatError(f"{self.path}:{lineno} is not a coder-index result row; "
-                                               "choose a new --out (or --overwrite)") from None
-            return done
-        with open(self.path, **_ENC) as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                return done
-            if header != self.header:
-                why = "; CODER* rows have stage1_label and stage1_score since coder-index 0.4" if self.stage1 else ""
-                raise InputFormatError(
-                    f"{self.path} exists with columns {header[:6]}..., which do not match this run (--top-k "
-                    f"{self.top_k}{why}); resume with the same options, --overwrite, or choose a new --out")
-            for row in reader:
-                if row:
-                    done.add(row[0])
+        reader = PredictionsReader(self.path, strict=True)
+        try:
+            done = {r.path for r in read_rows(self.path, paths_only=True, reader=reader)}
+        except BadRecord as exc:
+            raise InputFormatError(f"{self.path}:{exc.line} is not a coder-index result row; choose a new --out "
+                                   "(or --overwrite)") from None
+        if reader.header is not None and reader.header != self.header:
+            why = "; CODER* rows have stage1_label and stage1_score since coder-index 0.4" if self.stage1 else ""
+            raise InputFormatError(
+                f"{self.path} exists with columns {reader.header[:6]}..., which do not match this run (--top-k "
+                f"{self.top_k}{why}); resume with the same options, --overwrite, or choose a new --out")
         return done
 
     def write(self, rows: list[dict[str, Any]]) -> None:

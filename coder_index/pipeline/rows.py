@@ -13,7 +13,6 @@ named by a row is never run (a predictions file may come from anyone).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -71,7 +70,9 @@ class RunRecord:
         elif m == "coder-adapter":
             out["adapter"] = (p.get("adapter") or {}).get("path")
         elif m in ("xmore", "coder+xmore"):
-            out.update(method=m, corpus=(p.get("corpus") or {}).get("path"), retrieve_k=int(p.get("retrieve_k", 16)))
+            # a run recorded before 0.5 normalised over its set (its normalisers are in its state)
+            out.update(method=m, corpus=(p.get("corpus") or {}).get("path"), retrieve_k=int(p.get("retrieve_k", 16)),
+                       normalizer=str(p.get("normalizer", "set")))
         if p.get("candidates"):
             out["candidates"] = int(p["candidates"])
         return out
@@ -103,33 +104,21 @@ class RunRecord:
 
 
 def predictions_rows(out: str | Path, numbers: list[int]) -> list[str]:
-    """The paths of rows ``numbers`` (1-based, in the file's order) of a predictions file."""
+    """The paths of rows ``numbers`` (1-based, in the file's order) of a predictions file, read by the
+    one reader (``predictions_file``: a name that is not UTF-8 comes back as it was written)."""
+    from coder_index.pipeline.predictions_file import read_rows
+
     out = Path(out)
     wanted = set(numbers)
     found: dict[int, str] = {}
-    if out.suffix.lower() == ".jsonl":
-        with open(out, encoding="utf-8") as f:
-            n = 0
-            for line in f:
-                if line.strip():
-                    n += 1
-                    if n in wanted:
-                        found[n] = json.loads(line)["path"]
-    else:
-        with open(out, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f), 1):
-                if n in wanted:
-                    found[n] = row["path"]
+    count = 0
+    for count, row in enumerate(read_rows(out, paths_only=True), 1):
+        if count in wanted:
+            found[count] = row.path
     missing = sorted(wanted - set(found))
     if missing:
-        raise InputFormatError(f"{out} has no row {missing[0]} (rows are numbered from 1; it holds "
-                               f"{_count_rows(out)})")
+        raise InputFormatError(f"{out} has no row {missing[0]} (rows are numbered from 1; it holds {count})")
     return [found[n] for n in numbers]
-
-
-def _count_rows(out: Path) -> int:
-    with open(out, encoding="utf-8") as f:
-        return sum(1 for ln in f if ln.strip()) - (0 if out.suffix.lower() == ".jsonl" else 1)
 
 
 def split_shard_row(row: str) -> tuple[str, str] | None:
@@ -169,3 +158,33 @@ def row_bytes(row: str, cwd: Path | None = None, parquet: ParquetOptions | None 
         local = Path(local_path(container))
         container = str(local if local.is_absolute() else base / local)
     return container_image(container, key, parquet)
+
+
+def run_scorer(index: Any, record: RunRecord | str | Path, *, top_k: int = 5, note: Any = None) -> Any:
+    """The scorer that made a run's rows, over ``index``: the run's method and settings (its rerank
+    gate, adapter, corpus and K) and, for X-MoRe over a set, the normalisers its record kept. Every
+    view of a row uses it (``explain --predictions``, ``serve``'s rows, the Python API:
+    ``index.explain(images, scorer=run_scorer(index, "preds.csv"))``), so each shows the row's own
+    numbers. ``record``: a ``RunRecord`` or the predictions file."""
+    from dataclasses import replace
+
+    from coder_index.core.presets import resolve_gap_threshold
+    from coder_index.methods.scorer_spec import ScorerSpec, build_scorer
+
+    if not isinstance(record, RunRecord):
+        record = RunRecord.load(record)
+    made_with = record.provenance.get("index", {}).get("index_id")
+    if made_with not in (None, index.index_id):
+        raise InputFormatError(f"{record.out} was classified against another index than {index.path}: read its rows "
+                               "with that index")
+    given = record.spec()
+    spec = ScorerSpec(top_k=min(top_k, len(index.class_names())),
+                      **{k: v for k, v in given.items() if k != "gap_threshold"})
+    spec = replace(spec, gap_threshold=resolve_gap_threshold(given.get("gap_threshold"), index.recipe))
+    scorer = build_scorer(index, spec, note=note)
+    if scorer.two_pass and "normalizers" in record.state:  # X-MoRe over its set: the run's own normalisers
+        scorer.prepare(None, record.state)
+    if getattr(scorer, "normalizer", None) == "running" and note is not None:
+        note("these rows were scored with X-MoRe's running normaliser (--xmore-normalizer running), which depends "
+             "on the order of their run: an image is explained on its own")
+    return scorer

@@ -70,7 +70,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 # provenance keys as the options that set them
 _OPTIONS = (("top_k", "--top-k"), ("method", "the method (--rerank/--adapter/--method)"), ("index.model", "the model"),
             ("index", "--index"), ("rerank.gap_threshold", "--gap-threshold"), ("rerank", "--rerank"),
-            ("adapter", "--adapter"), ("corpus", "--corpus"), ("retrieve_k", "--retrieve-k"))
+            ("adapter", "--adapter"), ("corpus", "--corpus"), ("retrieve_k", "--retrieve-k"),
+            ("normalizers", "X-MoRe's normalisers (the corpus or the index changed)"),
+            ("normalizer", "--xmore-normalizer"))
 
 
 def _label(key: str) -> str:
@@ -101,6 +103,7 @@ class OutputRun:
         self.errors: ErrorWriter | None = None
         self.earlier = {"rows": 0, "errors": 0}  # what the files held before this run
         self.retried: list[str] = []  # rows of earlier runs that could not be read: tried again
+        self._created_record = False
 
     def __enter__(self) -> OutputRun:
         ResultWriter(self.out, self.top_k)  # the file name is checked before anything else
@@ -151,6 +154,7 @@ class OutputRun:
                                    f"--overwrite to start afresh (it deletes {what}), or choose another --out")
         else:
             self._save()
+            self._created_record = True  # removed at the end if the run wrote nothing at all
         self.results = ResultWriter(self.out, self.top_k, stage1=self.provenance.get("method") == "coder*")
         self.errors = ErrorWriter(err)
         self.retried = self.errors.drop_retried()  # what could not be read before is read again
@@ -215,5 +219,16 @@ class OutputRun:
             for w in (self.results, self.errors):
                 if w is not None:
                     w.close()
+            self._drop_record_of_nothing()
         finally:
             self._lock.release()
+
+    def _drop_record_of_nothing(self) -> None:
+        """A run that wrote no row, no error and no unit done (refused before its first row, or given
+        nothing to read) leaves no run record behind: the next run starts afresh, with any settings."""
+        if not self._created_record:
+            return
+        written = [p for p in (self.out, errors_path_for(self.out), units_done_path(self.out))
+                   if p.exists() and p.stat().st_size > 0]
+        if not written:
+            sidecar_path(self.out).unlink(missing_ok=True)

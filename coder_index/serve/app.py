@@ -28,6 +28,7 @@ from coder_index.core.decode import ImageDecodeError, ImageTooLarge, declared_pi
 from coder_index.core.errors import InputFormatError
 from coder_index.core.file_identity import identify_open
 from coder_index.core.untrusted import NotARegularFile, read_bytes
+from coder_index.serve.auth import TokenCheck
 from coder_index.serve.budget import PixelBudget
 from coder_index.serve.config import ServeConfig
 from coder_index.serve.guard import HostCheck, OriginCheck, SecurityHeaders, is_loopback
@@ -244,7 +245,8 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
         fh, listed = await run_in_threadpool(open_listed, path, row)
         pixels = await run_in_threadpool(
             decoded, lambda f: service.preprocess(load_image_from(f, config.max_pixels)).unsqueeze(0), fh)
-        return await _wait(service.explain(pixels, [display_text(listed)], k))
+        # the row's own run: its method, settings and normalisers (the record of the predictions file)
+        return await _wait(service.explain(pixels, [display_text(listed)], k, record=need_predictions().record))
 
     @app.get("/api/report", summary="The evaluation report given with --report (report.json of `eval --out`)")
     async def report() -> dict[str, Any]:
@@ -265,9 +267,12 @@ def create_app(config: ServeConfig, *, bound_host: str = "127.0.0.1", note: Any 
             raise HTTPException(404, "the served report has no t-SNE figure")
         return FileResponse(p, media_type="image/png")
 
-    # outermost last: every response, these layers' refusals included, gets the security headers
+    # outermost last: every response, these layers' refusals included, gets the security headers; the token
+    # is checked before anything else reads the request (the same 401 for every path, routed or not)
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     app.add_middleware(OriginCheck)
+    if config.token:
+        app.add_middleware(TokenCheck, token=config.token)
     app.add_middleware(HostCheck, loopback_only=is_loopback(bound_host))
     app.add_middleware(SecurityHeaders)
     return app

@@ -38,7 +38,8 @@ def server_config(app: Any, config: Any = None) -> Any:
     from coder_index.serve.guard import protocol_class
 
     c = config or ServeConfig(index=None)  # type: ignore[arg-type]
-    return uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5,
+    # no access log: a first request's address holds the token (?token=), which is written nowhere
+    return uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=5,
                           http=protocol_class(c.header_timeout, c.body_timeout, c.max_connections))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -25,6 +25,8 @@ class ServeConfig:
     adapter: Path | None = None
     corpus: Path | None = None
     retrieve_k: int = 16
+    xmore_normalizer: str | None = None    # corpus | set | running (None: the index's default)
+    token: str | None = field(default=None, repr=False)  # every request must carry it (serve/auth.py)
     explain_k: int = 10                    # nearest texts per explanation, unless the request asks for another
     predictions: Path | None = None        # a classify output (.csv or .jsonl) to browse
     images_root: Path | None = None        # the folder its paths are relative to: the only images served

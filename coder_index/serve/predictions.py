@@ -21,9 +21,7 @@ replaced by a directory or a FIFO while served keeps the rows already read, and 
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import os
 import stat
 import threading
@@ -35,7 +33,8 @@ import numpy as np
 
 from coder_index.core.errors import InputFormatError
 from coder_index.core.untrusted import NotARegularFile, open_regular_file
-from coder_index.pipeline.output import last_record_end
+from coder_index.pipeline.predictions_file import PredictionsReader
+from coder_index.pipeline.record_ends import last_record_end
 
 
 class NotListed(Exception):
@@ -94,10 +93,8 @@ class PredictionsFile:
         self.methods: list[str] = []
         self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._changed_rows: list[np.ndarray] = []   # per record: the rerank put another class than stage 1's first
-        self._cols: list[tuple[int, int]] = []
-        self._stage1: int | None = None
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._header: list[str] | None = None
+        self._reader = PredictionsReader(self.path)  # lenient: the good rows stay browsable
         self.bad_lines = 0               # records that are not predictions: skipped, counted
         self.problem: str | None = None  # what happened to the file, when the rows served are older than it
 
@@ -127,8 +124,10 @@ class PredictionsFile:
                     return None
                 f.seek(self._offset)
                 data = f.read(end - self._offset)
-            text = data.decode("utf-8", errors="surrogateescape")
-            records = self._parse_csv(text) if self.format == "csv" else self._parse_jsonl(text)
+            # the one reader of predictions files: a record that is not a prediction is skipped and counted
+            records = [(r.path, r.label, r.method, r.top, _changed_row(r.label, r.stage1, r.top))
+                       for r in self._reader.rows(data)]
+            self.bad_lines = self._reader.bad
             self._append(records)
             self._offset = end
             return None
@@ -139,49 +138,6 @@ class PredictionsFile:
         if self._ident is None:
             raise InputFormatError(f"the predictions file {self.path.name} cannot be read: {why}")
         self.problem = f"{self.path.name}: {why}; showing the {len(self.paths)} rows read before"
-
-    def _parse_csv(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]], bool]]:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        out = []
-        for row in reader:
-            if not row:
-                continue
-            if self._header is None:
-                if row[:4] != ["path", "label", "score", "method"]:
-                    raise InputFormatError(f"{self.path.name} is not a coder-index predictions file (its header "
-                                           f"is {[display_text(c)[:40] for c in row[:4]]})")
-                self._header = row
-                self._cols = [(row.index(f"label_{i}"), row.index(f"score_{i}")) for i in range(2, len(row))
-                              if f"label_{i}" in row and f"score_{i}" in row]
-                self._stage1 = row.index("stage1_label") if "stage1_label" in row else None
-                continue
-            try:
-                if len(row) != len(self._header):
-                    raise ValueError("another number of columns")
-                top = [(row[a], _score(row[b])) for a, b in self._cols if row[a] != ""]
-                top = [(row[1], _score(row[2]))] + top
-                stage1 = row[self._stage1] if self._stage1 is not None and row[self._stage1] else None
-                out.append((row[0], row[1], row[3], top, _changed_row(row[1], stage1, top)))
-            except (ValueError, IndexError):
-                self.bad_lines += 1  # skipped: the good rows stay browsable
-        return out
-
-    def _parse_jsonl(self, text: str) -> list[tuple[str, str, str, list[tuple[str, float]], bool]]:
-        out = []
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                top = [(str(t["label"]), _score(t["score"])) for t in r["top_k"]]
-                if not top or not all(isinstance(r[k], str) for k in ("path", "label", "method")):
-                    raise ValueError("not a prediction")
-                stage1 = r.get("stage1")
-                stage1 = str(stage1["label"]) if isinstance(stage1, dict) and "label" in stage1 else None
-                out.append((r["path"], r["label"], r["method"], top, _changed_row(r["label"], stage1, top)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
-                self.bad_lines += 1  # skipped: the good rows stay browsable
-        return out
 
     def _append(self, records: list[tuple[str, str, str, list[tuple[str, float]], bool]]) -> None:
         if not records:
@@ -471,16 +427,6 @@ def _real_path_of(fd: int, opened: str) -> str | None:
     real = os.path.realpath(opened)
     a, b = os.fstat(fd), os.stat(real)
     return real if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and stat.S_ISREG(b.st_mode) else None
-
-
-def _score(value: Any) -> float:
-    """A score as the file holds it: a finite number (a bool or a string is not one)."""
-    if isinstance(value, bool):
-        raise ValueError("not a number")
-    x = float(value)
-    if not np.isfinite(x):
-        raise ValueError("not finite")
-    return x
 
 
 def display_text(text: str) -> str:

@@ -36,7 +36,7 @@ class ModelService:
         self.spec = ScorerSpec(top_k=self.top_k, method=config.method, rerank=config.rerank, gap_threshold=gap,
                                adapter=None if config.adapter is None else str(config.adapter),
                                corpus=None if config.corpus is None else str(config.corpus),
-                               retrieve_k=config.retrieve_k)
+                               retrieve_k=config.retrieve_k, normalizer=config.xmore_normalizer)
         self.scorer = build_scorer(self.index, self.spec, note=note)  # no LLM: the rerank uses stored pairs
         self.method = self.scorer.method
         # explanations explain this method's prediction, with at least the top 5 and a runner-up
@@ -46,35 +46,57 @@ class ModelService:
         self.preprocess = self.index.encoder.preprocess
         self.worker = ModelWorker(self.index.encoder.encode_image_batch, max_batch=config.max_batch)
         self._rowwise = self._score_rows  # one object: concurrent requests' rows are scored together
+        self._run_scorers: dict[tuple[str, str], Any] = {}
 
     def close(self) -> None:
         self.worker.close()
 
     # ------------------------------------------------------------------ API
     def classify(self, pixels: torch.Tensor, paths: list[str]) -> Future:
-        """Rows for the images, in order; X-MoRe's normalisers are over this request's images, as a
-        folder holding just them would give."""
-        if self.scorer.two_pass:
-            return self.worker.submit(Job(pixels=pixels, finish=lambda emb: self._rows(paths, *self._xmore(emb))))
+        """Rows for the images, in order. An image's answer is its own (concurrent requests' images are
+        scored together); with X-MoRe over a set or running sums (``--xmore-normalizer set|running``),
+        over this request's images, as a folder holding just them would give."""
+        if not self.scorer.alone:
+            return self.worker.submit(Job(pixels=pixels, finish=lambda emb: self._rows(paths, *self._alone(emb))))
         fut: Future = Future()
         inner = self.worker.submit(Job(pixels=pixels, rowwise=self._rowwise))
         inner.add_done_callback(lambda f: _chain(f, fut, lambda scored: self._rows(paths, *_stack(scored))))
         # (per row: ids, scores and, for CODER*, stage 1's first class and probability)
         return fut
 
-    def explain(self, pixels: torch.Tensor, paths: list[str], k: int) -> Future:
+    def explain(self, pixels: torch.Tensor, paths: list[str], k: int, record: Any = None) -> Future:
+        """Explanations of the images by this server's method; with ``record`` (the run record of a
+        predictions file's rows), by the method, settings and normalisers that made those rows."""
         from coder_index.methods.explain import explain
 
+        scorer = self._run_scorer(record) if record is not None else self.explain_scorer
+
         def finish(emb: np.ndarray) -> list[dict[str, Any]]:
-            if self.explain_scorer.two_pass:  # X-MoRe: normalisers over this request's images, as classify
-                self.explain_scorer.normalizers = None
-                self.explain_scorer.prepare(emb, {})
-            results = explain(self.index, emb, k, scorer=self.explain_scorer)
+            if not scorer.alone and scorer is self.explain_scorer:  # X-MoRe over a set: this request's images
+                scorer.reset()
+                if scorer.two_pass:
+                    scorer.prepare(emb, {})
+            results = explain(self.index, emb, k, scorer=scorer)
             for path, r in zip(paths, results, strict=True):
                 r["path"] = path
             return results
 
         return self.worker.submit(Job(pixels=pixels, finish=finish))
+
+    def _run_scorer(self, record: Any) -> Any:
+        """The scorer that made a run's rows (``pipeline.rows.run_scorer``), built once per run record;
+        the server's own when the record cannot give it (rows of another index: said at start)."""
+        from coder_index.core.errors import CoderIndexError
+        from coder_index.pipeline.rows import run_scorer
+
+        key = (str(record.out), repr(record.provenance))
+        if key not in self._run_scorers:
+            try:
+                explain_top = min(max(5, self.top_k), len(self.names))
+                self._run_scorers[key] = run_scorer(self.index, record, top_k=explain_top)
+            except (CoderIndexError, ValueError):
+                self._run_scorers[key] = self.explain_scorer
+        return self._run_scorers[key]
 
     def texts(self, query: str, k: int) -> Future:
         return self.worker.submit(Job(call=lambda: self.index.texts_near(query, k)))
@@ -99,9 +121,11 @@ class ModelService:
         firsts = list(zip(*stage1, strict=True)) if stage1 is not None else [None] * len(ids)
         return list(zip(ids, scores, firsts, strict=True))
 
-    def _xmore(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.scorer.normalizers = None
-        self.scorer.prepare(emb, {})
+    def _alone(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A request's images scored as a run of their own (X-MoRe over a set, or running sums)."""
+        self.scorer.reset()
+        if self.scorer.two_pass:
+            self.scorer.prepare(emb, {})
         return self.scorer(emb)
 
     def _rows(self, paths: list[str], ids: np.ndarray, scores: np.ndarray, stage1: Any = None

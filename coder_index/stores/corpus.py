@@ -6,6 +6,9 @@
       captions.npy    [rows, D] float32 L2-normalised embeddings of "a photo of a {caption}",
                       row-aligned, encoded once at ingest and memory-mapped at query time
       meta.sqlite     rows(id = row number, caption, source)
+      calibration.json  X-MoRe's normalisers per (index texts, method, K): the mean confidences of both
+                      modalities over a fixed sample of the corpus's own images, kept when first
+                      computed (a corpus that cannot be written computes them again, the same)
 
 A corpus is built aside and renamed into place, after every input was validated: a failed ingest
 leaves nothing behind.
@@ -28,7 +31,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, Text, func, insert, sel
 
 from coder_index.core.atomic import staged_directory
 from coder_index.core.damage import read_manifest, reading
-from coder_index.core.errors import IndexFormatError, InputFormatError, ModelMismatchError
+from coder_index.core.errors import CoderIndexError, IndexFormatError, InputFormatError, ModelMismatchError
 from coder_index.core.faults import crash_point
 from coder_index.stores.schema import make_engine
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from coder_index.model.encoder import ClipEncoder, ModelFingerprint
 
 FORMAT = "coder-index/corpus"
+CALIBRATION_FILE = "calibration.json"
 CAPTION_TEMPLATE = "a photo of a {caption}"
 _meta = MetaData()
 corpus_rows = Table(
@@ -236,7 +240,80 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
 
 
 # ---------------------------------------------------------------------------------- querying
-class Corpus:
+class CorpusBase:
+    """What every corpus does the same way: the model check, the search, the normalisers kept beside
+    it. A subclass sets ``path``, ``manifest``, ``index``, ``device`` and reads its captions."""
+
+    path: Path
+    manifest: dict[str, Any]
+    index: Any
+    device: Any = None
+    _searcher: Any = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def check_model(self, fp: ModelFingerprint) -> None:
+        mine = self.manifest["model"]
+        if mine["weights_sha256"] != fp.weights_sha256:
+            raise ModelMismatchError(f"corpus {self.path} holds embeddings of CLIP model {mine['model']} "
+                                     f"(sha256 {mine['weights_sha256'][:12]}…), not of {fp.describe()}; "
+                                     "build a corpus with this model")
+
+    def set_nprobe(self, nprobe: int) -> None:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = nprobe
+            self._searcher = None  # a GPU copy is made again with the new setting
+
+    def search(self, image_emb: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines [N, k], row ids [N, k]) of the nearest corpus images (-1 where an approximate index
+        found fewer than k)."""
+        if self._searcher is None:
+            from coder_index.model.faiss_gpu import index_for_device
+
+            self._searcher = index_for_device(self.index, self.device)
+        return self._searcher.search(_normalize(image_emb), min(k, self.ntotal))
+
+    # ------------------------------------------------------------------ calibration
+    def calibration(self, key: dict[str, Any]) -> tuple[float, float] | None:
+        """The normalisers kept for ``key``, or None."""
+        path = self.path / CALIBRATION_FILE
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        for entry in kept.get("entries", []) if isinstance(kept, dict) else []:
+            if isinstance(entry, dict) and entry.get("key") == key:
+                values = entry.get("normalizers")
+                if isinstance(values, list) and len(values) == 2 and all(isinstance(v, float) and v > 0
+                                                                          for v in values):
+                    return float(values[0]), float(values[1])
+        return None
+
+    def keep_calibration(self, key: dict[str, Any], values: tuple[float, float]) -> None:
+        """Keep normalisers beside the corpus (locked, written aside and renamed); a corpus that cannot
+        be written keeps nothing (they are computed again, the same, by the next process)."""
+        from coder_index.core.atomic import atomic_write_json
+        from coder_index.core.locking import FileLock
+
+        path = self.path / CALIBRATION_FILE
+        try:
+            with FileLock(self.path / ".calibration.lock", f"the corpus {self.path}", wait=60, remove=True):
+                try:
+                    kept = json.loads(path.read_text(encoding="utf-8"))
+                    entries = [e for e in kept.get("entries", []) if isinstance(e, dict) and e.get("key") != key]
+                except (OSError, ValueError, AttributeError):
+                    entries = []
+                atomic_write_json(path, {"entries": [*entries, {"key": key, "normalizers": list(values)}]})
+        except (OSError, CoderIndexError):
+            pass
+
+
+class Corpus(CorpusBase):
+    """A corpus directory: image embeddings copied into a FAISS index, captions encoded at ingest."""
+
     def __init__(self, path: str | Path, fingerprint: ModelFingerprint | None = None, *,
                  device: Any = None) -> None:
         """``device``: a CUDA ``torch.device`` searches on that GPU where FAISS can (``faiss_gpu``)."""
@@ -271,35 +348,31 @@ class Corpus:
                                    f"{tuple(self.captions.shape)} and the manifest ({self.manifest['rows']} rows) "
                                    f"disagree; {fix}")
 
-    def check_model(self, fp: ModelFingerprint) -> None:
-        mine = self.manifest["model"]
-        if mine["weights_sha256"] != fp.weights_sha256:
-            raise ModelMismatchError(f"corpus {self.path} holds embeddings of CLIP model {mine['model']} "
-                                     f"(sha256 {mine['weights_sha256'][:12]}…), not of {fp.describe()}; "
-                                     "build a corpus with this model")
-
-    def set_nprobe(self, nprobe: int) -> None:
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.nprobe = nprobe
-            self._searcher = None  # a GPU copy is made again with the new setting
-
-    def search(self, image_emb: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """(cosines [N, k], row ids [N, k]) of the nearest corpus images."""
-        if self._searcher is None:
-            from coder_index.model.faiss_gpu import index_for_device
-
-            self._searcher = index_for_device(self.index, self.device)
-        return self._searcher.search(_normalize(image_emb), min(k, self.index.ntotal))
-
-    def caption_embeddings(self, ids: np.ndarray) -> np.ndarray:
-        """[N, k, D] prompted-caption embeddings of the retrieved rows (-1 ids, if any, give zeros)."""
+    def caption_embeddings(self, ids: np.ndarray, encode: Any = None) -> np.ndarray:
+        """[N, k, D] prompted-caption embeddings of the retrieved rows (-1 ids, if any, give zeros),
+        encoded at ingest (``encode`` is for corpora that encode them when retrieved)."""
         safe = np.where(ids < 0, 0, ids)
         order = np.argsort(safe, axis=None)  # sorted reads are kinder to a memory-mapped file
         flat = np.empty((safe.size, self.captions.shape[1]), np.float32)
         flat[order] = self.captions[safe.ravel()[order]]
         flat[(ids < 0).ravel()] = 0
         return flat.reshape(*ids.shape, -1)
+
+    # ------------------------------------------------------------------ calibration
+    def sample_images(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, [n, D] float32 image embeddings) of a fixed, seeded sample of the corpus's own images
+        (all of them when it holds fewer)."""
+        total = int(self.index.ntotal)
+        rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False)).astype(np.int64)
+        try:
+            vectors = self.index.reconstruct_batch(rows)
+        except RuntimeError:  # an IVF index reconstructs through its direct map
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is None:
+                raise
+            ivf.make_direct_map()
+            vectors = self.index.reconstruct_batch(rows)
+        return rows, np.asarray(vectors, np.float32)
 
     def rows(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         """Caption, source and, where the input had them, url / key / image_path of each row."""
@@ -308,3 +381,15 @@ class Corpus:
             cols = [c for c in corpus_rows.c if c.name in present]
             q = select(*cols).where(corpus_rows.c.id.in_([int(i) for i in ids]))
             return {r.id: {k: v for k, v in r._mapping.items() if k != "id" and v is not None} for r in conn.execute(q)}
+
+    def captions(self, ids: np.ndarray) -> list[str]:
+        """The captions of rows ``ids`` (flattened, in order)."""
+        flat = [int(i) for i in np.asarray(ids, np.int64).ravel()]
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(select(corpus_rows.c.id, corpus_rows.c.caption)
+                                      .where(corpus_rows.c.id.in_(sorted(set(flat))))).all())
+        return [found[i] for i in flat]
+
+    def close(self) -> None:
+        self.engine.dispose()
+

@@ -76,9 +76,9 @@ def add_pair_texts(index: TextStore, features: Mapping[tuple[str, str], list[str
     with index.writing():
         rows = absent(rows)
         if rows:
-            index._atomic_add(PAIR_VECTORS, rows, emb[[at[r["text"]] for r in rows]])
-            index._write_manifest_counts()
-    index._cache.pop("pair_vectors", None)
+            index.append_rows(PAIR_VECTORS, rows, emb[[at[r["text"]] for r in rows]])
+            index.write_manifest_counts()
+    index.forget("pair_vectors")
     return len(rows)
 
 
@@ -160,9 +160,10 @@ def pair_text_rows(index: TextStore, pairs: Iterable[tuple[int, int]]
 
 def _positions(index: TextStore, all_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Rows of the mapped pair matrix holding the vectors of ``ids`` (sorted once per generation)."""
-    cached = index._cache.get("pair_order")
-    if cached is None or cached[0] is not all_ids:  # once per mapped generation
-        index._cache["pair_order"] = cached = (all_ids, np.argsort(all_ids))
+    cached = index.derived("pair_order", lambda: (all_ids, np.argsort(all_ids)))
+    if cached[0] is not all_ids:  # once per mapped generation
+        index.forget("pair_order")
+        cached = index.derived("pair_order", lambda: (all_ids, np.argsort(all_ids)))
     order = cached[1]
     return order[np.searchsorted(all_ids, ids, sorter=order)]
 

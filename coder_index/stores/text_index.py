@@ -58,15 +58,16 @@ from coder_index.core.atomic import (
     translate_disk_full,
     write_faiss_durably,
 )
-from coder_index.core.errors import IndexFormatError, ModelMismatchError
+from coder_index.core.errors import IndexFormatError
 from coder_index.core.faults import crash_point, pause_point
 from coder_index.core.locking import FileLock
 from coder_index.core.records import AddResult, TextItem, TextTable
 from coder_index.core.validation import TEXT_KINDS, as_float_matrix, l2_normalize
+from coder_index.model.index_model import IndexModel
 from coder_index.stores import schema
 from coder_index.stores.faissfile import VectorFileError, digest, fingerprint, open_matrix, read_info, write_matrix
+from coder_index.stores.text_encoding import CachedTextEncoding
 from coder_index.stores.textcache import TextEmbeddingCache, TextEncodeStats
-from coder_index.stores.textcache import model_key as text_model_key
 
 if TYPE_CHECKING:
     from coder_index.core.presets import TextRecipe
@@ -217,16 +218,14 @@ class TextStore:
         # reads never create or modify; a damaged file is one line naming it and the fix
         self.engine = schema.make_engine(path / META_DB, read_only=True, on_damage=self._damaged)
         self._write_engine: Any = None
-        self._encoder = encoder
-        self._device = device
-        self._precision = precision
+        # the index's CLIP model, loaded on first use and checked against the manifest (model/index_model)
+        self.model = IndexModel(self.fingerprint, device=device, precision=precision, encoder=encoder)
         # vector file -> (generation, ids, vectors): memory-mapped, the only copy of each matrix
         self._matrices: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
         self._files: dict[str, Path] = {}      # vector file -> the committed file to read
-        self._cache: dict[str, Any] = {}
-        self._images_only = False               # release the text tower as soon as the model loads
-        self.text_cache_path: str | Path | None | bool = None  # None: the default cache; False: none
-        self._text_caches: dict[str, TextEmbeddingCache] = {}
+        self._cache: dict[str, Any] = {}       # what is derived from the committed files (``derived``)
+        # text embeddings of the model, through the text cache (stores/text_encoding)
+        self.text_encoding = CachedTextEncoding(self.model, int(manifest.get("dim") or 0))
 
     @property
     def fix(self) -> str:
@@ -236,11 +235,20 @@ class TextStore:
     @property
     def compute_device(self):  # -> torch.device
         """Where the per-image numeric work runs: the encoder's device (or the one it will load on)."""
-        if self._encoder is not None:
-            return self._encoder.device
-        from coder_index.model.compute import resolve_device
+        return self.model.compute_device()
 
-        return resolve_device(self._device)
+    def derived(self, key: str, compute: Any) -> Any:
+        """``compute()``, kept until the index is written again (a classifier, zero-shot weights, the
+        pair order): what other modules derive from the store is kept here, by key, and dropped with
+        every write."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def forget(self, *keys: str) -> None:
+        """Drop derived data (``derived``) that a change made stale."""
+        for key in keys:
+            self._cache.pop(key, None)
 
     def _damaged(self, reason: str) -> IndexFormatError:
         return IndexFormatError(f"{self.path / META_DB} is damaged ({reason}); {self.fix}")
@@ -329,8 +337,7 @@ class TextStore:
         index = cls(path, read_manifest(path), None, device, precision)
         index._check(full=full_check)
         if encoder is not None:
-            index.check_model(encoder.fingerprint)
-            index._encoder = encoder
+            index.model.use(encoder)
         return index
 
     # ----------------------------------------------------------------- checks
@@ -458,58 +465,21 @@ class TextStore:
         return ModelFingerprint.from_dict(self.manifest["model"])
 
     def check_model(self, fp: ModelFingerprint) -> None:
-        mine = self.fingerprint
-        if fp.weights_sha256 != mine.weights_sha256 or fp.embed_dim != mine.embed_dim:
-            raise ModelMismatchError(
-                f"This index was built with CLIP model {mine.describe()}, but the model in use is "
-                f"{fp.describe()}. Embeddings of different models are not comparable: use "
-                f"--model {mine.model}" + (f" --pretrained {mine.pretrained}" if mine.pretrained else "")
-                + ", or build a new index for this model.")
+        """Refuse a model other than the one that built the index (``IndexModel.check``)."""
+        self.model.check(fp)
 
     def require_model(self, model: str | None, pretrained: str | None) -> None:
-        """Refuse to go on unless ``model`` / ``pretrained`` (what the caller expects; None: anything)
-        name this index's model. A model that can be loaded locally (``local-dir:``, or a checkpoint
-        file) is compared by its weights, so a moved model folder is still accepted (and then used); a
-        different hub name is refused without a download."""
-        from coder_index.model.encoder import ClipEncoder
-
-        fp = self.fingerprint
-        if model is None and pretrained is None:
-            return
-        if (model or fp.model) == fp.model and (pretrained is None or pretrained == fp.pretrained):
-            return
-        local = (model or "").startswith("local-dir:") or (pretrained is not None and Path(pretrained).is_file())
-        if not local:
-            asked = f"{model or fp.model}" + (f" (pretrained={pretrained})" if pretrained else "")
-            raise ModelMismatchError(
-                f"This index was built with CLIP model {fp.describe()}, not {asked}. Embeddings of different "
-                f"models are not comparable: omit --model to use the index's model, or build a new index "
-                f"with --model {model or fp.model}.")
-        encoder = ClipEncoder(model or fp.model, pretrained, device=self._device, precision=self._precision)
-        self.check_model(encoder.fingerprint)  # the same weights under another name or path are fine
-        if self._images_only:
-            encoder.release_text_tower()
-        self._encoder = encoder
+        """Refuse to go on unless ``model`` / ``pretrained`` name this index's model (``IndexModel.require``)."""
+        self.model.require(model, pretrained)
 
     @property
     def encoder(self) -> ClipEncoder:
-        if self._encoder is None:
-            from coder_index.model.encoder import ClipEncoder
-
-            fp = self.fingerprint
-            enc = ClipEncoder(fp.model, fp.pretrained, device=self._device, precision=self._precision)
-            self.check_model(enc.fingerprint)
-            if self._images_only:
-                enc.release_text_tower()
-            self._encoder = enc
-        return self._encoder
+        """The index's CLIP model, loaded on first use."""
+        return self.model.encoder
 
     def images_only(self) -> None:
-        """Only images will be encoded from here on: free the model's text tower now, or when the model
-        is loaded (which this does not cause: a run with nothing to encode never loads it)."""
-        self._images_only = True
-        if self._encoder is not None:
-            self._encoder.release_text_tower()
+        """Only images will be encoded from here on: the text tower is freed (``IndexModel.images_only``)."""
+        self.model.images_only()
 
     # ----------------------------------------------------------------- texts recipe
     @property
@@ -634,7 +604,7 @@ class TextStore:
                     conn.execute(insert(schema.classes), new_rows)
                     record_metadata_digest(conn, self._damaged)
             if new_rows:
-                self._write_manifest_counts()
+                self.write_manifest_counts()
         return [existing[n] for n in clean]
 
     def add_texts(self, items: Iterable[TextItem], *, batch_size: int | None = None, progress: bool = False,
@@ -692,11 +662,11 @@ class TextStore:
             vectors = emb[[row_of[k[2]] for k in new_keys]]
             rows = [{"class_id": k[0], "kind": k[1], "text": k[2], "template": unique[k].template,
                      "source": unique[k].source, "weight": int(unique[k].weight)} for k in new_keys]
-            self._atomic_add(TEXT_VECTORS, rows, vectors)
-            self._write_manifest_counts()
+            self.append_rows(TEXT_VECTORS, rows, vectors)
+            self.write_manifest_counts()
         return AddResult(len(new_keys), len(items) - len(new_keys))
 
-    def _atomic_add(self, vf: VectorFile, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+    def append_rows(self, vf: VectorFile, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
         """Append rows + vectors to ``vf`` with the crash-safe protocol. Caller holds ``writing()``.
 
         The new file is streamed from the old (memory-mapped) one and the new vectors: the matrix is
@@ -742,73 +712,27 @@ class TextStore:
         at = np.searchsorted(table[:, 0], all_ids)
         return np.lexsort((all_ids, table[at, 1], table[at, 2]))
 
-    def text_cache(self, encode: Any = None) -> TextEmbeddingCache | None:
-        """The text embedding cache of this index's weights, in the precision that encodes (that of
-        ``encode``, e.g. Ray's actors, when given); None when turned off or the precision is unknown."""
-        if self.text_cache_path is False:
-            return None
-        if encode is not None:
-            precision = getattr(encode, "precision", None)
-        elif self._encoder is not None:
-            precision = self._encoder.precision
-        else:
-            from coder_index.model.encoder import pick_device, pick_precision
+    @property
+    def text_cache_path(self) -> Any:
+        """Where text embeddings are cached: None the default cache, False none, or a file."""
+        return self.text_encoding.cache_path
 
-            precision = pick_precision(pick_device(self._device), self._precision)
-        if precision is None:
-            return None
-        key = text_model_key(self.fingerprint.weights_sha256, precision)
-        if key not in self._text_caches:
-            path = None if self.text_cache_path in (None, True) else self.text_cache_path
-            self._text_caches[key] = TextEmbeddingCache(key, self.dim, path)
-        return self._text_caches[key]
+    @text_cache_path.setter
+    def text_cache_path(self, value: Any) -> None:
+        self.text_encoding.cache_path = value
+
+    def text_cache(self, encode: Any = None) -> TextEmbeddingCache | None:
+        """The text embedding cache of this index's weights (``CachedTextEncoding.cache``)."""
+        return self.text_encoding.cache(encode)
 
     def text_encode_stats(self) -> TextEncodeStats:
         """Texts encoded and read from the text cache by this object so far (all precisions)."""
-        out = TextEncodeStats()
-        for cache in self._text_caches.values():
-            out.encoded += cache.stats.encoded
-            out.from_cache += cache.stats.from_cache
-            out.seconds += cache.stats.seconds
-        return out
+        return self.text_encoding.stats()
 
     def encode_texts_cached(self, texts: list[str], *, batch_size: int | None = None, progress: bool = False,
                             desc: str = "encoding texts", encode: Any = None) -> np.ndarray:
-        """Embeddings of ``texts`` by this index's model: those its weights encoded before (in any
-        index: ``stores.textcache``) are read back, the rest encoded (by ``encode`` when given), with
-        a progress bar over what is really encoded."""
-        from tqdm import tqdm
-
-        bar = None
-
-        def started(n: int) -> None:
-            nonlocal bar
-            if progress and n:
-                if n > 2000 and encode is None and self.encoder.device.type == "cpu":
-                    log.warning("%s: %d texts on the CPU: a few minutes per 10,000 texts with ViT-B-32 (a GPU is "
-                                "far faster); each text is encoded once per model, and remembered. The progress "
-                                "bar shows the time left.", desc, n)
-                bar = tqdm(total=n, unit="text", desc=desc)
-
-        def fresh(todo: list[str]) -> np.ndarray:
-            if encode is not None:
-                vecs = np.asarray(encode(todo), dtype=np.float32)
-                if bar is not None:
-                    bar.update(len(todo))
-                return vecs
-            return self.encoder.encode_texts(todo, batch_size=batch_size,
-                                             progress=bar.update if bar is not None else None)
-
-        cache = self.text_cache(encode)
-        try:
-            if cache is None:
-                todo = list(texts)
-                started(len(todo))
-                return fresh(todo)
-            return cache.encode(texts, fresh, started=started)
-        finally:
-            if bar is not None:
-                bar.close()
+        """Embeddings of ``texts`` by this index's model, through the text cache (``CachedTextEncoding``)."""
+        return self.text_encoding.encode(texts, batch_size=batch_size, progress=progress, desc=desc, encode=encode)
 
     def _absent(self, keys: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
         if not keys:
@@ -843,7 +767,7 @@ class TextStore:
         os.replace(pending, self.path / vf.file)
         fsync_dir(self.path)
 
-    def _write_manifest_counts(self) -> None:
+    def write_manifest_counts(self) -> None:
         """Counts in the manifest are informational (SQLite is authoritative). Lock held."""
         manifest = dict(self.manifest)
         manifest["counts"] = self.counts()

@@ -6,8 +6,10 @@
     p     = w_img * p_img + w_cap * p_cap
 
 The released code divides each confidence by a running sum over the images seen so far, which
-makes a prediction depend on evaluation order; that is available as ``normalizer="running"`` for
-comparison only.
+makes a prediction depend on evaluation order; that is available as ``normalizer="running"`` (and
+``running_weights`` carries it over batches) for reproducing it. ``classify`` normalises by default
+with means over a sample of the corpus's own images (``XMore.corpus_normalizers``): an image's
+answer then depends on that image alone.
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ def xmore_ensemble(image_logits: Any, caption_logits: Any, normalizer: str | tup
     code's running sum, order-dependent).
     """
     return combine(*modality_probs(image_logits, caption_logits), normalizer)
+
+
+def running_weights(p_img: np.ndarray, p_cap: np.ndarray, sums: tuple[float, float] = (0.0, 0.0)
+                    ) -> tuple[np.ndarray, tuple[float, float]]:
+    """The released running normaliser carried over batches: each image's confidence over the running
+    sum of the confidences of the images before it and itself (``sums``: the sums of the batches
+    before); returns the ensemble and the new sums. The same as ``combine(..., "running")`` over all
+    the batches at once."""
+    c_img, c_cap = confidence(p_img), confidence(p_cap)
+    run_img = sums[0] + np.cumsum(c_img)
+    run_cap = sums[1] + np.cumsum(c_cap)
+    w_img = c_img / np.maximum(run_img, 1e-12)
+    w_cap = c_cap / np.maximum(run_cap, 1e-12)
+    probs = (w_img[:, None] * p_img + w_cap[:, None] * p_cap).astype(np.float32)
+    return probs, (float(run_img[-1]) if len(run_img) else sums[0], float(run_cap[-1]) if len(run_cap) else sums[1])
 
 
 def combine(p_img: np.ndarray, p_cap: np.ndarray, normalizer: str | tuple[float, float] = "set") -> np.ndarray:

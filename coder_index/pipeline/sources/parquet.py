@@ -142,6 +142,7 @@ class RowGroupUnit:
     position: int = 0
     skip: frozenset[str] = frozenset()
     metadata: Any = field(default=None, compare=False, repr=False)  # the file's footer, read once by the source
+    size: int | None = None  # the file's size in bytes (a remote file: no request spent on it)
     single = False
     noun = "row group"
 
@@ -152,8 +153,10 @@ class RowGroupUnit:
         failed = False
         row_number = self.first_row
         try:
-            with open_random_access(self.spec) as f:
-                batches = pq.ParquetFile(f, metadata=self.metadata).iter_batches(
+            with open_random_access(self.spec, size=self.size) as f:
+                # a remote file: the row group's column chunks coalesced into as few range requests as pyarrow
+                # can (pre_buffer); a local one is read as pyarrow asks
+                batches = pq.ParquetFile(f, metadata=self.metadata, pre_buffer=is_remote(self.spec)).iter_batches(
                     batch_size=BATCH_ROWS, row_groups=[self.group], columns=self.columns.read(), use_threads=False)
                 for batch in batches:
                     for row in batch.to_pylist():
@@ -168,14 +171,17 @@ class RowGroupUnit:
         except RemoteError as exc:
             if exc.everywhere:
                 raise
-            yield ReadFailure(self.name, f"not read after row {row_number}: {str(exc).split(': ', 1)[-1]}")
+            yield ReadFailure(self.name, f"not read{self._after(row_number)}: {str(exc).split(': ', 1)[-1]}")
             return
         except Exception as exc:  # pyarrow's errors of a damaged file, an OSError of the disk
-            yield ReadFailure(self.name, f"not read after row {row_number}: the parquet file is damaged or cannot be "
+            yield ReadFailure(self.name, f"not read{self._after(row_number)}: the parquet file is damaged or cannot be "
                                          f"read ({exc.__class__.__name__}: {str(exc)[:300]})")
             return
         if not failed:
             yield UnitDone(self.name, counts=counts)
+
+    def _after(self, row_number: int) -> str:
+        return f" after row {row_number}" if row_number > self.first_row else ""
 
     def _row(self, row: dict[str, Any], number: int) -> Iterator[Event]:
         c = self.columns
@@ -230,7 +236,7 @@ class ParquetSource:
             name = public_url(spec) if is_remote(spec) else os.path.normpath(local_path(spec))
             where = spec if is_remote(spec) else os.path.abspath(name)
             try:
-                groups, columns, metadata = _layout(where, name, self.options)
+                groups, columns, metadata, size = _layout(where, name, self.options)
             except RemoteError as exc:
                 if exc.everywhere:
                     raise
@@ -252,7 +258,7 @@ class ParquetSource:
             first = 0
             for i, rows in enumerate(groups):
                 yield RowGroupUnit(f"{name}#row-group-{i}", name, where, i, first, columns, position,
-                                   metadata=metadata)
+                                   metadata=metadata, size=size)
                 position += 1
                 first += rows
 
@@ -262,16 +268,20 @@ class ParquetSource:
                 **{k: v for k, v in vars(self.options).items() if v is not None}}
 
 
-def _layout(spec: str, name: str, options: ParquetOptions) -> tuple[list[int], Columns, Any]:
-    """The row counts of a file's row groups, its columns and its footer (the footer only is read; the
-    units carry it, so that no worker reads it again)."""
+def _layout(spec: str, name: str, options: ParquetOptions) -> tuple[list[int], Columns, Any, int | None]:
+    """The row counts of a file's row groups, its columns, its footer and its size (the footer only is
+    read; the units carry it, so that no worker reads it again)."""
     import pyarrow.parquet as pq
+
+    from coder_index.core.remote import RangeReader
 
     with open_random_access(spec) as f:
         meta = pq.ParquetFile(f).metadata
+        raw = getattr(f, "raw", None)
+        size = raw.size if isinstance(raw, RangeReader) else os.fstat(f.fileno()).st_size
         schema = meta.schema.to_arrow_schema()
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    return groups, find_columns(schema, schema.metadata, options, name), meta
+    return groups, find_columns(schema, schema.metadata, options, name), meta, size
 
 
 def _release_arrow_memory() -> None:
@@ -302,8 +312,8 @@ def find_row(spec: str, key: str, options: ParquetOptions) -> bytes | None:
     import pyarrow.parquet as pq
 
     name = public_url(spec) if is_remote(spec) else spec
-    groups, columns, metadata = _layout(spec, name, options)
-    with open_random_access(spec) as f:
+    groups, columns, metadata, size = _layout(spec, name, options)
+    with open_random_access(spec, size=size) as f:
         pf = pq.ParquetFile(f, metadata=metadata)
         first = 0
         for i, rows in enumerate(groups):
@@ -318,7 +328,7 @@ def find_row(spec: str, key: str, options: ParquetOptions) -> bytes | None:
                 if at is None:
                     first += rows
                     continue
-            unit = RowGroupUnit(f"{name}#row-group-{i}", name, spec, i, first, columns)
+            unit = RowGroupUnit(f"{name}#row-group-{i}", name, spec, i, first, columns, size=size)
             row = pf.read_row_group(i, columns=columns.read()).slice(at, 1).to_pylist()[0]
             for event in unit._row(row, first + at):
                 if isinstance(event, Sample):

@@ -97,11 +97,11 @@ def tar_samples(fileobj: BinaryIO, container: str, *, seekable: bool, skip: froz
         except RemoteError as exc:
             if exc.everywhere:
                 raise
-            problem = f"could not be read after {seen} member(s): {_short(exc)}"
+            problem = f"could not be read{_after(seen)}: {_short(exc)}"
         except _CutShort as exc:
             problem = str(exc)
         except Exception as exc:  # tarfile, EOF, OSError, zlib.error, lzma.LZMAError: the stream is damaged
-            problem = f"the tar is truncated or damaged after {seen} member(s) ({exc.__class__.__name__}: {exc})"
+            problem = f"the tar is truncated or damaged{_after(seen)} ({exc.__class__.__name__}: {exc})"
         if problem:  # the samples read whole before the damage are kept; the one being read is not (it may
             # lack a member): the unit is read again by the next run, which skips the others
             yield ReadFailure(unit, f"the rest of the shard could not be read: {problem}")
@@ -212,6 +212,11 @@ def _end_problem(tf: tarfile.TarFile) -> str | None:
     if rest < tarfile.BLOCKSIZE:
         return f"no end-of-archive marker after byte {tf.offset}: the shard was cut short"
     return None
+
+
+def _after(members: int) -> str:
+    """Where a shard broke, for its message (never "after 0 member(s)")."""
+    return f" after {members} member(s)" if members else " from its first header"
 
 
 def _text(data: bytes | None) -> str | None:
