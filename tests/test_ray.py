@@ -16,18 +16,16 @@ from click.testing import CliRunner
 
 from coder_index_cli.main import cli
 
-from conftest import shared_path
+from conftest import run_cli, shared_path
 from images import BAD, GOOD, make_messy_folder
 from scores import assert_same_ranking, csv_ranking
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+# one Ray at a time: under pytest-xdist the Ray modules share one worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
 
 
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+run = run_cli  # conftest's: the command line in this process, as a user types it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -275,3 +273,16 @@ def test_corpus_embeddings_on_ray_equal_local(tmp_path, index_dir, encoder):
     a = Corpus(tmp_path / "local", fp).caption_embeddings(ids)
     b = Corpus(tmp_path / "ray", fp).caption_embeddings(ids)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_xmore_on_ray_equals_the_local_engine(methods_env, tmp_path):
+    """With the corpus's normalisers an image's X-MoRe answer is its own: Ray's actors score it as the
+    local engine does. Normalisers over a set or running sums need the run in one place: refused."""
+    args = ["classify", methods_env / "images", "--index", methods_env / "idx", "--corpus", methods_env / "corpus",
+            "--method", "xmore", "--top-k", "3", "-q"]
+    run(*args, "--out", tmp_path / "local.csv")
+    run(*args, "--out", tmp_path / "ray.csv", "--engine", "ray", "--batch-size", "4")
+    assert len(rows(tmp_path / "ray.csv")) == 9
+    assert_same_rows(tmp_path / "local.csv", tmp_path / "ray.csv")
+    res = run(*args, "--out", tmp_path / "set.csv", "--engine", "ray", "--xmore-normalizer", "set", ok=False)
+    assert res.exit_code == 2 and "--xmore-normalizer set" in res.output

@@ -20,6 +20,8 @@ from s3_server import s3_fs, s3_server
 from test_shards import photos, read_saved, write_shards
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+# one Ray at a time: under pytest-xdist the Ray modules share one worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 def rows(path: Path) -> list[str]:
