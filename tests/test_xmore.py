@@ -256,7 +256,7 @@ def test_precomputed_text_embeddings(tmp_path, encoder):
     m = ingest_laion(tmp_path / "c", encoder, tmp_path / "laion", use_text_embeddings=True)
     assert "precomputed" in m["caption_template"]
     t = np.concatenate(texts)
-    np.testing.assert_allclose(Corpus(tmp_path / "c").captions, t / np.linalg.norm(t, axis=1, keepdims=True),
+    np.testing.assert_allclose(Corpus(tmp_path / "c").caption_vectors, t / np.linalg.norm(t, axis=1, keepdims=True),
                                atol=1e-6)
     np.save(tmp_path / "laion" / "text_emb" / "text_emb_1.npy", texts[1][:5])
     with pytest.raises(InputFormatError, match="not row-aligned"):

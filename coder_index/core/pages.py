@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap as mmap_module
 
 import numpy as np
@@ -49,3 +50,52 @@ def trim_heap() -> None:
             _LIBC.malloc_trim(0)  # type: ignore[attr-defined]
         except AttributeError:
             pass
+
+
+def _mapped_regions(path: str) -> list[tuple[int, int]]:
+    """(address, length) of this process's read-only mappings of the file at ``path`` (Linux: from
+    /proc/self/maps; elsewhere none)."""
+    regions = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as maps:
+            for line in maps:
+                parts = line.rstrip("\n").split(None, 5)
+                if len(parts) == 6 and parts[5] == path and "w" not in parts[1]:
+                    lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                    regions.append((lo, hi - lo))
+    except OSError:
+        return []
+    return regions
+
+
+def release_file_pages(path: str) -> None:
+    """Drop this process's resident pages of every read-only mapping of the file at ``path`` (a FAISS
+    index FAISS memory-maps itself, whose mapping we hold no handle to). The pages stay in the page
+    cache and come back, without reading the disk, on the next access: a process that searches a
+    memory-mapped index batch after batch then holds one batch's pages, not every page it ever read.
+    The mappings are looked up each time, so an address is never used after its mapping is gone; only
+    read-only, file-backed mappings are touched (for those MADV_DONTNEED loses nothing)."""
+    if not hasattr(mmap_module, "MADV_DONTNEED"):
+        return
+    regions = _mapped_regions(path)
+    if not regions:
+        return
+    libc = _libc()
+    if libc is None:
+        return
+    for address, length in regions:
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap_module.MADV_DONTNEED)
+
+
+_LIBC: list = []
+
+
+def _libc():  # noqa: ANN202 - a ctypes library handle, or None
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _LIBC.append(libc)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]

@@ -371,6 +371,53 @@ def fetch_bytes(spec: str, max_bytes: int = 1 << 30, policy: RetryPolicy | None 
     return b"".join(parts)
 
 
+def request_json(url: str, payload: Any = None, policy: RetryPolicy | None = None, *,
+                 retry_500: bool = True) -> Any:
+    """The JSON answer of a service (POST ``payload`` as JSON, or GET when None), with the retry policy:
+    transient failures retried, a refusal raised at once, secrets of the URL never in a message.
+    ``retry_500=False``: an HTTP 500 is an answer (a service that says every error so), not retried."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    policy = policy or RetryPolicy.from_env()
+    parts = urlsplit(url)
+    headers = {"User-Agent": "coder-index", "Accept": "application/json"}
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        headers["Authorization"] = "Basic " + base64.b64encode(unquote(userinfo).encode()).decode()
+        url_sent = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    else:
+        url_sent = url
+    body = None
+    if payload is not None:
+        body = json.dumps(payload).encode()
+        headers["Content-Type"] = "application/json"
+    failures = 0
+    while True:
+        try:
+            req = urllib.request.Request(url_sent, data=body, headers=headers, method="POST" if body else "GET")
+            with urllib.request.urlopen(req, timeout=policy.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 500 and not retry_500:
+                raise RemoteError(f"{public_url(url)}: the service failed the request (HTTP 500)",
+                                  fatal=True) from None
+            failure: BaseException = exc
+        except ValueError as exc:  # not JSON
+            raise RemoteError(f"{public_url(url)}: the answer is not JSON ({exc})", fatal=True) from None
+        except Exception as exc:  # noqa: BLE001 - a refused connection, a timeout: judged below
+            failure = exc
+        why = _fatal(failure)  # a refused connection is transient (a service restarting), within the policy
+        if why is not None:
+            raise _refusal(public_url(url), why, failure) from None
+        failures += 1
+        if failures >= policy.attempts:
+            raise RemoteError(f"{public_url(url)}: {_describe(failure, url)}, still after {failures} tries") from None
+        policy.wait(failures)
+
+
 # ---------------------------------------------------------------------------------------------- schemes
 def _local_open(path: str, at: int) -> tuple[IO[bytes], int | None]:
     from coder_index.core.untrusted import open_regular_file

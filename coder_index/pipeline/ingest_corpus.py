@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 
 def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, captions: str | Path | None = None,
-                  *, factory: str = "Flat", batch_size: int = 64, workers: int | None = None,
-                  threads: int | None = None, progress: bool = False, decode: str = "auto") -> dict[str, Any]:
+                  *, factory: str = "Flat", nprobe: int | None = None, batch_size: int = 64,
+                  workers: int | None = None, threads: int | None = None, progress: bool = False,
+                  decode: str = "auto") -> dict[str, Any]:
     """A corpus of a captioned image folder; its images come through the one feed (``encode_images``,
     ``decode`` as classify's ``--decode``)."""
     images = Path(images)
@@ -57,15 +58,15 @@ def ingest_folder(out: str | Path, encoder: ClipEncoder, images: str | Path, cap
         raise ValueError("a folder corpus uses the Flat index; IVF/HNSW factories are for large precomputed "
                          "corpora (--embeddings)")
     sources = {"images": str(images), "captions": str(captions) if captions else "sidecar .txt files"}
-    manifest = build_corpus(out, encoder, chunks(), len(pairs), factory=factory, train_sample=train,
+    manifest = build_corpus(out, encoder, chunks(), len(pairs), factory=factory, nprobe=nprobe, train_sample=train,
                             sources=sources, progress=progress)
     manifest["skipped"] = errors
     return manifest
 
 
 def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, factory: str = "Flat",
-                  batch_size: int = 64, workers: int | None = None, threads: int | None = None,
-                  progress: bool = False, decode: str = "auto") -> dict[str, Any]:
+                  nprobe: int | None = None, batch_size: int = 64, workers: int | None = None,
+                  threads: int | None = None, progress: bool = False, decode: str = "auto") -> dict[str, Any]:
     """A corpus of webdataset shards (local, compressed, by URL or pipe:, read by ``sources.shards``): each
     sample's image with its ``.txt`` caption; samples without a caption are left out (counted in
     ``skipped``), their key and URL (from the ``.json`` sidecar, as img2dataset writes it) kept."""
@@ -105,7 +106,8 @@ def ingest_shards(out: str | Path, encoder: ClipEncoder, shards: list[str], *, f
     from coder_index.core.remote import public_url
 
     sources = {"shards": [public_url(s) for s in shards][:100], "captions": "the shards' .txt members"}
-    manifest = build_corpus(out, encoder, chunks(), None, factory=factory, sources=sources, progress=progress)
+    manifest = build_corpus(out, encoder, chunks(), None, factory=factory, nprobe=nprobe, sources=sources,
+                            progress=progress)
     manifest["skipped"] = errors
     manifest["uncaptioned"] = uncaptioned[0]
     return manifest
@@ -131,7 +133,8 @@ def _shard_trace(m: Any) -> dict[str, str | None]:
 
 
 def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, factory: str = "Flat",
-                 train_size: int = 100_000, chunk: int = 65_536, seed: int = 0, progress: bool = False,
+                 nprobe: int | None = None, train_size: int = 100_000, chunk: int = 65_536, seed: int = 0,
+                 progress: bool = False,
                  use_text_embeddings: bool = False, encode: Callable[[list[str]], np.ndarray] | None = None
                  ) -> dict[str, Any]:
     """``encode(texts)`` encodes the captions instead of ``encoder`` (e.g. a ``RayTextEncoder``).
@@ -154,6 +157,7 @@ def ingest_laion(out: str | Path, encoder: ClipEncoder, root: str | Path, *, fac
         train = np.concatenate(parts)
     sources = {"embeddings": str(root), "shards": len(shards), "train_rows": 0 if train is None else len(train)}
     return build_corpus(out, encoder, laion_chunks(shards, chunk, use_text_embeddings), total, factory=factory,
+                        nprobe=nprobe,
                         train_sample=train, sources=sources, progress=progress, encode=encode,
                         caption_template="{caption} (precomputed text_emb)" if use_text_embeddings else
                         "a photo of a {caption}")

@@ -155,7 +155,8 @@ def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
 
 
 def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int | None, *,
-                 factory: str = "Flat", train_sample: np.ndarray | None = None, sources: dict[str, Any],
+                 factory: str = "Flat", nprobe: int | None = None, train_sample: np.ndarray | None = None,
+                 sources: dict[str, Any],
                  progress: bool = False, caption_batch: int = 256, caption_template: str = CAPTION_TEMPLATE,
                  encode: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, Any]:
     """Stream chunks into a new corpus directory (built aside, renamed into place). ``total``: the rows
@@ -230,6 +231,7 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
             del arr
             os.replace(tmp / "captions.trim.npy", tmp / "captions.npy")
         engine.dispose()
+        keep_nprobe(index, nprobe)
         faiss.write_index(index, str(tmp / "corpus.faiss"))
         manifest = {"format": FORMAT, "version": 1, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "model": encoder.fingerprint.to_dict(), "dim": dim, "factory": factory, "rows": row,
@@ -237,6 +239,14 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                     "ingest_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
+
+
+def keep_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+    """Set an IVF index's lists searched per query before it is written (FAISS keeps it in the file;
+    its own default, 1, finds few of the true neighbours)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = min(int(nprobe), ivf.nlist)
 
 
 # ---------------------------------------------------------------------------------- querying
@@ -311,8 +321,25 @@ class CorpusBase:
             pass
 
 
+def open_corpus(path: str | Path, fingerprint: ModelFingerprint | None = None, *, device: Any = None) -> Any:
+    """The corpus at ``path``: a local one (``Corpus``) or one by reference (``ReferenceCorpus``)."""
+    return Corpus(path, fingerprint, device=device)
+
+
 class Corpus(CorpusBase):
-    """A corpus directory: image embeddings copied into a FAISS index, captions encoded at ingest."""
+    """A corpus directory. ``Corpus(path)`` of a corpus by reference gives its ``ReferenceCorpus``, of a
+    kNN service's URL its ``ServiceCorpus``."""
+
+    def __new__(cls, path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        if cls is Corpus and str(path).startswith(("http://", "https://")):
+            from coder_index.stores.corpus_service import ServiceCorpus
+
+            return ServiceCorpus(str(path), *args, **kwargs)
+        if cls is Corpus and _kind(Path(path)) == "reference":
+            from coder_index.stores.corpus_reference import ReferenceCorpus
+
+            return ReferenceCorpus(path, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path, fingerprint: ModelFingerprint | None = None, *,
                  device: Any = None) -> None:
@@ -330,7 +357,7 @@ class Corpus(CorpusBase):
         with reading(self.path, "corpus.faiss", fix):
             self.index = faiss.read_index(str(self.path / "corpus.faiss"))
         with reading(self.path, "captions.npy", fix):
-            self.captions = np.load(self.path / "captions.npy", mmap_mode="r", allow_pickle=False)
+            self.caption_vectors = np.load(self.path / "captions.npy", mmap_mode="r", allow_pickle=False)
         with reading(self.path, "meta.sqlite", fix):
             if not (self.path / "meta.sqlite").is_file():
                 raise FileNotFoundError("no such file")
@@ -341,20 +368,20 @@ class Corpus(CorpusBase):
         if n_rows != self.manifest["rows"] or (n_rows and last != n_rows - 1):
             raise IndexFormatError(f"{self.path / 'meta.sqlite'} holds {n_rows} caption rows, the manifest "
                                    f"{self.manifest['rows']}; it is damaged; {fix}")
-        if self.index.ntotal != self.captions.shape[0] or self.index.ntotal != self.manifest["rows"] or \
-                self.index.d != self.manifest["dim"] or self.captions.ndim != 2 or \
-                self.captions.shape[1] != self.manifest["dim"]:
+        if self.index.ntotal != self.caption_vectors.shape[0] or self.index.ntotal != self.manifest["rows"] or \
+                self.index.d != self.manifest["dim"] or self.caption_vectors.ndim != 2 or \
+                self.caption_vectors.shape[1] != self.manifest["dim"]:
             raise IndexFormatError(f"{self.path}: corpus.faiss ({self.index.ntotal} x {self.index.d}), captions.npy "
-                                   f"{tuple(self.captions.shape)} and the manifest ({self.manifest['rows']} rows) "
-                                   f"disagree; {fix}")
+                                   f"{tuple(self.caption_vectors.shape)} and the manifest ({self.manifest['rows']} "
+                                   f"rows) disagree; {fix}")
 
     def caption_embeddings(self, ids: np.ndarray, encode: Any = None) -> np.ndarray:
         """[N, k, D] prompted-caption embeddings of the retrieved rows (-1 ids, if any, give zeros),
         encoded at ingest (``encode`` is for corpora that encode them when retrieved)."""
         safe = np.where(ids < 0, 0, ids)
         order = np.argsort(safe, axis=None)  # sorted reads are kinder to a memory-mapped file
-        flat = np.empty((safe.size, self.captions.shape[1]), np.float32)
-        flat[order] = self.captions[safe.ravel()[order]]
+        flat = np.empty((safe.size, self.caption_vectors.shape[1]), np.float32)
+        flat[order] = self.caption_vectors[safe.ravel()[order]]
         flat[(ids < 0).ravel()] = 0
         return flat.reshape(*ids.shape, -1)
 
@@ -393,3 +420,10 @@ class Corpus(CorpusBase):
     def close(self) -> None:
         self.engine.dispose()
 
+
+def _kind(path: Path) -> str | None:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest.get("kind") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
