@@ -64,7 +64,8 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
              top_k: int, batch_size: int, workers: int | None,
              threads: int | None, model: str | None, pretrained: str | None, device: str | None, zs_method: str,
              rerank: bool, gap_threshold: float | None, adapter_dir: Path | None, corpus_dir: Path | None,
-             retrieve_k: int, xmore_normalizer: str | None, rerank_chunk: int, candidates: str | None, engine: str,
+             retrieve_k: int, xmore_normalizer: str | None, xmore_retrieval: str | None, rerank_chunk: int,
+             candidates: str | None, engine: str,
              ray_address: str | None, ray_actors: int | None, ray_gpus: float, ray_index_source: str | None,
              overwrite: bool, strict: bool,
              precision: str, decode: str, image_column: str | None, key_column: str | None, quiet: bool,
@@ -127,7 +128,8 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
         check_reachable([save_embeddings])  # before any model loads
     spec = ScorerSpec(top_k=top_k, method=zs_method, rerank=rerank, rerank_chunk=rerank_chunk,
                       adapter=_str(adapter_dir), corpus=_str(corpus_dir), retrieve_k=retrieve_k,
-                      candidates=0 if candidates in (None, "auto") else int(candidates), normalizer=xmore_normalizer)
+                      candidates=0 if candidates in (None, "auto") else int(candidates), normalizer=xmore_normalizer,
+                      retrieval=xmore_retrieval)
     try:
         spec.check()
     except ValueError as exc:
@@ -152,9 +154,9 @@ def classify(inputs: tuple[str, ...], files_from: str | None, null_separated: bo
     spec = replace(spec, top_k=top_k, gap_threshold=resolve_gap_threshold(gap_threshold, index),
                    candidates=_resolve_candidates(candidates, index, spec))
     if spec.method != "coder":  # X-MoRe's normaliser decided once, here: the run records it
-        from coder_index.methods.scorer_spec import xmore_normalizer
+        from coder_index.methods.scorer_spec import xmore_normalizer, xmore_retrieval
 
-        spec = replace(spec, normalizer=xmore_normalizer(index, spec))
+        spec = replace(spec, normalizer=xmore_normalizer(index, spec), retrieval=xmore_retrieval(index, spec))
         if engine == "ray":
             _check_ray_options(spec, llm)
     if spec.candidates and top_k > spec.candidates:

@@ -62,13 +62,15 @@ def register(cli: click.Group) -> None:
                   help="Image embedding cache [default: ~/.cache/coder-index/image-embeddings.sqlite].")
     @click.option("--tsne-samples", default=1000, show_default=True, type=click.IntRange(0),
                   help="Images in the t-SNE figure (0: no figure).")
-    @options("adapter", "corpus", "retrieve_k", "xmore_normalizer", *MODEL, *LLM_CLIENT, *PARQUET, "label_column")
+    @options("adapter", "corpus", "retrieve_k", "xmore_normalizer", "xmore_retrieval", *MODEL, *LLM_CLIENT, *PARQUET,
+             "label_column")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly_errors
     def eval_cmd(data: str, index_dir: str, methods: str, out_dir: str, mapping: str | None,
                  gap_threshold: float | str | None, batch_size: int, workers: int | None, threads: int | None,
                  decode: str, embedding_cache: str | None, tsne_samples: int, adapter_dir: Path | None,
-                 corpus_dir: Path | None, retrieve_k: int, xmore_normalizer: str | None, model: str | None,
+                 corpus_dir: Path | None, retrieve_k: int, xmore_normalizer: str | None,
+                 xmore_retrieval: str | None, model: str | None,
                  pretrained: str | None,
                  device: str | None, quiet: bool, prompts: str, report_formats: tuple[str, ...],
                  image_column: str | None, key_column: str | None, label_column: str | None, **llm: Any) -> None:
@@ -129,7 +131,8 @@ def register(cli: click.Group) -> None:
             from coder_index.stores.corpus import Corpus
 
             corpus = Corpus(corpus_dir, index.fingerprint, device=index.compute_device)
-            xmore = XMore(index, corpus, k=retrieve_k, prompts=prompts)
+            xmore = XMore(index, corpus, k=retrieve_k, prompts=prompts, retrieval=xmore_retrieval or (
+                "released" if index.recipe.is_released else "nearest"))
         from coder_index.pipeline.sources.parquet import ParquetOptions
 
         labelled = load_labelled(data, index.class_names(), mapping,

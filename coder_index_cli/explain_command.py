@@ -30,8 +30,8 @@ from .options import METHOD, MODEL, options
 def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, rows: tuple[int, ...], k: int,
             zs_method: str, rerank: bool,
             gap_threshold: float | None, adapter_dir: Path | None, corpus_dir: Path | None, retrieve_k: int,
-            xmore_normalizer: str | None, as_json: bool, model: str | None, pretrained: str | None,
-            device: str | None) -> None:
+            xmore_normalizer: str | None, xmore_retrieval: str | None, as_json: bool, model: str | None,
+            pretrained: str | None, device: str | None) -> None:
     """Why an image gets its class, by the method that made the prediction (CODER by default;
     --rerank, --adapter, --method xmore as in classify; with --predictions OUT, the method that made
     OUT's rows, and for X-MoRe the run's own normalisers): the method's class scores, the k nearest
@@ -58,6 +58,7 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
 
     record, cwd, parquet = None, None, None
     given = dict(method=zs_method, rerank=rerank, retrieve_k=retrieve_k, normalizer=xmore_normalizer,
+                 retrieval=xmore_retrieval,
                  adapter=None if adapter_dir is None else str(adapter_dir),
                  corpus=None if corpus_dir is None else str(corpus_dir), gap_threshold=gap_threshold)
     if predictions is not None:
@@ -117,7 +118,7 @@ def explain(images: tuple[str, ...], index_dir: str, predictions: str | None, ro
 
 
 _METHOD_OPTIONS = ("zs_method", "rerank", "gap_threshold", "adapter_dir", "corpus_dir", "retrieve_k",
-                   "xmore_normalizer")
+                   "xmore_normalizer", "xmore_retrieval")
 
 
 def _refuse_method_options(record) -> None:  # noqa: ANN001 - RunRecord

@@ -22,7 +22,13 @@ from typing import Any
 
 import click
 
-from coder_index.core.choices import DECODE_CHOICES, PRESETS, XMORE_NORMALIZERS, ZERO_SHOT_METHODS
+from coder_index.core.choices import (
+    DECODE_CHOICES,
+    PRESETS,
+    XMORE_NORMALIZERS,
+    XMORE_RETRIEVALS,
+    ZERO_SHOT_METHODS,
+)
 
 
 class GapThreshold(click.ParamType):
@@ -46,6 +52,20 @@ class GapThreshold(click.ParamType):
 
 GAP_THRESHOLD = GapThreshold()
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+class _CorpusParam(click.ParamType):
+    """A corpus directory, or the URL of a kNN service (kept as the string given)."""
+
+    name = "CORPUS_DIR|URL"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            return value
+        return _DIR.convert(value, param, ctx)
+
+
+_CORPUS = _CorpusParam()
 
 # name -> the click.option that declares it
 OPTIONS: dict[str, Callable[[Callable], Callable]] = {
@@ -78,8 +98,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     # ------------------------------------------------------------------ the method
     "method": click.option(
         "--method", "zs_method", type=click.Choice(ZERO_SHOT_METHODS), default="coder", show_default=True,
-        help="Zero-shot method; xmore and coder+xmore need --corpus (explain and serve take X-MoRe's normalisers "
-             "over the images they are given, as classify of a folder holding just them)."),
+        help="Zero-shot method; xmore and coder+xmore need --corpus (X-MoRe's normalisers: see "
+             "--xmore-normalizer)."),
     "rerank": click.option(
         "--rerank", is_flag=True,
         help="CODER*: rerank each image's top-5 with one-to-one pair texts (classify generates missing pairs with "
@@ -93,8 +113,9 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
         help="Few-shot: a CODER-Adapter (from `coder-index fewshot fit`). classify and serve predict with it, "
              "explain explains its prediction, eval adds its tip-adapter and coder-adapter rows."),
     "corpus": click.option(
-        "--corpus", "corpus_dir", default=None, type=_DIR,
-        help="X-MoRe: an image-text corpus (from `coder-index corpus build`) for --method xmore/coder+xmore. "
+        "--corpus", "corpus_dir", default=None, type=_CORPUS,
+        help="X-MoRe: an image-text corpus (from `coder-index corpus build`), or a clip-retrieval kNN service "
+             "(http://HOST:PORT/knn-service?indice=NAME) for --method xmore/coder+xmore. "
              "classify and serve predict with it, explain also shows the captions of the nearest corpus images, "
              "eval adds its xmore and coder+xmore rows."),
     "retrieve_k": click.option(
@@ -106,6 +127,13 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
              "corpus's own images (an image's answer depends on that image alone); set: its mean over the images "
              "of this run (the evaluated set); running: the released code's running sums (order-dependent) "
              "[default: running for a --preset cvpr24 index, else corpus]."),
+    "xmore_retrieval": click.option(
+        "--xmore-retrieval", default=None, type=click.Choice(XMORE_RETRIEVALS),
+        help="X-MoRe: which corpus captions an image gets. nearest: those of its --retrieve-k nearest corpus "
+             "images, as they come; released: the released code's (200 neighbours, the first 128 captions, "
+             "duplicates removed, ordered by image-caption similarity, the first --retrieve-k, prompted "
+             "'a_photo_of_a {caption}'; encodes up to 128 captions per new image) [default: released for a "
+             "--preset cvpr24 index, else nearest]."),
     # ------------------------------------------------------------------ texts
     "preset": click.option(
         "--preset", type=click.Choice(PRESETS), default=None,
@@ -208,7 +236,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
 }
 
 MODEL = ("model", "pretrained", "device")
-METHOD = ("method", "rerank", "gap_threshold", "adapter", "corpus", "retrieve_k", "xmore_normalizer")
+METHOD = ("method", "rerank", "gap_threshold", "adapter", "corpus", "retrieve_k", "xmore_normalizer",
+          "xmore_retrieval")
 PARALLEL = ("workers", "threads")
 ENGINE = ("engine", "ray_address", "ray_actors", "ray_gpus")
 LLM_CLIENT = ("llm", "base_url", "llm_model", "api_key_env", "concurrency", "max_requests", "temperature",

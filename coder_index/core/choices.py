@@ -20,6 +20,7 @@ PROMPT_CHOICES = ("auto", "clip", "names", "cvpr24")
 ZERO_SHOT_METHODS = ("coder", "xmore", "coder+xmore")
 # X-MoRe's confidence normalisers (methods/scorers.XMoreScorer)
 XMORE_NORMALIZERS = ("corpus", "set", "running")
+XMORE_RETRIEVALS = ("nearest", "released")
 
 # --decode: the feed (pipeline/feed.py)
 DECODE_CHOICES = ("auto", "cpu", "gpu")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coder_index.core.choices import XMORE_NORMALIZERS
+from coder_index.core.choices import XMORE_NORMALIZERS, XMORE_RETRIEVALS
 from coder_index.methods.predict import coder_classifier
 from coder_index.methods.scorers import CoderScorer, XMoreScorer
 
@@ -34,6 +34,7 @@ class ScorerSpec:
     retrieve_k: int = 16                # corpus images per image (X-MoRe)
     candidates: int = 0                 # > 0: stage 1 on each image's M candidate classes only
     normalizer: str | None = None       # X-MoRe: corpus | set | running (None: running for a cvpr24 index, else corpus)
+    retrieval: str | None = None        # X-MoRe: nearest | released (None: released for a cvpr24 index, else nearest)
 
     def check(self) -> None:
         """Refuse combinations that mean nothing, with the fix."""
@@ -50,6 +51,11 @@ class ScorerSpec:
                              "X-MoRe score every class")
         if self.normalizer is not None and self.method == "coder":
             raise ValueError("--xmore-normalizer applies to --method xmore and coder+xmore")
+        if self.retrieval is not None and self.method == "coder":
+            raise ValueError("--xmore-retrieval applies to --method xmore and coder+xmore")
+        if self.retrieval not in (None, *XMORE_RETRIEVALS):
+            raise ValueError(f"--xmore-retrieval must be one of {', '.join(XMORE_RETRIEVALS)}, got "
+                             f"{self.retrieval!r}")
         if self.normalizer not in (None, *XMORE_NORMALIZERS):
             raise ValueError(f"--xmore-normalizer must be one of {', '.join(XMORE_NORMALIZERS)}, got "
                              f"{self.normalizer!r}")
@@ -66,6 +72,14 @@ def xmore_normalizer(index: TextStore, spec: ScorerSpec) -> str:
     return "running" if index.recipe.is_released else "corpus"
 
 
+def xmore_retrieval(index: TextStore, spec: ScorerSpec) -> str:
+    """X-MoRe's retrieval rule: as asked, else the released code's for a ``--preset cvpr24`` index, else
+    the captions of the K nearest corpus images."""
+    if spec.retrieval is not None:
+        return spec.retrieval
+    return "released" if index.recipe.is_released else "nearest"
+
+
 def build_scorer(index: TextStore, spec: ScorerSpec, *, generator: Any = None, llm_model: str | None = None,
                  progress: bool = False, note: Callable[[str], None] | None = None) -> CoderScorer | XMoreScorer:
     """The scorer for ``spec`` over ``index``. ``generator`` (an ``AutoTextGenerator``) lets the rerank
@@ -78,7 +92,8 @@ def build_scorer(index: TextStore, spec: ScorerSpec, *, generator: Any = None, l
         from coder_index.stores.corpus import Corpus
 
         corpus = Corpus(spec.corpus, index.fingerprint, device=index.compute_device)
-        return XMoreScorer(XMore(index, corpus, k=spec.retrieve_k), spec.method, spec.top_k,
+        xmore = XMore(index, corpus, k=spec.retrieve_k, retrieval=xmore_retrieval(index, spec))
+        return XMoreScorer(xmore, spec.method, spec.top_k,
                            normalizer=xmore_normalizer(index, spec))
     if spec.adapter:
         from coder_index.methods.fewshot.model import FewShotModel

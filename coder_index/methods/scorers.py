@@ -166,10 +166,15 @@ class XMoreScorer:
 
     def provenance(self) -> dict[str, Any]:
         corpus = self.xmore.corpus
-        out = {"method": self.method, "corpus": {"path": str(corpus.path.resolve()),
+        where = corpus.manifest["url"] if corpus.manifest.get("kind") == "service" else str(corpus.path.resolve())
+        out = {"method": self.method, "corpus": {"path": where,
                                                  "created_at": corpus.manifest.get("created_at"),
                                                  "rows": corpus.manifest.get("rows")},
                "retrieve_k": self.xmore.k}
+        if self.xmore.retrieval != "nearest":  # (runs recorded before the choice retrieved the nearest)
+            out["retrieval"] = self.xmore.retrieval
+        if getattr(corpus, "manifest", {}).get("kind") == "reference":  # what it refers to, as checked
+            out["corpus"]["refers_to"] = corpus.manifest["embeddings"].get("sample_sha256")
         if self.normalizer != "set":  # (a run recorded before 0.5 normalised over its set: it resumes so)
             out["normalizer"] = self.normalizer
         if self.normalizer == "corpus":  # a rebuilt corpus, other texts: another normaliser, another run

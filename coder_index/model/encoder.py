@@ -399,8 +399,10 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None,
-                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+                     progress: Callable[[int], None] | None = None, *, normalize: bool = True) -> np.ndarray:
         """Embeddings ``[N, D]`` of texts, in input order; ``progress(n)`` after every batch of n.
+        L2-normalised unless ``normalize=False`` (the text tower's raw features: X-MoRe's released
+        caption order weighs captions by them).
 
         All texts are ordered by length first (characters, then tokens within groups of
         ``TEXT_GROUP``), so every batch is cut to nearly the context its texts need; tokens are made
@@ -429,7 +431,7 @@ class ClipEncoder:
                     feats = _encode_text_truncated(self.model, tokens[idx, : int(lengths[idx].max())].to(self.device))
                 else:
                     feats = self.model.encode_text(tokens[idx].to(self.device))
-                out[group[idx]] = F.normalize(feats.float(), dim=-1).cpu()
+                out[group[idx]] = (F.normalize(feats.float(), dim=-1) if normalize else feats.float()).cpu()
                 if progress is not None:
                     progress(len(idx))
         return out.numpy()

@@ -72,7 +72,7 @@ class RunRecord:
         elif m in ("xmore", "coder+xmore"):
             # a run recorded before 0.5 normalised over its set (its normalisers are in its state)
             out.update(method=m, corpus=(p.get("corpus") or {}).get("path"), retrieve_k=int(p.get("retrieve_k", 16)),
-                       normalizer=str(p.get("normalizer", "set")))
+                       normalizer=str(p.get("normalizer", "set")), retrieval=str(p.get("retrieval", "nearest")))
         if p.get("candidates"):
             out["candidates"] = int(p["candidates"])
         return out

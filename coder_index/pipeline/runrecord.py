@@ -72,7 +72,7 @@ _OPTIONS = (("top_k", "--top-k"), ("method", "the method (--rerank/--adapter/--m
             ("index", "--index"), ("rerank.gap_threshold", "--gap-threshold"), ("rerank", "--rerank"),
             ("adapter", "--adapter"), ("corpus", "--corpus"), ("retrieve_k", "--retrieve-k"),
             ("normalizers", "X-MoRe's normalisers (the corpus or the index changed)"),
-            ("normalizer", "--xmore-normalizer"))
+            ("normalizer", "--xmore-normalizer"), ("retrieval", "--xmore-retrieval"))
 
 
 def _label(key: str) -> str:

@@ -26,6 +26,7 @@ class ServeConfig:
     corpus: Path | None = None
     retrieve_k: int = 16
     xmore_normalizer: str | None = None    # corpus | set | running (None: the index's default)
+    xmore_retrieval: str | None = None     # nearest | released (None: the index's default)
     token: str | None = field(default=None, repr=False)  # every request must carry it (serve/auth.py)
     explain_k: int = 10                    # nearest texts per explanation, unless the request asks for another
     predictions: Path | None = None        # a classify output (.csv or .jsonl) to browse

@@ -36,7 +36,8 @@ class ModelService:
         self.spec = ScorerSpec(top_k=self.top_k, method=config.method, rerank=config.rerank, gap_threshold=gap,
                                adapter=None if config.adapter is None else str(config.adapter),
                                corpus=None if config.corpus is None else str(config.corpus),
-                               retrieve_k=config.retrieve_k, normalizer=config.xmore_normalizer)
+                               retrieve_k=config.retrieve_k, normalizer=config.xmore_normalizer,
+                               retrieval=config.xmore_retrieval)
         self.scorer = build_scorer(self.index, self.spec, note=note)  # no LLM: the rerank uses stored pairs
         self.method = self.scorer.method
         # explanations explain this method's prediction, with at least the top 5 and a runner-up

@@ -27,15 +27,16 @@ class CachedTextEncoding:
         self.cache_path: Any = None
         self._caches: dict[str, TextEmbeddingCache] = {}
 
-    def cache(self, encode: Any = None) -> TextEmbeddingCache | None:
+    def cache(self, encode: Any = None, raw: bool = False) -> TextEmbeddingCache | None:
         """The cache of these weights in the precision that encodes (that of ``encode``, e.g. Ray's
-        actors, when given); None when turned off or the precision is unknown."""
+        actors, when given); None when turned off or the precision is unknown. ``raw``: the cache of
+        their unnormalised features (kept apart from the normalised ones)."""
         if self.cache_path is False:
             return None
         precision = getattr(encode, "precision", None) if encode is not None else self.model.precision_in_use()
         if precision is None:
             return None
-        key = text_model_key(self.model.fingerprint.weights_sha256, precision)
+        key = text_model_key(self.model.fingerprint.weights_sha256, precision) + ("/raw" if raw else "")
         if key not in self._caches:
             path = None if self.cache_path in (None, True) else self.cache_path
             self._caches[key] = TextEmbeddingCache(key, self.dim, path)
@@ -51,8 +52,11 @@ class CachedTextEncoding:
         return out
 
     def encode(self, texts: list[str], *, batch_size: int | None = None, progress: bool = False,
-               desc: str = "encoding texts", encode: Any = None) -> np.ndarray:
-        """Embeddings of ``texts``: read back from the cache, or encoded (by ``encode`` when given)."""
+               desc: str = "encoding texts", encode: Any = None, normalize: bool = True) -> np.ndarray:
+        """Embeddings of ``texts``: read back from the cache, or encoded (by ``encode`` when given).
+        ``normalize=False``: the raw features, encoded here (``encode`` makes normalised ones)."""
+        if not normalize:
+            encode = None
         from tqdm import tqdm
 
         bar = None
@@ -73,9 +77,10 @@ class CachedTextEncoding:
                     bar.update(len(todo))
                 return vecs
             return self.model.encoder.encode_texts(todo, batch_size=batch_size,
-                                                   progress=bar.update if bar is not None else None)
+                                                   progress=bar.update if bar is not None else None,
+                                                   normalize=normalize)
 
-        cache = self.cache(encode)
+        cache = self.cache(encode, raw=not normalize)
         try:
             if cache is None:
                 todo = list(texts)

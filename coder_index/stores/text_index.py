@@ -730,9 +730,10 @@ class TextStore:
         return self.text_encoding.stats()
 
     def encode_texts_cached(self, texts: list[str], *, batch_size: int | None = None, progress: bool = False,
-                            desc: str = "encoding texts", encode: Any = None) -> np.ndarray:
+                            desc: str = "encoding texts", encode: Any = None, normalize: bool = True) -> np.ndarray:
         """Embeddings of ``texts`` by this index's model, through the text cache (``CachedTextEncoding``)."""
-        return self.text_encoding.encode(texts, batch_size=batch_size, progress=progress, desc=desc, encode=encode)
+        return self.text_encoding.encode(texts, batch_size=batch_size, progress=progress, desc=desc, encode=encode,
+                                         normalize=normalize)
 
     def _absent(self, keys: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
         if not keys:

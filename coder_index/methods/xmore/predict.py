@@ -18,14 +18,28 @@ if TYPE_CHECKING:
     from coder_index.stores.text_index import TextStore
 
 IMAGE_MODALITIES = {"xmore": "clip", "coder+xmore": "coder"}
+RETRIEVALS = ("nearest", "released")
+# The released retrieval (create_cache.py, CaptionCache): 200 neighbours asked for (1,000 when fewer than
+# 128 come back), the first 128 captions, duplicates removed, ordered by the raw image-caption features'
+# product, the first K kept; each then encoded behind the prompt learner's ctx_init, "a_photo_of_a"
+# (underscores included: the prompt learner replaces them, caption_ensemble uses the raw string).
+RELEASED_ASK, RELEASED_ASK_MORE, RELEASED_KEEP = 200, 1000, 128
+RELEASED_CAPTION_PROMPT = "a_photo_of_a {caption}"
+_SUB = 64  # images per step of the released ordering (bounds [n, 128, D] in memory)
 CALIBRATION_IMAGES = 1000  # corpus images whose mean confidences are the normalisers (a fixed, seeded sample)
 CALIBRATION_SEED = 0
 
 
 class XMore:
-    def __init__(self, index: TextStore, corpus: Corpus, k: int = 16, chunk: int = 1024, prompts: str = "auto") -> None:
+    def __init__(self, index: TextStore, corpus: Corpus, k: int = 16, chunk: int = 1024, prompts: str = "auto",
+                 retrieval: str = "nearest") -> None:
+        """``retrieval``: ``nearest`` (the captions of the K nearest corpus images, as they come) or
+        ``released`` (the released code's order: see RELEASED_*)."""
         corpus.check_model(index.fingerprint)
+        if retrieval not in RETRIEVALS:
+            raise ValueError(f"retrieval must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
         self.index, self.corpus, self.k, self.chunk, self.prompts = index, corpus, k, chunk, prompts
+        self.retrieval = retrieval
 
     @cached_property
     def w(self) -> np.ndarray:
@@ -49,18 +63,56 @@ class XMore:
         for s in range(0, len(x), self.chunk):
             xs = x[s:s + self.chunk]
             li = self.image_logits(xs, modality).astype(np.float64)
-            if rows is None or self.corpus.index.ntotal <= self.k:  # (a corpus this small has no one to leave out)
-                _, ids = self.corpus.search(xs, self.k)
+            part = None if rows is None else rows[s:s + self.chunk]
+            if self.retrieval == "released":
+                caps, found = self.released_captions(xs, part)
             else:
-                ids = _without_self(self.corpus.search(xs, self.k + 1)[1], rows[s:s + self.chunk], self.k)
-            caps = self.corpus.caption_embeddings(ids, encode=self.encode_captions)
+                ids = self.neighbours(xs, self.k, part)
+                caps, found = self.corpus.caption_embeddings(ids, encode=self.encode_captions), ids >= 0
             lc = LOGIT_SCALE * (caps @ self.w.T).astype(np.float64)  # [n, K, C]
             li -= li.max(axis=1, keepdims=True)
             p_img[s:s + len(xs)] = np.exp(li) / np.exp(li).sum(axis=1, keepdims=True)
             lc -= lc.max(axis=2, keepdims=True)
             e = np.exp(lc)
-            p_cap[s:s + len(xs)] = caption_mean(e / e.sum(axis=2, keepdims=True), ids >= 0)
+            p_cap[s:s + len(xs)] = caption_mean(e / e.sum(axis=2, keepdims=True), found)
         return p_img, p_cap
+
+    def neighbours(self, x: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """[n, k] corpus rows nearest to ``x`` (-1 where an approximate index found fewer); ``rows``:
+        ``x`` are these corpus rows' images, each left out of its own neighbours."""
+        if rows is None or self.corpus.ntotal <= k:  # (a corpus this small has no one to leave out)
+            return self.corpus.search(x, k)[1]
+        return _without_self(self.corpus.search(x, k + 1)[1], rows, k)
+
+    def released_captions(self, x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """([n, K, D] prompted-caption embeddings, [n, K] found) by the released rule (RELEASED_*):
+        vectorised over images, each distinct caption encoded once (through the text cache)."""
+        ids = self.neighbours(x, RELEASED_ASK, rows)
+        short = (ids >= 0).sum(axis=1) < min(RELEASED_KEEP, self.corpus.ntotal)
+        if short.any() and self.corpus.ntotal > RELEASED_ASK:  # the released code asks again for 1,000
+            more = self.neighbours(x[short], RELEASED_ASK_MORE, None if rows is None else rows[short])
+            ids = np.pad(ids, ((0, 0), (0, RELEASED_ASK_MORE - ids.shape[1])), constant_values=-1)
+            ids[short] = more
+        ids = ids[:, :RELEASED_KEEP]
+        # each row's captions as codes of distinct texts; a caption seen before in its row is a duplicate
+        found = ids >= 0
+        texts = np.asarray(self.corpus.captions(np.where(found, ids, 0)), dtype=object).reshape(ids.shape)
+        distinct, codes = np.unique(texts.astype(str), return_inverse=True)
+        codes = codes.reshape(ids.shape)
+        keep = found & _first_in_row(np.where(found, codes, -1))
+        raw = self.index.encode_texts_cached(list(distinct), normalize=False)  # the order's key: raw features
+        order_key = np.full(ids.shape, -np.inf)
+        for s in range(0, len(x), _SUB):
+            order_key[s:s + _SUB] = np.einsum("nd,nkd->nk", x[s:s + _SUB], raw[codes[s:s + _SUB]])
+        order_key[~keep] = -np.inf
+        best = np.argsort(-order_key, axis=1, kind="stable")[:, :self.k]
+        chosen = np.take_along_axis(codes, best, axis=1)
+        chosen_found = np.isfinite(np.take_along_axis(order_key, best, axis=1))
+        prompted = self.index.encode_texts_cached(
+            [RELEASED_CAPTION_PROMPT.replace("{caption}", str(t)) for t in distinct])
+        caps = prompted[chosen]
+        caps[~chosen_found] = 0
+        return caps, chosen_found
 
     def encode_captions(self, texts: list[str]) -> np.ndarray:
         """Prompted captions of a corpus that encodes them when retrieved: through the index's text
@@ -80,9 +132,12 @@ class XMore:
     def calibration_key(self, method: str) -> dict[str, object]:
         """What the corpus's normalisers depend on besides the corpus: the index's texts and model, the
         zero-shot prompts, the method and K."""
-        return {"index_id": self.index.index_id, "generation": self.index.generation,
-                "weights_sha256": self.index.fingerprint.weights_sha256, "prompts": self.prompts,
-                "method": method, "k": self.k, "images": CALIBRATION_IMAGES, "seed": CALIBRATION_SEED}
+        key = {"index_id": self.index.index_id, "generation": self.index.generation,
+               "weights_sha256": self.index.fingerprint.weights_sha256, "prompts": self.prompts,
+               "method": method, "k": self.k, "images": CALIBRATION_IMAGES, "seed": CALIBRATION_SEED}
+        if self.retrieval != "nearest":  # (the key of the normalisers kept before there was a choice)
+            key["retrieval"] = self.retrieval
+        return key
 
     def corpus_normalizers(self, method: str) -> tuple[float, float]:
         """X-MoRe's default normalisers: the mean confidences of both modalities over a fixed, seeded
@@ -98,6 +153,17 @@ class XMore:
         values = self.normalizers(emb, method, rows)
         self.corpus.keep_calibration(key, values)
         return values
+
+
+def _first_in_row(codes: np.ndarray) -> np.ndarray:
+    """[n, m] True where a code is the first of its value in its row (duplicates later in the row: False)."""
+    order = np.argsort(codes, axis=1, kind="stable")
+    ranked = np.take_along_axis(codes, order, axis=1)
+    first_sorted = np.ones(codes.shape, bool)
+    first_sorted[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    out = np.empty(codes.shape, bool)
+    np.put_along_axis(out, order, first_sorted, axis=1)
+    return out
 
 
 def caption_mean(p: np.ndarray, found: np.ndarray) -> np.ndarray:
