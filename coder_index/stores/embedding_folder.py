@@ -26,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from coder_index.core.errors import IndexFormatError, InputFormatError
+from coder_index.core.pages import release_pages
 from coder_index.core.redaction import public_url
 from coder_index.core.remote import RemoteError, is_remote, open_random_access
 
@@ -160,7 +161,9 @@ class EmbeddingFolder:
             import pyarrow.parquet as pq
 
             source: Any = self._join(rel) if not self.remote else self.open(rel, size)
-            pf = pq.ParquetFile(source, memory_map=not self.remote)
+            # read, not memory-mapped: a mapping would keep every row group ever looked up resident
+            # (the page cache keeps them either way)
+            pf = pq.ParquetFile(source, memory_map=False)
             self._parquet[rel] = pf
         return pf
 
@@ -206,7 +209,9 @@ class EmbeddingFolder:
                 raise InputFormatError(f"{self.public_root}: shard {shard.number} has no text_emb file")
             pick = np.flatnonzero(which == s)
             if not self.remote:
-                out[pick] = self._array(rel, shard, None)[local[pick]]
+                arr = self._array(rel, shard, None)
+                out[pick] = arr[local[pick]]
+                release_pages(arr)  # the rows are copied: their pages need not stay this process's memory
                 continue
             itemsize = np.dtype(shard.dtype).itemsize
             width = shard.dim * itemsize
