@@ -37,17 +37,10 @@ def trim_heap() -> None:
     arena). glibc keeps freed memory in per-thread arenas, so a large image decoded in one thread and
     freed still counts in resident memory while the next is decoded in another; trimming after each
     large decode keeps the peak at what is live. A no-op where the C library is not glibc."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
+    libc = _libc()
+    if libc is not None:
         try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        try:
-            _LIBC.malloc_trim(0)  # type: ignore[attr-defined]
+            libc.malloc_trim(0)
         except AttributeError:
             pass
 
@@ -87,15 +80,13 @@ def release_file_pages(path: str) -> None:
         libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap_module.MADV_DONTNEED)
 
 
-_LIBC: list = []
-
-
-def _libc():  # noqa: ANN202 - a ctypes library handle, or None
-    if not _LIBC:
+def _libc():  # noqa: ANN202 - a ctypes handle on the C library, or None
+    """The C library (loaded once, shared with ``trim_heap``), madvise typed for 64-bit addresses."""
+    global _LIBC
+    if _LIBC is None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _LIBC.append(libc)
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]  # type: ignore[attr-defined]
         except (OSError, AttributeError):
-            _LIBC.append(None)
-    return _LIBC[0]
+            _LIBC = False
+    return _LIBC or None

@@ -31,16 +31,21 @@ from sqlalchemy import Column, Integer, MetaData, Table, Text, func, insert, sel
 
 from coder_index.core.atomic import staged_directory
 from coder_index.core.damage import read_manifest, reading
-from coder_index.core.errors import CoderIndexError, IndexFormatError, InputFormatError, ModelMismatchError
+from coder_index.core.errors import IndexFormatError, InputFormatError
 from coder_index.core.faults import crash_point
+from coder_index.stores.corpus_base import (  # noqa: F401 - re-exported: the corpus's public names
+    CALIBRATION_FILE,
+    CAPTION_TEMPLATE,
+    FORMAT,
+    CorpusBase,
+    keep_nprobe,
+    normalize_rows,
+)
 from coder_index.stores.schema import make_engine
 
 if TYPE_CHECKING:
     from coder_index.model.encoder import ClipEncoder, ModelFingerprint
 
-FORMAT = "coder-index/corpus"
-CALIBRATION_FILE = "calibration.json"
-CAPTION_TEMPLATE = "a photo of a {caption}"
 _meta = MetaData()
 corpus_rows = Table(
     "rows", _meta,
@@ -53,12 +58,6 @@ corpus_rows = Table(
     Column("image_path", Text, nullable=True),
 )
 TRACE_COLUMNS = ("url", "key", "image_path")
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
 
 
 @dataclass
@@ -144,14 +143,14 @@ def laion_chunks(shards: list[tuple[Path, Path]], chunk: int, use_text_embedding
             stop = min(s + chunk, arr.shape[0])
             yield Chunk(np.asarray(arr[s:stop]), captions[s:stop],
                         [f"{emb_path.name}:{i}" for i in range(s, stop)],
-                        _normalize(np.asarray(txt[s:stop])) if txt is not None else None,
+                        normalize_rows(np.asarray(txt[s:stop])) if txt is not None else None,
                         [{c: trace[c][i] for c in keep} for i in range(s, stop)] if keep else None)
 
 
 # ---------------------------------------------------------------------------------- building
 def _train_sample(index: faiss.Index, sample: np.ndarray) -> None:
     if not index.is_trained:
-        index.train(_normalize(sample))
+        index.train(normalize_rows(sample))
 
 
 def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk], total: int | None, *,
@@ -193,7 +192,7 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                 n = len(ch.captions)
                 if n == 0:
                     continue
-                index.add(_normalize(ch.image_emb))
+                index.add(normalize_rows(ch.image_emb))
                 if ch.caption_emb is not None:
                     cap = ch.caption_emb
                 else:
@@ -239,86 +238,6 @@ def build_corpus(out: str | Path, encoder: ClipEncoder, chunks: Iterator[Chunk],
                     "ingest_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
-
-
-def keep_nprobe(index: faiss.Index, nprobe: int | None) -> None:
-    """Set an IVF index's lists searched per query before it is written (FAISS keeps it in the file;
-    its own default, 1, finds few of the true neighbours)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and nprobe is not None:
-        ivf.nprobe = min(int(nprobe), ivf.nlist)
-
-
-# ---------------------------------------------------------------------------------- querying
-class CorpusBase:
-    """What every corpus does the same way: the model check, the search, the normalisers kept beside
-    it. A subclass sets ``path``, ``manifest``, ``index``, ``device`` and reads its captions."""
-
-    path: Path
-    manifest: dict[str, Any]
-    index: Any
-    device: Any = None
-    _searcher: Any = None
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def check_model(self, fp: ModelFingerprint) -> None:
-        mine = self.manifest["model"]
-        if mine["weights_sha256"] != fp.weights_sha256:
-            raise ModelMismatchError(f"corpus {self.path} holds embeddings of CLIP model {mine['model']} "
-                                     f"(sha256 {mine['weights_sha256'][:12]}…), not of {fp.describe()}; "
-                                     "build a corpus with this model")
-
-    def set_nprobe(self, nprobe: int) -> None:
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.nprobe = nprobe
-            self._searcher = None  # a GPU copy is made again with the new setting
-
-    def search(self, image_emb: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """(cosines [N, k], row ids [N, k]) of the nearest corpus images (-1 where an approximate index
-        found fewer than k)."""
-        if self._searcher is None:
-            from coder_index.model.faiss_gpu import index_for_device
-
-            self._searcher = index_for_device(self.index, self.device)
-        return self._searcher.search(_normalize(image_emb), min(k, self.ntotal))
-
-    # ------------------------------------------------------------------ calibration
-    def calibration(self, key: dict[str, Any]) -> tuple[float, float] | None:
-        """The normalisers kept for ``key``, or None."""
-        path = self.path / CALIBRATION_FILE
-        try:
-            kept = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        for entry in kept.get("entries", []) if isinstance(kept, dict) else []:
-            if isinstance(entry, dict) and entry.get("key") == key:
-                values = entry.get("normalizers")
-                if isinstance(values, list) and len(values) == 2 and all(isinstance(v, float) and v > 0
-                                                                          for v in values):
-                    return float(values[0]), float(values[1])
-        return None
-
-    def keep_calibration(self, key: dict[str, Any], values: tuple[float, float]) -> None:
-        """Keep normalisers beside the corpus (locked, written aside and renamed); a corpus that cannot
-        be written keeps nothing (they are computed again, the same, by the next process)."""
-        from coder_index.core.atomic import atomic_write_json
-        from coder_index.core.locking import FileLock
-
-        path = self.path / CALIBRATION_FILE
-        try:
-            with FileLock(self.path / ".calibration.lock", f"the corpus {self.path}", wait=60, remove=True):
-                try:
-                    kept = json.loads(path.read_text(encoding="utf-8"))
-                    entries = [e for e in kept.get("entries", []) if isinstance(e, dict) and e.get("key") != key]
-                except (OSError, ValueError, AttributeError):
-                    entries = []
-                atomic_write_json(path, {"entries": [*entries, {"key": key, "normalizers": list(values)}]})
-        except (OSError, CoderIndexError):
-            pass
 
 
 def open_corpus(path: str | Path, fingerprint: ModelFingerprint | None = None, *, device: Any = None) -> Any:

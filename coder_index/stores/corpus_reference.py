@@ -31,12 +31,12 @@ import numpy as np
 from coder_index.core.damage import read_manifest
 from coder_index.core.errors import IndexFormatError, InputFormatError
 from coder_index.core.pages import release_file_pages
-from coder_index.stores.corpus import (
+from coder_index.stores.corpus_base import (
     CAPTION_TEMPLATE,
     FORMAT,
     CorpusBase,
-    _normalize,
     keep_nprobe,
+    normalize_rows,
 )
 from coder_index.stores.embedding_folder import EmbeddingFolder, head_and_tail, shards_from
 
@@ -139,7 +139,7 @@ class ReferenceCorpus(CorpusBase):
         if valid.any():
             unique, back = np.unique(flat_ids[valid], return_inverse=True)
             if self.use_text_embeddings:
-                vecs = _normalize(self.folder.vectors(unique, "text"))
+                vecs = normalize_rows(self.folder.vectors(unique, "text"))
             else:
                 if encode is None:
                     raise ValueError("a corpus by reference encodes its captions: pass encode")
@@ -151,7 +151,7 @@ class ReferenceCorpus(CorpusBase):
     def sample_images(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         total = self.ntotal
         rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False)).astype(np.int64)
-        return rows, _normalize(self.folder.vectors(rows))  # normalised, as a local corpus's index gives them
+        return rows, normalize_rows(self.folder.vectors(rows))  # normalised, as a local corpus's index gives them
 
     def rows(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         ids_arr = np.asarray([int(i) for i in ids if 0 <= int(i) < self.ntotal], np.int64)
@@ -230,12 +230,12 @@ def build_reference_corpus(out: str | Path, fingerprint: Any, dim: int, root: st
             if not index.is_trained:
                 rng = np.random.default_rng(seed)
                 pick = np.sort(rng.choice(folder.rows, min(train_size, folder.rows), replace=False))
-                index.train(_normalize(folder.vectors(pick)))
+                index.train(normalize_rows(folder.vectors(pick)))
             with tqdm(total=folder.rows, unit="row", desc="indexing the corpus's image embeddings",
                       disable=not progress) as bar:
                 for start in range(0, folder.rows, chunk):
                     ids = np.arange(start, min(start + chunk, folder.rows))
-                    index.add(_normalize(folder.vectors(ids)))
+                    index.add(normalize_rows(folder.vectors(ids)))
                     bar.update(len(ids))
             keep_nprobe(index, nprobe)
             faiss.write_index(index, str(tmp / LOCAL_INDEX))

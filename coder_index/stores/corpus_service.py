@@ -27,7 +27,7 @@ import numpy as np
 from coder_index.core.errors import CoderIndexError, InputFormatError
 from coder_index.core.redaction import public_url
 from coder_index.core.remote import RemoteError, RetryPolicy, request_json
-from coder_index.stores.corpus import CAPTION_TEMPLATE, _normalize
+from coder_index.stores.corpus_base import CAPTION_TEMPLATE, normalize_rows
 
 SERVICE = "service"
 CONCURRENT_REQUESTS = 8
@@ -101,7 +101,7 @@ class ServiceCorpus:
 
     def search(self, image_emb: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [N, k], ids [N, k]; -1 past the hits the service gave) of each image."""
-        x = _normalize(image_emb)
+        x = normalize_rows(image_emb)
         if self._checked_width is None and len(x):
             first = [self._query(x[0], k)]
             rest = list(self._pool_map(lambda v: self._query(v, k), x[1:]))
