@@ -264,7 +264,8 @@ def service_speed(work: Path, model_dir: Path, args: argparse.Namespace) -> dict
     searched here (Flat, by reference): queries/s at K=16."""
     import shutil
 
-    knn_python = os.environ.get("CODER_INDEX_KNN_PYTHON") or str(REPO / ".knn-venv" / "bin" / "python")
+    from knn_back import make_indice, running_back
+
     rows = 100_000
     root = work / "service"
     folder = work / "laion-full"
@@ -281,20 +282,12 @@ def service_speed(work: Path, model_dir: Path, args: argparse.Namespace) -> dict
         pq.write_table(table, root / "indice" / "metadata" / "metadata_0.parquet")
         shutil.copy(root / "indice" / "metadata" / "metadata_0.parquet", root / "ref" / "metadata")
         np.save(root / "ref" / "img_emb" / "img_emb_0.npy", x.astype(np.float16))
-        subprocess.run([knn_python, str(REPO / "tests" / "knn_back.py"), "index", str(root / "emb"),
-                        str(root / "indice")], check=True, capture_output=True)
+        make_indice(root / "emb", root / "indice", timeout=3600)
     (root / "indices.json").write_text(json.dumps({"bench": str(root / "indice")}))
     if not (root / "corpus").exists():
         cli("corpus", "build", root / "corpus", "--embeddings", root / "ref", "--reference", "--index", work / "idx",
             "-q")
-    proc = subprocess.Popen([knn_python, str(REPO / "tests" / "knn_back.py"), "serve", str(root / "indices.json"),
-                             str(model_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        port = None
-        for line in proc.stdout:
-            if line.startswith("listening on port"):
-                port = int(line.split()[-1])
-                break
+    with running_back(root / "indices.json", str(model_dir)) as port:
         from coder_index.stores.corpus import Corpus
 
         remote = Corpus(f"http://127.0.0.1:{port}/knn-service?indice=bench")
@@ -315,9 +308,6 @@ def service_speed(work: Path, model_dir: Path, args: argparse.Namespace) -> dict
                                                                   for x, y in zip(a, b, strict=True)])), 4)
         result["same_first_neighbour_fraction"] = round(float(np.mean(a[:, 0] == b[:, 0])), 4)
         return result
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

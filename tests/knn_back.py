@@ -13,9 +13,49 @@ first slash), and the server bound to 127.0.0.1 (``clip_back`` binds 0.0.0.0).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+# ------------------------------------------------------------------ the caller's side (our environment)
+def knn_python() -> str:
+    """The Python of clip-retrieval's environment: ``CODER_INDEX_KNN_PYTHON``, else ``.knn-venv``."""
+    return os.environ.get("CODER_INDEX_KNN_PYTHON") or str(HERE.parents[1] / ".knn-venv" / "bin" / "python")
+
+
+def make_indice(emb_dir: Path, indice_dir: Path, timeout: float = 600) -> None:
+    """``index`` below, run by clip-retrieval's Python."""
+    subprocess.run([knn_python(), str(HERE), "index", str(emb_dir), str(indice_dir)], check=True,
+                   capture_output=True, timeout=timeout)
+
+
+@contextmanager
+def running_back(indices_json: Path, model_dir: str) -> Iterator[int]:
+    """``serve`` below, run by clip-retrieval's Python, for the length of the block: yields its port."""
+    proc = subprocess.Popen([knn_python(), str(HERE), "serve", str(indices_json), str(model_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = None
+        for line in proc.stdout:
+            if line.startswith("listening on port"):
+                port = int(line.split()[-1])
+                break
+        if port is None:
+            raise RuntimeError(f"clip-retrieval's back-end did not start (exit status {proc.wait(timeout=60)})")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+# ------------------------------------------------------------------ clip-retrieval's side (.knn-venv)
 
 
 def build_index(emb_dir: str, indice_dir: str) -> None:

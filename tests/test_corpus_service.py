@@ -9,21 +9,19 @@ clip-retrieval lives in its own environment (it pins numpy<2): ``.knn-venv`` bes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from knn_back import knn_python, make_indice, running_back
 from test_corpus_reference import assert_same_rows, rows_of, write_folder
 
 from conftest import run_cli as run
 from images import make_messy_folder
 
-REPO = Path(__file__).resolve().parents[1]
-KNN_PYTHON = os.environ.get("CODER_INDEX_KNN_PYTHON") or str(REPO / ".knn-venv" / "bin" / "python")
+KNN_PYTHON = knn_python()
 pytestmark = pytest.mark.skipif(not Path(KNN_PYTHON).is_file(), reason=(
     f"clip-retrieval's environment is missing ({KNN_PYTHON}): .ci/run makes it (python3 -m venv .knn-venv, "
     "then pip install clip-retrieval there; see CONTRIBUTING)"))
@@ -42,24 +40,11 @@ def service(tmp_path_factory, tiny_model, encoder):
     for p in sorted((root / "laion" / "img_emb").iterdir()):
         x = np.load(p).astype(np.float32)
         np.save(root / "normalised" / p.name, x / np.linalg.norm(x, axis=1, keepdims=True))
-    subprocess.run([KNN_PYTHON, str(REPO / "tests" / "knn_back.py"), "index", str(root / "normalised"),
-                    str(root / "indice")], check=True, capture_output=True, timeout=600)
+    make_indice(root / "normalised", root / "indice")
     shutil.copytree(root / "laion" / "metadata", root / "indice" / "metadata")
     (root / "indices.json").write_text(json.dumps({"tiny": str(root / "indice")}))
-    proc = subprocess.Popen([KNN_PYTHON, str(REPO / "tests" / "knn_back.py"), "serve", str(root / "indices.json"),
-                             tiny_model.removeprefix("local-dir:")], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        port = None
-        for line in proc.stdout:
-            if line.startswith("listening on port"):
-                port = int(line.split()[-1])
-                break
-        assert port, "the kNN service did not start"
+    with running_back(root / "indices.json", tiny_model.removeprefix("local-dir:")) as port:
         yield root, f"http://127.0.0.1:{port}/knn-service?indice=tiny"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def classify(root, corpus, out, *extra, **kw):
