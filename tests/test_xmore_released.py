@@ -106,3 +106,49 @@ def test_released_retrieval_from_the_command_line_is_recorded_and_resumes(env, t
     res = run("classify", env / "images", "--index", env / "idx", "--xmore-retrieval", "released", "--out",
               tmp_path / "c.csv", code=2)
     assert "--xmore-retrieval applies to" in res.output
+
+
+class _ShortAnswers:
+    """A corpus that, asked for 200 neighbours, gives only 100 to every other image (as a service may),
+    and, if ``forgetful``, knows the captions of its last answer only (as a service does)."""
+
+    def __init__(self, corpus, forgetful):
+        self.corpus, self.forgetful, self.asked = corpus, forgetful, []
+        self.known: set[int] = set()
+
+    def __getattr__(self, name):
+        return getattr(self.corpus, name)
+
+    def search(self, x, k):
+        sims, ids = self.corpus.search(x, k)
+        self.asked.append((len(x), k))
+        if k == 200:
+            ids, sims = ids.copy(), sims.copy()
+            ids[1::2, 100:] = -1
+        found = {int(i) for i in ids[ids >= 0]}
+        self.known = found if self.forgetful else self.known | found
+        return sims, ids
+
+    def captions(self, ids):
+        missing = {int(i) for i in np.asarray(ids).ravel()} - self.known
+        assert not missing, f"captions asked of rows the last answer did not hold: {sorted(missing)[:5]}"
+        return self.corpus.captions(ids)
+
+
+def test_images_short_of_neighbours_ask_again_and_each_keeps_its_own_answer(env, encoder):
+    """The released rule asks again (1,000) for the images that got fewer than 128 neighbours; the
+    others keep the first answer's captions, read before the second question (a service knows its
+    last answer only): the same probabilities as from a corpus that remembers everything."""
+    from coder_index import TextIndex
+    from coder_index.methods.xmore.predict import XMore
+    from coder_index.stores.corpus import Corpus
+
+    index = TextIndex.open(env / "idx", encoder=encoder)
+    x = np.random.default_rng(2).standard_normal((6, encoder.embed_dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    got = {}
+    for forgetful in (False, True):
+        corpus = _ShortAnswers(Corpus(env / "copied"), forgetful)
+        got[forgetful] = XMore(index, corpus, k=16, retrieval="released").modality_probs(x, "clip")[1]
+        assert corpus.asked == [(6, 200), (3, 1000)]  # the 3 short ones asked again
+    np.testing.assert_allclose(got[True], got[False], atol=ATOL)

@@ -87,16 +87,13 @@ class XMore:
     def released_captions(self, x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """([n, K, D] prompted-caption embeddings, [n, K] found) by the released rule (RELEASED_*):
         vectorised over images, each distinct caption encoded once (through the text cache)."""
-        ids = self.neighbours(x, RELEASED_ASK, rows)
+        ids, texts = self._first_captions(x, RELEASED_ASK, rows)
         short = (ids >= 0).sum(axis=1) < min(RELEASED_KEEP, self.corpus.ntotal)
         if short.any() and self.corpus.ntotal > RELEASED_ASK:  # the released code asks again for 1,000
-            more = self.neighbours(x[short], RELEASED_ASK_MORE, None if rows is None else rows[short])
-            ids = np.pad(ids, ((0, 0), (0, RELEASED_ASK_MORE - ids.shape[1])), constant_values=-1)
-            ids[short] = more
-        ids = ids[:, :RELEASED_KEEP]
+            ids[short], texts[short] = self._first_captions(x[short], RELEASED_ASK_MORE,
+                                                            None if rows is None else rows[short])
         # each row's captions as codes of distinct texts; a caption seen before in its row is a duplicate
         found = ids >= 0
-        texts = np.asarray(self.corpus.captions(np.where(found, ids, 0)), dtype=object).reshape(ids.shape)
         distinct, codes = np.unique(texts.astype(str), return_inverse=True)
         codes = codes.reshape(ids.shape)
         keep = found & _first_in_row(np.where(found, codes, -1))
@@ -113,6 +110,18 @@ class XMore:
         caps = prompted[chosen]
         caps[~chosen_found] = 0
         return caps, chosen_found
+
+    def _first_captions(self, x: np.ndarray, ask: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """([n, RELEASED_KEEP] ids, -1 past the hits; the same shape of captions, "" there) of the first
+        RELEASED_KEEP of ``ask`` neighbours. The captions are read at once: a service knows the captions
+        of its last answer only."""
+        ids = self.neighbours(x, ask, rows)[:, :RELEASED_KEEP]
+        if ids.shape[1] < RELEASED_KEEP:
+            ids = np.pad(ids, ((0, 0), (0, RELEASED_KEEP - ids.shape[1])), constant_values=-1)
+        texts = np.full(ids.shape, "", dtype=object)
+        found = ids >= 0
+        texts[found] = self.corpus.captions(ids[found])
+        return ids, texts
 
     def encode_captions(self, texts: list[str]) -> np.ndarray:
         """Prompted captions of a corpus that encodes them when retrieved: through the index's text
