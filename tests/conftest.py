@@ -157,8 +157,7 @@ def methods_env(tmp_path_factory, tiny_model) -> Path:
     import csv
     import json
 
-    import numpy as np
-    from PIL import Image
+    from images import make_colour_classes
 
     classes = ["red", "green", "blue"]
     root = tmp_path_factory.mktemp("methods")
@@ -171,15 +170,7 @@ def methods_env(tmp_path_factory, tiny_model) -> Path:
     (root / "k.json").write_text(json.dumps(knowledge))
     run_cli("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--knowledge",
             root / "k.json", "-q")
-    rng = np.random.default_rng(3)
-    for split, n in (("train", 8), ("images", 3)):
-        for i, c in enumerate(classes):
-            (root / split / c).mkdir(parents=True)
-            for j in range(n):
-                base = np.zeros(3)
-                base[i] = 180
-                arr = np.clip(base + rng.integers(0, 90, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{j}.png")
+    make_colour_classes(root, classes, {"train": 8, "images": 3}, tint=180, noise=90, seed=3)
     run_cli("fewshot", "fit", root / "train", "--index", root / "idx", "--shots", "4", "--out", root / "adapter",
             "--augment-epochs", "1", "--workers", "0", "--search", "fast", "-q")
     captions = root / "captions.csv"

@@ -54,3 +54,19 @@ def make_messy_folder(root: Path, seed: int = 0) -> Path:
     (root / ".hidden").mkdir(exist_ok=True)
     rgb((1, 2, 3)).save(root / ".hidden" / "skip.jpg")  # hidden folders are not searched
     return root
+
+
+def make_colour_classes(root: Path, classes: list[str], splits: dict[str, int], *, tint: int, noise: int,
+                        seed: int) -> None:
+    """``root/SPLIT/CLASS/J.png``: for each split, that many 32x32 images per class, class i's channel
+    i raised by ``tint`` under uniform noise up to ``noise`` (three colour classes a tiny model tells
+    apart after a few shots)."""
+    rng = np.random.default_rng(seed)
+    for split, n in splits.items():
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for j in range(n):
+                base = np.zeros(3)
+                base[i] = tint
+                arr = np.clip(base + rng.integers(0, noise, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{j}.png")

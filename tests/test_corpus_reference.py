@@ -53,15 +53,20 @@ def rows_of(path):
         return {r["path"]: r for r in csv.DictReader(f)}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model, encoder):
-    root = tmp_path_factory.mktemp("reference")
+def make_env(root, tiny_model, dim):
+    """An index, a LAION-layout folder (``laion``), a corpus copied from it (``copied``) and a messy
+    image folder (``images``) under ``root``."""
     (root / "classes.txt").write_text("cat\ndog\nship\ntruck\nbird\nplane\n")
     run("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--llm", "none", "-q")
-    write_folder(root / "laion", [50, 30, 41], encoder.embed_dim)
+    write_folder(root / "laion", [50, 30, 41], dim)
     make_messy_folder(root / "images")
     run("corpus", "build", root / "copied", "--embeddings", root / "laion", "--index", root / "idx", "-q")
     return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model, encoder):
+    return make_env(tmp_path_factory.mktemp("reference"), tiny_model, encoder.embed_dim)
 
 
 def classify(env, corpus, out, *extra):

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from knn_back import knn_python, make_indice, running_back
-from test_corpus_reference import assert_same_rows, rows_of, write_folder
+from test_corpus_reference import assert_same_rows, make_env, rows_of
 
 from conftest import run_cli as run
-from images import make_messy_folder
 
 KNN_PYTHON = knn_python()
 pytestmark = pytest.mark.skipif(not Path(KNN_PYTHON).is_file(), reason=(
@@ -29,12 +28,7 @@ pytestmark = pytest.mark.skipif(not Path(KNN_PYTHON).is_file(), reason=(
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model, encoder):
-    root = tmp_path_factory.mktemp("knn")
-    (root / "classes.txt").write_text("cat\ndog\nship\ntruck\nbird\nplane\n")
-    run("build", root / "idx", "--classes", root / "classes.txt", "--model", tiny_model, "--llm", "none", "-q")
-    write_folder(root / "laion", [50, 30, 41], encoder.embed_dim)
-    run("corpus", "build", root / "copied", "--embeddings", root / "laion", "--index", root / "idx", "-q")
-    make_messy_folder(root / "images")
+    root = make_env(tmp_path_factory.mktemp("knn"), tiny_model, encoder.embed_dim)
     # the indice folder as `clip-retrieval index` lays it out: image.index (autofaiss) + metadata/*.parquet
     (root / "normalised").mkdir()
     for p in sorted((root / "laion" / "img_emb").iterdir()):

@@ -146,22 +146,14 @@ def test_search_takes_only_validation_data():
 
 @pytest.fixture
 def fewshot_env(tmp_path, tiny_model):
-    from PIL import Image
+    from images import make_colour_classes
 
     classes = ["red", "green", "blue"]
     (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "idx"), "--classes", str(tmp_path / "classes.txt"),
                                    "--model", tiny_model])
     assert res.exit_code == 0, res.output
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 10), ("test", 4)):
-        for i, c in enumerate(classes):
-            (tmp_path / split / c).mkdir(parents=True)
-            for j in range(n):
-                base = np.zeros(3)
-                base[i] = 200
-                arr = np.clip(base + rng.integers(0, 80, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(tmp_path / split / c / f"{j}.png")
+    make_colour_classes(tmp_path, classes, {"train": 10, "test": 4}, tint=200, noise=80, seed=0)
     return tmp_path
 
 
